@@ -1,0 +1,35 @@
+"""The only view the samplers have of a model: a noise-prediction callable.
+
+    eps_fn(x, timesteps, cond) -> eps
+
+x: [N, *latent] in the model's dtype, timesteps: [N] long model timesteps, cond: the per-input conditioning (a
+tensor or a dict of tensors with leading dimension N, or None), eps: [N, *latent] with guidance already applied.
+Adapters for DiT and Stable Diffusion live with the scripts and in models/, never here.
+"""
+import torch
+
+
+class NonFiniteModelOutput(FloatingPointError):
+    pass
+
+
+def select(cond, index):
+    """Per-sample conditioning [B, ...] (or a dict of them) -> per-input conditioning [N, ...]."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: select(v, index) for k, v in cond.items()}
+    return cond[index.to(cond.device)]
+
+
+def evaluate(eps_fn, sharding, x, timesteps, cond, model_dtype, iteration, describe):
+    """One batched model call (sharded across processes), float64 out; refuses non-finite predictions.
+
+    describe(i) names input i (sample, step, timestep) for the error message."""
+    eps = sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, timesteps, cond)
+    finite = torch.isfinite(eps.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise NonFiniteModelOutput(f"the model returned a non-finite noise prediction at iteration {iteration}, "
+                                   f"{describe(i)}")
+    return eps

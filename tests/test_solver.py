@@ -1,0 +1,160 @@
+"""METHOD.md section 5 on the closed-form Gaussian-mixture model (float64, exact noise prediction)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from paratAA import NonFiniteModelOutput, sample_sequential, solve
+from tests.helpers import gmm_problem, rms
+
+T_EXACT = 12
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("window", [1, 7, T_EXACT])
+@pytest.mark.parametrize("memory", [1, 2, 4])
+@pytest.mark.parametrize("order", [1, 3, T_EXACT])
+def test_tolerance_zero_equals_sequential(order, memory, window, eta):
+    model, schedule, noise = gmm_problem(T_EXACT, batch=2, eta=eta)
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    out = solve(model, schedule, noise, window_size=window, order=order, memory_size=memory, tol1=0, tol2=0,
+                model_dtype=torch.float64)
+    assert all(out.converged) and out.max_iterations <= T_EXACT
+    assert torch.allclose(out.trajectory, ref, atol=1e-12, rtol=0), float((out.trajectory - ref).abs().max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), window=st.integers(1, 34), order=st.integers(1, 34), memory=st.integers(1, 5),
+       tol=st.sampled_from([0.0, 1e-6, 1e-3, 1e-1, 10.0]), eta=st.sampled_from([0.0, 0.5, 1.0]),
+       seed=st.integers(0, 3))
+def test_never_more_than_T_iterations(T, window, order, memory, tol, eta, seed):
+    model, schedule, noise = gmm_problem(T, batch=2, eta=eta, seed=seed, latent=(2, 4, 4))
+    out = solve(model, schedule, noise, window_size=window, order=order, memory_size=memory, tol1=tol, tol2=tol,
+                model_dtype=torch.float64)
+    assert all(out.converged)
+    assert out.max_iterations <= T
+    for h in out.history:  # the boundary falls every iteration and never skips the window
+        assert all(b1 < b0 for b0, b1 in zip([T] + h.boundary, h.boundary))
+        assert h.boundary[-1] == 0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_fixed_point_moves_one_level_per_iteration(eta):
+    T = 16
+    model, schedule, noise = gmm_problem(T, eta=eta)
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    for k in range(1, T + 1):
+        out = solve(model, schedule, noise, window_size=T, order=1, memory_size=1, tol1=0, tol2=0, max_steps=k,
+                    model_dtype=torch.float64)
+        exact = (out.trajectory[0] - ref[0]).flatten(1).abs().max(1).values <= 1e-12   # [T+1]
+        assert exact[T - k:].all(), f"after {k} iterations the {k} noisiest steps must be exact"
+        if k < T:  # and no more: the next state down still waits for its input
+            assert not exact[T - k - 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("T", [25, 50, 100])
+def test_anderson_needs_fewer_iterations_than_fixed_point(T, seed):
+    # at the default order (= window = T); at low orders information moves too few levels per iteration for
+    # the history to help (see BENCHMARKS.md, order ablation)
+    model, schedule, noise = gmm_problem(T, latent=(4, 16, 16), seed=seed)
+    iters = {m: solve(model, schedule, noise, order=T, memory_size=m, model_dtype=torch.float64).iterations[0]
+             for m in (1, 2, 3)}
+    assert iters[2] < iters[1] and iters[3] < iters[1], iters
+
+
+def test_default_tolerance_lands_near_sequential():
+    model, schedule, noise = gmm_problem(50, latent=(4, 16, 16))
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)[:, 0]
+    out = solve(model, schedule, noise, memory_size=3, model_dtype=torch.float64)
+    assert out.iterations[0] < 25
+    assert rms(out.samples, ref) < 1e-2
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_batch_equals_separate_solves(conditioned):
+    B, T = 4, 30
+    model, schedule, noise = gmm_problem(T, batch=B, eta=0.3)
+    # conditioned: each sample restricted to one mixture component (a linear model, so all converge together)
+    cond = torch.tensor([3, 1, 4, 1]) if conditioned else None
+    together = solve(model, schedule, noise, cond, memory_size=3, model_dtype=torch.float64)
+    calls = model.calls
+    assert calls == together.max_iterations  # one batched model call per iteration for all samples
+    for b in range(B):
+        alone = solve(model, schedule, noise[b:b + 1], cond[b:b + 1] if conditioned else None,
+                      memory_size=3,
+                      model_dtype=torch.float64)
+        assert alone.iterations[0] == together.iterations[b]
+        assert alone.evaluations[0] == together.evaluations[b]
+        assert alone.history[0].boundary == together.history[b].boundary
+        assert torch.allclose(alone.trajectory[0], together.trajectory[b], atol=1e-12, rtol=0)
+    if not conditioned:
+        assert len(set(together.iterations)) > 1, "samples should converge at different iterations here"
+
+
+def test_warm_start_equals_sequential_from_that_level():
+    T, V = 20, 8
+    model, schedule, noise = gmm_problem(T, batch=2, eta=0.4)
+    cond_a, cond_b = torch.tensor([0, 1]), torch.tensor([5, 6])
+    traj_a = solve(model, schedule, noise, cond_a, tol1=0, tol2=0, model_dtype=torch.float64).trajectory
+    ref_b = sample_sequential(model, schedule, noise, cond_b, init=traj_a, start=V, model_dtype=torch.float64)
+    out = solve(model, schedule, noise, cond_b, init=traj_a, variation_steps=V, tol1=0, tol2=0,
+                memory_size=3, model_dtype=torch.float64)
+    assert out.max_iterations <= V
+    assert torch.equal(out.trajectory[:, V:], traj_a[:, V:])  # the noisiest T - V states stay frozen
+    assert torch.allclose(out.trajectory, ref_b, atol=1e-12, rtol=0)
+
+
+def test_history_records_the_x0_estimate():
+    T = 10
+    model, schedule, noise = gmm_problem(T)
+    out = solve(model, schedule, noise, window_size=4, record_x0=True, model_dtype=torch.float64)
+    h = out.history[0]
+    assert len(h.x0) == out.iterations[0] + 1
+    assert torch.equal(h.x0[0], noise[0, T])               # before iteration 1: x_T copied down
+    assert torch.equal(h.x0[-1], out.samples[0])
+    assert sum(h.evaluations) == out.evaluations[0] and max(h.evaluations) <= 4
+
+
+def test_non_finite_model_output_names_iteration_and_step():
+    model, schedule, noise = gmm_problem(10)
+
+    def broken(x, t, cond):
+        eps = model(x, t, cond)
+        eps[t == int(schedule.timesteps[6])] = float("nan")
+        return eps
+
+    with pytest.raises(NonFiniteModelOutput, match=r"iteration 1, sample 0, step 6 \(model timestep"):
+        solve(broken, schedule, noise, model_dtype=torch.float64)
+
+
+def test_unusable_anderson_problem_falls_back_to_plain_update(monkeypatch):
+    model, schedule, noise = gmm_problem(20)
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    real = torch.linalg.solve_ex
+
+    def poisoned(A, b):
+        gamma, info = real(A, b)
+        return torch.full_like(gamma, float("nan")), info
+
+    monkeypatch.setattr(torch.linalg, "solve_ex", poisoned)
+    out = solve(model, schedule, noise, memory_size=3, tol1=0, tol2=0, model_dtype=torch.float64)
+    assert sum(out.history[0].fallbacks) > 0
+    assert torch.allclose(out.trajectory, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(window_size=0), "window_size"), (dict(order=0), "order"), (dict(memory_size=0), "memory_size"),
+    (dict(tol1=-1e-3), "tol1"), (dict(tol2=-1.0), "tol2"), (dict(tol1=float("nan")), "tol1"),
+    (dict(max_steps=0), "max_steps"), (dict(window_size=2.5), "window_size"),
+])
+def test_bad_configuration_raises_value_error_naming_it(kwargs, name):
+    model, schedule, noise = gmm_problem(10)
+    with pytest.raises(ValueError, match=name):
+        solve(model, schedule, noise, **kwargs)
+
+
+@pytest.mark.parametrize("V", [0, 11, -1])
+def test_bad_variation_steps(V):
+    model, schedule, noise = gmm_problem(10)
+    with pytest.raises(ValueError, match=f"variation_steps.*{V}"):
+        solve(model, schedule, noise, init=noise, variation_steps=V)

@@ -41,6 +41,7 @@ class OrderKEquations:
         s = torch.arange(lo, F, device=x.device)
         u = torch.clamp(s + self.order, max=F)
         if self.order == 1:  # no matmul needed: the anchor is the neighbour
-            return self.P[s, u][:, None] * x[u] + e - x[lo:F]
-        rhs = self.P[s, u][:, None] * x[u] + self.E[lo:F, lo:F] @ e   # [W, D]
-        return rhs - x[lo:F]
+            R = e.clone()
+        else:
+            R = self.E[lo:F, lo:F] @ e                                 # [W, D]
+        return R.addcmul_(self.P[s, u][:, None], x[u]).sub_(x[lo:F])

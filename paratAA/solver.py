@@ -120,9 +120,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
 
     m = memory_size
     if m > 1:
-        X_mem = torch.zeros(B, m, T, X.shape[2], dtype=torch.float64, device=device)  # ring over iterations
-        R_mem = torch.zeros_like(X_mem)
-        counts = torch.zeros(B, T, dtype=torch.long, device=device)                 # stored iterates per state
+        memory = [_History(m, T, X.shape[2], device) for _ in range(B)]
     history = [SampleHistory() for _ in range(B)]
     iterations = [0] * B
     if record_x0:
@@ -158,10 +156,12 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
         eps = eps.flatten(1)                                                                  # [N, D]
 
         for k, (b, lo, F) in enumerate(spans):
-            e = sched.b[lo:F, None] * eps[starts[k]:starts[k + 1]] + sched.c[lo:F, None] * xi[b, lo:F]
+            # in-place arithmetic: at SD latent sizes each [W, D] temporary is 13 MB
+            e = (sched.b[lo:F, None] * eps[starts[k]:starts[k + 1]]).addcmul_(sched.c[lo:F, None], xi[b, lo:F])
             x = X[b]                                                                          # [T+1, D]
-            r1 = sched.a[lo:F, None] * x[lo + 1:F + 1] + e - x[lo:F]                         # order-1 residual
-            rms = r1.pow(2).mean(dim=1).sqrt()                                                # [W]
+            r1 = (sched.a[lo:F, None] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])               # order-1 residual
+            rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
+            del r1
             threshold = torch.clamp(tol2 * sched.sigma[lo:F], min=tol1)
             unconverged = (rms > threshold).nonzero()
             fallbacks = 0
@@ -172,7 +172,10 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
                 R = eq.residual(x, e, lo, F)                   # [W, D] order-k residual
                 step = R
                 if m > 1:
-                    step, fallbacks = _taa(X_mem[b], R_mem[b], counts[b], x, R, lo, F, iterations[b], m, lam, p)
+                    memory[b].push(x, R, lo, F)
+                    if p > 0:
+                        step, bad = memory[b].anderson_step(R, lo, F, p, lam)
+                        fallbacks = int(bad.sum())
                 x[lo:lo + p] += step[:p]
                 x[lo + p] += R[p]
                 new_boundary = lo + p
@@ -193,21 +196,33 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
                        evaluations=[sum(h.evaluations) for h in history], history=history)
 
 
-def _taa(X_mem, R_mem, counts, x, R, lo, F, k, m, lam, p):
-    """Store this iteration's (x, R) of the window and return the TAA step of the states below position p.
+class _History:
+    """One sample's TAA memory: the last iterate and residual of every state, and rings of the last m - 1
+    differences dX, dR. Storing differences (not iterates) means no history is copied per iteration."""
 
-    X_mem, R_mem: [m, T, D] ring over this sample's iterations (slot k % m holds iteration k); counts: [T]."""
-    slot = k % m
-    X_mem[slot, lo:F] = x[lo:F]
-    R_mem[slot, lo:F] = R
-    counts[lo:F] = torch.clamp(counts[lo:F] + 1, max=m)
-    if p == 0:
-        return R[:0], 0
-    order = [(k - j) % m for j in range(m)]                                  # newest first
-    Xh = X_mem[order, lo:lo + p].transpose(0, 1)                             # [p, m, D]
-    Rh = R_mem[order, lo:F].transpose(0, 1)                                  # [W, m, D]
-    dX = Xh[:, :-1] - Xh[:, 1:]                                              # [p, m-1, D]
-    dR = Rh[:, :-1] - Rh[:, 1:]                                              # [W, m-1, D]
-    # the least-squares sums run over every window state at or above t, so dR spans the whole window
-    step, bad = triangular_anderson_step(R, dX, dR, counts[lo:F] - 1, lam, p)
-    return step, int(bad.sum())
+    def __init__(self, m, T, D, device):
+        M = m - 1
+        self.M = M
+        self.last_x = torch.zeros(T, D, dtype=torch.float64, device=device)
+        self.last_r = torch.zeros(T, D, dtype=torch.float64, device=device)
+        self.dX = torch.zeros(M, T, D, dtype=torch.float64, device=device)
+        self.dR = torch.zeros(M, T, D, dtype=torch.float64, device=device)
+        self.count = torch.zeros(T, dtype=torch.long, device=device)   # iterates seen per state (capped)
+        self.pushes = 0
+
+    def push(self, x, R, lo, F):
+        """Record this iteration's window iterate x[lo:F] and residual R; a state seen before gains a column."""
+        slot = self.pushes % self.M
+        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[slot, lo:F])
+        torch.sub(R, self.last_r[lo:F], out=self.dR[slot, lo:F])
+        self.last_x[lo:F] = x[lo:F]
+        self.last_r[lo:F] = R
+        self.count[lo:F] = torch.clamp(self.count[lo:F] + 1, max=self.M + 1)
+        self.pushes += 1
+
+    def anderson_step(self, R, lo, F, p, lam):
+        slots = [(self.pushes - 1 - j) % self.M for j in range(self.M)]   # newest first
+        dX = [self.dX[s, lo:lo + p] for s in slots]
+        dR = [self.dR[s, lo:F] for s in slots]
+        # the least-squares sums run over every window state at or above t, so dR spans the whole window
+        return triangular_anderson_step(R, dX, dR, self.count[lo:F] - 1, lam, p)

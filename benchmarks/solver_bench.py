@@ -1,0 +1,149 @@
+"""Solver benchmark: iteration counts on the closed-form model, per-iteration overhead, memory of the state.
+
+    python benchmarks/solver_bench.py [--quick] [--out benchmarks/results/solver.json]
+
+1. Iterations to the default stop (tol 1e-3, window = T) on a 4x32x32 mixture of 10 well-separated Gaussians,
+   T in {25, 50, 100}: FP (order 1, m 1), FP+ (order T, m 1), ParaTAA (order T, m 2 and 3); median over seeds.
+2. Overhead: time per iteration spent outside the model call, against the model call, at T = window = 100
+   with the embedded DiT (cfg 4) -- or a random DiT-S/2-sized model when the embedded one is missing.
+3. Memory: growth of peak RSS while solving T = 100, m = 3, 4x64x64 latents with a free model (a fresh
+   process), and the bytes of the solver's persistent buffers.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.gmm import GaussianMixtureEps  # noqa: E402
+from paratAA import dit_schedule, dit_scheduler, solve  # noqa: E402
+
+METHODS = {"FP": (1, 1), "FP+": (None, 1), "ParaTAA m=2": (None, 2), "ParaTAA m=3": (None, 3)}
+
+
+def iteration_table(steps, seeds, latent):
+    rows = []
+    ac = dit_scheduler().alphas_cumprod
+    for T in steps:
+        schedule = dit_schedule(T)
+        row = {"T": T}
+        for name, (order, m) in METHODS.items():
+            counts = []
+            for seed in seeds:
+                model = GaussianMixtureEps.random(ac, latent, components=10, std=0.1, seed=seed)
+                noise = torch.randn((1, T + 1) + latent, generator=torch.Generator().manual_seed(seed),
+                                    dtype=torch.float64)
+                out = solve(model, schedule, noise, order=order or T, memory_size=m, model_dtype=torch.float64)
+                counts.append(out.iterations[0])
+            row[name] = {"median": statistics.median(counts), "all": counts}
+        rows.append(row)
+        print(f"T={T:4d}  " + "  ".join(f"{k}: {v['median']:5.1f}" for k, v in row.items() if k != "T"), flush=True)
+    return rows
+
+
+def overhead(T, repeats):
+    from models.adapters import DiTDenoiser
+    from models.dit import DiT_models
+    try:
+        from models.digits import load_embedded_dit
+        model, name = load_embedded_dit(torch.device("cpu"), torch.float32), "embedded DiT-Digits"
+    except Exception as e:  # the embedded weights are not there yet
+        print(f"(embedded model unavailable: {e}; using a random DiT-S/2)")
+        model, name = DiT_models["DiT-S/2"](input_size=8, num_classes=10).eval(), "random DiT-S/2 (8x8 latent)"
+    latent = (model.in_channels,) + (model.x_embedder.img_size[0],) * 2
+    eps = DiTDenoiser(model, cfg_scale=4.0)
+    model_seconds = []
+
+    def timed(x, t, c):
+        t0 = time.perf_counter()
+        out = eps(x, t, c)
+        model_seconds.append(time.perf_counter() - t0)
+        return out
+
+    schedule = dit_schedule(T)
+    totals, iters = [], []
+    for seed in range(repeats):
+        noise = torch.randn((1, T + 1) + latent, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        t0 = time.perf_counter()
+        out = solve(timed, schedule, noise, torch.tensor([seed % 10]), memory_size=3)
+        totals.append(time.perf_counter() - t0)
+        iters.append(out.iterations[0])
+    model_time, total = sum(model_seconds), sum(totals)
+    per_iter_model = model_time / sum(iters)
+    per_iter_solver = (total - model_time) / sum(iters)
+    res = {"model": name, "T": T, "window": T, "iterations": iters,
+           "model_call_seconds": per_iter_model, "solver_seconds_per_iteration": per_iter_solver,
+           "overhead_fraction": per_iter_solver / per_iter_model}
+    print(f"overhead ({name}, T = window = {T}): model call {per_iter_model * 1e3:.1f} ms, solver "
+          f"{per_iter_solver * 1e3:.2f} ms per iteration = {100 * res['overhead_fraction']:.1f}%", flush=True)
+    return res
+
+
+def _memory_child(T, m, latent):
+    def free_model(x, t, c):  # costs nothing, so that only the solver's allocations count
+        return torch.zeros_like(x) + 1e-3 * x
+    import threading
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    noise = torch.randn((1, T + 1) + latent, dtype=torch.float64)
+    schedule = dit_schedule(T)
+    before, peak, done = rss(), [0], threading.Event()
+
+    def poll():  # ru_maxrss would include the import peak; sample the resident size instead
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    solve(free_model, schedule, noise, memory_size=m, tol1=0, tol2=0, max_steps=8)
+    done.set()
+    thread.join()
+    print(json.dumps({"peak_rss_growth_mb": (peak[0] - before) / 2 ** 20}))
+
+
+def memory(T, m, latent):
+    D = 1
+    for d in latent:
+        D *= d
+    persistent = 8 * D * ((T + 1) + 2 * m * T)  # X, then the last x, r and m - 1 differences of each per state
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import solver_bench; solver_bench._memory_child({T}, {m}, {latent!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res.update({"T": T, "memory_size": m, "latent": list(latent), "persistent_state_mb": persistent / 2 ** 20})
+    print(f"memory (T = {T}, m = {m}, latent {'x'.join(map(str, latent))}): persistent state "
+          f"{res['persistent_state_mb']:.0f} MB, peak RSS growth while solving {res['peak_rss_growth_mb']:.0f} MB",
+          flush=True)
+    return res
+
+
+def main(args):
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    quick = args.quick
+    result = {"machine": args.machine, "command": "python benchmarks/solver_bench.py" + (" --quick" if quick else "")}
+    result["iterations"] = iteration_table([25] if quick else [25, 50, 100], [0] if quick else [0, 1, 2],
+                                           (4, 8, 8) if quick else (4, 32, 32))
+    result["overhead"] = overhead(25 if quick else 100, 1 if quick else 3)
+    result["memory"] = memory(100, 3, (4, 16, 16) if quick else (4, 64, 64))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
+    parser.add_argument("--out", default="benchmarks/results/solver.json")
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    main(parser.parse_args())

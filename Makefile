@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo  (sample with the embedded model)  and  make test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench bench-quick train-embedded clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) parallel_dit.py --num_samples 10 --class_labels 0 1 2 3 4 5 6 7 8 9 --batch_size 10 --compare_sequential
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/solver_bench.py
+	$(PY) benchmarks/dit_bench.py
+
+bench-quick: $(VENV)/.installed
+	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver_quick.json
+
+train-embedded: $(VENV)/.installed
+	$(PY) models/train_embedded.py
+
+clean-venv:
+	rm -rf $(VENV)

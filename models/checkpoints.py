@@ -1,0 +1,81 @@
+"""Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from paratAA.cli import InputFileError
+
+DIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"  # where the public DiT weights come from
+VAE_SOURCE = "a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema from the Hugging Face hub"
+
+
+def require_file(path, flag, hint=""):
+    if not os.path.exists(path):
+        raise InputFileError(f"{flag}: file not found: {path}" + (f" ({hint})" if hint else ""))
+    if os.path.isdir(path):
+        raise InputFileError(f"{flag}: expected a file but found a folder: {path}")
+
+
+def require_folder(path, flag, marker, hint=""):
+    if not os.path.exists(path):
+        raise InputFileError(f"{flag}: folder not found: {path}" + (f" ({hint})" if hint else ""))
+    if not os.path.isdir(path):
+        raise InputFileError(f"{flag}: expected a folder but found a file: {path}")
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise InputFileError(f"{flag}: {path} is not a diffusers folder (no {marker})" + (f"; {hint}" if hint else ""))
+
+
+def load_state_dict(path, flag="--model_path"):
+    """A state dict from a raw .pt state dict, a training checkpoint holding "ema" (or "model"), or .safetensors."""
+    require_file(path, flag)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                # DiT training checkpoints also pickle their argparse Namespace
+                state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise InputFileError(f"{flag}: cannot read {path} as a checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})")
+    if isinstance(state, dict):
+        for key in ("ema", "model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputFileError(f"{flag}: {path} holds no state dict of tensors")
+    return state
+
+
+def load_into(model, state, path, flag="--model_path"):
+    """load_state_dict(strict=True), with a mismatch reported as one line."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        ours = model.state_dict()
+        missing = [k for k in ours if k not in state]
+        extra = [k for k in state if k not in ours]
+        shapes = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
+        what = (f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, the model needs "
+                f"{tuple(ours[shapes[0]].shape)}" if shapes else
+                f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else str(e).splitlines()[0])
+        raise InputFileError(f"{flag}: {path} does not fit the chosen model ({what}; "
+                             f"{len(shapes)} shape mismatches, {len(missing)} missing, {len(extra)} unexpected keys)")
+    return model
+
+
+def load_vae(path, device, dtype, flag="--vae_path"):
+    from diffusers import AutoencoderKL
+    require_folder(path, flag, "config.json", VAE_SOURCE)
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]})")
+    return vae.to(device=device, dtype=dtype).eval()

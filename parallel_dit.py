@@ -7,12 +7,10 @@
 Each iteration evaluates the DiT at the window of every sample in one batch, split across the processes.
 """
 import argparse
-import json
-import os
 
 import torch
 
-from models.adapters import DiTDenoiser
+from models.adapters import DiTDenoiser, VAEDecoder
 from models.checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, load_into, load_state_dict, load_vae, require_file
 from models.dit import DiT_models
 from paratAA import Sharding, dit_schedule
@@ -85,15 +83,7 @@ def main(args):
     result = sample_batches(eps_fn, schedule, noise.to(device), labels.to(device), args,
                             Sharding.from_accelerator(accelerator), dtype, is_main)
     if is_main:
-        scale = vae.config.scaling_factor
-
-        def decode(latents):  # [N, C, h, w] -> uint8 [N, H, W, 3]
-            imgs = []
-            for chunk in latents.split(16):
-                x = vae.decode(chunk.to(device, torch.float32) / scale).sample
-                imgs.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-            return torch.cat(imgs).numpy()
-
+        decode = VAEDecoder(vae, device)
         per_sample = [{"class_label": int(c)} for c in labels]
         metrics = write_run(run_dir, result, decode, args, "parallel_dit", per_sample=per_sample,
                             extra_metrics={"model": args.model}, world_size=accelerator.num_processes)

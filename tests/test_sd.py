@@ -1,0 +1,136 @@
+"""parallel_sd.py and parallel_sd_winit.py end to end on a tiny random pipeline in the SD v1.5 folder layout."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import parallel_sd
+import parallel_sd_winit
+from tests.helpers import free_port
+from tests.tiny_sd import build_tiny_sd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+def run_sd(folder, out, *flags):
+    run_dir = parallel_sd.main(parallel_sd.parse_args(["--model_path", folder, "--output_path", str(out), *flags]))
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return run_dir, json.load(f)
+
+
+def latents(run_dir):
+    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
+
+
+def diffusers_ddim(folder, prompt, T, eta, seed, num_samples, cfg):
+    """Independent reference: diffusers' own DDIMScheduler.step loop with the pipeline's components."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(T)
+    cond, uncond = pipe.encode_prompt([prompt] * num_samples, "cpu", 1, True, negative_prompt=[""] * num_samples)
+    latent = (4, 8, 8)
+    noise = torch.randn((num_samples, T + 1) + latent, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64).float()  # the scripts' noise: x_T = noise[:, T], step s uses noise[:, s]
+    x = noise[:, T]
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            s = T - 1 - i
+            out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            e_u, e_c = out.chunk(2)
+            eps = e_u + cfg * (e_c - e_u)
+            x = sched.step(eps, t, x, eta=eta if s > 0 else 0.0, variance_noise=noise[:, s]).prev_sample
+    return x.numpy()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_tolerance_zero_equals_diffusers_ddim(tiny_sd, tmp_path, eta):
+    T = 12
+    run_dir, m = run_sd(tiny_sd, tmp_path, "--timesteps", str(T), "--eta", str(eta), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--batch_size", "2", "--prompt", "a handwritten digit four",
+                        "--cfg_scale", "3", "--compare_sequential")
+    ref = diffusers_ddim(tiny_sd, "a handwritten digit four", T, eta, 0, 2, 3.0)
+    assert np.abs(latents(run_dir) - ref).max() < 1e-4
+    assert m["script"] == "parallel_sd" and m["eta"] == eta
+    for s in m["samples"]:
+        assert s["converged"] and s["iterations"] <= T
+        assert s["sequential_distance_history"][-1] < 1e-5 and s["final_image_rms"] <= 1.0
+
+
+def test_default_run_layout(tiny_sd, tmp_path):
+    run_dir, m = run_sd(tiny_sd, tmp_path, "--timesteps", "20", "--num_samples", "3", "--batch_size", "2",
+                        "--prompt", "a handwritten digit one", "a handwritten digit two")
+    assert sorted(os.listdir(run_dir)) == ["args.json", "grid.png", "latents.npz", "metrics.json", "sample_0",
+                                           "sample_1", "sample_2"]
+    assert latents(run_dir).shape == (3, 4, 8, 8)
+    assert [s["prompt"] for s in m["samples"]] == ["a handwritten digit one", "a handwritten digit two",
+                                                   "a handwritten digit one"]
+    for i, s in enumerate(m["samples"]):
+        steps = sorted(os.listdir(os.path.join(run_dir, f"sample_{i}")))
+        assert steps == sorted(f"step_{k}.png" for k in range(s["iterations"] + 1))
+        assert len(s["residual_history"]) == s["iterations"]
+        assert s["model_evaluations"] >= s["iterations"]
+
+
+def test_two_processes_match_one(tiny_sd, tmp_path):
+    flags = ["--model_path", tiny_sd, "--timesteps", "16", "--num_samples", "2", "--batch_size", "2", "--eta", "0.3"]
+    one, _ = run_sd(tiny_sd, tmp_path / "one", *flags[2:])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    with open(os.path.join(two, "metrics.json")) as f:
+        m2 = json.load(f)
+    assert m2["world_size"] == 2
+    assert np.abs(latents(one) - latents(two)).max() < 1e-5
+
+
+def run_winit(folder, out, *flags):
+    run_dir = parallel_sd_winit.main(parallel_sd_winit.parse_args(
+        ["--model_path", folder, "--output_path", str(out), *flags]))
+    metrics = {}
+    for name in ("prompt1", "prompt2"):
+        with open(os.path.join(run_dir, name, "metrics.json")) as f:
+            metrics[name] = json.load(f)
+    return run_dir, metrics
+
+
+def test_warm_start_equals_sequential_from_prompt1_state(tiny_sd, tmp_path):
+    T, V = 16, 6
+    run_dir, m = run_winit(tiny_sd, tmp_path, "--timesteps", str(T), "--variation_steps", str(V), "--tol1", "0",
+                           "--tol2", "0", "--compare_sequential", "--num_samples", "2", "--batch_size", "2")
+    assert sorted(os.listdir(run_dir)) == ["prompt1", "prompt2"]
+    for name in ("prompt1", "prompt2"):
+        assert sorted(os.listdir(os.path.join(run_dir, name)))[:4] == ["args.json", "grid.png", "latents.npz",
+                                                                        "metrics.json"]
+        assert m[name]["script"] == "parallel_sd_winit"
+    for s in m["prompt2"]["samples"]:
+        assert s["iterations"] <= V
+        assert s["sequential_distance_history"][-1] < 1e-4
+
+
+def test_warm_start_needs_fewer_iterations_than_a_cold_start(tiny_sd, tmp_path):
+    flags = ["--timesteps", "30", "--num_samples", "2", "--batch_size", "2", "--seed", "3"]
+    _, m = run_winit(tiny_sd, tmp_path / "w", *flags, "--variation_steps", "10", "--prompt1",
+                     "a handwritten digit one", "--prompt2", "a handwritten digit seven")
+    _, cold = run_sd(tiny_sd, tmp_path / "c", *flags, "--prompt", "a handwritten digit seven")
+    warm_iters = [s["iterations"] for s in m["prompt2"]["samples"]]
+    cold_iters = [s["iterations"] for s in cold["samples"]]
+    assert all(w < c for w, c in zip(warm_iters, cold_iters)), (warm_iters, cold_iters)
+
+
+def test_variation_steps_T_equals_a_cold_start(tiny_sd, tmp_path):
+    flags = ["--timesteps", "12", "--tol1", "0", "--tol2", "0", "--num_samples", "2", "--batch_size", "2"]
+    run_dir, _ = run_winit(tiny_sd, tmp_path / "w", *flags, "--variation_steps", "12", "--prompt2",
+                           "a handwritten digit seven")
+    cold_dir, _ = run_sd(tiny_sd, tmp_path / "c", *flags, "--prompt", "a handwritten digit seven")
+    assert np.abs(latents(os.path.join(run_dir, "prompt2")) - latents(cold_dir)).max() < 1e-4

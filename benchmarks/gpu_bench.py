@@ -1,0 +1,156 @@
+"""GPU benchmark: what parallel sampling buys on one GPU, with random weights (no downloads there either).
+
+    python benchmarks/gpu_bench.py --out gpu.json            # on a GPU machine, < 8 minutes
+    python benchmarks/gpu_bench.py --smoke                   # tiny models on the CPU, checks the script runs
+
+1. Seconds per batched model call vs window size (1, 8, 16, 32, 64, 100; guidance doubles the batch) for
+   DiT-XL/2 at 256x256 and the Stable Diffusion v1.5 UNet at 512x512, fp16.
+2. Wall-clock of ParaTAA (T = window = order = 100, m = 3, a fixed number K of iterations) against sequential
+   DDIM (T = 100 calls of batch 1 x 2) with DiT-XL/2, for the iteration counts K measured on the embedded
+   models; the solver's own time per iteration beside the model's.
+3. Peak GPU memory of the solver's state at T = 100, m = 3, 4x64x64 latents (a free model).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
+from models.dit import DiT_models  # noqa: E402
+from paratAA import dit_schedule, sample_sequential, solve  # noqa: E402
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, repeats):
+    for _ in range(2):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def randomize_output(model):
+    # DiT's adaLN-Zero init makes a random model output exactly 0; give the last layer weights
+    for p in model.final_layer.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
+def build(args, device, dtype):
+    if args.smoke:
+        dit = randomize_output(DiT_models["DiT-S/8"](input_size=8, num_classes=1000))
+        unet_cfg = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
+                        layers_per_block=1)
+        text = (77, 32)
+    else:
+        with torch.device(device):
+            dit = randomize_output(DiT_models["DiT-XL/2"](input_size=32, num_classes=1000))
+        unet_cfg, text = SD15_UNET, (77, 768)
+    from diffusers import UNet2DConditionModel
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_cfg)
+    return dit.to(device, dtype).eval(), unet.to(device, dtype).eval(), text
+
+
+@torch.no_grad()
+def main(args):
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    dit, unet, (L, E) = build(args, device, dtype)
+    dit_eps, unet_eps = DiTDenoiser(dit, 4.0), SDDenoiser(unet, 7.5)
+    dit_latent = (4, dit.x_embedder.img_size[0], dit.x_embedder.img_size[0])
+    sd_latent = (4, unet.config.sample_size, unet.config.sample_size)
+    windows = [1, 8] if args.smoke else [1, 8, 16, 32, 64, 100]
+    repeats = 2 if args.smoke else args.repeats
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
+              "dtype": str(dtype), "torch": torch.__version__, "per_call": {"DiT-XL/2 256": {}, "SD1.5 UNet 512": {}}}
+    print(f"device: {report['device']}, {dtype}")
+    print("| window | DiT-XL/2 s/call (batch 2W) | SD v1.5 UNet s/call (batch 2W) |\n|---|---|---|")
+    for W in windows:
+        t = torch.randint(0, 1000, (W,), device=device)
+        x = torch.randn((W,) + dit_latent, device=device, dtype=dtype)
+        y = torch.randint(0, 1000, (W,), device=device)
+        a = time_call(lambda: dit_eps(x, t, y), device, repeats)
+        xs = torch.randn((W,) + sd_latent, device=device, dtype=dtype)
+        cond = {"cond": torch.randn(W, L, E, device=device, dtype=dtype),
+                "uncond": torch.randn(W, L, E, device=device, dtype=dtype)}
+        b = time_call(lambda: unet_eps(xs, t, cond), device, repeats)
+        report["per_call"]["DiT-XL/2 256"][W] = a
+        report["per_call"]["SD1.5 UNet 512"][W] = b
+        print(f"| {W} | {a:.4f} | {b:.4f} |", flush=True)
+
+    # ParaTAA vs sequential with the real solver on the GPU, DiT-XL/2, fixed iteration counts
+    T = 20 if args.smoke else 100
+    schedule = dit_schedule(T)
+    noise = torch.randn((1, T + 1) + dit_latent, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).to(device)
+    label = torch.tensor([207], device=device)
+    model_time = [0.0]
+
+    def timed(x, tt, c):
+        sync(device)
+        t0 = time.perf_counter()
+        out = dit_eps(x, tt, c)
+        sync(device)
+        model_time[0] += time.perf_counter() - t0
+        return out
+
+    seq_seconds = time_call(lambda: sample_sequential(dit_eps, schedule, noise, label, model_dtype=dtype), device, 1)
+    report["sequential_seconds_T100"] = seq_seconds
+    report["paratAA"] = {}
+    print(f"\nsequential DDIM, T = {T}: {seq_seconds:.3f} s\n")
+    print("| iterations K | ParaTAA s | speed-up | solver s/iteration | model s/iteration |\n|---|---|---|---|---|")
+    for K in ([2, 4] if args.smoke else args.iterations):
+        model_time[0] = 0.0
+        sync(device)
+        t0 = time.perf_counter()
+        out = solve(timed, schedule, noise, label, memory_size=3, tol1=0, tol2=0, max_steps=K, model_dtype=dtype)
+        sync(device)
+        total = time.perf_counter() - t0
+        k = out.iterations[0]
+        row = {"seconds": total, "speedup": seq_seconds / total, "solver_per_iteration": (total - model_time[0]) / k,
+               "model_per_iteration": model_time[0] / k}
+        report["paratAA"][K] = row
+        print(f"| {K} | {total:.3f} | {row['speedup']:.2f}x | {row['solver_per_iteration']:.4f} | "
+              f"{row['model_per_iteration']:.4f} |", flush=True)
+
+    if device.type == "cuda":  # the solver's own memory at SD size
+        del dit, unet
+        torch.cuda.empty_cache()
+        noise = torch.randn((1, 101) + (4, 64, 64), dtype=torch.float64, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        solve(lambda x, tt, c: 1e-3 * x, dit_schedule(100), noise, memory_size=3, tol1=0, tol2=0, max_steps=8)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        report["solver_peak_memory_mb_T100_m3_4x64x64"] = peak
+        print(f"\nsolver peak GPU memory, T = 100, m = 3, 4x64x64 latents: {peak:.0f} MB (noise tensor excluded)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[7, 10, 13, 20, 25])
+    parser.add_argument("--out", default=None)
+    main(parser.parse_args())

@@ -86,6 +86,17 @@ def main(args):
             print(f"| {m} | {t:g} | {fmt(s['stop_median'])} / {fmt(s['stop_max'])} | {s['ended_off']} of "
                   f"{len(classes)} (max {s['max_final_rms']:.2f}) | {fmt(s['same_median'])} / {fmt(s['same_max'])} |",
                   flush=True)
+    print(f"\nWindow size, T = {T}, ParaTAA m = {defaults['memory_size']}, order = window, default tolerance:\n")
+    print("| window | stops at (median / max) | same image at (median / max) | evaluations / sample |")
+    print("|---|---|---|---|")
+    report["window_sweep"] = {}
+    for W in ([5, 25] if args.quick else [4, 8, 16, 25, 32, 50, 100]):
+        res = measure(eps_fn, schedule, noise, labels, decode, ref, tol1=tol, tol2=tol, window_size=W,
+                      memory_size=defaults["memory_size"])
+        s = summarize(res, T)
+        report["window_sweep"][W] = s
+        print(f"| {W} | {fmt(s['stop_median'])} / {fmt(s['stop_max'])} | {fmt(s['same_median'])} / "
+              f"{fmt(s['same_max'])} | {s['evaluations_mean']:.0f} |", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -116,19 +116,24 @@ def main(args):
     report["sequential_seconds_T100"] = seq_seconds
     report["paratAA"] = {}
     print(f"\nsequential DDIM, T = {T}: {seq_seconds:.3f} s\n")
-    print("| iterations K | ParaTAA s | speed-up | solver s/iteration | model s/iteration |\n|---|---|---|---|---|")
-    for K in ([2, 4] if args.smoke else args.iterations):
+    runs = [(T, K) for K in ([2, 4] if args.smoke else args.iterations)]
+    runs += [tuple(int(v) for v in r.split(":")) for r in ([] if args.smoke else args.window_runs)]
+    print("| window | iterations K | ParaTAA s | speed-up | solver s/iteration | model s/iteration |")
+    print("|---|---|---|---|---|---|")
+    solve(timed, schedule, noise, label, memory_size=3, max_steps=2, model_dtype=dtype)  # warm-up
+    for W, K in runs:
         model_time[0] = 0.0
         sync(device)
         t0 = time.perf_counter()
-        out = solve(timed, schedule, noise, label, memory_size=3, tol1=0, tol2=0, max_steps=K, model_dtype=dtype)
+        out = solve(timed, schedule, noise, label, window_size=W, memory_size=3, tol1=0, tol2=0, max_steps=K,
+                    model_dtype=dtype)
         sync(device)
         total = time.perf_counter() - t0
         k = out.iterations[0]
-        row = {"seconds": total, "speedup": seq_seconds / total, "solver_per_iteration": (total - model_time[0]) / k,
-               "model_per_iteration": model_time[0] / k}
-        report["paratAA"][K] = row
-        print(f"| {K} | {total:.3f} | {row['speedup']:.2f}x | {row['solver_per_iteration']:.4f} | "
+        row = {"window": W, "iterations": k, "seconds": total, "speedup": seq_seconds / total,
+               "solver_per_iteration": (total - model_time[0]) / k, "model_per_iteration": model_time[0] / k}
+        report["paratAA"][f"W={W} K={K}"] = row
+        print(f"| {W} | {k} | {total:.3f} | {row['speedup']:.2f}x | {row['solver_per_iteration']:.4f} | "
               f"{row['model_per_iteration']:.4f} |", flush=True)
 
     if device.type == "cuda":  # the solver's own memory at SD size
@@ -152,5 +157,7 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--iterations", type=int, nargs="+", default=[7, 10, 13, 20, 25])
+    parser.add_argument("--window_runs", nargs="*", default=[],
+                        help="WINDOW:ITERATIONS pairs, e.g. the iterations the embedded model needed at that window")
     parser.add_argument("--out", default=None)
     main(parser.parse_args())

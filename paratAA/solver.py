@@ -125,7 +125,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
     iterations = [0] * B
     if record_x0:
         for b in range(B):
-            history[b].x0.append(X[b, reached[b]].reshape(latent).cpu())
+            history[b].x0.append(X[b, reached[b]].reshape(latent).to("cpu", copy=True))
 
     it = 0
     while any(f > 0 for f in boundary) and (max_steps is None or it < max_steps):
@@ -187,7 +187,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
             h.evaluations.append(F - lo)
             h.fallbacks.append(fallbacks)
             if record_x0:
-                h.x0.append(X[b, reached[b]].reshape(latent).cpu())
+                h.x0.append(X[b, reached[b]].reshape(latent).to("cpu", copy=True))
         if callback is not None:
             callback(it, list(boundary))
 

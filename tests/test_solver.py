@@ -112,6 +112,8 @@ def test_history_records_the_x0_estimate():
     assert len(h.x0) == out.iterations[0] + 1
     assert torch.equal(h.x0[0], noise[0, T])               # before iteration 1: x_T copied down
     assert torch.equal(h.x0[-1], out.samples[0])
+    # each entry is a snapshot: an early estimate is not the final sample (entries must not alias the state)
+    assert not torch.equal(h.x0[1], out.samples[0])
     assert sum(h.evaluations) == out.evaluations[0] and max(h.evaluations) <= 4
 
 

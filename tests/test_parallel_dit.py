@@ -1,0 +1,137 @@
+"""parallel_dit.py end to end: the embedded model, processes, checkpoint formats, fp16, and the quality bar."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import parallel_dit
+from models import digits
+from models.adapters import DiTDenoiser, VAEDecoder
+from models.dit import DiT_models
+from paratAA import dit_schedule, sample_sequential
+from tests.helpers import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(out, *flags):
+    run_dir = parallel_dit.main(parallel_dit.parse_args(["--output_path", str(out), *flags]))
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return run_dir, json.load(f)
+
+
+def latents(run_dir):
+    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
+
+
+def script_noise(seed, n, T, latent):
+    """The scripts' draw: labels first (when random), then noise, from one CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, T + 1) + latent, generator=g, dtype=torch.float64)
+
+
+def test_embedded_defaults_and_layout(tmp_path):
+    run_dir, m = run(tmp_path, "--timesteps", "25", "--num_samples", "2", "--class_labels", "3", "8")
+    assert sorted(os.listdir(run_dir)) == ["args.json", "grid.png", "latents.npz", "metrics.json", "sample_0",
+                                           "sample_1"]
+    for key in ("script", "world_size", "timesteps", "window_size", "order", "memory_size", "eta",
+                "wall_clock_seconds"):
+        assert key in m
+    assert m["script"] == "parallel_dit" and m["world_size"] == 1 and m["window_size"] == 25 and m["order"] == 25
+    assert latents(run_dir).shape == (2, 4, 4, 4)
+    for i, s in enumerate(m["samples"]):
+        assert s["class_label"] == [3, 8][i] and s["converged"]
+        assert len(s["residual_history"]) == s["iterations"] <= 25
+        files = os.listdir(os.path.join(run_dir, f"sample_{i}"))
+        assert sorted(files) == sorted(f"step_{k}.png" for k in range(s["iterations"] + 1))
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["timesteps"] == 25
+
+
+def test_tolerance_zero_equals_sequential(tmp_path):
+    T = 20
+    run_dir, m = run(tmp_path, "--timesteps", str(T), "--num_samples", "3", "--batch_size", "3", "--class_labels",
+                     "1", "4", "7", "--tol1", "0", "--tol2", "0", "--eta", "0.5", "--compare_sequential")
+    model = digits.load_embedded_dit()
+    noise = script_noise(0, 3, T, (4, 4, 4))
+    ref = sample_sequential(DiTDenoiser(model, 4.0), dit_schedule(T, 0.5), noise, torch.tensor([1, 4, 7]))[:, 0]
+    assert np.abs(latents(run_dir) - ref.float().numpy()).max() < 1e-4
+    for s in m["samples"]:
+        assert s["final_image_rms"] <= 1.0 and s["sequential_distance_history"][-1] < 1e-4
+
+
+def test_one_and_two_processes_give_the_same_latents(tmp_path):
+    flags = ["--timesteps", "30", "--num_samples", "3", "--batch_size", "2", "--eta", "0.3", "--seed", "5"]
+    one, _ = run(tmp_path / "one", *flags)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), os.path.join(ROOT, "parallel_dit.py"), *flags, "--output_path", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    with open(os.path.join(two, "metrics.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    assert np.abs(latents(one) - latents(two)).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def dit_s2_files(tmp_path_factory):
+    """A random DiT-S/2 (256x256 images) in the three checkpoint formats, and a tiny VAE folder."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/2"](input_size=32, num_classes=1000)
+    for p in model.final_layer.parameters():  # non-zero output, so that loading the wrong weights would show
+        p.data.normal_(0, 0.02)
+    state = model.state_dict()
+    torch.save(state, d / "raw.pt")
+    torch.save({"model": state, "ema": state, "opt": {}, "args": None}, d / "train.pt")
+    save_file(state, str(d / "weights.safetensors"))
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    vae.save_pretrained(d / "vae")
+    return d, model.eval()
+
+
+@pytest.mark.parametrize("name", ["raw.pt", "train.pt", "weights.safetensors"])
+def test_checkpoint_formats_load_through_model_path(tmp_path, dit_s2_files, name):
+    d, model = dit_s2_files
+    T = 3
+    run_dir, m = run(tmp_path, "--model", "DiT-S/2", "--image_size", "256", "--model_path", str(d / name),
+                     "--vae_path", str(d / "vae"), "--timesteps", str(T), "--num_samples", "1", "--class_labels",
+                     "207", "--tol1", "0", "--tol2", "0")
+    noise = script_noise(0, 1, T, (4, 32, 32))
+    ref = sample_sequential(DiTDenoiser(model, 4.0), dit_schedule(T), noise, torch.tensor([207]))[:, 0]
+    assert np.abs(latents(run_dir) - ref.float().numpy()).max() < 1e-4
+    assert m["model"] == "DiT-S/2"
+
+
+def test_fp16_runs(tmp_path):
+    run_dir, m = run(tmp_path, "--timesteps", "25", "--num_samples", "2", "--fp16", "--class_labels", "2", "5")
+    full, _ = run(tmp_path / "fp32", "--timesteps", "25", "--num_samples", "2", "--class_labels", "2", "5")
+    x16, x32 = latents(run_dir), latents(full)
+    assert np.isfinite(x16).all() and np.abs(x16 - x32).max() < 0.1
+
+
+def test_quality_bar_sequential_and_paratAA(tmp_path):
+    """>= 90% of 100 samples (10 per class, DDIM 50 steps, cfg 4) classified as the class they were drawn for."""
+    labels = [str(c) for c in range(10)]
+    run_dir, m = run(tmp_path, "--timesteps", "50", "--num_samples", "100", "--batch_size", "100",
+                     "--class_labels", *labels)
+    model, vae = digits.load_embedded_dit(), digits.load_embedded_vae()
+    clf = digits.train_digit_classifier()
+    decode = VAEDecoder(vae, torch.device("cpu"))
+    target = torch.arange(100) % 10
+
+    def agreement(lat):
+        imgs = torch.from_numpy(decode(torch.as_tensor(lat))).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return float((digits.classify_images(clf, imgs) == target).float().mean())
+
+    seq = sample_sequential(DiTDenoiser(model, 4.0), dit_schedule(50), script_noise(0, 100, 50, (4, 4, 4)), target)
+    assert agreement(seq[:, 0]) >= 0.9
+    assert agreement(latents(run_dir)) >= 0.9

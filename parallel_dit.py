@@ -48,8 +48,9 @@ def load_model(args, device, dtype):
         kwargs = {k: v for k, v in digits.load_embedded_config().items() if k not in ("model", "training")}
     else:
         kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-    hint = DIT_WEIGHTS_URL.format(name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
-    require_file(args.model_path, "--model_path", f"public DiT-XL/2 weights: {hint}")
+    hint = ("the embedded weights ship with the repository in models/embedded" if args.model == EMBEDDED else
+            "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"))
+    require_file(args.model_path, "--model_path", hint)
     model = DiT_models[args.model](**kwargs)
     load_into(model, load_state_dict(args.model_path), args.model_path)
     return model.to(device=device, dtype=dtype).eval()

@@ -4,6 +4,9 @@
 8-bit pixels). Every method sees the same noise and conditioning; the sequential reference runs in the same
 process so that wall-clock ratios compare like with like.
 """
+import argparse
+import json
+import os
 import statistics
 import time
 
@@ -64,3 +67,96 @@ def summarize(result, T):
 
 def fmt(x):
     return "never" if x == float("inf") else (f"{x:g}" if isinstance(x, (int, float)) else str(x))
+
+
+class Bench:
+    """What a model benchmark provides: eps_fn, decode, classify(images) -> labels, schedule(T), problem(T) ->
+    (noise [S, T+1, ...], cond, labels [S]), and the script's solver defaults."""
+
+    def __init__(self, name, eps_fn, decode, classify, schedule, problem, defaults):
+        self.name, self.eps_fn, self.decode, self.classify = name, eps_fn, decode, classify
+        self.schedule, self.problem, self.defaults = schedule, problem, defaults
+
+
+def script_defaults(add_arguments):
+    """The solver defaults a script uses, so that the tables report what users get."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return vars(p.parse_args([]))
+
+
+def _row(cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def run_benchmark(bench, quick, command, machine, out_path, samples):
+    """Method table for each T, tolerance sweep and window sweep at the largest T; prints markdown, writes JSON."""
+    d = bench.defaults
+    tol, m_default = d["tol1"], d["memory_size"]
+    steps = [25] if quick else [25, 50, 100]
+    memories = (3,) if quick else (2, 3, 5)
+    report = {"command": command, "machine": machine, "samples": samples,
+              "defaults": {k: d[k] for k in ("tol1", "tol2", "cfg_scale", "memory_size")},
+              "methods": {}, "tolerance_sweep": {}, "window_sweep": {}}
+
+    def agreement(images, labels):
+        return float((bench.classify(images).numpy() == labels.numpy()).mean())
+
+    _row(["T", "method", "stops at (median / max)", "same image at (median / max)", "runs ending > 1 level off",
+          "evaluations / sample", "classifier agreement", "wall-clock vs sequential"])
+    _row(["---"] * 8)
+    for T in steps:
+        schedule = bench.schedule(T)
+        noise, cond, labels = bench.problem(T)
+        ref = sequential_reference(bench.eps_fn, schedule, noise, cond, bench.decode)
+        seq_agree = agreement(ref["images"], labels)
+        report["methods"][T] = {"sequential_seconds": ref["seconds"], "sequential_agreement": seq_agree}
+        _row([T, "sequential", T, "-", "-", T, f"{seq_agree:.2f}", "1.00x"])
+        for name, kw in methods_for(T, memories).items():
+            res = measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol, window_size=T,
+                          classify=bench.classify, labels=labels.numpy(), **kw)
+            s = summarize(res, T)
+            s["wall_clock_ratio"] = res["seconds"] / ref["seconds"]
+            s["agreement"] = float(np.mean([x["agreement_history"][-1] for x in res["samples"]]))
+            report["methods"][T][name] = {"summary": s, "samples": res["samples"], **kw}
+            _row([T, name, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
+                  f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
+                  f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})", f"{s['evaluations_mean']:.0f}",
+                  f"{s['agreement']:.2f}", f"{s['wall_clock_ratio']:.2f}x"])
+    T = steps[-1]
+    schedule = bench.schedule(T)
+    noise, cond, labels = bench.problem(T)
+    ref = sequential_reference(bench.eps_fn, schedule, noise, cond, bench.decode)
+    print(f"\nTolerance sweep, ParaTAA, T = window = order = {T}:\n")
+    _row(["m", "tol1 = tol2", "stops at (median / max)", "runs ending > 1 level off", "same image at (median / max)"])
+    _row(["---"] * 5)
+    for m in memories:
+        for t in ([1e-3, tol] if quick else [1e-3, 3e-4, 1e-4]):
+            s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=t, tol2=t,
+                                  memory_size=m), T)
+            report["tolerance_sweep"][f"m={m} tol={t:g}"] = s
+            _row([m, f"{t:g}", f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
+                  f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})",
+                  f"{fmt(s['same_median'])} / {fmt(s['same_max'])}"])
+    print(f"\nWindow size, T = {T}, ParaTAA m = {m_default}, order = window, default tolerance:\n")
+    _row(["window", "stops at (median / max)", "same image at (median / max)", "evaluations / sample"])
+    _row(["---"] * 4)
+    for W in ([5, 25] if quick else [4, 8, 16, 25, 32, 50, 100]):
+        s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol,
+                              window_size=W, memory_size=m_default), T)
+        report["window_sweep"][W] = s
+        _row([W, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
+              f"{s['evaluations_mean']:.0f}"])
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"wrote {out_path}")
+    return report
+
+
+def bench_args(description, default_out):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    return parser.parse_args()

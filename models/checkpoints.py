@@ -1,7 +1,6 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -40,7 +39,7 @@ def load_state_dict(path, flag="--model_path"):
             except pickle.UnpicklingError:
                 # DiT training checkpoints also pickle their argparse Namespace
                 state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:  # any reader failure (torch, pickle, zip, safetensors) is a bad file, said in one line
         raise InputFileError(f"{flag}: cannot read {path} as a checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})")
     if isinstance(state, dict):

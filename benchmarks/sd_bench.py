@@ -1,0 +1,88 @@
+"""Embedded text-to-image benchmark: FP, FP+ and ParaTAA against sequential DDIM, trade-offs, and warm starts.
+
+    python benchmarks/sd_bench.py [--quick] [--out benchmarks/results/sd.json]
+
+Ten samples, prompt "a handwritten digit <c>" with noise seed c (c = 0..9), the pipeline's own scheduler read
+as DDIM, parallel_sd.py's defaults. Tables as in dit_bench.py, then the warm start of parallel_sd_winit.py:
+iterations for prompt2 against variation_steps, for a similar and a dissimilar pair of digits.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import (Bench, _row, bench_args, fmt, measure, run_benchmark,  # noqa: E402
+                                    script_defaults, sequential_reference, summarize)
+from benchmarks.dit_bench import digit_classifier  # noqa: E402
+from models.adapters import SDDenoiser, VAEDecoder  # noqa: E402
+from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
+from paratAA import pipeline_schedule, sample_sequential, solve  # noqa: E402
+from paratAA.cli import add_solver_arguments  # noqa: E402
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PAIRS = {"similar (three -> eight)": (3, 8), "dissimilar (one -> zero)": (1, 0)}
+
+
+def prompt(c):
+    return f"a handwritten digit {NAMES[c]}"
+
+
+def warm_start_table(bench, pipe, defaults, quick, samples):
+    T = 25 if quick else 100
+    schedule = bench.schedule(T)
+    tol, m = defaults["tol1"], defaults["memory_size"]
+    latent = latent_shape(pipe, pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                          pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    noise = torch.stack([torch.randn((T + 1,) + latent, generator=torch.Generator().manual_seed(s),
+                                     dtype=torch.float64) for s in range(samples)])
+    table = {}
+    print(f"\nWarm start (parallel_sd_winit.py), T = {T}, ParaTAA m = {m}, default tolerance, {samples} seeds:\n")
+    _row(["pair", "variation_steps", "prompt2 iterations, warm (median / max)", "cold start (median)",
+          "same image as sequential from prompt1's state at (median / max)"])
+    _row(["---"] * 5)
+    for name, (a, b) in PAIRS.items():
+        ca = encode(pipe, [prompt(a)] * samples, "", pipe.device)
+        cb = encode(pipe, [prompt(b)] * samples, "", pipe.device)
+        first = solve(bench.eps_fn, schedule, noise, ca, tol1=tol, tol2=tol, memory_size=m)
+        cold = solve(bench.eps_fn, schedule, noise, cb, tol1=tol, tol2=tol, memory_size=m).iterations
+        for V in ([5, 25] if quick else [10, 20, 40, 60, 80, 100]):
+            ref_traj = sample_sequential(bench.eps_fn, schedule, noise, cb, init=first.trajectory, start=V)
+            ref = {"x0": ref_traj[:, 0], "images": bench.decode(ref_traj[:, 0])}
+            s = summarize(measure(bench.eps_fn, schedule, noise, cb, bench.decode, ref, tol1=tol, tol2=tol,
+                                  memory_size=m, init=first.trajectory, variation_steps=V), V)
+            s["cold_median"] = sorted(cold)[len(cold) // 2]
+            table[f"{name} V={V}"] = s
+            _row([name, V, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", fmt(s["cold_median"]),
+                  f"{fmt(s['same_median'])} / {fmt(s['same_max'])}"])
+    return table
+
+
+def main(args):
+    torch.set_grad_enabled(False)
+    defaults = script_defaults(lambda p: add_solver_arguments(p, cfg_scale=5.0))
+    from parallel_sd import parse_args
+    defaults.update({k: v for k, v in vars(parse_args([])).items() if k in defaults})  # the script's own defaults
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent = latent_shape(pipe, size, size)
+    classes = [0, 1] if args.quick else list(range(10))
+
+    def problem(T):
+        noise = torch.stack([torch.randn((T + 1,) + latent, generator=torch.Generator().manual_seed(c),
+                                         dtype=torch.float64) for c in classes])
+        return noise, encode(pipe, [prompt(c) for c in classes], "", pipe.device), torch.tensor(classes)
+
+    bench = Bench("text2img", SDDenoiser(pipe.unet, defaults["cfg_scale"]), VAEDecoder(pipe.vae, pipe.device),
+                  digit_classifier(), lambda T: pipeline_schedule(pipe, T), problem, defaults)
+    command = "python benchmarks/sd_bench.py" + (" --quick" if args.quick else "")
+    report = run_benchmark(bench, args.quick, command, args.machine, args.out, len(classes))
+    report["warm_start"] = warm_start_table(bench, pipe, defaults, args.quick, 2 if args.quick else 5)
+    import json
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(bench_args(__doc__, "benchmarks/results/sd.json"))

@@ -14,8 +14,8 @@ from models.adapters import DiTDenoiser, VAEDecoder
 from models.checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, load_into, load_state_dict, load_vae, require_file
 from models.dit import DiT_models
 from paratAA import Sharding, dit_schedule
-from paratAA.cli import (UsageError, add_solver_arguments, check_solver_arguments, create_run_dir, exit_on_error,
-                         sample_batches, save_args, write_run)
+from paratAA.cli import (RunWriter, UsageError, add_solver_arguments, check_solver_arguments, create_run_dir,
+                         exit_on_error, make_accelerator, sample_batches, save_args)
 
 EMBEDDED = "DiT-Digits"
 
@@ -58,8 +58,7 @@ def load_model(args, device, dtype):
 
 def main(args):
     check_arguments(args)  # every flag is checked before anything is loaded
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(args)
     device, is_main = accelerator.device, accelerator.is_main_process
     torch.set_grad_enabled(False)
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -77,19 +76,18 @@ def main(args):
     latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
     noise = torch.randn((args.num_samples, args.timesteps + 1) + latent, generator=g, dtype=torch.float64)
 
-    run_dir = None
+    run_dir, writer = None, None
     if is_main:
         run_dir = create_run_dir(args.output_path, "DiT")
         save_args(args, run_dir)
+        writer = RunWriter(run_dir, VAEDecoder(vae, device), args, "parallel_dit",
+                           [{"class_label": int(c)} for c in labels], extra_metrics={"model": args.model},
+                           world_size=accelerator.num_processes)
     result = sample_batches(eps_fn, schedule, noise.to(device), labels.to(device), args,
-                            Sharding.from_accelerator(accelerator), dtype, is_main)
+                            Sharding.from_accelerator(accelerator), dtype, is_main, writer=writer)
     if is_main:
-        decode = VAEDecoder(vae, device)
-        per_sample = [{"class_label": int(c)} for c in labels]
-        metrics = write_run(run_dir, result, decode, args, "parallel_dit", per_sample=per_sample,
-                            extra_metrics={"model": args.model}, world_size=accelerator.num_processes)
-        iters = [s["iterations"] for s in metrics["samples"]]
-        print(f"wrote {run_dir}: iterations per sample {iters}, sampling {result['seconds']:.2f} s")
+        writer.close()
+        print(f"wrote {run_dir}: iterations per sample {result['iterations']}, sampling {result['seconds']:.2f} s")
     accelerator.wait_for_everyone()
     return run_dir
 

@@ -13,8 +13,8 @@ import torch
 from models.adapters import SDDenoiser, VAEDecoder
 from models.sd import EMBEDDED_SD, check_folder, check_size, encode, latent_shape, load_pipeline
 from paratAA import Sharding, pipeline_schedule
-from paratAA.cli import (UsageError, add_solver_arguments, check_solver_arguments, create_run_dir, exit_on_error,
-                         sample_batches, save_args, write_run)
+from paratAA.cli import (RunWriter, UsageError, add_solver_arguments, check_solver_arguments, create_run_dir,
+                         exit_on_error, make_accelerator, sample_batches, save_args)
 
 DEFAULT_PROMPT = "a handwritten digit seven"
 
@@ -42,8 +42,7 @@ class Setup:
     """Everything both SD scripts load: accelerator, pipeline, denoiser, schedule, decoder."""
 
     def __init__(self, args):
-        from accelerate import Accelerator
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator(args)
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         torch.set_grad_enabled(False)
         self.dtype = torch.float16 if args.fp16 else torch.float32
@@ -63,9 +62,12 @@ class Setup:
     def conditioning(self, prompts, args):
         return encode(self.pipe, prompts, args.negative_prompt, self.device)
 
-    def write(self, run_dir, result, args, script, prompts):
-        per_sample = [{"prompt": p} for p in prompts]
-        return write_run(run_dir, result, self.decode, args, script, per_sample=per_sample,
+    def writer(self, run_dir, args, script, prompts):
+        """The run folder's writer (main process only): the scripts' shared layout, one prompt per sample."""
+        if not self.is_main:
+            return None
+        save_args(args, run_dir)
+        return RunWriter(run_dir, self.decode, args, script, [{"prompt": p} for p in prompts],
                          extra_metrics={"model_path": args.model_path, "negative_prompt": args.negative_prompt},
                          world_size=self.accelerator.num_processes)
 
@@ -74,16 +76,13 @@ def main(args):
     check_model_arguments(args, [("--prompt", p) for p in args.prompt])  # all flags before any model is loaded
     s = Setup(args)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
-    run_dir = None
-    if s.is_main:
-        run_dir = create_run_dir(args.output_path, "SD")
-        save_args(args, run_dir)
+    run_dir = create_run_dir(args.output_path, "SD") if s.is_main else None
+    writer = s.writer(run_dir, args, "parallel_sd", prompts)
     result = sample_batches(s.eps_fn, s.schedule, s.noise(args), s.conditioning(prompts, args), args, s.sharding,
-                            s.dtype, s.is_main)
+                            s.dtype, s.is_main, writer=writer)
     if s.is_main:
-        metrics = s.write(run_dir, result, args, "parallel_sd", prompts)
-        print(f"wrote {run_dir}: iterations per sample {[m['iterations'] for m in metrics['samples']]}, "
-              f"sampling {result['seconds']:.2f} s")
+        writer.close()
+        print(f"wrote {run_dir}: iterations per sample {result['iterations']}, sampling {result['seconds']:.2f} s")
     s.accelerator.wait_for_everyone()
     return run_dir
 

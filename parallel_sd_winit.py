@@ -10,7 +10,7 @@ cold start. Output: one run folder with prompt1/ and prompt2/, each in the paral
 import argparse
 import os
 
-from paratAA.cli import UsageError, add_solver_arguments, create_run_dir, exit_on_error, sample_batches, save_args
+from paratAA.cli import UsageError, add_solver_arguments, create_run_dir, exit_on_error, sample_batches
 from parallel_sd import Setup, add_model_arguments, check_model_arguments
 
 
@@ -20,21 +20,22 @@ def main(args):
         raise UsageError(f"--variation_steps must be in 1..{args.timesteps} (--timesteps), got {args.variation_steps}")
     s = Setup(args)
     noise = s.noise(args)
-    run_dir = None
-    if s.is_main:
-        run_dir = create_run_dir(args.output_path, "SD-winit")
+    run_dir = create_run_dir(args.output_path, "SD-winit") if s.is_main else None
     results = {}
     for name, prompt in (("prompt1", args.prompt1), ("prompt2", args.prompt2)):
         prompts = [prompt] * args.num_samples
-        init = results["prompt1"]["trajectory"] if name == "prompt2" else None
-        results[name] = sample_batches(s.eps_fn, s.schedule, noise, s.conditioning(prompts, args), args,
-                                       s.sharding, s.dtype, s.is_main, init=init,
-                                       variation_steps=args.variation_steps if init is not None else None)
+        folder = None
         if s.is_main:
             folder = os.path.join(run_dir, name)
             os.makedirs(folder)
-            save_args(args, folder)
-            s.write(folder, results[name], args, "parallel_sd_winit", prompts)
+        writer = s.writer(folder, args, "parallel_sd_winit", prompts)
+        init = results["prompt1"]["trajectory"] if name == "prompt2" else None
+        results[name] = sample_batches(s.eps_fn, s.schedule, noise, s.conditioning(prompts, args), args,
+                                       s.sharding, s.dtype, s.is_main, init=init,
+                                       variation_steps=args.variation_steps if init is not None else None,
+                                       writer=writer)
+        if s.is_main:
+            writer.close()
     if s.is_main:
         print(f"wrote {run_dir}: iterations prompt1 {results['prompt1']['iterations']}, "
               f"prompt2 (warm, last {args.variation_steps} steps) {results['prompt2']['iterations']}")

@@ -5,12 +5,15 @@ Run folder layout:
     args.json  metrics.json  latents.npz (key "latents", [num_samples, C, H, W])  grid.png
     sample_<i>/step_<k>.png   (decoded x_0 estimate after iteration k; k = 0 is the initial state)
 """
+import io
 import json
 import math
 import os
 import secrets
+import signal
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -29,9 +32,17 @@ class InputFileError(Exception):
     """A missing or unusable file or folder: one line, exit code 1."""
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def exit_on_error(main, argv_args):
-    """Run main(args); turn our expected errors into one line on stderr and an exit code (no traceback)."""
+    """Run main(args); turn our expected errors into one line on stderr and an exit code (no traceback).
+
+    SIGINT and SIGTERM stop the run: run folders keep every finished sample and metrics.json says which
+    (status "interrupted"), and the process exits with 130."""
     prog = os.path.basename(sys.argv[0])
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(argv_args)
     except UsageError as e:
@@ -40,6 +51,21 @@ def exit_on_error(main, argv_args):
     except InputFileError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        saved = [w.interrupt() for w in list(RunWriter.open_writers)]
+        where = "; ".join(f"{n} finished samples kept in {d}" for d, n in saved) or "nothing written"
+        print(f"{prog}: interrupted ({where})", file=sys.stderr)
+        sys.exit(130)
+
+
+def make_accelerator(args):
+    """Accelerator on the GPUs, or on CPU processes when there are none; a bounded wait on dead peers."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    wait = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[wait])
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -62,6 +88,8 @@ def add_solver_arguments(parser, cfg_scale=4.0, memory_size=3, tol=3e-4):
                    help="also sample sequentially and record the distance to it after every iteration")
     g.add_argument("--output_path", type=str, default="output", help="run folders are created under this folder")
     g.add_argument("--fp16", action="store_true", help="run the model in float16")
+    g.add_argument("--dist_timeout", type=float, default=300.0,
+                   help="seconds a process waits for the others in a collective before giving up")
     return g
 
 
@@ -88,6 +116,7 @@ def check_solver_arguments(args, num_train_timesteps):
     for name in ("eta", "tol1", "tol2"):
         _finite(args, name, 0.0)
     _finite(args, "cfg_scale")
+    _finite(args, "dist_timeout", 1.0)
     args.window_size = args.window_size or args.timesteps
     args.order = args.order or args.window_size
     if args.order > args.window_size:
@@ -121,14 +150,14 @@ def create_run_dir(output_path, prefix):
 
 # --------------------------------------------------------------------------------------------- sampling
 def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, is_main, init=None,
-                   variation_steps=None):
+                   variation_steps=None, writer=None):
     """Solve all samples in batches of args.batch_size; optionally the sequential reference too.
 
     noise: [S, T+1, *latent]; cond: per-sample conditioning [S, ...] (tensor, dict of tensors, or None).
-    Returns a dict with the SolveResults' pieces per sample and the wall-clock (decoding excluded)."""
+    writer (main process): a RunWriter that gets each batch as soon as it is solved.
+    Returns {"trajectory": [S, T+1, *latent], "iterations": [...], "seconds": sampling wall-clock}."""
     S = noise.shape[0]
-    out = {"samples": [], "trajectory": [], "history": [], "iterations": [], "converged": [], "evaluations": [],
-           "sequential": [], "seconds": 0.0, "sequential_seconds": 0.0}
+    out = {"trajectory": [], "iterations": [], "seconds": 0.0}
     bar = tqdm(total=S, desc="samples", disable=not is_main, leave=True)
     for start in range(0, S, args.batch_size):
         sl = slice(start, min(start + args.batch_size, S))
@@ -136,30 +165,29 @@ def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, i
         it_bar = tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations",
                       disable=not is_main, leave=False)
         first = init[sl] if init is not None else None
-        progress = lambda it, bounds: it_bar.update(1)  # noqa: E731
         t0 = time.perf_counter()
         res = solve(eps_fn, schedule, noise[sl], c, window_size=args.window_size, order=args.order,
                     memory_size=args.memory_size, tol1=args.tol1, tol2=args.tol2, max_steps=args.max_steps,
                     init=first, variation_steps=variation_steps, model_dtype=model_dtype, sharding=sharding,
-                    record_x0=True, callback=progress)
+                    record_x0=True, callback=lambda it, bounds: it_bar.update(1))
         _sync(noise.device)
-        out["seconds"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         it_bar.close()
-        for key in ("iterations", "converged", "evaluations", "history"):
-            out[key] += list(getattr(res, key))
-        out["samples"].append(res.samples)
-        out["trajectory"].append(res.trajectory)
+        seq, seq_seconds = None, 0.0
         if args.compare_sequential:
             t0 = time.perf_counter()
             seq = sample_sequential(eps_fn, schedule, noise[sl], c, init=first, start=variation_steps,
-                                    model_dtype=model_dtype, sharding=sharding)
+                                    model_dtype=model_dtype, sharding=sharding)[:, 0]
             _sync(noise.device)
-            out["sequential_seconds"] += time.perf_counter() - t0
-            out["sequential"].append(seq[:, 0])
+            seq_seconds = time.perf_counter() - t0
+        out["seconds"] += seconds
+        out["trajectory"].append(res.trajectory)
+        out["iterations"] += res.iterations
+        if writer is not None:
+            writer.add_batch(start, res, seq, seconds, seq_seconds)
         bar.update(sl.stop - sl.start)
     bar.close()
-    for key in ("samples", "trajectory", "sequential"):
-        out[key] = torch.cat(out[key]) if out[key] else None
+    out["trajectory"] = torch.cat(out["trajectory"])
     return out
 
 
@@ -207,48 +235,86 @@ def save_json(obj, path):
     _atomic(path, write)
 
 
-def write_run(run_dir, result, decode, args, script, extra_metrics=None, per_sample=None, world_size=1):
-    """Decode and write everything of a run. decode: latents [N, *latent] float64 -> uint8 [N, H, W, 3]."""
-    S = len(result["iterations"])
-    same = None
-    if result["sequential"] is not None:
-        seq_imgs = decode(result["sequential"])
-    rows, samples = [], []
-    for i in range(S):
-        h = result["history"][i]
-        x0 = torch.stack(h.x0)                                                   # [K+1, *latent]
-        imgs = decode(x0)                                                        # [K+1, H, W, 3]
-        folder = os.path.join(run_dir, f"sample_{i}")
-        os.makedirs(folder, exist_ok=True)
-        for k, img in enumerate(imgs):
-            save_png(img, os.path.join(folder, f"step_{k}.png"))
-        rows.append(imgs)
-        m = {"iterations": result["iterations"][i], "converged": bool(result["converged"][i]),
-             "model_evaluations": result["evaluations"][i], "residual_history": h.residual,
-             "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks)}
-        if per_sample is not None:
-            m.update(per_sample[i])
-        if result["sequential"] is not None:
-            ref = result["sequential"][i]
-            m["sequential_distance_history"] = [float((x - ref).pow(2).mean().sqrt()) for x in x0]
-            m["image_rms_history"] = [image_rms(img, seq_imgs[i]) for img in imgs]
-            same = next((k for k, v in enumerate(m["image_rms_history"]) if v <= 1.0), None)
-            m["iterations_to_same_image"] = same
-            m["final_image_rms"] = m["image_rms_history"][-1]
-            save_png(seq_imgs[i], os.path.join(folder, "sequential.png"))
-        samples.append(m)
-    _write_grid(rows, os.path.join(run_dir, "grid.png"))
-    latents = result["samples"].to(torch.float32).cpu().numpy()
-    _atomic(os.path.join(run_dir, "latents.npz"), lambda p: np.savez(p, latents=latents))
-    metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
-               "window_size": args.window_size, "order": args.order, "memory_size": args.memory_size,
-               "eta": args.eta, "cfg_scale": args.cfg_scale, "tol1": args.tol1, "tol2": args.tol2,
-               "wall_clock_seconds": result["seconds"], "num_samples": S, "samples": samples}
-    if result["sequential"] is not None:
-        metrics["sequential_wall_clock_seconds"] = result["sequential_seconds"]
-    metrics.update(extra_metrics or {})
-    save_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+def save_npz(path, **arrays):
+    """Like np.savez, but byte-identical for identical arrays (fixed zip timestamps)."""
+    def write(p):
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as z:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+    _atomic(path, write)
+
+
+def save_args(args, run_dir):
+    save_json(vars(args), os.path.join(run_dir, "args.json"))
+
+
+class RunWriter:
+    """Writes a run folder batch by batch (main process): metrics.json and latents.npz are rewritten after every
+    batch, so an interrupted run keeps every finished sample and says which ones finished.
+
+    decode: latents [N, *latent] float64 -> uint8 [N, H, W, 3]; per_sample: a dict per sample (label, prompt)."""
+
+    open_writers = []  # flushed as "interrupted" by exit_on_error
+
+    def __init__(self, run_dir, decode, args, script, per_sample, extra_metrics=None, world_size=1):
+        self.run_dir, self.decode, self.per_sample = run_dir, decode, per_sample
+        RunWriter.open_writers.append(self)
+        self.samples, self.latents, self.rows = [], [], []
+        self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
+                        "window_size": args.window_size, "order": args.order, "memory_size": args.memory_size,
+                        "eta": args.eta, "cfg_scale": args.cfg_scale, "tol1": args.tol1, "tol2": args.tol2,
+                        "wall_clock_seconds": 0.0, "num_samples": len(per_sample), **(extra_metrics or {})}
+        if args.compare_sequential:
+            self.metrics["sequential_wall_clock_seconds"] = 0.0
+
+    def add_batch(self, start, res, seq, seconds, seq_seconds):
+        seq_imgs = self.decode(seq) if seq is not None else None
+        for j, h in enumerate(res.history):
+            i = start + j
+            x0 = torch.stack(h.x0)                                               # [K+1, *latent]
+            imgs = self.decode(x0)                                               # [K+1, H, W, 3]
+            folder = os.path.join(self.run_dir, f"sample_{i}")
+            os.makedirs(folder, exist_ok=True)
+            for k, img in enumerate(imgs):
+                save_png(img, os.path.join(folder, f"step_{k}.png"))
+            m = {"index": i, **self.per_sample[i], "iterations": res.iterations[j],
+                 "converged": bool(res.converged[j]), "model_evaluations": res.evaluations[j],
+                 "residual_history": h.residual, "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks)}
+            if seq is not None:
+                m["sequential_distance_history"] = [float((x - seq[j].cpu()).pow(2).mean().sqrt()) for x in x0]
+                m["image_rms_history"] = [image_rms(img, seq_imgs[j]) for img in imgs]
+                m["iterations_to_same_image"] = next((k for k, v in enumerate(m["image_rms_history"]) if v <= 1.0),
+                                                     None)
+                m["final_image_rms"] = m["image_rms_history"][-1]
+                save_png(seq_imgs[j], os.path.join(folder, "sequential.png"))
+            self.samples.append(m)
+            self.rows.append(imgs)
+        self.latents.append(res.samples.to(torch.float32).cpu().numpy())
+        self.metrics["wall_clock_seconds"] += seconds
+        if seq is not None:
+            self.metrics["sequential_wall_clock_seconds"] += seq_seconds
+        self.flush(status="running")
+
+    def close(self):
+        RunWriter.open_writers.remove(self)
+        return self.flush("complete")
+
+    def interrupt(self):
+        RunWriter.open_writers.remove(self)
+        self.flush("interrupted")
+        return self.run_dir, len(self.samples)
+
+    def flush(self, status):
+        """status: running (more batches to come), complete, or interrupted."""
+        if self.latents:
+            save_npz(os.path.join(self.run_dir, "latents.npz"), latents=np.concatenate(self.latents))
+        if status != "running" and self.rows:
+            _write_grid(self.rows, os.path.join(self.run_dir, "grid.png"))
+        save_json({**self.metrics, "status": status, "finished_samples": [m["index"] for m in self.samples],
+                   "samples": self.samples}, os.path.join(self.run_dir, "metrics.json"))
+        return self.metrics
 
 
 def _write_grid(rows, path):
@@ -260,7 +326,3 @@ def _write_grid(rows, path):
         for k in range(cols):
             grid[i * (h + 1):i * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = r[min(k, len(r) - 1)]
     save_png(grid, path)
-
-
-def save_args(args, run_dir):
-    save_json(vars(args), os.path.join(run_dir, "args.json"))

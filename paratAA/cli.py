@@ -320,6 +320,7 @@ class RunWriter:
 def _write_grid(rows, path):
     """One row per sample, one column per iteration (short rows padded with their final image)."""
     cols = max(len(r) for r in rows)
+    rows = [np.stack([_display(img) for img in r]) for r in rows]  # tiny tiles upscaled before composing
     h, w = rows[0].shape[1:3]
     grid = np.full((len(rows) * (h + 1) - 1, cols * (w + 1) - 1, 3), 255, dtype=np.uint8)
     for i, r in enumerate(rows):

@@ -134,3 +134,34 @@ def test_variation_steps_T_equals_a_cold_start(tiny_sd, tmp_path):
                            "a handwritten digit seven")
     cold_dir, _ = run_sd(tiny_sd, tmp_path / "c", *flags, "--prompt", "a handwritten digit seven")
     assert np.abs(latents(os.path.join(run_dir, "prompt2")) - latents(cold_dir)).max() < 1e-4
+
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_embedded_quality_bar_sequential_and_paratAA(tmp_path):
+    """>= 80% of 100 samples (10 per prompt "a handwritten digit <name>", DDIM 50) show the prompted digit."""
+    from models import digits
+    from models.adapters import SDDenoiser, VAEDecoder
+    from models.sd import EMBEDDED_SD, encode, load_pipeline
+    from paratAA import pipeline_schedule, sample_sequential
+    prompts = [f"a handwritten digit {n}" for n in NAMES]
+    run_dir = parallel_sd.main(parallel_sd.parse_args(
+        ["--output_path", str(tmp_path), "--timesteps", "50", "--num_samples", "100", "--batch_size", "100",
+         "--prompt", *prompts]))
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        cfg = json.load(f)["cfg_scale"]
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    decode = VAEDecoder(pipe.vae, torch.device("cpu"))
+    clf = digits.train_digit_classifier()
+    target = torch.arange(100) % 10
+
+    def agreement(lat):
+        imgs = torch.from_numpy(decode(torch.as_tensor(lat))).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return float((digits.classify_images(clf, imgs) == target).float().mean())
+
+    noise = torch.randn((100, 51, 4, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = encode(pipe, [prompts[i % 10] for i in range(100)], "", torch.device("cpu"))
+    seq = sample_sequential(SDDenoiser(pipe.unet, cfg), pipeline_schedule(pipe, 50), noise, cond)[:, 0]
+    assert agreement(seq) >= 0.8
+    assert agreement(latents(run_dir)) >= 0.8

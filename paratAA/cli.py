@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .denoiser import NonFiniteModelOutput
 from .sequential import sample_sequential
 from .solver import solve
 
@@ -43,6 +44,7 @@ def exit_on_error(main, argv_args):
     (status "interrupted"), and the process exits with 130."""
     prog = os.path.basename(sys.argv[0])
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)  # also when a non-interactive shell started us with SIGINT ignored
     try:
         return main(argv_args)
     except UsageError as e:
@@ -50,6 +52,11 @@ def exit_on_error(main, argv_args):
         sys.exit(2)
     except InputFileError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except NonFiniteModelOutput as e:
+        kept = [w.interrupt("failed") for w in list(RunWriter.open_writers)]
+        where = "".join(f"; {n} finished samples kept in {d}" for d, n in kept)
+        print(f"{prog}: error: {e}{where}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         saved = [w.interrupt() for w in list(RunWriter.open_writers)]
@@ -301,13 +308,13 @@ class RunWriter:
         RunWriter.open_writers.remove(self)
         return self.flush("complete")
 
-    def interrupt(self):
+    def interrupt(self, status="interrupted"):
         RunWriter.open_writers.remove(self)
-        self.flush("interrupted")
+        self.flush(status)
         return self.run_dir, len(self.samples)
 
     def flush(self, status):
-        """status: running (more batches to come), complete, or interrupted."""
+        """status: running (more batches to come), complete, interrupted, or failed (non-finite model output)."""
         if self.latents:
             save_npz(os.path.join(self.run_dir, "latents.npz"), latents=np.concatenate(self.latents))
         if status != "running" and self.rows:

@@ -136,3 +136,30 @@ def test_real_process_prints_one_line_and_exits(script, argv, code, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_model_output_is_one_line_and_writes_no_image(files, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    state = load_file(os.path.join(ROOT, "models", "embedded", "dit_digits.safetensors"))
+    state["final_layer.linear.bias"][:] = float("nan")
+    save_file(state, str(files / "nan.safetensors"))
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(
+            ["--model_path", str(files / "nan.safetensors"), "--timesteps", "10", "--output_path", str(out)]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1
+    assert "non-finite noise prediction at iteration 1, sample 0, step" in err[0]
+    (run_dir,) = os.listdir(out)
+    assert not [f for _, _, fs in os.walk(out / run_dir) for f in fs if f.endswith(".png")]
+    import json
+    with open(out / run_dir / "metrics.json") as f:
+        assert json.load(f)["status"] == "failed"
+
+
+def test_runs_started_in_the_same_second_never_share_a_folder(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from paratAA.cli import create_run_dir
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: create_run_dir(str(tmp_path), "DiT"), range(64)))
+    assert len(set(dirs)) == 64 and all(os.path.isdir(d) for d in dirs)

@@ -107,7 +107,8 @@ def test_checkpoint_formats_load_through_model_path(tmp_path, dit_s2_files, name
                      "207", "--tol1", "0", "--tol2", "0")
     noise = script_noise(0, 1, T, (4, 32, 32))
     ref = sample_sequential(DiTDenoiser(model, 4.0), dit_schedule(T), noise, torch.tensor([207]))[:, 0]
-    assert np.abs(latents(run_dir) - ref.float().numpy()).max() < 1e-4
+    # a random DiT drives the latents to hundreds: compare relative to that scale
+    np.testing.assert_allclose(latents(run_dir), ref.float().numpy(), rtol=1e-5, atol=1e-4)
     assert m["model"] == "DiT-S/2"
 
 

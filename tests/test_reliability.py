@@ -106,7 +106,7 @@ def test_interrupt_keeps_finished_samples(tmp_path, sig):
     t0 = time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert time.time() - t0 < 10 and proc.returncode == 130
+    assert time.time() - t0 < 15 and proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     run_dir = only_run(tmp_path)
     with open(os.path.join(run_dir, "metrics.json")) as f:

@@ -165,35 +165,33 @@ def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, i
     Returns {"trajectory": [S, T+1, *latent], "iterations": [...], "seconds": sampling wall-clock}."""
     S = noise.shape[0]
     out = {"trajectory": [], "iterations": [], "seconds": 0.0}
-    bar = tqdm(total=S, desc="samples", disable=not is_main, leave=True)
-    for start in range(0, S, args.batch_size):
-        sl = slice(start, min(start + args.batch_size, S))
-        c = _slice(cond, sl)
-        it_bar = tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations",
-                      disable=not is_main, leave=False)
-        first = init[sl] if init is not None else None
-        t0 = time.perf_counter()
-        res = solve(eps_fn, schedule, noise[sl], c, window_size=args.window_size, order=args.order,
-                    memory_size=args.memory_size, tol1=args.tol1, tol2=args.tol2, max_steps=args.max_steps,
-                    init=first, variation_steps=variation_steps, model_dtype=model_dtype, sharding=sharding,
-                    record_x0=True, callback=lambda it, bounds: it_bar.update(1))
-        _sync(noise.device)
-        seconds = time.perf_counter() - t0
-        it_bar.close()
-        seq, seq_seconds = None, 0.0
-        if args.compare_sequential:
-            t0 = time.perf_counter()
-            seq = sample_sequential(eps_fn, schedule, noise[sl], c, init=first, start=variation_steps,
-                                    model_dtype=model_dtype, sharding=sharding)[:, 0]
-            _sync(noise.device)
-            seq_seconds = time.perf_counter() - t0
-        out["seconds"] += seconds
-        out["trajectory"].append(res.trajectory)
-        out["iterations"] += res.iterations
-        if writer is not None:
-            writer.add_batch(start, res, seq, seconds, seq_seconds)
-        bar.update(sl.stop - sl.start)
-    bar.close()
+    with tqdm(total=S, desc="samples", disable=not is_main, leave=True) as bar:  # closed on errors too
+        for start in range(0, S, args.batch_size):
+            sl = slice(start, min(start + args.batch_size, S))
+            c = _slice(cond, sl)
+            first = init[sl] if init is not None else None
+            with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations",
+                      disable=not is_main, leave=False) as it_bar:
+                t0 = time.perf_counter()
+                res = solve(eps_fn, schedule, noise[sl], c, window_size=args.window_size, order=args.order,
+                            memory_size=args.memory_size, tol1=args.tol1, tol2=args.tol2, max_steps=args.max_steps,
+                            init=first, variation_steps=variation_steps, model_dtype=model_dtype, sharding=sharding,
+                            record_x0=True, callback=lambda it, bounds: it_bar.update(1))
+                _sync(noise.device)
+                seconds = time.perf_counter() - t0
+            seq, seq_seconds = None, 0.0
+            if args.compare_sequential:
+                t0 = time.perf_counter()
+                seq = sample_sequential(eps_fn, schedule, noise[sl], c, init=first, start=variation_steps,
+                                        model_dtype=model_dtype, sharding=sharding)[:, 0]
+                _sync(noise.device)
+                seq_seconds = time.perf_counter() - t0
+            out["seconds"] += seconds
+            out["trajectory"].append(res.trajectory)
+            out["iterations"] += res.iterations
+            if writer is not None:
+                writer.add_batch(start, res, seq, seconds, seq_seconds)
+            bar.update(sl.stop - sl.start)
     out["trajectory"] = torch.cat(out["trajectory"])
     return out
 

@@ -19,12 +19,19 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py
 	$(PY) benchmarks/dit_bench.py
+	$(PY) benchmarks/sd_bench.py
+	$(PY) benchmarks/figures.py
 
 bench-quick: $(VENV)/.installed
-	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver_quick.json
+	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver.json
+	$(PY) benchmarks/dit_bench.py --quick --out benchmarks/results/tmp/dit.json
+	$(PY) benchmarks/sd_bench.py --quick --out benchmarks/results/tmp/sd.json
+	$(PY) benchmarks/figures.py --quick --dit benchmarks/results/tmp/dit.json --sd benchmarks/results/tmp/sd.json \
+		--out_dir benchmarks/results/tmp/figures
 
 train-embedded: $(VENV)/.installed
 	$(PY) models/train_embedded.py
+	$(PY) -m models.train_text2img
 
 clean-venv:
 	rm -rf $(VENV)

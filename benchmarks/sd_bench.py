@@ -9,6 +9,7 @@ iterations for prompt2 against variation_steps, for a similar and a dissimilar p
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,6 +59,52 @@ def warm_start_table(bench, pipe, defaults, quick, samples):
     return table
 
 
+def paradigms_table(bench, pipe, problem, cfg, quick, samples):
+    """diffusers' StableDiffusionParadigmsPipeline + DDIMParallelScheduler on the same model, noise and prompts:
+    batched UNet calls and distance to our sequential DDIM, over its tolerance (window = T)."""
+    from diffusers import DDIMParallelScheduler, StableDiffusionParadigmsPipeline
+    para = StableDiffusionParadigmsPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                            unet=pipe.unet, scheduler=DDIMParallelScheduler.from_config(
+                                                pipe.scheduler.config), safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+    para.set_progress_bar_config(disable=True)
+    # every batched call goes through unet.forward (the pipeline uses wrapped_unet, by default the same UNet,
+    # for windows of more than 3 steps and unet for the rest): count there
+    calls = [0]
+    forward = pipe.unet.forward
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return forward(*a, **k)
+    table = {}
+    print("\nParaDiGMS (diffusers StableDiffusionParadigmsPipeline, DDIMParallelScheduler, window = T), per sample:\n")
+    _row(["T", "tolerance", "batched calls (median / max)", "runs ending > 1 level off", "max final difference"])
+    _row(["---"] * 5)
+    for T in ([25] if quick else [25, 50, 100]):
+        noise, _, labels = problem(T)
+        cond = encode(pipe, [prompt(int(c)) for c in labels], "", pipe.device)
+        ref = sequential_reference(bench.eps_fn, bench.schedule(T), noise, cond, bench.decode)
+        for tol in ([0.1, 0.01] if quick else [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001]):
+            counts, rms = [], []
+            for i in range(samples):
+                calls[0] = 0
+                pipe.unet.forward = counted
+                try:
+                    lat = para(prompt(int(labels[i])), num_inference_steps=T, parallel=T, tolerance=tol,
+                               guidance_scale=cfg, latents=noise[i:i + 1, T].float(), output_type="latent").images
+                finally:
+                    del pipe.unet.forward  # back to the class's forward
+                counts.append(calls[0])
+                img = bench.decode(lat.double())[0]
+                rms.append(float(np.sqrt(np.mean((img.astype(float) - ref["images"][i].astype(float)) ** 2))))
+            s = {"calls_median": float(np.median(counts)), "calls_max": max(counts),
+                 "ended_off": sum(r > 1.0 for r in rms), "max_final_rms": max(rms)}
+            table[f"T={T} tol={tol:g}"] = s
+            _row([T, f"{tol:g}", f"{s['calls_median']:g} / {s['calls_max']}", f"{s['ended_off']} of {samples}",
+                  f"{s['max_final_rms']:.2f}"])
+    return table
+
+
 def main(args):
     torch.set_grad_enabled(False)
     defaults = script_defaults(lambda p: add_solver_arguments(p, cfg_scale=5.0))
@@ -78,6 +125,7 @@ def main(args):
     command = "python benchmarks/sd_bench.py" + (" --quick" if args.quick else "")
     report = run_benchmark(bench, args.quick, command, args.machine, args.out, len(classes))
     report["warm_start"] = warm_start_table(bench, pipe, defaults, args.quick, 2 if args.quick else 5)
+    report["paradigms"] = paradigms_table(bench, pipe, problem, defaults["cfg_scale"], args.quick, len(classes))
     import json
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -121,7 +121,7 @@ def main(args):
         return noise, encode(pipe, [prompt(c) for c in classes], "", pipe.device), torch.tensor(classes)
 
     bench = Bench("text2img", SDDenoiser(pipe.unet, defaults["cfg_scale"]), VAEDecoder(pipe.vae, pipe.device),
-                  digit_classifier(), lambda T: pipeline_schedule(pipe, T), problem, defaults)
+                  digit_classifier(), lambda T, eta=0.0: pipeline_schedule(pipe, T, eta), problem, defaults)
     command = "python benchmarks/sd_bench.py" + (" --quick" if args.quick else "")
     report = run_benchmark(bench, args.quick, command, args.machine, args.out, len(classes))
     report["warm_start"] = warm_start_table(bench, pipe, defaults, args.quick, 2 if args.quick else 5)

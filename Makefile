@@ -14,7 +14,7 @@ demo: $(VENV)/.installed
 	$(PY) parallel_dit.py --num_samples 10 --class_labels 0 1 2 3 4 5 6 7 8 9 --batch_size 10 --compare_sequential
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py

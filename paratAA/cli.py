@@ -251,8 +251,19 @@ def save_npz(path, **arrays):
     _atomic(path, write)
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(value):
+    """Paths inside this repository (the embedded defaults) are recorded relative to it, never as this
+    machine's absolute path."""
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(REPO_ROOT + os.sep):
+        return os.path.relpath(value, REPO_ROOT)
+    return value
+
+
 def save_args(args, run_dir):
-    save_json(vars(args), os.path.join(run_dir, "args.json"))
+    save_json({k: portable(v) for k, v in vars(args).items()}, os.path.join(run_dir, "args.json"))
 
 
 class RunWriter:
@@ -270,7 +281,8 @@ class RunWriter:
         self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
                         "window_size": args.window_size, "order": args.order, "memory_size": args.memory_size,
                         "eta": args.eta, "cfg_scale": args.cfg_scale, "tol1": args.tol1, "tol2": args.tol2,
-                        "wall_clock_seconds": 0.0, "num_samples": len(per_sample), **(extra_metrics or {})}
+                        "wall_clock_seconds": 0.0, "num_samples": len(per_sample),
+                        **{k: portable(v) for k, v in (extra_metrics or {}).items()}}
         if args.compare_sequential:
             self.metrics["sequential_wall_clock_seconds"] = 0.0
 

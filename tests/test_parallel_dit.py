@@ -49,7 +49,10 @@ def test_embedded_defaults_and_layout(tmp_path):
         files = os.listdir(os.path.join(run_dir, f"sample_{i}"))
         assert sorted(files) == sorted(f"step_{k}.png" for k in range(s["iterations"] + 1))
     with open(os.path.join(run_dir, "args.json")) as f:
-        assert json.load(f)["timesteps"] == 25
+        recorded = json.load(f)
+    assert recorded["timesteps"] == 25
+    # the embedded defaults are recorded relative to the repository, not as this machine's absolute path
+    assert recorded["model_path"] == os.path.join("models", "embedded", "dit_digits.safetensors")
 
 
 def test_tolerance_zero_equals_sequential(tmp_path):

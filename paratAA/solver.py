@@ -12,10 +12,10 @@ So the boundary drops by at least one state per iteration: never more than T ite
 and the guarantee does not rest on a residual coming out exactly zero in floating point.
 
 Departures from the public reference implementation, each deliberate: the boundary rule above (the reference
-updates converged states once more and freezes p one iteration later); window_size = 1 is exactly sequential
-DDIM (the reference's initialisation of newly reached states is off by one); a state's TAA columns are its newest
-ones (the reference masks a short history from the oldest end); samples of a batch are solved together, each
-with its own boundary.
+updates converged states once more and freezes p one iteration later); window_size = 1 with tolerance 0 is
+exactly sequential DDIM (the reference's initialisation of newly reached states is off by one); a state's TAA
+columns are its newest ones (the reference masks a short history from the oldest end); samples of a batch are
+solved together, each with its own boundary.
 """
 import math
 from dataclasses import dataclass, field

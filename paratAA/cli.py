@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .denoiser import NonFiniteModelOutput
+from .denoiser import NonFiniteModelOutput, take
 from .sequential import sample_sequential
 from .solver import solve
 
@@ -168,7 +168,7 @@ def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, i
     with tqdm(total=S, desc="samples", disable=not is_main, leave=True) as bar:  # closed on errors too
         for start in range(0, S, args.batch_size):
             sl = slice(start, min(start + args.batch_size, S))
-            c = _slice(cond, sl)
+            c = take(cond, sl.start, sl.stop)
             first = init[sl] if init is not None else None
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations",
                       disable=not is_main, leave=False) as it_bar:
@@ -194,14 +194,6 @@ def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, i
             bar.update(sl.stop - sl.start)
     out["trajectory"] = torch.cat(out["trajectory"])
     return out
-
-
-def _slice(cond, sl):
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: _slice(v, sl) for k, v in cond.items()}
-    return cond[sl]
 
 
 def _sync(device):

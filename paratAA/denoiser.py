@@ -22,6 +22,15 @@ def select(cond, index):
     return cond[index.to(cond.device)]
 
 
+def take(cond, start, end):
+    """Rows start..end-1 of conditioning (a tensor, a dict of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: take(v, start, end) for k, v in cond.items()}
+    return cond[start:end]
+
+
 def evaluate(eps_fn, sharding, x, timesteps, cond, model_dtype, iteration, describe):
     """One batched model call (sharded across processes), float64 out; refuses non-finite predictions.
 

@@ -7,6 +7,8 @@ and unconditional pass) belongs to one input, so classifier-free guidance pairs 
 import torch
 import torch.distributed as dist
 
+from .denoiser import take
+
 
 def shard_bounds(n, rank, world_size):
     """[start, end) of rank's shard of n inputs: sizes differ by at most one, larger shards first."""
@@ -41,16 +43,9 @@ class Sharding:
         size = shard_bounds(n, 0, self.world_size)[1]  # the largest shard, which every rank pads to
         out = torch.zeros((size,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
         if end > start:
-            out[: end - start] = fn(x[start:end], *[_take(a, start, end) for a in args]).to(torch.float64)
+            out[: end - start] = fn(x[start:end], *[take(a, start, end) for a in args]).to(torch.float64)
         parts = [torch.empty_like(out) for _ in range(self.world_size)]
         dist.all_gather(parts, out)
         return torch.cat([p[: e - s] for p, (s, e) in
                           zip(parts, (shard_bounds(n, r, self.world_size) for r in range(self.world_size)))])
 
-
-def _take(a, start, end):
-    if a is None:
-        return None
-    if isinstance(a, dict):
-        return {k: _take(v, start, end) for k, v in a.items()}
-    return a[start:end]

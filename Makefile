@@ -21,6 +21,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/dit_bench.py
 	$(PY) benchmarks/sd_bench.py
 	$(PY) benchmarks/figures.py
+	$(PY) benchmarks/gpu_estimate.py
 
 bench-quick: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver.json
@@ -28,6 +29,8 @@ bench-quick: $(VENV)/.installed
 	$(PY) benchmarks/sd_bench.py --quick --out benchmarks/results/tmp/sd.json
 	$(PY) benchmarks/figures.py --quick --dit benchmarks/results/tmp/dit.json --sd benchmarks/results/tmp/sd.json \
 		--out_dir benchmarks/results/tmp/figures
+	$(PY) benchmarks/gpu_estimate.py --dit benchmarks/results/tmp/dit.json --sd benchmarks/results/tmp/sd.json \
+		--out benchmarks/results/tmp/gpu_estimate.json
 
 train-embedded: $(VENV)/.installed
 	$(PY) models/train_embedded.py

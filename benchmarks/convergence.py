@@ -15,15 +15,21 @@ import torch
 
 from paratAA import sample_sequential, solve
 from paratAA.cli import image_rms
+from paratAA.equations import FORMS
 
 SAME_IMAGE = 1.0  # gray levels
 
 
-def methods_for(T, memories=(2, 3, 5)):
-    """FP (order 1, m 1), FP+ (order T, m 1) and ParaTAA (order T, m in memories), window T."""
-    out = {"FP": dict(order=1, memory_size=1), "FP+": dict(order=T, memory_size=1)}
+def methods_for(T, memories=(2, 3, 5), default="picard"):
+    """Window T. FP (order 1, m 1; both forms of the equations coincide at order 1), FP+ (order T, m 1) in both
+    forms, ParaTAA (order T, m in memories) in the default form and, at m = 3, in the other one."""
+    other = FORMS[1 - FORMS.index(default)]
+    out = {"FP": dict(order=1, memory_size=1)}
+    for form in FORMS:
+        out[f"FP+ ({form})"] = dict(order=T, memory_size=1, equations=form)
     for m in memories:
-        out[f"ParaTAA m={m}"] = dict(order=T, memory_size=m)
+        out[f"ParaTAA m={m}"] = dict(order=T, memory_size=m, equations=default)
+    out[f"ParaTAA m=3 ({other})"] = dict(order=T, memory_size=3, equations=other)
     return out
 
 
@@ -92,15 +98,27 @@ def _row(cells):
 def run_benchmark(bench, quick, command, machine, out_path, samples):
     """Method table for each T, tolerance sweep and window sweep at the largest T; prints markdown, writes JSON."""
     d = bench.defaults
-    tol, m_default = d["tol1"], d["memory_size"]
+    tol, m_default, form = d["tol1"], d["memory_size"], d["equations"]
     steps = [25] if quick else [25, 50, 100]
     memories = (3,) if quick else (2, 3, 5)
     report = {"command": command, "machine": machine, "samples": samples,
-              "defaults": {k: d[k] for k in ("tol1", "tol2", "cfg_scale", "memory_size")},
+              "defaults": {k: d[k] for k in ("tol1", "tol2", "cfg_scale", "memory_size", "equations")},
               "methods": {}, "tolerance_sweep": {}, "window_sweep": {}}
 
     def agreement(images, labels):
         return float((bench.classify(images).numpy() == labels.numpy()).mean())
+
+    def method_row(row_label, name, kw, T, schedule, noise, cond, labels, ref):
+        res = measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol, window_size=T,
+                      classify=bench.classify, labels=labels.numpy(), **kw)
+        s = summarize(res, T)
+        s["wall_clock_ratio"] = res["seconds"] / ref["seconds"]
+        s["agreement"] = float(np.mean([x["agreement_history"][-1] for x in res["samples"]]))
+        _row([row_label, name, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
+              f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
+              f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})", f"{s['evaluations_mean']:.0f}",
+              f"{s['agreement']:.2f}", f"{s['wall_clock_ratio']:.2f}x"])
+        return {"summary": s, "samples": res["samples"], **kw}
 
     _row(["T", "method", "stops at (median / max)", "same image at (median / max)", "runs ending > 1 level off",
           "evaluations / sample", "classifier agreement", "wall-clock vs sequential"])
@@ -112,53 +130,37 @@ def run_benchmark(bench, quick, command, machine, out_path, samples):
         seq_agree = agreement(ref["images"], labels)
         report["methods"][T] = {"sequential_seconds": ref["seconds"], "sequential_agreement": seq_agree}
         _row([T, "sequential", T, "-", "-", T, f"{seq_agree:.2f}", "1.00x"])
-        for name, kw in methods_for(T, memories).items():
-            res = measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol, window_size=T,
-                          classify=bench.classify, labels=labels.numpy(), **kw)
-            s = summarize(res, T)
-            s["wall_clock_ratio"] = res["seconds"] / ref["seconds"]
-            s["agreement"] = float(np.mean([x["agreement_history"][-1] for x in res["samples"]]))
-            report["methods"][T][name] = {"summary": s, "samples": res["samples"], **kw}
-            _row([T, name, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
-                  f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
-                  f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})", f"{s['evaluations_mean']:.0f}",
-                  f"{s['agreement']:.2f}", f"{s['wall_clock_ratio']:.2f}x"])
+        for name, kw in methods_for(T, memories, form).items():
+            report["methods"][T][name] = method_row(T, name, kw, T, schedule, noise, cond, labels, ref)
     T = steps[-1]
     eta = 0.5  # one stochastic-sampler row: the per-step noise is drawn once and shared by every method
     schedule = bench.schedule(T, eta)
     noise, cond, labels = bench.problem(T)
     ref = sequential_reference(bench.eps_fn, schedule, noise, cond, bench.decode)
-    for name, kw in {"FP+": dict(order=T, memory_size=1), f"ParaTAA m={m_default}": dict(order=T,
-                                                                                        memory_size=m_default)}.items():
-        res = measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol, window_size=T,
-                      classify=bench.classify, labels=labels.numpy(), **kw)
-        s = summarize(res, T)
-        s["wall_clock_ratio"] = res["seconds"] / ref["seconds"]
-        s["agreement"] = float(np.mean([x["agreement_history"][-1] for x in res["samples"]]))
-        report["methods"][f"{T} eta={eta}"] = {name: {"summary": s}}
-        _row([f"{T}, eta {eta}", name, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
-              f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
-              f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})", f"{s['evaluations_mean']:.0f}",
-              f"{s['agreement']:.2f}", f"{s['wall_clock_ratio']:.2f}x"])
+    report["methods"][f"{T} eta={eta}"] = {}
+    for name, kw in methods_for(T, (m_default,), form).items():
+        if name != "FP":  # T iterations, as at eta 0
+            result = method_row(f"{T}, eta {eta}", name, kw, T, schedule, noise, cond, labels, ref)
+            report["methods"][f"{T} eta={eta}"][name] = {"summary": result["summary"]}
     schedule = bench.schedule(T)
     ref = sequential_reference(bench.eps_fn, schedule, noise, cond, bench.decode)
-    print(f"\nTolerance sweep, ParaTAA, T = window = order = {T}:\n")
+    print(f"\nTolerance sweep, ParaTAA, T = window = order = {T}, {form} form:\n")
     _row(["m", "tol1 = tol2", "stops at (median / max)", "runs ending > 1 level off", "same image at (median / max)"])
     _row(["---"] * 5)
     for m in memories:
         for t in ([1e-3, tol] if quick else [1e-3, 3e-4, 1e-4]):
             s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=t, tol2=t,
-                                  memory_size=m), T)
+                                  memory_size=m, equations=form), T)
             report["tolerance_sweep"][f"m={m} tol={t:g}"] = s
             _row([m, f"{t:g}", f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
                   f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})",
                   f"{fmt(s['same_median'])} / {fmt(s['same_max'])}"])
-    print(f"\nWindow size, T = {T}, ParaTAA m = {m_default}, order = window, default tolerance:\n")
+    print(f"\nWindow size, T = {T}, ParaTAA m = {m_default}, order = window, {form} form, default tolerance:\n")
     _row(["window", "stops at (median / max)", "same image at (median / max)", "evaluations / sample"])
     _row(["---"] * 4)
     for W in ([5, 25] if quick else [4, 8, 16, 25, 32, 50, 100]):
         s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol,
-                              window_size=W, memory_size=m_default), T)
+                              window_size=W, memory_size=m_default, equations=form), T)
         report["window_sweep"][W] = s
         _row([W, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
               f"{s['evaluations_mean']:.0f}"])

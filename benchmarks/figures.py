@@ -28,7 +28,10 @@ from models.adapters import DiTDenoiser, VAEDecoder  # noqa: E402
 from paratAA import dit_schedule, solve  # noqa: E402
 from paratAA.cli import _display  # noqa: E402
 
-METHODS = ["FP", "FP+", "ParaTAA m=2", "ParaTAA m=3", "ParaTAA m=5"]
+# curves drawn: both forms of the equations (see paratAA/equations.py) for FP+ and ParaTAA at m = 3
+METHODS = ["FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3 (ddim)", "ParaTAA m=3"]
+STYLE = {"FP": ("tab:gray", "-"), "FP+ (ddim)": ("tab:blue", "--"), "FP+ (picard)": ("tab:blue", "-"),
+         "ParaTAA m=3 (ddim)": ("tab:red", "--"), "ParaTAA m=3": ("tab:red", "-")}
 
 
 def padded_median(histories):
@@ -46,7 +49,9 @@ def fig_curves(results, key, path, ylabel, log=True, mean=False):
                 hs = [[float(v) for v in s[key]] for s in block[name]["samples"]]
                 y = (np.mean([h + [h[-1]] * (max(map(len, hs)) - len(h)) for h in hs], axis=0) if mean
                      else padded_median(hs))
-                ax.plot(np.arange(len(y)), y, label=name, marker=".")
+                color, ls = STYLE[name]
+                label = name if name.endswith(")") or name == "FP" else name + " (picard)"
+                ax.plot(np.arange(len(y)), y, label=label, marker=".", color=color, ls=ls)
         ax.set_title(f"{title}, T = {T}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
@@ -107,8 +112,10 @@ def fig_evolution(path, T, columns):
     noise = torch.randn((1, T + 1, 4, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     label = torch.tensor([3])
     rows = []
-    names = {"FP": dict(order=1, memory_size=1), "FP+": dict(order=T, memory_size=1),
-             "ParaTAA m=3": dict(order=T, memory_size=3)}
+    names = {"FP": dict(order=1, memory_size=1)}
+    for form in ("ddim", "picard"):
+        names[f"FP+ ({form})"] = dict(order=T, memory_size=1, equations=form)
+        names[f"ParaTAA ({form})"] = dict(order=T, memory_size=3, equations=form)
     for name, kw in names.items():
         out = solve(eps, dit_schedule(T), noise, label, record_x0=True, tol1=3e-4, tol2=3e-4, **kw)
         imgs = decode(torch.stack(out.history[0].x0[:columns]))
@@ -121,7 +128,7 @@ def fig_evolution(path, T, columns):
             ax.set_xticks([])
             ax.set_yticks([])
             if k == 0:
-                ax.set_ylabel(name, fontsize=6)
+                ax.set_ylabel(name, fontsize=5)
             if r == 0:
                 ax.set_title(str(k), fontsize=6)
     fig.suptitle(f"decoded x_0 estimate after iteration k (class 3, T = {T})", fontsize=8)
@@ -130,6 +137,7 @@ def fig_evolution(path, T, columns):
 
 
 def fig_ablation(path, T, quick):
+    """One heat map per form of the equations: iterations to the same image over order x memory_size."""
     eps, decode = dit_setup()
     classes = [0, 1] if quick else list(range(10))
     noise = torch.stack([torch.randn((T + 1, 4, 4, 4), generator=torch.Generator().manual_seed(c),
@@ -138,26 +146,31 @@ def fig_ablation(path, T, quick):
     ref = sequential_reference(eps, dit_schedule(T), noise, labels, decode)
     orders = [1, 4, T] if quick else [1, 4, 16, T]
     memories = [1, 3] if quick else [1, 2, 3, 5]
-    grid = np.zeros((len(memories), len(orders)))
+    forms = ("picard", "ddim")
+    fig, axes = plt.subplots(1, len(forms), figsize=(2 + 1.6 * len(orders), 0.9 + 0.6 * len(memories)))
     table = {}
-    for i, m in enumerate(memories):
-        for j, k in enumerate(orders):
-            s = summarize(measure(eps, dit_schedule(T), noise, labels, decode, ref, order=k, memory_size=m,
-                                  tol1=3e-4, tol2=3e-4), T)
-            grid[i, j] = s["same_median"]
-            table[f"order={k} m={m}"] = s
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(orders), 0.8 + 0.6 * len(memories)))
-    im = ax.imshow(grid, cmap="viridis_r")
-    ax.set_xticks(range(len(orders)), [str(o) for o in orders])
-    ax.set_yticks(range(len(memories)), [str(m) for m in memories])
-    ax.set_xlabel("order")
-    ax.set_ylabel("memory_size")
-    for i in range(len(memories)):
-        for j in range(len(orders)):
-            ax.text(j, i, f"{grid[i, j]:g}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_title(f"iterations to the same image (median), T = window = {T}", fontsize=8)
-    fig.colorbar(im)
-    fig.tight_layout()
+    for ax, form in zip(axes, forms):
+        grid = np.zeros((len(memories), len(orders)))
+        for i, m in enumerate(memories):
+            for j, k in enumerate(orders):
+                if k == 1 and form != forms[0]:  # order 1 is the same equation in both forms
+                    s = table[f"{forms[0]} order=1 m={m}"]
+                else:
+                    s = summarize(measure(eps, dit_schedule(T), noise, labels, decode, ref, order=k, memory_size=m,
+                                          equations=form, tol1=3e-4, tol2=3e-4), T)
+                grid[i, j] = s["same_median"]
+                table[f"{form} order={k} m={m}"] = s
+        im = ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=T)
+        ax.set_xticks(range(len(orders)), [str(o) for o in orders])
+        ax.set_yticks(range(len(memories)), [str(m) for m in memories])
+        ax.set_xlabel("order")
+        ax.set_ylabel("memory_size")
+        for i in range(len(memories)):
+            for j in range(len(orders)):
+                ax.text(j, i, f"{grid[i, j]:g}", ha="center", va="center", color="w", fontsize=7)
+        ax.set_title(f"{form} form", fontsize=8)
+    fig.suptitle(f"iterations to the same image (median), embedded DiT, T = window = {T}", fontsize=8)
+    fig.colorbar(im, ax=list(axes))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return table

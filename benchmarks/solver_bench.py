@@ -3,7 +3,8 @@
     python benchmarks/solver_bench.py [--quick] [--out benchmarks/results/solver.json]
 
 1. Iterations to the default stop (tol 1e-3, window = T) on a 4x32x32 mixture of 10 well-separated Gaussians,
-   T in {25, 50, 100}: FP (order 1, m 1), FP+ (order T, m 1), ParaTAA (order T, m 2 and 3); median over seeds.
+   T in {25, 50, 100}: FP (order 1, m 1), FP+ (order T, m 1), ParaTAA (order T, m 2 and 3), FP+ and ParaTAA in
+   both forms of the equations (paratAA/equations.py; no suffix: the default, picard); median over seeds.
 2. Overhead: time per iteration spent outside the model call, against the model call, at T = window = 100
    with the embedded DiT (cfg 4) -- or a random DiT-S/2-sized model when the embedded one is missing.
 3. Memory: growth of peak RSS while solving T = 100, m = 3, 4x64x64 latents with a free model (a fresh
@@ -23,7 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_schedule, dit_scheduler, solve  # noqa: E402
 
-METHODS = {"FP": (1, 1), "FP+": (None, 1), "ParaTAA m=2": (None, 2), "ParaTAA m=3": (None, 3)}
+# name: (order (None: T), memory_size, form of the equations)
+METHODS = {"FP": (1, 1, "picard"), "FP+ (ddim)": (None, 1, "ddim"), "FP+ (picard)": (None, 1, "picard"),
+           "ParaTAA m=2 (ddim)": (None, 2, "ddim"), "ParaTAA m=3 (ddim)": (None, 3, "ddim"),
+           "ParaTAA m=2": (None, 2, "picard"), "ParaTAA m=3": (None, 3, "picard")}
 
 
 def iteration_table(steps, seeds, latent):
@@ -32,13 +36,14 @@ def iteration_table(steps, seeds, latent):
     for T in steps:
         schedule = dit_schedule(T)
         row = {"T": T}
-        for name, (order, m) in METHODS.items():
+        for name, (order, m, form) in METHODS.items():
             counts = []
             for seed in seeds:
                 model = GaussianMixtureEps.random(ac, latent, components=10, std=0.1, seed=seed)
                 noise = torch.randn((1, T + 1) + latent, generator=torch.Generator().manual_seed(seed),
                                     dtype=torch.float64)
-                out = solve(model, schedule, noise, order=order or T, memory_size=m, model_dtype=torch.float64)
+                out = solve(model, schedule, noise, order=order or T, memory_size=m, equations=form,
+                            model_dtype=torch.float64)
                 counts.append(out.iterations[0])
             row[name] = {"median": statistics.median(counts), "all": counts}
         rows.append(row)

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .denoiser import NonFiniteModelOutput, take
+from .equations import FORMS
 from .sequential import sample_sequential
 from .solver import solve
 
@@ -86,6 +87,9 @@ def add_solver_arguments(parser, cfg_scale=4.0, memory_size=3, tol=3e-4):
     g.add_argument("--batch_size", type=int, default=1, help="samples solved together (one model call each iteration)")
     g.add_argument("--window_size", type=int, default=None, help="states evaluated per iteration (default: T)")
     g.add_argument("--order", type=int, default=None, help="order of the nonlinear equations (default: window_size)")
+    g.add_argument("--equations", type=str, default="picard",
+                   help="form of the order-k equations: picard (sum of drifts, fewer iterations) or ddim (the "
+                        "paper's DDIM composition); same solution either way, see paratAA/equations.py")
     g.add_argument("--memory_size", type=int, default=memory_size,
                    help="TAA memory m: iterates kept per state (1: plain fixed-point iteration; 2-5 recommended)")
     g.add_argument("--tol1", type=float, default=tol, help="absolute tolerance on the RMS residual of a state")
@@ -124,6 +128,8 @@ def check_solver_arguments(args, num_train_timesteps):
         _finite(args, name, 0.0)
     _finite(args, "cfg_scale")
     _finite(args, "dist_timeout", 1.0)
+    if args.equations not in FORMS:
+        raise UsageError(f"--equations must be one of {', '.join(FORMS)}, got {args.equations!r}")
     args.window_size = args.window_size or args.timesteps
     args.order = args.order or args.window_size
     if args.order > args.window_size:
@@ -174,6 +180,7 @@ def sample_batches(eps_fn, schedule, noise, cond, args, sharding, model_dtype, i
                       disable=not is_main, leave=False) as it_bar:
                 t0 = time.perf_counter()
                 res = solve(eps_fn, schedule, noise[sl], c, window_size=args.window_size, order=args.order,
+                            equations=args.equations,
                             memory_size=args.memory_size, tol1=args.tol1, tol2=args.tol2, max_steps=args.max_steps,
                             init=first, variation_steps=variation_steps, model_dtype=model_dtype, sharding=sharding,
                             record_x0=True, callback=lambda it, bounds: it_bar.update(1))
@@ -271,7 +278,8 @@ class RunWriter:
         RunWriter.open_writers.append(self)
         self.samples, self.latents, self.rows = [], [], []
         self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
-                        "window_size": args.window_size, "order": args.order, "memory_size": args.memory_size,
+                        "window_size": args.window_size, "order": args.order, "equations": args.equations,
+                        "memory_size": args.memory_size,
                         "eta": args.eta, "cfg_scale": args.cfg_scale, "tol1": args.tol1, "tol2": args.tol2,
                         "wall_clock_seconds": 0.0, "num_samples": len(per_sample),
                         **{k: portable(v) for k, v in (extra_metrics or {}).items()}}

@@ -11,7 +11,9 @@ Boundary rule. After the test, with p the highest (noisiest) unconverged state o
 So the boundary drops by at least one state per iteration: never more than T iterations, whatever TAA does,
 and the guarantee does not rest on a residual coming out exactly zero in floating point.
 
-Departures from the public reference implementation, each deliberate: the boundary rule above (the reference
+Departures from the public reference implementation, each deliberate: the order-k equations default to the
+Picard form (equations.py; equations="ddim" is the paper's form), which reaches the same image in a quarter to
+a half fewer iterations on the embedded models; the boundary rule above (the reference
 updates converged states once more and freezes p one iteration later); window_size = 1 with tolerance 0 is
 exactly sequential DDIM (the reference's initialisation of newly reached states is off by one); a state's TAA
 columns are its newest ones (the reference masks a short history from the oldest end); samples of a batch are
@@ -24,7 +26,7 @@ import torch
 
 from .anderson import triangular_anderson_step
 from .denoiser import evaluate, select
-from .equations import OrderKEquations
+from .equations import OrderKEquations, check_form
 from .sharding import Sharding
 
 
@@ -64,11 +66,13 @@ def _check_nonneg(name, value):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_config(T, window_size, order, memory_size, tol1, tol2, lam=1e-3, max_steps=None, variation_steps=None):
+def check_config(T, window_size, order, memory_size, tol1, tol2, lam=1e-3, max_steps=None, variation_steps=None,
+                 equations="picard"):
     """ValueError naming the first bad parameter (shared by the scripts' flag checks)."""
     _check_int("timesteps", T, 1)
     _check_int("window_size", window_size, 1)
     _check_int("order", order, 1)
+    check_form(equations)
     _check_int("memory_size", memory_size, 1)
     _check_nonneg("tol1", tol1)
     _check_nonneg("tol2", tol2)
@@ -79,8 +83,8 @@ def check_config(T, window_size, order, memory_size, tol1, tol2, lam=1e-3, max_s
         _check_int("variation_steps", variation_steps, 1, T)
 
 
-def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, memory_size=2, lam=1e-3,
-          tol1=1e-3, tol2=1e-3, max_steps=None, init=None, variation_steps=None, model_dtype=torch.float32,
+def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, equations="picard", memory_size=2,
+          lam=1e-3, tol1=1e-3, tol2=1e-3, max_steps=None, init=None, variation_steps=None, model_dtype=torch.float32,
           sharding=None, record_x0=False, callback=None):
     """Solve the triangular DDIM system of B independent samples in parallel.
 
@@ -88,7 +92,8 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
     noise: [B, T+1, *latent], xi[s] for step s and noise[:, T] = x_T (float64 recommended).
     cond: per-sample conditioning, [B, ...] tensor or dict of them, or None.
     window_size: states evaluated per sample per iteration (default T); order: order of the equations
-    (default window_size); memory_size: TAA memory m (1 = plain fixed-point); lam: TAA regulariser.
+    (default window_size); equations: their form, "picard" or "ddim" (the paper's; see equations.py);
+    memory_size: TAA memory m (1 = plain fixed-point); lam: TAA regulariser.
     tol1, tol2: a state has converged when RMS(order-1 residual) <= max(tol1, tol2 * sigma).
     max_steps: iteration cap (default: none; T always suffices).
     init, variation_steps: warm start. init [B, T+1, *latent] is an existing trajectory (same noise); its
@@ -100,7 +105,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
     T = schedule.num_steps
     window_size = T if window_size is None else window_size
     order = window_size if order is None else order
-    check_config(T, window_size, order, memory_size, tol1, tol2, lam, max_steps, variation_steps)
+    check_config(T, window_size, order, memory_size, tol1, tol2, lam, max_steps, variation_steps, equations)
     if noise.dim() < 2 or noise.shape[1] != T + 1:
         raise ValueError(f"noise must be [B, T+1={T + 1}, *latent], got {tuple(noise.shape)}")
     if (init is None) != (variation_steps is None):
@@ -108,7 +113,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
     sharding = sharding or Sharding()
     device = noise.device
     sched = schedule.to(device)
-    eq = OrderKEquations(schedule, min(order, T), device=device)
+    eq = OrderKEquations(schedule, min(order, T), equations, device=device)
     B, latent = noise.shape[0], tuple(noise.shape[2:])
     xi = noise.to(torch.float64).flatten(2)                                   # [B, T+1, D]
 
@@ -167,7 +172,6 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
             x = X[b]                                                                          # [T+1, D]
             r1 = (sched.a[lo:F, None] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])               # order-1 residual
             rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
-            del r1
             threshold = torch.clamp(tol2 * sched.sigma[lo:F], min=tol1)
             unconverged = (rms > threshold).nonzero()
             fallbacks = 0
@@ -175,7 +179,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
                 new_boundary = lo
             else:
                 p = int(unconverged.max())                     # window position of the highest unconverged
-                R = eq.residual(x, e, lo, F)                   # [W, D] order-k residual
+                R = eq.residual(x, e, r1, lo, F)               # [W, D] order-k residual
                 step = R
                 if m > 1:
                     memory[b].push(x, R, lo, F)
@@ -185,6 +189,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, m
                 x[lo:lo + p] += step[:p]
                 x[lo + p] += R[p]
                 new_boundary = lo + p
+            del r1
             boundary[b] = new_boundary
             iterations[b] += 1
             h = history[b]

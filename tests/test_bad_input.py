@@ -60,6 +60,7 @@ DIT_FLAGS = [
     (["--num_samples", "0"], ["--num_samples", "0"]),
     (["--batch_size", "0"], ["--batch_size", "0"]),
     (["--max_steps", "0"], ["--max_steps", "0"]),
+    (["--equations", "euler"], ["--equations", "euler"]),
     (["--class_labels", "3", "10"], ["--class_labels", "10"]),
     (["--class_labels", "-1"], ["--class_labels", "-1"]),
     (["--model", "DiT-Q/3"], ["--model", "DiT-Q/3"]),

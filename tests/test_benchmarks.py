@@ -22,7 +22,7 @@ def test_benchmarks_quick(tmp_path):
     assert row["ParaTAA m=3"]["median"] < row["FP"]["median"]
     assert solver["overhead"]["overhead_fraction"] > 0 and solver["memory"]["persistent_state_mb"] > 0
     out = bench("dit_bench.py", "--out", str(tmp_path / "dit.json"))
-    assert "| 25 | ParaTAA m=3 |" in out
+    assert "| 25 | ParaTAA m=3 |" in out and "| 25 | FP+ (ddim) |" in out
     bench("sd_bench.py", "--out", str(tmp_path / "sd.json"))
     with open(tmp_path / "sd.json") as f:
         assert json.load(f)["warm_start"]
@@ -30,3 +30,12 @@ def test_benchmarks_quick(tmp_path):
           str(tmp_path / "fig"))
     for name in "abcdef":
         assert [f for f in os.listdir(tmp_path / "fig") if f.startswith(f"fig_{name}_")]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_estimate.py"), "--dit",
+                           str(tmp_path / "dit.json"), "--sd", str(tmp_path / "sd.json"), "--out",
+                           str(tmp_path / "gpu.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "gpu.json") as f:
+        est = json.load(f)["models"]
+    # the estimate is the arithmetic it claims: K * (call(W) + solver) against T * call(1)
+    row = est["DiT-XL/2 256"]["windows"]["25"]
+    assert row["iterations"] < 25 and abs(row["speedup"] - row["sequential_seconds"] / row["paratAA_seconds"]) < 1e-9

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import (Bench, _row, bench_args, fmt, measure, run_benchmark,  # noqa: E402
-                                    script_defaults, sequential_reference, summarize)
+from benchmarks.convergence import (SAME_IMAGE, Bench, _row, bench_args, fmt, measure,  # noqa: E402
+                                    run_benchmark, script_defaults, sequential_reference, summarize)
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import SDDenoiser, VAEDecoder  # noqa: E402
 from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
 from paratAA import pipeline_schedule, sample_sequential, solve  # noqa: E402
-from paratAA.cli import add_solver_arguments  # noqa: E402
+from paratAA.cli import add_solver_arguments, image_rms  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -90,6 +90,23 @@ def paradigms_table(bench, pipe, problem, defaults, quick, samples):
     _row(["T", "tolerance", "batched calls (median / max)", "runs ending > 1 level off", "max final difference",
           "evaluations / sample", "wall-clock vs sequential"])
     _row(["---"] * 7)
+    def one_at_a_time(T, label, run, ref, seq_seconds):
+        """run(i) -> (latents [1, *latent], batched calls, evaluations) for sample i; one table row."""
+        counts, evals, rms, seconds = [], [], [], 0.0
+        for i in range(samples):
+            t0 = time.perf_counter()
+            lat, n_calls, n_evals = run(i)
+            seconds += time.perf_counter() - t0
+            counts.append(n_calls)
+            evals.append(n_evals)
+            rms.append(image_rms(bench.decode(lat.double())[0], ref["images"][i]))
+        s = {"calls_median": float(np.median(counts)), "calls_max": max(counts),
+             "ended_off": sum(r > SAME_IMAGE for r in rms), "max_final_rms": max(rms),
+             "evaluations_mean": float(np.mean(evals)), "wall_clock_ratio": seconds / seq_seconds}
+        _row([T, label, f"{s['calls_median']:g} / {s['calls_max']}", f"{s['ended_off']} of {samples}",
+              f"{s['max_final_rms']:.2f}", f"{s['evaluations_mean']:.0f}", f"{s['wall_clock_ratio']:.2f}x"])
+        return s
+
     for T in ([25] if quick else [25, 50, 100]):
         noise, _, labels = problem(T)
         cond = encode(pipe, [prompt(int(c)) for c in labels], "", pipe.device)
@@ -98,47 +115,29 @@ def paradigms_table(bench, pipe, problem, defaults, quick, samples):
         for i in range(samples):
             sample_sequential(bench.eps_fn, bench.schedule(T), noise[i:i + 1], take(cond, i, i + 1))
         seq_seconds = time.perf_counter() - t0
-        for tol in ([0.1, 0.01] if quick else [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001]):
-            counts, inputs, rms, seconds = [], [], [], 0.0
-            for i in range(samples):
-                calls.update(calls=0, inputs=0)
-                pipe.unet.forward = counted
-                try:
-                    t0 = time.perf_counter()
-                    lat = para(prompt(int(labels[i])), num_inference_steps=T, parallel=T, tolerance=tol,
-                               guidance_scale=cfg, latents=noise[i:i + 1, T].float(), output_type="latent").images
-                    seconds += time.perf_counter() - t0
-                finally:
-                    del pipe.unet.forward  # back to the class's forward
-                counts.append(calls["calls"])
-                inputs.append(calls["inputs"] // guided)
-                img = bench.decode(lat.double())[0]
-                rms.append(float(np.sqrt(np.mean((img.astype(float) - ref["images"][i].astype(float)) ** 2))))
-            s = {"calls_median": float(np.median(counts)), "calls_max": max(counts),
-                 "ended_off": sum(r > 1.0 for r in rms), "max_final_rms": max(rms),
-                 "evaluations_mean": float(np.mean(inputs)), "wall_clock_ratio": seconds / seq_seconds}
-            table[f"T={T} tol={tol:g}"] = s
-            _row([T, f"{tol:g}", f"{s['calls_median']:g} / {s['calls_max']}", f"{s['ended_off']} of {samples}",
-                  f"{s['max_final_rms']:.2f}", f"{s['evaluations_mean']:.0f}", f"{s['wall_clock_ratio']:.2f}x"])
-        counts, evals, rms, seconds = [], [], [], 0.0
-        for i in range(samples):
-            t0 = time.perf_counter()
+
+        def paradigms(i, tol):
+            calls.update(calls=0, inputs=0)
+            pipe.unet.forward = counted
+            try:
+                lat = para(prompt(int(labels[i])), num_inference_steps=T, parallel=T, tolerance=tol,
+                           guidance_scale=cfg, latents=noise[i:i + 1, T].float(), output_type="latent").images
+            finally:
+                del pipe.unet.forward  # back to the class's forward
+            return lat, calls["calls"], calls["inputs"] // guided
+
+        def paratAA(i):
             out = solve(bench.eps_fn, bench.schedule(T), noise[i:i + 1], take(cond, i, i + 1), **solver_kw)
-            seconds += time.perf_counter() - t0
-            counts.append(out.iterations[0])
-            evals.append(out.evaluations[0])
-            img = bench.decode(out.samples)[0]
-            rms.append(float(np.sqrt(np.mean((img.astype(float) - ref["images"][i].astype(float)) ** 2))))
-        s = {"calls_median": float(np.median(counts)), "calls_max": max(counts), "ended_off": sum(r > 1 for r in rms),
-             "max_final_rms": max(rms), "evaluations_mean": float(np.mean(evals)),
-             "wall_clock_ratio": seconds / seq_seconds}
-        table[f"T={T} ParaTAA"] = s
-        _row([T, "ParaTAA, defaults", f"{s['calls_median']:g} / {s['calls_max']}", f"{s['ended_off']} of {samples}",
-              f"{s['max_final_rms']:.2f}", f"{s['evaluations_mean']:.0f}", f"{s['wall_clock_ratio']:.2f}x"])
+            return out.samples, out.iterations[0], out.evaluations[0]
+
+        for tol in ([0.1, 0.01] if quick else [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001]):
+            table[f"T={T} tol={tol:g}"] = one_at_a_time(T, f"{tol:g}", lambda i, tol=tol: paradigms(i, tol), ref,
+                                                         seq_seconds)
+        table[f"T={T} ParaTAA"] = one_at_a_time(T, "ParaTAA, defaults", paratAA, ref, seq_seconds)
     return table
 
 
-def head_to_head(report, samples):
+def head_to_head(report):
     """Iterations to the same image, side by side: ParaDiGMS at the loosest tolerance whose runs all end on the
     same image, FP+ in both forms and ParaTAA, all from this run."""
     print("\nSame image, side by side (iterations = batched model calls, median / max over the samples):\n")
@@ -189,7 +188,7 @@ def main(args):
     report = run_benchmark(bench, args.quick, command, args.machine, args.out, len(classes))
     report["warm_start"] = warm_start_table(bench, pipe, defaults, args.quick, 2 if args.quick else 5)
     report["paradigms"] = paradigms_table(bench, pipe, problem, defaults, args.quick, len(classes))
-    report["head_to_head"] = head_to_head(report, len(classes))
+    report["head_to_head"] = head_to_head(report)
     import json
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .denoiser import NonFiniteModelOutput, take
-from .equations import FORMS
+from .equations import check_form
 from .sequential import sample_sequential
 from .solver import solve
 
@@ -128,8 +128,10 @@ def check_solver_arguments(args, num_train_timesteps):
         _finite(args, name, 0.0)
     _finite(args, "cfg_scale")
     _finite(args, "dist_timeout", 1.0)
-    if args.equations not in FORMS:
-        raise UsageError(f"--equations must be one of {', '.join(FORMS)}, got {args.equations!r}")
+    try:
+        check_form(args.equations)
+    except ValueError as e:  # the solver's own message, named as the flag
+        raise UsageError(f"--{e}") from None
     args.window_size = args.window_size or args.timesteps
     args.order = args.order or args.window_size
     if args.order > args.window_size:

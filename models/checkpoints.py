@@ -1,6 +1,8 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
+import argparse
 import os
 import pickle
+import re
 
 import torch
 
@@ -27,21 +29,30 @@ def require_folder(path, flag, marker, hint=""):
 
 
 def load_state_dict(path, flag="--model_path"):
-    """A state dict from a raw .pt state dict, a training checkpoint holding "ema" (or "model"), or .safetensors."""
+    """A state dict from a raw .pt state dict, a training checkpoint holding "ema" (or "model"), or .safetensors.
+
+    A .pt file is read with torch.load(weights_only=True) and nothing else: unpickling arbitrary objects can run
+    code. The only class allowed besides tensors and containers is argparse.Namespace, which DiT's training
+    checkpoints store under "args" (it holds plain values and runs nothing)."""
     require_file(path, flag)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             state = load_file(path)
         else:
-            try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                # DiT training checkpoints also pickle their argparse Namespace
-                state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # any reader failure (torch, pickle, zip, safetensors) is a bad file, said in one line
+    except Exception as e:  # any reader failure (torch, zip, safetensors) is a bad file, said in one line
+        msg = str(e)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
+        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only refused an object: never retried
+            raise InputFileError(f"{flag}: {path} is not a plain checkpoint: it pickles {found.group(1)}, which is "
+                                 f"never loaded because unpickling can run code; save only its state dict "
+                                 f"(torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
+        detail = [line for line in msg.splitlines() if line.strip() and "Weights only" not in line
+                  and "WeightsUnpickler" not in line and "issue" not in line]
         raise InputFileError(f"{flag}: cannot read {path} as a checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})")
+                             f"{detail[0].strip() if detail else 'truncated or corrupt'})") from None
     if isinstance(state, dict):
         for key in ("ema", "model", "state_dict"):
             if key in state and isinstance(state[key], dict):

@@ -165,3 +165,41 @@ def test_runs_started_in_the_same_second_never_share_a_folder(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         dirs = list(pool.map(lambda _: create_run_dir(str(tmp_path), "DiT"), range(64)))
     assert len(set(dirs)) == 64 and all(os.path.isdir(d) for d in dirs)
+
+
+class _RunsCode:
+    """Unpickling this object would run a shell command that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "inside_state_dict"])
+def test_a_checkpoint_never_runs_code(tmp_path, where):
+    marker = tmp_path / "code_ran"
+    state = {"pos_embed": torch.zeros(1)}
+    if where == "top":
+        obj = {"model": state, "payload": _RunsCode(marker)}
+    else:
+        obj = {**state, "blocks.0.attn.qkv.weight": _RunsCode(marker)}
+    torch.save(obj, tmp_path / "crafted.pt")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--model_path",
+                           str(tmp_path / "crafted.pt"), "--timesteps", "5", "--output_path", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "crafted.pt" in lines[0] and "--model_path" in lines[0] and "safetensors" in lines[0]
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_a_dit_training_checkpoint_with_its_args_still_loads(tmp_path):
+    import argparse
+    from models.checkpoints import load_state_dict
+    state = {"pos_embed": torch.ones(2)}
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)},
+               tmp_path / "train.pt")
+    assert torch.equal(load_state_dict(str(tmp_path / "train.pt"))["pos_embed"], state["pos_embed"])

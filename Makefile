@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-quick train-embedded clean-venv
+.PHONY: demo test test-fast bench bench-quick train-embedded clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=10
+
+# the solver's properties only (configuration, exactness, the T bound, sharding, schedules): under 90 s here
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_config.py tests/test_solver.py tests/test_schedule.py tests/test_sharding.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py
@@ -33,8 +37,8 @@ bench-quick: $(VENV)/.installed
 		--out benchmarks/results/tmp/gpu_estimate.json
 
 train-embedded: $(VENV)/.installed
-	$(PY) models/train_embedded.py
-	$(PY) -m models.train_text2img
+	$(PY) -m training.train_embedded
+	$(PY) -m training.train_text2img
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Warm start: solve prompt1, then prompt2 starting from prompt1's trajectory (METHOD.md section 4).
+"""Warm start: solve prompt1, then prompt2 starting from prompt1's trajectory (docs/ALGORITHM.md, section 4).
 
     python parallel_sd_winit.py --prompt1 "a handwritten digit one" --prompt2 "a handwritten digit seven" \\
         --variation_steps 40
@@ -7,51 +7,43 @@ prompt2 reuses prompt1's per-step noise and trajectory: its noisiest T - variati
 prompt1's values and only the last variation_steps steps are re-solved, which takes fewer iterations than a
 cold start. Output: one run folder with prompt1/ and prompt2/, each in the parallel_dit.py layout.
 """
-import argparse
-import os
-
-from paratAA.cli import UsageError, add_solver_arguments, create_run_dir, exit_on_error, sample_batches
-from parallel_sd import Setup, add_model_arguments, check_model_arguments
+from models.bundles import sd_bundles
+from models.sd import SD_CFG_SCALE, add_sd_flags, check_sd_flags
+from paratAA.solver import check_variation_steps
+from runner.errors import UsageError, exit_on_error
+from runner.flags import add_common_flags, make_parser
+from runner.launch import start_session
+from runner.loop import open_run, sample_into, subfolder
 
 
 def main(args):
-    check_model_arguments(args, [("--prompt1", args.prompt1), ("--prompt2", args.prompt2)])
-    if not 1 <= args.variation_steps <= args.timesteps:
-        raise UsageError(f"--variation_steps must be in 1..{args.timesteps} (--timesteps), got {args.variation_steps}")
-    s = Setup(args)
-    noise = s.noise(args)
-    run_dir = create_run_dir(args.output_path, "SD-winit") if s.is_main else None
-    results = {}
-    for name, prompt in (("prompt1", args.prompt1), ("prompt2", args.prompt2)):
-        prompts = [prompt] * args.num_samples
-        folder = None
-        if s.is_main:
-            folder = os.path.join(run_dir, name)
-            os.makedirs(folder)
-        writer = s.writer(folder, args, "parallel_sd_winit", prompts)
-        init = results["prompt1"]["trajectory"] if name == "prompt2" else None
-        results[name] = sample_batches(s.eps_fn, s.schedule, noise, s.conditioning(prompts, args), args,
-                                       s.sharding, s.dtype, s.is_main, init=init,
-                                       variation_steps=args.variation_steps if init is not None else None,
-                                       writer=writer)
-        if s.is_main:
-            writer.close()
-    if s.is_main:
-        print(f"wrote {run_dir}: iterations prompt1 {results['prompt1']['iterations']}, "
-              f"prompt2 (warm, last {args.variation_steps} steps) {results['prompt2']['iterations']}")
-    s.accelerator.wait_for_everyone()
+    config = check_sd_flags(args, [("--prompt1", args.prompt1), ("--prompt2", args.prompt2)])
+    try:
+        check_variation_steps(args.variation_steps, args.timesteps)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    session = start_session(args)
+    first, second = sd_bundles(args, session, [[args.prompt1] * args.num_samples, [args.prompt2] * args.num_samples])
+    run_dir = open_run(args, session, "SD-winit")
+    r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit")
+    r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
+                     init=r1["trajectory"], variation_steps=args.variation_steps)
+    if session.is_main:
+        print(f"wrote {run_dir}: iterations prompt1 {r1['iterations']}, "
+              f"prompt2 (warm, last {args.variation_steps} steps) {r2['iterations']}")
+    session.wait()
     return run_dir
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_solver_arguments(parser, cfg_scale=5.0)
+    parser = make_parser(__doc__)
+    add_common_flags(parser, cfg_scale=SD_CFG_SCALE)
     parser.add_argument("--prompt1", type=str, default="a handwritten digit one", help="prompt solved from scratch")
     parser.add_argument("--prompt2", type=str, default="a handwritten digit seven",
                         help="prompt solved from prompt1's trajectory")
     parser.add_argument("--variation_steps", type=int, default=40,
                         help="the last steps re-solved for prompt2 (1..T; T re-solves every step)")
-    add_model_arguments(parser)
+    add_sd_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -13,11 +13,9 @@ import time
 import numpy as np
 import torch
 
-from paratAA import sample_sequential, solve
-from paratAA.cli import image_rms
+from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.equations import FORMS
-
-SAME_IMAGE = 1.0  # gray levels
+from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
 
 
 def methods_for(T, memories=(2, 3, 5), default="picard"):
@@ -50,8 +48,8 @@ def measure(eps_fn, schedule, noise, cond, decode, ref, model_dtype=torch.float3
     for b, h in enumerate(out.history):
         imgs = decode(torch.stack(h.x0))                                        # [K+1, H, W, 3]
         rms = [image_rms(img, ref["images"][b]) for img in imgs]
-        dist = [float((x - ref["x0"][b]).pow(2).mean().sqrt()) for x in h.x0]
-        same = next((k for k, v in enumerate(rms) if v <= SAME_IMAGE), None)
+        dist = [latent_rms(x, ref["x0"][b]) for x in h.x0]
+        same = same_image_at(rms)
         item = {"iterations": out.iterations[b], "same_image_at": same, "final_image_rms": rms[-1],
                 "image_rms_history": rms, "distance_history": dist, "evaluations": out.evaluations[b]}
         if classify is not None:
@@ -60,7 +58,7 @@ def measure(eps_fn, schedule, noise, cond, decode, ref, model_dtype=torch.float3
     return {"seconds": seconds, "samples": per}
 
 
-def summarize(result, T):
+def summarize(result):
     its = [s["iterations"] for s in result["samples"]]
     same = [s["same_image_at"] if s["same_image_at"] is not None else float("inf") for s in result["samples"]]
     return {"stop_median": statistics.median(its), "stop_max": max(its),
@@ -84,11 +82,10 @@ class Bench:
         self.schedule, self.problem, self.defaults = schedule, problem, defaults
 
 
-def script_defaults(add_arguments):
-    """The solver defaults a script uses, so that the tables report what users get."""
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return vars(p.parse_args([]))
+def bench_defaults(cfg_scale):
+    """What a script uses by default (SolverConfig's defaults and the model's guidance scale), so that the tables
+    report what users get."""
+    return {**SolverConfig().to_dict(), "cfg_scale": cfg_scale}
 
 
 def _row(cells):
@@ -111,7 +108,7 @@ def run_benchmark(bench, quick, command, machine, out_path, samples):
     def method_row(row_label, name, kw, T, schedule, noise, cond, labels, ref):
         res = measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol, window_size=T,
                       classify=bench.classify, labels=labels.numpy(), **kw)
-        s = summarize(res, T)
+        s = summarize(res)
         s["wall_clock_ratio"] = res["seconds"] / ref["seconds"]
         s["agreement"] = float(np.mean([x["agreement_history"][-1] for x in res["samples"]]))
         _row([row_label, name, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
@@ -150,7 +147,7 @@ def run_benchmark(bench, quick, command, machine, out_path, samples):
     for m in memories:
         for t in ([1e-3, tol] if quick else [1e-3, 3e-4, 1e-4]):
             s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=t, tol2=t,
-                                  memory_size=m, equations=form), T)
+                                  memory_size=m, equations=form))
             report["tolerance_sweep"][f"m={m} tol={t:g}"] = s
             _row([m, f"{t:g}", f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}",
                   f"{s['ended_off']} of {samples} (max {s['max_final_rms']:.2f})",
@@ -160,7 +157,7 @@ def run_benchmark(bench, quick, command, machine, out_path, samples):
     _row(["---"] * 4)
     for W in ([5, 25] if quick else [4, 8, 16, 25, 32, 50, 100]):
         s = summarize(measure(bench.eps_fn, schedule, noise, cond, bench.decode, ref, tol1=tol, tol2=tol,
-                              window_size=W, memory_size=m_default, equations=form), T)
+                              window_size=W, memory_size=m_default, equations=form))
         report["window_sweep"][W] = s
         _row([W, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", f"{fmt(s['same_median'])} / {fmt(s['same_max'])}",
               f"{s['evaluations_mean']:.0f}"])

@@ -13,11 +13,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import Bench, bench_args, run_benchmark, script_defaults  # noqa: E402
+from benchmarks.convergence import Bench, bench_args, bench_defaults, run_benchmark  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, VAEDecoder  # noqa: E402
-from paratAA import dit_schedule  # noqa: E402
-from paratAA.cli import add_solver_arguments  # noqa: E402
+from models.bundles import DIT_CFG_SCALE  # noqa: E402
+from paratAA import dit_schedule, noise_from_seeds  # noqa: E402
 
 
 def digit_classifier():
@@ -27,15 +27,13 @@ def digit_classifier():
 
 def main(args):
     torch.set_grad_enabled(False)
-    defaults = script_defaults(add_solver_arguments)
+    defaults = bench_defaults(DIT_CFG_SCALE)
     model = digits.load_embedded_dit()
     latent = (model.in_channels,) + (model.x_embedder.img_size[0],) * 2
     classes = [0, 1] if args.quick else list(range(10))
 
     def problem(T):
-        noise = torch.stack([torch.randn((T + 1,) + latent, generator=torch.Generator().manual_seed(c),
-                                         dtype=torch.float64) for c in classes])
-        return noise, torch.tensor(classes), torch.tensor(classes)
+        return noise_from_seeds(classes, T, latent), torch.tensor(classes), torch.tensor(classes)
 
     bench = Bench("DiT-Digits", DiTDenoiser(model, defaults["cfg_scale"]),
                   VAEDecoder(digits.load_embedded_vae(), torch.device("cpu")), digit_classifier(), dit_schedule,

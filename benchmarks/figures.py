@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import measure, sequential_reference, summarize  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, VAEDecoder  # noqa: E402
-from paratAA import dit_schedule, solve  # noqa: E402
-from paratAA.cli import _display  # noqa: E402
+from paratAA import dit_schedule, noise_from_seeds, solve  # noqa: E402
+from runner.rundir import upscale  # noqa: E402
 
 # curves drawn: both forms of the equations (see paratAA/equations.py) for FP+ and ParaTAA at m = 3
 METHODS = ["FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3 (ddim)", "ParaTAA m=3"]
@@ -109,7 +109,7 @@ def dit_setup():
 
 def fig_evolution(path, T, columns):
     eps, decode = dit_setup()
-    noise = torch.randn((1, T + 1, 4, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    noise = noise_from_seeds([3], T, (4, 4, 4))
     label = torch.tensor([3])
     rows = []
     names = {"FP": dict(order=1, memory_size=1)}
@@ -124,7 +124,7 @@ def fig_evolution(path, T, columns):
     for r, (name, imgs) in enumerate(rows):
         for k in range(columns):
             ax = axes[r, k]
-            ax.imshow(_display(imgs[min(k, len(imgs) - 1)]), interpolation="nearest")
+            ax.imshow(upscale(imgs[min(k, len(imgs) - 1)]), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if k == 0:
@@ -140,8 +140,7 @@ def fig_ablation(path, T, quick):
     """One heat map per form of the equations: iterations to the same image over order x memory_size."""
     eps, decode = dit_setup()
     classes = [0, 1] if quick else list(range(10))
-    noise = torch.stack([torch.randn((T + 1, 4, 4, 4), generator=torch.Generator().manual_seed(c),
-                                     dtype=torch.float64) for c in classes])
+    noise = noise_from_seeds(classes, T, (4, 4, 4))
     labels = torch.tensor(classes)
     ref = sequential_reference(eps, dit_schedule(T), noise, labels, decode)
     orders = [1, 4, T] if quick else [1, 4, 16, T]
@@ -157,7 +156,7 @@ def fig_ablation(path, T, quick):
                     s = table[f"{forms[0]} order=1 m={m}"]
                 else:
                     s = summarize(measure(eps, dit_schedule(T), noise, labels, decode, ref, order=k, memory_size=m,
-                                          equations=form, tol1=3e-4, tol2=3e-4), T)
+                                          equations=form, tol1=3e-4, tol2=3e-4))
                 grid[i, j] = s["same_median"]
                 table[f"{form} order={k} m={m}"] = s
         im = ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=T)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
-from paratAA import dit_schedule, sample_sequential, solve  # noqa: E402
+from paratAA import dit_schedule, draw_noise, noise_from_seeds, sample_sequential, solve  # noqa: E402
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -99,8 +99,7 @@ def main(args):
     # ParaTAA vs sequential with the real solver on the GPU, DiT-XL/2, fixed iteration counts
     T = 20 if args.smoke else 100
     schedule = dit_schedule(T)
-    noise = torch.randn((1, T + 1) + dit_latent, generator=torch.Generator().manual_seed(0),
-                        dtype=torch.float64).to(device)
+    noise = noise_from_seeds([0], T, dit_latent).to(device)
     label = torch.tensor([207], device=device)
     model_time = [0.0]
 
@@ -139,7 +138,7 @@ def main(args):
     if device.type == "cuda":  # the solver's own memory at SD size
         del dit, unet
         torch.cuda.empty_cache()
-        noise = torch.randn((1, 101) + (4, 64, 64), dtype=torch.float64, device=device)
+        noise = draw_noise(1, 100, (4, 64, 64)).to(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         solve(lambda x, tt, c: 1e-3 * x, dit_schedule(100), noise, memory_size=3, tol1=0, tol2=0, max_steps=8)

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import (SAME_IMAGE, Bench, _row, bench_args, fmt, measure,  # noqa: E402
-                                    run_benchmark, script_defaults, sequential_reference, summarize)
+from benchmarks.convergence import (Bench, _row, bench_args, bench_defaults, fmt, measure,  # noqa: E402
+                                    run_benchmark, sequential_reference, summarize)
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import SDDenoiser, VAEDecoder  # noqa: E402
-from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
-from paratAA import pipeline_schedule, sample_sequential, solve  # noqa: E402
-from paratAA.cli import add_solver_arguments, image_rms  # noqa: E402
+from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
+from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential, solve  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
+from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PAIRS = {"similar (three -> eight)": (3, 8), "dissimilar (one -> zero)": (1, 0)}
@@ -37,8 +37,7 @@ def warm_start_table(bench, pipe, defaults, quick, samples):
               equations=defaults["equations"])
     latent = latent_shape(pipe, pipe.unet.config.sample_size * pipe.vae_scale_factor,
                           pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    noise = torch.stack([torch.randn((T + 1,) + latent, generator=torch.Generator().manual_seed(s),
-                                     dtype=torch.float64) for s in range(samples)])
+    noise = noise_from_seeds(range(samples), T, latent)
     table = {}
     print(f"\nWarm start (parallel_sd_winit.py), T = {T}, ParaTAA at the scripts' defaults, {samples} seeds:\n")
     _row(["pair", "variation_steps", "prompt2 iterations, warm (median / max)", "cold start (median)",
@@ -53,7 +52,7 @@ def warm_start_table(bench, pipe, defaults, quick, samples):
             ref_traj = sample_sequential(bench.eps_fn, schedule, noise, cb, init=first.trajectory, start=V)
             ref = {"x0": ref_traj[:, 0], "images": bench.decode(ref_traj[:, 0])}
             s = summarize(measure(bench.eps_fn, schedule, noise, cb, bench.decode, ref, init=first.trajectory,
-                                  variation_steps=V, **kw), V)
+                                  variation_steps=V, **kw))
             s["cold_median"] = sorted(cold)[len(cold) // 2]
             table[f"{name} V={V}"] = s
             _row([name, V, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", fmt(s["cold_median"]),
@@ -169,18 +168,14 @@ def head_to_head(report):
 
 def main(args):
     torch.set_grad_enabled(False)
-    defaults = script_defaults(lambda p: add_solver_arguments(p, cfg_scale=5.0))
-    from parallel_sd import parse_args
-    defaults.update({k: v for k, v in vars(parse_args([])).items() if k in defaults})  # the script's own defaults
+    defaults = bench_defaults(SD_CFG_SCALE)
     pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent = latent_shape(pipe, size, size)
     classes = [0, 1] if args.quick else list(range(10))
 
     def problem(T):
-        noise = torch.stack([torch.randn((T + 1,) + latent, generator=torch.Generator().manual_seed(c),
-                                         dtype=torch.float64) for c in classes])
-        return noise, encode(pipe, [prompt(c) for c in classes], "", pipe.device), torch.tensor(classes)
+        return noise_from_seeds(classes, T, latent), encode(pipe, [prompt(c) for c in classes], "", pipe.device), torch.tensor(classes)
 
     bench = Bench("text2img", SDDenoiser(pipe.unet, defaults["cfg_scale"]), VAEDecoder(pipe.vae, pipe.device),
                   digit_classifier(), lambda T, eta=0.0: pipeline_schedule(pipe, T, eta), problem, defaults)

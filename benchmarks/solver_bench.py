@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gmm import GaussianMixtureEps  # noqa: E402
-from paratAA import dit_schedule, dit_scheduler, solve  # noqa: E402
+from paratAA import dit_schedule, dit_scheduler, draw_noise, noise_from_seeds, solve  # noqa: E402
 
+TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md)
 # name: (order (None: T), memory_size, form of the equations)
 METHODS = {"FP": (1, 1, "picard"), "FP+ (ddim)": (None, 1, "ddim"), "FP+ (picard)": (None, 1, "picard"),
            "ParaTAA m=2 (ddim)": (None, 2, "ddim"), "ParaTAA m=3 (ddim)": (None, 3, "ddim"),
@@ -40,10 +41,9 @@ def iteration_table(steps, seeds, latent):
             counts = []
             for seed in seeds:
                 model = GaussianMixtureEps.random(ac, latent, components=10, std=0.1, seed=seed)
-                noise = torch.randn((1, T + 1) + latent, generator=torch.Generator().manual_seed(seed),
-                                    dtype=torch.float64)
+                noise = noise_from_seeds([seed], T, latent)
                 out = solve(model, schedule, noise, order=order or T, memory_size=m, equations=form,
-                            model_dtype=torch.float64)
+                            tol1=TOL, tol2=TOL, model_dtype=torch.float64)
                 counts.append(out.iterations[0])
             row[name] = {"median": statistics.median(counts), "all": counts}
         rows.append(row)
@@ -73,9 +73,9 @@ def overhead(T, repeats):
     schedule = dit_schedule(T)
     totals, iters = [], []
     for seed in range(repeats):
-        noise = torch.randn((1, T + 1) + latent, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        noise = noise_from_seeds([seed], T, latent)
         t0 = time.perf_counter()
-        out = solve(timed, schedule, noise, torch.tensor([seed % 10]), memory_size=3)
+        out = solve(timed, schedule, noise, torch.tensor([seed % 10]), memory_size=3, tol1=TOL, tol2=TOL)
         totals.append(time.perf_counter() - t0)
         iters.append(out.iterations[0])
     model_time, total = sum(model_seconds), sum(totals)
@@ -99,7 +99,7 @@ def _memory_child(T, m, latent):
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page
 
-    noise = torch.randn((1, T + 1) + latent, dtype=torch.float64)
+    noise = draw_noise(1, T, latent)
     schedule = dit_schedule(T)
     before, peak, done = rss(), [0], threading.Event()
 

@@ -3,7 +3,7 @@ import torch
 
 
 class DiTDenoiser:
-    """Class-conditional DiT with classifier-free guidance (METHOD.md section 6).
+    """Class-conditional DiT with classifier-free guidance (docs/ALGORITHM.md, section 6).
 
     cond: [N] class labels. With guidance the batch is doubled ([cond; null]) and the model's own
     forward_with_cfg mixes the halves, keeping DiT's convention of guiding only its first 3 channels. Only the
@@ -27,7 +27,7 @@ class DiTDenoiser:
 
 
 class SDDenoiser:
-    """Stable Diffusion UNet with classifier-free guidance eps = eps_u + s (eps_c - eps_u) (METHOD.md section 6).
+    """Stable Diffusion UNet with classifier-free guidance eps = eps_u + s (eps_c - eps_u) (docs/ALGORITHM.md, section 6).
 
     cond: {"cond": [N, L, E] prompt embeddings, "uncond": [N, L, E] negative-prompt embeddings}.
     """

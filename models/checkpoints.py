@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from paratAA.cli import InputFileError
+from runner.errors import InputFileError
 
 DIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"  # where the public DiT weights come from
 VAE_SOURCE = "a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema from the Hugging Face hub"

@@ -1,13 +1,16 @@
-"""Stable Diffusion (v1.5 folder layout) from a local diffusers folder: checks, loading, prompt encoding."""
+"""Stable Diffusion (v1.5 folder layout) from a local diffusers folder: its flags and checks (shared by
+parallel_sd.py and parallel_sd_winit.py), loading, prompt encoding."""
 import json
 import os
 
 import torch
 
-from paratAA.cli import InputFileError, UsageError
+from runner.errors import InputFileError, UsageError
+from runner.flags import check_common_flags
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
+SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
 PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "tokenizer": None,
          "scheduler": "scheduler_config.json"}
 
@@ -74,3 +77,24 @@ def encode(pipe, prompts, negative_prompt, device):
 def latent_shape(pipe, height, width):
     f = pipe.vae_scale_factor
     return (pipe.unet.config.in_channels, height // f, width // f)
+
+
+def add_sd_flags(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_path", type=str, default=None,
+                   help="local diffusers Stable Diffusion folder (default: the embedded digits model)")
+    g.add_argument("--negative_prompt", type=str, default="", help="prompt of the unconditional guidance branch")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+
+
+def check_sd_flags(args, prompts):
+    """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
+    for flag, p in prompts:
+        if not p or not p.strip():
+            raise UsageError(f"{flag} must not be empty")
+    config = check_common_flags(args, 1000)
+    args.model_path = args.model_path or EMBEDDED_SD
+    check_folder(args.model_path)
+    check_size(args, args.model_path)
+    return config

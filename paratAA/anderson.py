@@ -1,4 +1,4 @@
-"""Triangular Anderson acceleration (METHOD.md section 3).
+"""Triangular Anderson acceleration (docs/ALGORITHM.md, section 3): the update and the memory it mixes.
 
 State t of the window depends only on itself and the noisier states above it, so each state gets its own
 mixing weights gamma_t from a least-squares problem over those states alone:
@@ -48,3 +48,36 @@ def triangular_anderson_step(R, dX, dR, num_columns, lam, upto):
     if bool(bad.any()):
         step[bad] = R[:upto][bad]
     return step, bad
+
+
+class AndersonMemory:
+    """One sample's TAA memory: the last iterate and residual of every state, and rings of the last m - 1
+    differences dX, dR. Storing differences (not iterates) means no history is copied per iteration."""
+
+    def __init__(self, m, T, D, device):
+        M = m - 1
+        self.M = M
+        self.last_x = torch.zeros(T, D, dtype=torch.float64, device=device)
+        self.last_r = torch.zeros(T, D, dtype=torch.float64, device=device)
+        self.dX = torch.zeros(M, T, D, dtype=torch.float64, device=device)
+        self.dR = torch.zeros(M, T, D, dtype=torch.float64, device=device)
+        self.count = torch.zeros(T, dtype=torch.long, device=device)   # iterates seen per state (capped)
+        self.pushes = 0
+
+    def push(self, x, R, lo, F):
+        """Record this iteration's window iterate x[lo:F] and residual R; a state seen before gains a column."""
+        slot = self.pushes % self.M
+        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[slot, lo:F])
+        torch.sub(R, self.last_r[lo:F], out=self.dR[slot, lo:F])
+        self.last_x[lo:F] = x[lo:F]
+        self.last_r[lo:F] = R
+        self.count[lo:F] = torch.clamp(self.count[lo:F] + 1, max=self.M + 1)
+        self.pushes += 1
+
+    def step(self, R, lo, F, p, lam):
+        """The TAA step (4) for the window states lo .. lo + p - 1 (below the highest unconverged one)."""
+        slots = [(self.pushes - 1 - j) % self.M for j in range(self.M)]   # newest first
+        dX = [self.dX[s, lo:lo + p] for s in slots]
+        dR = [self.dR[s, lo:F] for s in slots]
+        # the least-squares sums run over every window state at or above t, so dR spans the whole window
+        return triangular_anderson_step(R, dX, dR, self.count[lo:F] - 1, lam, p)

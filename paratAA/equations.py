@@ -1,4 +1,4 @@
-"""Order-k equations (METHOD.md section 2), in two forms with the same solution.
+"""Order-k equations (docs/ALGORITHM.md, section 2), in two forms with the same solution.
 
 Write r_r = a_r x_{r+1} + e_r - x_r for the order-1 residual of step r, e_r = b_r eps(x_{r+1}) + c_r xi_r.
 Anchored k levels up, at x_u with u = min(s + k, F) (F: the frozen boundary), the order-k residual of state x_s is
@@ -27,20 +27,9 @@ import torch
 FORMS = ("picard", "ddim")
 
 
-def _check_order(order):
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an integer >= 1, got {order!r}")
-
-
-def check_form(form):
-    if form not in FORMS:
-        raise ValueError(f"equations must be one of {', '.join(FORMS)}, got {form!r}")
-
-
 class OrderKEquations:
     def __init__(self, schedule, order, form="picard", device=None):
-        _check_order(order)
-        check_form(form)
+        """order in 1..T and form in FORMS (checked by SolverConfig)."""
         T = schedule.num_steps
         self.order, self.form = order, form
         if form == "picard":

@@ -1,4 +1,4 @@
-"""DDIM coefficients of the triangular system (METHOD.md, equation 1).
+"""DDIM coefficients of the triangular system (docs/ALGORITHM.md, equation 1).
 
 Step s (s = 0 .. T-1, s = 0 is the last, least noisy step) maps state x_{s+1} to x_s:
 
@@ -34,7 +34,7 @@ class Schedule:
         return Schedule(eta=self.eta, num_train_timesteps=self.num_train_timesteps, **move)
 
 
-def _check_eta(eta):
+def check_eta(eta):
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
 
@@ -53,7 +53,7 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     scheduler chose. (diffusers' DDIMScheduler.step instead assumes an even stride num_train // T, which is
     the same list for "leading"/"trailing" spacing but not for "linspace".)
     """
-    _check_eta(eta)
+    check_eta(eta)
     if not isinstance(scheduler, DDIMScheduler):
         scheduler = DDIMScheduler.from_config(scheduler.config)
     n_train = scheduler.config.num_train_timesteps

@@ -1,4 +1,4 @@
-"""ParaTAA: windowed fixed-point iteration with triangular Anderson acceleration (METHOD.md sections 3-4).
+"""ParaTAA: windowed fixed-point iteration with triangular Anderson acceleration (docs/ALGORITHM.md, sections 3-4).
 
 Each iteration evaluates the model once, in one batch, at the `window_size` noisiest unfrozen states of every
 sample, tests each state's order-1 residual, freezes what has converged and updates the rest. Solver state is
@@ -11,22 +11,17 @@ Boundary rule. After the test, with p the highest (noisiest) unconverged state o
 So the boundary drops by at least one state per iteration: never more than T iterations, whatever TAA does,
 and the guarantee does not rest on a residual coming out exactly zero in floating point.
 
-Departures from the public reference implementation, each deliberate: the order-k equations default to the
-Picard form (equations.py; equations="ddim" is the paper's form), which reaches the same image in a quarter to
-a half fewer iterations on the embedded models; the boundary rule above (the reference
-updates converged states once more and freezes p one iteration later); window_size = 1 with tolerance 0 is
-exactly sequential DDIM (the reference's initialisation of newly reached states is off by one); a state's TAA
-columns are its newest ones (the reference masks a short history from the oldest end); samples of a batch are
-solved together, each with its own boundary.
+Where this departs from the public reference implementation, and what each departure changes, is listed in
+docs/ALGORITHM.md (section "Departures from the reference").
 """
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .anderson import triangular_anderson_step
+from .anderson import AndersonMemory
+from .config import SolverConfig
 from .denoiser import evaluate, select
-from .equations import OrderKEquations, check_form
+from .equations import OrderKEquations
 from .sharding import Sharding
 
 
@@ -48,64 +43,47 @@ class SolveResult:
     converged: list             # per sample: x_0 frozen before max_steps ran out
     evaluations: list           # per sample: total model evaluations (a guided evaluation counts once)
     history: list               # per sample: SampleHistory
+    config: SolverConfig = None  # the values used (window_size and order resolved for T)
 
     @property
     def max_iterations(self):
         return max(self.iterations) if self.iterations else 0
 
 
-def _check_int(name, value, low, high=None):
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        span = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+def check_variation_steps(variation_steps, T):
+    """A warm start re-solves the last variation_steps of T steps."""
+    V = variation_steps
+    if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= T:
+        raise ValueError(f"variation_steps must be an integer in 1..{T}, got {V!r}")
 
 
-def _check_nonneg(name, value):
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_config(T, window_size, order, memory_size, tol1, tol2, lam=1e-3, max_steps=None, variation_steps=None,
-                 equations="picard"):
-    """ValueError naming the first bad parameter (shared by the scripts' flag checks)."""
-    _check_int("timesteps", T, 1)
-    _check_int("window_size", window_size, 1)
-    _check_int("order", order, 1)
-    check_form(equations)
-    _check_int("memory_size", memory_size, 1)
-    _check_nonneg("tol1", tol1)
-    _check_nonneg("tol2", tol2)
-    _check_nonneg("lam", lam)
-    if max_steps is not None:
-        _check_int("max_steps", max_steps, 1)
-    if variation_steps is not None:
-        _check_int("variation_steps", variation_steps, 1, T)
-
-
-def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, equations="picard", memory_size=2,
-          lam=1e-3, tol1=1e-3, tol2=1e-3, max_steps=None, init=None, variation_steps=None, model_dtype=torch.float32,
-          sharding=None, record_x0=False, callback=None):
+def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variation_steps=None,
+          model_dtype=torch.float32, sharding=None, record_x0=False, callback=None, **overrides):
     """Solve the triangular DDIM system of B independent samples in parallel.
 
     eps_fn: noise prediction (see denoiser.py). schedule: paratAA.Schedule with T steps.
-    noise: [B, T+1, *latent], xi[s] for step s and noise[:, T] = x_T (float64 recommended).
+    noise: [B, T+1, *latent], xi[s] for step s and noise[:, T] = x_T (float64 recommended; paratAA.noise).
     cond: per-sample conditioning, [B, ...] tensor or dict of them, or None.
-    window_size: states evaluated per sample per iteration (default T); order: order of the equations
-    (default window_size); equations: their form, "picard" or "ddim" (the paper's; see equations.py);
-    memory_size: TAA memory m (1 = plain fixed-point); lam: TAA regulariser.
-    tol1, tol2: a state has converged when RMS(order-1 residual) <= max(tol1, tol2 * sigma).
-    max_steps: iteration cap (default: none; T always suffices).
+    config: a SolverConfig (default: SolverConfig()); keyword overrides of its fields are applied on top,
+        e.g. solve(eps_fn, schedule, noise, window_size=8, memory_size=2).
     init, variation_steps: warm start. init [B, T+1, *latent] is an existing trajectory (same noise); its
     noisiest T - variation_steps states stay frozen and the rest are re-solved starting from init's values.
     sharding: paratAA.Sharding splitting each model call across processes (default: this process only).
     record_x0: keep the x_0 estimate (the lowest state reached) before and after every iteration.
     callback(iteration, boundaries): called after every iteration, e.g. for a progress bar.
     """
+    if isinstance(cond, SolverConfig):
+        raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
+                        "pass the SolverConfig as config=...")
+    unknown = sorted(set(overrides) - {f.name for f in fields(SolverConfig)})
+    if unknown:
+        raise TypeError(f"solve() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
     T = schedule.num_steps
-    window_size = T if window_size is None else window_size
-    order = window_size if order is None else order
-    check_config(T, window_size, order, memory_size, tol1, tol2, lam, max_steps, variation_steps, equations)
+    config = replace(config or SolverConfig(), **overrides).resolve(T)
+    window_size, order, memory_size = config.window_size, config.order, config.memory_size
+    lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
+    if variation_steps is not None:
+        check_variation_steps(variation_steps, T)
     if noise.dim() < 2 or noise.shape[1] != T + 1:
         raise ValueError(f"noise must be [B, T+1={T + 1}, *latent], got {tuple(noise.shape)}")
     if (init is None) != (variation_steps is None):
@@ -113,7 +91,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, e
     sharding = sharding or Sharding()
     device = noise.device
     sched = schedule.to(device)
-    eq = OrderKEquations(schedule, min(order, T), equations, device=device)
+    eq = OrderKEquations(schedule, order, config.equations, device=device)
     B, latent = noise.shape[0], tuple(noise.shape[2:])
     xi = noise.to(torch.float64).flatten(2)                                   # [B, T+1, D]
 
@@ -131,7 +109,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, e
 
     m = memory_size
     if m > 1:
-        memory = [_History(m, T, X.shape[2], device) for _ in range(B)]
+        memory = [AndersonMemory(m, T, X.shape[2], device) for _ in range(B)]
     history = [SampleHistory() for _ in range(B)]
     iterations = [0] * B
     if record_x0:
@@ -184,7 +162,7 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, e
                 if m > 1:
                     memory[b].push(x, R, lo, F)
                     if p > 0:
-                        step, bad = memory[b].anderson_step(R, lo, F, p, lam)
+                        step, bad = memory[b].step(R, lo, F, p, lam)
                         fallbacks = int(bad.sum())
                 x[lo:lo + p] += step[:p]
                 x[lo + p] += R[p]
@@ -204,36 +182,5 @@ def solve(eps_fn, schedule, noise, cond=None, *, window_size=None, order=None, e
 
     return SolveResult(samples=X[:, 0].reshape(B, *latent), trajectory=X.reshape(B, T + 1, *latent),
                        iterations=iterations, converged=[f == 0 for f in boundary],
-                       evaluations=[sum(h.evaluations) for h in history], history=history)
+                       evaluations=[sum(h.evaluations) for h in history], history=history, config=config)
 
-
-class _History:
-    """One sample's TAA memory: the last iterate and residual of every state, and rings of the last m - 1
-    differences dX, dR. Storing differences (not iterates) means no history is copied per iteration."""
-
-    def __init__(self, m, T, D, device):
-        M = m - 1
-        self.M = M
-        self.last_x = torch.zeros(T, D, dtype=torch.float64, device=device)
-        self.last_r = torch.zeros(T, D, dtype=torch.float64, device=device)
-        self.dX = torch.zeros(M, T, D, dtype=torch.float64, device=device)
-        self.dR = torch.zeros(M, T, D, dtype=torch.float64, device=device)
-        self.count = torch.zeros(T, dtype=torch.long, device=device)   # iterates seen per state (capped)
-        self.pushes = 0
-
-    def push(self, x, R, lo, F):
-        """Record this iteration's window iterate x[lo:F] and residual R; a state seen before gains a column."""
-        slot = self.pushes % self.M
-        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[slot, lo:F])
-        torch.sub(R, self.last_r[lo:F], out=self.dR[slot, lo:F])
-        self.last_x[lo:F] = x[lo:F]
-        self.last_r[lo:F] = R
-        self.count[lo:F] = torch.clamp(self.count[lo:F] + 1, max=self.M + 1)
-        self.pushes += 1
-
-    def anderson_step(self, R, lo, F, p, lam):
-        slots = [(self.pushes - 1 - j) % self.M for j in range(self.M)]   # newest first
-        dX = [self.dX[s, lo:lo + p] for s in slots]
-        dR = [self.dR[s, lo:F] for s in slots]
-        # the least-squares sums run over every window state at or above t, so dR spans the whole window
-        return triangular_anderson_step(R, dX, dR, self.count[lo:F] - 1, lam, p)

@@ -9,10 +9,9 @@ import torch
 import parallel_dit
 import parallel_sd
 import parallel_sd_winit
-from paratAA.cli import exit_on_error
+from runner.errors import exit_on_error
+from tests.conftest import ROOT
 from tests.tiny_sd import build_tiny_sd
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,7 @@ def test_non_finite_model_output_is_one_line_and_writes_no_image(files, tmp_path
 
 def test_runs_started_in_the_same_second_never_share_a_folder(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
-    from paratAA.cli import create_run_dir
+    from runner.rundir import create_run_dir
     with ThreadPoolExecutor(8) as pool:
         dirs = list(pool.map(lambda _: create_run_dir(str(tmp_path), "DiT"), range(64)))
     assert len(set(dirs)) == 64 and all(os.path.isdir(d) for d in dirs)

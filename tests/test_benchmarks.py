@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
 
 
 def bench(script, *flags):
@@ -36,6 +36,10 @@ def test_benchmarks_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "gpu.json") as f:
         est = json.load(f)["models"]
-    # the estimate is the arithmetic it claims: K * (call(W) + solver) against T * call(1)
+    with open(tmp_path / "dit.json") as f:
+        dit = json.load(f)
     row = est["DiT-XL/2 256"]["windows"]["25"]
-    assert row["iterations"] < 25 and abs(row["speedup"] - row["sequential_seconds"] / row["paratAA_seconds"]) < 1e-9
+    # it uses the iteration counts it names, and no estimate beats T / iterations: a batched call of W inputs
+    # never costs less than a call of one, and the solver's time comes on top
+    assert row["iterations"] == dit["window_sweep"]["25"]["stop_median"]
+    assert 0 < row["speedup"] < 25 / row["iterations"]

@@ -13,25 +13,13 @@ from models import digits
 from models.adapters import DiTDenoiser, VAEDecoder
 from models.dit import DiT_models
 from paratAA import dit_schedule, sample_sequential
-from tests.helpers import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, free_port, read_latents as latents, script_noise
 
 
 def run(out, *flags):
     run_dir = parallel_dit.main(parallel_dit.parse_args(["--output_path", str(out), *flags]))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         return run_dir, json.load(f)
-
-
-def latents(run_dir):
-    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
-
-
-def script_noise(seed, n, T, latent):
-    """The scripts' draw: labels first (when random), then noise, from one CPU generator."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, T + 1) + latent, generator=g, dtype=torch.float64)
 
 
 def test_embedded_defaults_and_layout(tmp_path):
@@ -141,18 +129,3 @@ def test_quality_bar_sequential_and_paratAA(tmp_path):
     assert agreement(latents(run_dir)) >= 0.9
 
 
-def test_anderson_and_picard_form_pay_on_the_trained_model():
-    """On the embedded (trained) DiT at the defaults (order = window = T, m = 3): TAA needs fewer iterations than
-    plain fixed-point iteration in either form, and the Picard form fewer than the paper's DDIM form."""
-    from paratAA import solve
-    T, classes = 50, torch.arange(6)
-    eps = DiTDenoiser(digits.load_embedded_dit(), 4.0)
-    noise = script_noise(0, len(classes), T, (4, 4, 4))
-
-    def iterations(equations, m):
-        return sum(solve(eps, dit_schedule(T), noise, classes, equations=equations, memory_size=m,
-                         tol1=3e-4, tol2=3e-4).iterations)
-    taa = {f: iterations(f, 3) for f in ("picard", "ddim")}
-    fp = {f: iterations(f, 1) for f in ("picard", "ddim")}
-    assert taa["picard"] < fp["picard"] and taa["ddim"] < fp["ddim"], (taa, fp)
-    assert taa["picard"] < taa["ddim"], taa

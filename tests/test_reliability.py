@@ -9,16 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import free_port
+from tests.conftest import ROOT, free_port, only_run, read_latents as latents
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "parallel_dit.py")
 FLAGS = ["--timesteps", "20", "--num_samples", "3", "--batch_size", "2", "--eta", "0.4", "--seed", "11"]
-
-
-def only_run(out):
-    (d,) = os.listdir(out)
-    return os.path.join(out, d)
 
 
 def launch(out, prefix=(), flags=FLAGS, env=None, wait=True):
@@ -34,10 +28,6 @@ def launch(out, prefix=(), flags=FLAGS, env=None, wait=True):
 def torchrun(n, port):
     return ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n), "--master_addr",
             "127.0.0.1", "--master_port", str(port)]
-
-
-def latents(run_dir):
-    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,13 @@ import torch
 
 import parallel_sd
 import parallel_sd_winit
-from tests.helpers import free_port
-from tests.tiny_sd import build_tiny_sd
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+from tests.conftest import ROOT, free_port, read_latents as latents
 
 
 def run_sd(folder, out, *flags):
     run_dir = parallel_sd.main(parallel_sd.parse_args(["--model_path", folder, "--output_path", str(out), *flags]))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         return run_dir, json.load(f)
-
-
-def latents(run_dir):
-    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
 
 
 def diffusers_ddim(folder, prompt, T, eta, seed, num_samples, cfg):

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from paratAA import Sharding, sample_sequential, shard_bounds, solve
-from tests.helpers import free_port, gmm_problem
+from tests.conftest import free_port, gmm_problem
 
 
 @pytest.mark.parametrize("world", range(1, 9))

@@ -1,13 +1,13 @@
-# Trains the embedded text-to-image model in models/embedded/text2img: a tiny Stable-Diffusion-v1.5
-# layout (CLIP text encoder + tokenizer, UNet2DConditionModel, the digits AutoencoderKL, DDIM
-# scheduler) on sklearn's 8x8 digits captioned "a handwritten digit <name>". Seeded, CPU only,
-# no downloads; needs the VAE that models.train_embedded writes to models/embedded/vae.
-#   python -m models.train_text2img              (train, save the EMA pipeline, evaluate)
-#   python -m models.train_text2img --eval-only
+"""Trains the embedded text-to-image model in models/embedded/text2img: a tiny Stable-Diffusion-v1.5 layout (CLIP
+text encoder + tokenizer, UNet2DConditionModel, the digits AutoencoderKL, DDIM scheduler) on sklearn's 8x8 digits
+captioned "a handwritten digit <name>". Seeded, CPU only, no downloads; needs the VAE that
+training.train_embedded writes to models/embedded/vae.
+
+    python -m training.train_text2img              (train, save the EMA pipeline, evaluate)
+    python -m training.train_text2img --eval-only
+"""
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import tempfile
@@ -16,8 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # allow `python models/train_text2img.py`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # allow `python training/...py`
 from models import digits  # noqa: E402
+from training.loop import noisy_latents, train as train_loop  # noqa: E402
 
 OUT_DIR = os.path.join(digits.EMBEDDED_DIR, "text2img")
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -92,20 +93,6 @@ def make_pipeline(unet, text_encoder, tokenizer, vae):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def lr_at(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    # cosine down to 10% so the last steps refine rather than stop
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
 @torch.no_grad()
 def ddim_sample(pipe, prompts, steps=50, cfg=DEFAULT_CFG, seed=0, negative_prompt=None):
     """Plain sequential DDIM (eta 0) with classifier-free guidance; decoded images [N, 3, 8, 8] in [-1, 1]."""
@@ -158,42 +145,30 @@ def train(args, vae, tok, clf):
     text_encoder = make_text_encoder(args, tok).train()
     unet = make_unet(args).train()
     model = torch.nn.ModuleDict(dict(unet=unet, text_encoder=text_encoder))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     print(f"UNet params: {sum(p.numel() for p in unet.parameters()):,}, "
           f"text encoder params: {sum(p.numel() for p in text_encoder.parameters()):,}")
     # caption ids as the pipeline pads them; row 10 is the empty prompt used for guidance dropout
     ids = tok(CAPTIONS + [""], padding="max_length", max_length=MAX_LEN, truncation=True,
               return_tensors="pt").input_ids  # [11, L]
     sched = DDPMScheduler(**SCHEDULE)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
-    n = len(labels)
     t0 = time.time()
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, 100)
-        idx = torch.randint(0, n, (args.batch,), generator=g)
-        # posterior samples so the prior covers the decoder's input region
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale  # [B, 4, 4, 4]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch,), generator=g)
-        zt = sched.add_noise(z0, noise, t)
+
+    def batch_loss(step):
+        idx, zt, t, noise = noisy_latents(lat_mean, lat_std, scale, args.batch, sched, g)
         drop = torch.rand(args.batch, generator=g) < args.uncond_prob
         cap = torch.where(drop, torch.full_like(labels[idx], 10), labels[idx])  # [B]
         emb = text_encoder(ids[cap])[0]  # [B, L, D]
         eps = unet(zt, t, encoder_hidden_states=emb).sample  # [B, 4, 4, 4]
-        loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        # warmed-up EMA so a short run is not dominated by the random init
-        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        if step % 200 == 0 or step == args.steps - 1:
-            print(f"[t2i {step:5d}] loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": F.mse_loss(eps, noise)}
+
+    def evaluate(step, ema):
         if args.eval_every and step > 0 and step % args.eval_every == 0:
             pipe = make_pipeline(ema["unet"], ema["text_encoder"], tok, vae)
             evaluate_quality(pipe, n_per_class=5, cfg=args.cfg, seed=args.seed, clf=clf)
+
+    ema = train_loop(model, list(model.parameters()), batch_loss, args.steps, args.lr, warmup=100, name="t2i",
+                     log_every=200, clip=1.0, ema_decay=args.ema, on_step=evaluate)
     minutes = (time.time() - t0) / 60
     print(f"training done in {minutes:.1f} min")
     return ema, minutes

@@ -1,12 +1,11 @@
-# Trains the embedded CPU model in models/embedded: a tiny AutoencoderKL on sklearn's
-# 8x8 digits (8x8x3 -> 4x4x4 latents), then a class-conditional DiT-Digits on the
-# scaled latents. Seeded, CPU only, no downloads.
-#   python -m models.train_embedded            (train both, write models/embedded)
-#   python -m models.train_embedded --eval-only
+"""Trains the embedded CPU model in models/embedded: a tiny AutoencoderKL on sklearn's 8x8 digits (8x8x3 -> 4x4x4
+latents), then a class-conditional DiT-Digits on the scaled latents. Seeded, CPU only, no downloads.
+
+    python -m training.train_embedded            (train both, write models/embedded)
+    python -m training.train_embedded --eval-only
+"""
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import time
@@ -14,9 +13,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # allow `python models/train_embedded.py`
-from models.dit import DiT_models  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # allow `python training/...py`
 from models import digits  # noqa: E402
+from models.dit import DiT_models  # noqa: E402
+from training.loop import noisy_latents, train  # noqa: E402
 
 # Training/sampling schedule shared with the rest of the repo (DiT's linear betas).
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -33,37 +33,23 @@ def make_vae(args):
     )
 
 
-def lr_at(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    # cosine down to 10% so the last steps refine rather than stop
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
 def train_vae(args, images, labels, clf):
     torch.manual_seed(args.seed)
     vae = make_vae(args).train()
     print(f"VAE params: {sum(p.numel() for p in vae.parameters()):,}")
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
-    n = len(images)
     t0 = time.time()
-    for step in range(args.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
-        x = images[torch.randint(0, n, (args.vae_batch,), generator=g)]  # [B, 3, 8, 8]
+
+    def batch_loss(step):
+        x = images[torch.randint(0, len(images), (args.vae_batch,), generator=g)]  # [B, 3, 8, 8]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample  # [B, 3, 8, 8]
         # per-image sums so the KL weight is relative to the whole image's error
         rec_loss = (rec - x).pow(2).flatten(1).sum(1).mean()
         kl = post.kl().mean()
-        loss = rec_loss + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == args.vae_steps - 1:
-            print(f"[vae {step:5d}] rec(sse/img) {rec_loss.item():.3f} kl {kl.item():.2f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": rec_loss + args.kl_weight * kl, "rec(sse/img)": rec_loss.detach(), "kl": kl.detach()}
+
+    train(vae, list(vae.parameters()), batch_loss, args.vae_steps, args.vae_lr, warmup=50, name="vae", log_every=250)
     vae.eval()
     with torch.no_grad():
         post = vae.encode(images).latent_dist
@@ -84,45 +70,27 @@ def dit_kwargs(args):
                 num_heads=args.heads, mlp_ratio=4.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=True)
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
 def train_dit(args, lat_mean, lat_std, scale, labels, vae, clf):
     from diffusers import DDPMScheduler
     torch.manual_seed(args.seed)
     model = DiT_models["DiT-Digits"](**dit_kwargs(args)).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     print(f"DiT params: {sum(p.numel() for p in model.parameters()):,}")
     sched = DDPMScheduler(**SCHEDULE)
     params = [p for p in model.parameters() if p.requires_grad]  # pos_embed stays fixed
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
-    n = len(labels)
     t0 = time.time()
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, 100)
-        idx = torch.randint(0, n, (args.batch,), generator=g)
-        # sample from the posterior (as DiT does) so the prior covers the decoder's input region
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale  # [B, 4, 4, 4]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch,), generator=g)
-        zt = sched.add_noise(z0, noise, t)
+
+    def batch_loss(step):
+        idx, zt, t, noise = noisy_latents(lat_mean, lat_std, scale, args.batch, sched, g)
         out = model(zt, t, labels[idx])  # [B, 8, 4, 4]; dropout to the null class happens inside
-        loss = F.mse_loss(out[:, :4], noise)  # variance half unused
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        # warmed-up EMA so a short run is not dominated by the random init
-        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        if step % 200 == 0 or step == args.steps - 1:
-            print(f"[dit {step:5d}] loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": F.mse_loss(out[:, :4], noise)}  # variance half unused
+
+    def evaluate(step, ema):
         if args.eval_every and step > 0 and step % args.eval_every == 0:
             evaluate_quality(ema, vae, clf, n_per_class=5, seed=args.seed, verbose=False)
+
+    ema = train(model, params, batch_loss, args.steps, args.lr, warmup=100, name="dit", log_every=200, clip=1.0,
+                ema_decay=args.ema, on_step=evaluate)
     print(f"DiT done in {time.time() - t0:.0f}s")
     return model, ema
 

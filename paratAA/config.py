@@ -1,0 +1,57 @@
+"""Every solver parameter in one place: its default, its check and its help text.
+
+`solve` takes a SolverConfig; the scripts generate their flags from its fields (runner/flags.py) and record the
+resolved config in metrics.json. A new knob is one field here and its use in the solver.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .equations import FORMS
+
+
+def _param(default, help, kind, choices=None):
+    """kind: "int" (an integer >= 1), "count" (an integer >= 1 or None), "float" (a finite number >= 0), "choice"."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    window_size: int = _param(None, "states evaluated per sample per iteration (default: T; above T means T)", "count")
+    order: int = _param(None, "order k of the equations: 1 is Jacobi-like, window_size (the default) Picard-like "
+                              "(an order above the window acts as the window)", "count")
+    equations: str = _param("picard", "form of the order-k equations: picard (sum of drifts, fewer iterations) or "
+                                      "ddim (the paper's DDIM composition); same solution either way", "choice", FORMS)
+    memory_size: int = _param(3, "TAA memory m: iterates kept per state (1: plain fixed-point iteration; 2-5 "
+                                 "recommended)", "int")
+    lam: float = _param(1e-3, "regulariser lambda of the TAA least-squares problems", "float")
+    tol1: float = _param(3e-4, "absolute tolerance on the RMS residual of a state", "float")
+    tol2: float = _param(3e-4, "tolerance relative to the step's noise level sigma", "float")
+    max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice)", "count")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """ValueError naming the first bad parameter (its message starts with the parameter's name)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.metadata["kind"]
+            if kind == "count" and value is None:
+                continue
+            if kind in ("int", "count"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+            elif kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise ValueError(f"{f.name} must be a finite number >= 0, got {value!r}")
+            elif value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+
+    def resolve(self, T):
+        """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window
+        and is capped at it (u = min(s + k, F) in equation (2) makes every order above the window the same)."""
+        window = min(self.window_size or T, T)
+        return replace(self, window_size=window, order=min(self.order or window, window))
+
+    def to_dict(self):
+        return asdict(self)

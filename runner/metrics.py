@@ -1,0 +1,23 @@
+"""How close a parallel sample is to the sequential one: in gray levels of the decoded image and in latent units.
+
+"Same image": the decoded x_0 estimate differs from the decoded sequential sample by at most SAME_IMAGE gray
+levels (RMS over 8-bit pixels). The run writer and the benchmarks both count iterations with it.
+"""
+import numpy as np
+
+SAME_IMAGE = 1.0  # gray levels
+
+
+def image_rms(a, b):
+    """RMS difference in 8-bit levels of two uint8 images."""
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def latent_rms(a, b):
+    """RMS difference of two latents (torch tensors), in latent units."""
+    return float((a.double().cpu() - b.double().cpu()).pow(2).mean().sqrt())
+
+
+def same_image_at(image_rms_history):
+    """Index of the first entry within SAME_IMAGE gray levels (entry 0 is the initial state), or None."""
+    return next((k for k, v in enumerate(image_rms_history) if v <= SAME_IMAGE), None)

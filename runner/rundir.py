@@ -1,0 +1,90 @@
+"""Run folders: where they go, how they are named, and files written so that a reader never sees half of one.
+
+    <output_path>/<prefix>-<date>-<time>-<random>/
+        args.json  metrics.json  latents.npz  grid.png  sample_<i>/step_<k>.png
+"""
+import io
+import json
+import os
+import secrets
+import time
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from .errors import UsageError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check_output_path(path):
+    """Fail before sampling if run folders cannot be created under path."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or (os.path.exists(path) and not os.path.isdir(path)):
+        raise UsageError(f"--output_path is not a folder: {path}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_path is not writable: {path}")
+
+
+def create_run_dir(output_path, prefix):
+    """A new folder <prefix>-<date>-<time>-<random>: two runs started in the same second never share one."""
+    os.makedirs(output_path, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    while True:
+        path = os.path.join(output_path, f"{prefix}-{stamp}-{secrets.token_hex(3)}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def upscale(img, min_side=64):
+    """Integer nearest upscaling so that tiny images (the 8x8 digits) can be looked at."""
+    k = max(1, -(-min_side // min(img.shape[:2])))
+    return img.repeat(k, 0).repeat(k, 1) if k > 1 else img
+
+
+def _atomic(path, write):
+    """write(tmp_path) then rename: an interrupted run never leaves a half-written file under the real name."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_png(img, path):
+    _atomic(path, lambda p: Image.fromarray(upscale(img)).save(p))
+
+
+def save_json(obj, path):
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic(path, write)
+
+
+def save_npz(path, **arrays):
+    """Like np.savez, but byte-identical for identical arrays (fixed zip timestamps)."""
+    def write(p):
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as z:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+    _atomic(path, write)
+
+
+def portable(value):
+    """Paths inside this repository (the embedded defaults) are recorded relative to it, never as this
+    machine's absolute path."""
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(REPO_ROOT + os.sep):
+        return os.path.relpath(value, REPO_ROOT)
+    return value
+
+
+def save_args(args, run_dir):
+    save_json({k: portable(v) for k, v in vars(args).items()}, os.path.join(run_dir, "args.json"))

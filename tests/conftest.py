@@ -1,0 +1,59 @@
+"""Shared helpers of the test suite: small closed-form problems, ports, run folders, a tiny SD pipeline."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from models.gmm import GaussianMixtureEps
+from paratAA import dit_schedule, dit_scheduler, draw_noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gmm_problem(T, batch=1, latent=(4, 8, 8), eta=0.0, seed=0, components=10, std=0.1):
+    """A nonlinear model with an exact float64 noise prediction, its schedule and the per-step noise."""
+    schedule = dit_schedule(T, eta)
+    model = GaussianMixtureEps.random(dit_scheduler().alphas_cumprod, latent, components=components, std=std,
+                                      seed=seed)
+    noise = draw_noise(batch, T, latent, torch.Generator().manual_seed(1000 + seed))
+    return model, schedule, noise
+
+
+def script_noise(seed, n, T, latent):
+    """The scripts' draw when no random labels come first: noise from one CPU generator seeded with --seed."""
+    return draw_noise(n, T, latent, torch.Generator().manual_seed(seed))
+
+
+def rms(a, b):
+    return float((a - b).pow(2).mean().sqrt())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_latents(run_dir):
+    return np.load(os.path.join(run_dir, "latents.npz"))["latents"]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def only_run(out):
+    """The single run folder created under out."""
+    (d,) = os.listdir(out)
+    return os.path.join(out, d)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random pipeline in the Stable Diffusion v1.5 folder layout."""
+    from tests.tiny_sd import build_tiny_sd
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))

@@ -1,0 +1,91 @@
+"""SolverConfig owns every solver parameter: one default set, one check, the flags generated from it."""
+from dataclasses import fields
+
+import pytest
+import torch
+
+import parallel_dit
+import parallel_sd
+import parallel_sd_winit
+from paratAA import SolverConfig, solve
+from runner.errors import UsageError
+from runner.flags import check_common_flags
+from tests.conftest import gmm_problem
+
+
+@pytest.mark.parametrize("script", [parallel_dit, parallel_sd, parallel_sd_winit])
+def test_script_flags_are_the_config_fields_with_its_defaults(script):
+    args = script.parse_args([])
+    assert {f.name: getattr(args, f.name) for f in fields(SolverConfig)} == SolverConfig().to_dict()
+
+
+def test_solve_uses_the_config_defaults():
+    model, schedule, noise = gmm_problem(12)
+    out = solve(model, schedule, noise, model_dtype=torch.float64)
+    assert out.config == SolverConfig().resolve(12)
+    explicit = solve(model, schedule, noise, None, SolverConfig(), model_dtype=torch.float64)
+    assert explicit.iterations == out.iterations and torch.equal(explicit.samples, out.samples)
+
+
+def test_keyword_overrides_equal_a_config():
+    model, schedule, noise = gmm_problem(12)
+    a = solve(model, schedule, noise, window_size=5, memory_size=2, model_dtype=torch.float64)
+    b = solve(model, schedule, noise, config=SolverConfig(window_size=5, memory_size=2), model_dtype=torch.float64)
+    assert a.iterations == b.iterations and torch.equal(a.trajectory, b.trajectory)
+    assert a.config.window_size == 5 and a.config.order == 5
+
+
+def test_unknown_parameter_or_a_config_in_place_of_cond_is_a_type_error():
+    model, schedule, noise = gmm_problem(5)
+    with pytest.raises(TypeError, match="windowsize"):
+        solve(model, schedule, noise, windowsize=3)
+    with pytest.raises(TypeError, match="config="):
+        solve(model, schedule, noise, SolverConfig())
+
+
+@pytest.mark.parametrize("T, window, order, used", [(10, None, None, (10, 10)), (10, 50, None, (10, 10)),
+                                                    (10, 4, None, (4, 4)), (10, 4, 9, (4, 4)), (10, None, 3, (10, 3)),
+                                                    (10, 30, 20, (10, 10))])
+def test_resolve_records_the_values_used(T, window, order, used):
+    c = SolverConfig(window_size=window, order=order).resolve(T)
+    assert (c.window_size, c.order) == used
+
+
+@pytest.mark.parametrize("name, value", [("window_size", 0), ("order", -1), ("memory_size", 1.5),
+                                         ("memory_size", True), ("tol1", float("nan")), ("tol2", -1e-3),
+                                         ("lam", float("inf")), ("max_steps", 0), ("equations", "euler")])
+def test_bad_values_name_the_parameter(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        SolverConfig(**{name: value})
+
+
+def test_flags_check_through_the_config_and_record_the_values_used(tmp_path):
+    args = parallel_dit.parse_args(["--timesteps", "20", "--window_size", "50", "--output_path", str(tmp_path)])
+    config = check_common_flags(args, 1000)
+    assert (config.window_size, config.order) == (20, 20) and (args.window_size, args.order) == (20, 20)
+    args = parallel_dit.parse_args(["--lam", "-1", "--output_path", str(tmp_path)])
+    with pytest.raises(UsageError, match="^--lam must be a finite number >= 0, got -1"):
+        check_common_flags(args, 1000)
+
+
+def test_the_algorithm_package_imports_only_torch_and_diffusers():
+    """paratAA/ is the algorithm: no run layer (accelerate, PIL, tqdm, matplotlib, runner, models) in its imports."""
+    import ast
+    import os
+    import sys
+    from tests.conftest import ROOT
+    folder = os.path.join(ROOT, "paratAA")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in ("torch", "diffusers") or root in sys.stdlib_module_names, (name, root)

@@ -6,13 +6,19 @@
 
 Each iteration evaluates the DiT at the window of every sample in one batch, split across the processes.
 """
-from models.bundles import DIT_CFG_SCALE, EMBEDDED_DIT, dit_bundle
-from models.checkpoints import VAE_SOURCE
-from models.dit import DiT_models
-from runner.errors import UsageError, exit_on_error
-from runner.flags import add_common_flags, check_common_flags, make_parser
-from runner.launch import start_session
-from runner.loop import sample_run
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+from models.bundles import DIT_CFG_SCALE, EMBEDDED_DIT, dit_bundle  # noqa: E402
+from models.checkpoints import VAE_SOURCE  # noqa: E402
+from models.dit import DiT_models  # noqa: E402
+from runner.flags import add_common_flags, check_common_flags, make_parser  # noqa: E402
+from runner.launch import start_session  # noqa: E402
+from runner.loop import sample_run  # noqa: E402
+
+MAX_CLASSES = 10 ** 6  # more class embeddings than any checkpoint has; keeps a typo from allocating gigabytes
 
 
 def check_arguments(args):
@@ -20,21 +26,31 @@ def check_arguments(args):
     if args.model not in DiT_models:
         raise UsageError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
     if args.model == EMBEDDED_DIT:
+        # its size and classes are fixed: a flag asking for others would be ignored, so it is refused
         from models import digits
+        for flag, used in (("image_size", digits.EMBEDDED_IMAGE_SIZE), ("num_classes", digits.EMBEDDED_CLASSES)):
+            if getattr(args, flag) not in (None, used):
+                raise UsageError(f"--{flag} applies to DiT checkpoints; the embedded {EMBEDDED_DIT} has {flag} {used}, "
+                                 f"got {getattr(args, flag)}")
+            setattr(args, flag, used)  # recorded as used
         args.model_path = args.model_path or digits.DIT_WEIGHTS
         args.vae_path = args.vae_path or digits.VAE_DIR
-        args.num_classes = digits.load_embedded_config()["num_classes"]
     else:
+        args.image_size = 256 if args.image_size is None else args.image_size
+        args.num_classes = 1000 if args.num_classes is None else args.num_classes
         if args.image_size not in (256, 512):
             raise UsageError(f"--image_size must be 256 or 512 for a DiT checkpoint, got {args.image_size}")
         if not args.model_path or not args.vae_path:
             raise UsageError(f"--model {args.model} needs --model_path (a DiT checkpoint) and --vae_path ({VAE_SOURCE})")
+        if not 1 <= args.num_classes <= MAX_CLASSES:
+            raise UsageError(f"--num_classes must be in 1..{MAX_CLASSES}, got {args.num_classes}")
     config = check_common_flags(args, 1000)
-    if args.num_classes < 1:
-        raise UsageError(f"--num_classes must be >= 1, got {args.num_classes}")
     for c in args.class_labels or []:
         if not 0 <= c < args.num_classes:
             raise UsageError(f"--class_labels must be in 0..{args.num_classes - 1}, got {c}")
+    if args.class_labels and len(args.class_labels) > args.num_samples:
+        raise UsageError(f"--class_labels gives {len(args.class_labels)} labels for --num_samples {args.num_samples}: "
+                         f"the last {len(args.class_labels) - args.num_samples} would be ignored")
     return config
 
 
@@ -52,8 +68,10 @@ def parse_args(argv=None):
     g.add_argument("--model_path", type=str, default=None,
                    help="DiT weights: raw state dict .pt, training checkpoint with 'ema'/'model', or .safetensors")
     g.add_argument("--vae_path", type=str, default=None, help="local diffusers AutoencoderKL folder")
-    g.add_argument("--image_size", type=int, default=256, help="256 or 512 for the public DiT-XL/2 checkpoints")
-    g.add_argument("--num_classes", type=int, default=1000, help="classes of the checkpoint (the embedded model: 10)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="256 (default) or 512, for DiT checkpoints (the embedded model makes 8x8 images)")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="classes of a DiT checkpoint (default 1000; the embedded model has 10)")
     g.add_argument("--class_labels", type=int, nargs="+", default=None,
                    help="labels of the samples, repeated cyclically (default: random from the seed)")
     return parser.parse_args(argv)

@@ -6,29 +6,37 @@
 
 The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step).
 """
-from models.bundles import sd_bundles
-from models.sd import SD_CFG_SCALE, add_sd_flags, check_sd_flags
-from runner.errors import exit_on_error
-from runner.flags import add_common_flags, make_parser
-from runner.launch import start_session
-from runner.loop import sample_run
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+from models.bundles import sd_bundles  # noqa: E402
+from models.sd import SD_CFG_SCALE, PromptList, add_sd_flags, check_sd_flags  # noqa: E402
+from runner.flags import add_common_flags, make_parser  # noqa: E402
+from runner.launch import start_session  # noqa: E402
+from runner.loop import sample_run  # noqa: E402
 
 DEFAULT_PROMPT = "a handwritten digit seven"
 
 
 def main(args):
+    args.prompt = args.prompt or [DEFAULT_PROMPT]
     config = check_sd_flags(args, [("--prompt", p) for p in args.prompt])  # all flags before any model is loaded
+    if len(args.prompt) > args.num_samples:
+        raise UsageError(f"--prompt gives {len(args.prompt)} prompts for --num_samples {args.num_samples}: the last "
+                         f"{len(args.prompt) - args.num_samples} would be ignored")
     session = start_session(args)
-    prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
-    (bundle,) = sd_bundles(args, session, [prompts])
+    (bundle,) = sd_bundles(args, session, [args.prompt])
     return sample_run(args, config, session, bundle, "SD", "parallel_sd")
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     add_common_flags(parser, cfg_scale=SD_CFG_SCALE)
-    parser.add_argument("--prompt", type=str, nargs="+", default=[DEFAULT_PROMPT],
-                        help="prompt(s), repeated cyclically over the samples")
+    parser.add_argument("--prompt", type=str, nargs="+", action=PromptList, default=None,
+                        help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
+                             f"(default: {DEFAULT_PROMPT!r})")
     add_sd_flags(parser)
     return parser.parse_args(argv)
 

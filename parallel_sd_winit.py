@@ -7,13 +7,17 @@ prompt2 reuses prompt1's per-step noise and trajectory: its noisiest T - variati
 prompt1's values and only the last variation_steps steps are re-solved, which takes fewer iterations than a
 cold start. Output: one run folder with prompt1/ and prompt2/, each in the parallel_dit.py layout.
 """
-from models.bundles import sd_bundles
-from models.sd import SD_CFG_SCALE, add_sd_flags, check_sd_flags
-from paratAA.solver import check_variation_steps
-from runner.errors import UsageError, exit_on_error
-from runner.flags import add_common_flags, make_parser
-from runner.launch import start_session
-from runner.loop import open_run, sample_into, subfolder
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+from models.bundles import sd_bundles  # noqa: E402
+from models.sd import SD_CFG_SCALE, add_sd_flags, check_sd_flags  # noqa: E402
+from paratAA.solver import check_variation_steps  # noqa: E402
+from runner.flags import add_common_flags, make_parser  # noqa: E402
+from runner.launch import start_session  # noqa: E402
+from runner.loop import check_fits, open_run, sample_into, subfolder  # noqa: E402
 
 
 def main(args):
@@ -23,9 +27,11 @@ def main(args):
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     session = start_session(args)
-    first, second = sd_bundles(args, session, [[args.prompt1] * args.num_samples, [args.prompt2] * args.num_samples])
+    first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
+    check_fits(first, args, config, session, keep_trajectories=True)
     run_dir = open_run(args, session, "SD-winit")
-    r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit")
+    r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit",
+                     keep_trajectories=True)
     r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
                      init=r1["trajectory"], variation_steps=args.variation_steps)
     if session.is_main:

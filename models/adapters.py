@@ -26,25 +26,45 @@ class DiTDenoiser:
         return out[: x.shape[0], :C]
 
 
+def to_noise_prediction(out, x, alphas_cumprod, timesteps, prediction_type):
+    """A model's native prediction as the noise prediction eps of equation (1), as diffusers' DDIM step reads it:
+    v (velocity): eps = sqrt(A) v + sqrt(1 - A) x;  sample (x_0): eps = (x - sqrt(A) x_0) / sqrt(1 - A)."""
+    if prediction_type == "epsilon":
+        return out
+    A = alphas_cumprod.to(x.device)[timesteps.long()].to(out.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # [N, 1, ..]
+    x = x.to(out.dtype)
+    if prediction_type == "v_prediction":
+        return A.sqrt() * out + (1 - A).sqrt() * x
+    if prediction_type == "sample":
+        return (x - A.sqrt() * out) / (1 - A).sqrt()
+    raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+
+
 class SDDenoiser:
-    """Stable Diffusion UNet with classifier-free guidance eps = eps_u + s (eps_c - eps_u) (docs/ALGORITHM.md, section 6).
+    """Stable Diffusion UNet with classifier-free guidance out = out_u + s (out_c - out_u) (docs/ALGORITHM.md,
+    section 6), turned into a noise prediction when the model predicts v or the sample (SD 2.x 768 predicts v).
 
     cond: {"cond": [N, L, E] prompt embeddings, "uncond": [N, L, E] negative-prompt embeddings}.
+    alphas_cumprod: the scheduler's (needed for v_prediction and sample).
     """
 
-    def __init__(self, unet, cfg_scale=1.0):
+    def __init__(self, unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
         self.unet = unet
         self.cfg_scale = float(cfg_scale)
+        self.prediction_type, self.alphas_cumprod = prediction_type, alphas_cumprod
 
     @torch.no_grad()
     def __call__(self, x, timesteps, cond):
         x = x.to(self.unet.dtype)
         if self.cfg_scale == 1.0:
-            return self.unet(x, timesteps, encoder_hidden_states=cond["cond"]).sample
-        emb = torch.cat([cond["uncond"], cond["cond"]])                                   # [2N, L, E]
-        out = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), encoder_hidden_states=emb).sample
-        uncond, cond_eps = out.chunk(2)                                                    # [N, C, H, W] each
-        return uncond + self.cfg_scale * (cond_eps - uncond)
+            out = self.unet(x, timesteps, encoder_hidden_states=cond["cond"]).sample
+        else:
+            emb = torch.cat([cond["uncond"], cond["cond"]])                                   # [2N, L, E]
+            both = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), encoder_hidden_states=emb).sample
+            uncond, cond_out = both.chunk(2)                                                   # [N, C, H, W] each
+            # guidance on the native prediction, as the pipeline does; each conversion below is affine in it
+            out = uncond + self.cfg_scale * (cond_out - uncond)
+        return to_noise_prediction(out, x, self.alphas_cumprod, timesteps, self.prediction_type)
 
 
 class VAEDecoder:
@@ -57,6 +77,9 @@ class VAEDecoder:
     def __call__(self, latents):
         imgs = []
         for part in latents.split(self.chunk):
-            x = self.vae.decode(part.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor).sample
+            # latents = (z - shift) * scale; SD 1.x/2.x VAEs have no shift
+            z = part.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+            z = z + (getattr(self.vae.config, "shift_factor", None) or 0.0)
+            x = self.vae.decode(z).sample
             imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         return torch.cat(imgs).numpy()

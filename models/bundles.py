@@ -1,12 +1,20 @@
 """The scripts' models as the loop sees them: loaders that build a runner.loop.Bundle from the checked flags.
 
-    dit_bundle(args, session)                  class-conditional DiT (parallel_dit.py)
-    sd_bundles(args, session, prompt_lists)    Stable Diffusion, one bundle per prompt list sharing the noise
-                                               (parallel_sd.py: one list; parallel_sd_winit.py: two)
+    dit_bundle(args, session)                 class-conditional DiT (parallel_dit.py)
+    sd_bundles(args, session, prompt_sets)    Stable Diffusion, one bundle per set of prompts (cycled over the
+                                              samples), all sharing one pipeline and the same noise
+                                              (parallel_sd.py: one set; parallel_sd_winit.py: two)
+
+Noise and labels come from one CPU generator seeded with --seed, identical on every rank; the noise is handed out
+batch by batch with the values of a single draw (paratAA.NoiseStream).
 """
+import functools
+import os
+
 import torch
 
-from paratAA import dit_schedule, draw_noise, pipeline_schedule
+from paratAA import NoiseStream, dit_schedule, pipeline_schedule
+from runner.errors import InputFileError
 from runner.loop import Bundle
 
 from .adapters import DiTDenoiser, SDDenoiser, VAEDecoder
@@ -23,43 +31,78 @@ def load_dit(args, device, dtype):
     if args.model == EMBEDDED_DIT:
         from . import digits
         kwargs = {k: v for k, v in digits.load_embedded_config().items() if k not in ("model", "training")}
+        hint = ("the embedded weights ship with the repository in models/embedded"
+                if os.path.abspath(args.model_path) == os.path.abspath(digits.DIT_WEIGHTS) else "")
     else:
         kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-    hint = ("the embedded weights ship with the repository in models/embedded" if args.model == EMBEDDED_DIT else
-            "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"))
+        hint = "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(
+            name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
     require_file(args.model_path, "--model_path", hint)
     model = DiT_models[args.model](**kwargs)
     load_into(model, load_state_dict(args.model_path), args.model_path)
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _stream_after(generator):
+    """A factory of noise streams that all start where `generator` stands now."""
+    state = generator.get_state()
+
+    def fresh(num_samples, T, latent):
+        g = torch.Generator()
+        g.set_state(state)
+        return NoiseStream(num_samples, T, latent, g)
+    return fresh
+
+
 def dit_bundle(args, session):
     model = load_dit(args, session.device, session.model_dtype)
     vae = load_vae(args.vae_path, session.device, torch.float32)
-    # labels and noise from one CPU generator: identical on every rank
-    g = torch.Generator().manual_seed(args.seed)
-    if args.class_labels:
-        labels = torch.tensor([args.class_labels[i % len(args.class_labels)] for i in range(args.num_samples)])
-    else:
-        labels = torch.randint(0, args.num_classes, (args.num_samples,), generator=g)
     latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
-    noise = draw_noise(args.num_samples, args.timesteps, latent, g)
+    if vae.config.latent_channels != model.in_channels:
+        raise InputFileError(f"--vae_path: {args.vae_path} makes {vae.config.latent_channels}-channel latents, the DiT "
+                             f"takes {model.in_channels}")
+    S = args.num_samples
+
+    @functools.cache
+    def draw():
+        """(labels [S], noise stream factory), drawn on first use: after the loop has checked that S fits."""
+        g = torch.Generator().manual_seed(args.seed)
+        if args.class_labels:
+            labels = torch.tensor([args.class_labels[i % len(args.class_labels)] for i in range(S)])
+        else:  # drawn first, then the noise, from the same generator
+            labels = torch.randint(0, args.num_classes, (S,), generator=g)
+        return labels, _stream_after(g)
+
     return Bundle(eps_fn=DiTDenoiser(model, args.cfg_scale), schedule=dit_schedule(args.timesteps, args.eta),
-                  noise=noise.to(session.device), cond=labels.to(session.device),
-                  decode=VAEDecoder(vae, session.device), labels=[{"class_label": int(c)} for c in labels],
-                  info={"model": args.model})
+                  num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
+                  cond=lambda start, stop: draw()[0][start:stop].to(session.device),
+                  label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(vae, session.device),
+                  cond_bytes=8, info={"model": args.model})
 
 
-def sd_bundles(args, session, prompt_lists):
-    """One bundle per list of per-sample prompts; one pipeline, one schedule and one noise tensor for all."""
+def sd_bundles(args, session, prompt_sets):
+    """One bundle per list of prompts (sample i gets prompts[i % len(prompts)]); one pipeline, schedule and noise."""
     pipe = load_pipeline(args.model_path, session.device, session.model_dtype)
-    eps_fn = SDDenoiser(pipe.unet, args.cfg_scale)
+    eps_fn = SDDenoiser(pipe.unet, args.cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                        pipe.scheduler.alphas_cumprod)
     schedule = pipeline_schedule(pipe, args.timesteps, args.eta)
     decode = VAEDecoder(pipe.vae, session.device)
-    # per-step noise from one CPU generator: identical on every rank
-    noise = draw_noise(args.num_samples, args.timesteps, latent_shape(pipe, args.height, args.width),
-                       torch.Generator().manual_seed(args.seed)).to(session.device)
+    latent = latent_shape(pipe, args.height, args.width)
+    noise = _stream_after(torch.Generator().manual_seed(args.seed))
     info = {"model_path": args.model_path, "negative_prompt": args.negative_prompt}
-    return [Bundle(eps_fn=eps_fn, schedule=schedule, noise=noise,
-                   cond=encode(pipe, prompts, args.negative_prompt, session.device), decode=decode,
-                   labels=[{"prompt": p} for p in prompts], info=info) for prompts in prompt_lists]
+    S = args.num_samples
+    bundles = []
+    for prompts in prompt_sets:
+        # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding
+        emb = encode(pipe, list(prompts), args.negative_prompt, session.device)              # {k: [P, L, E]}
+        row_bytes = sum(v[0].numel() * v.element_size() for v in emb.values())
+
+        def cond(start, stop, emb=emb, P=len(prompts)):
+            rows = torch.arange(start, stop, device=session.device) % P
+            return {k: v[rows] for k, v in emb.items()}
+
+        bundles.append(Bundle(eps_fn=eps_fn, schedule=schedule, num_samples=S, latent=latent,
+                              noise=lambda: noise(S, args.timesteps, latent), cond=cond,
+                              label=lambda i, prompts=prompts: {"prompt": prompts[i % len(prompts)]}, decode=decode,
+                              cond_bytes=row_bytes, info=info))
+    return bundles

@@ -1,5 +1,6 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
 import argparse
+import json
 import os
 import pickle
 import re
@@ -12,7 +13,13 @@ DIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"  # where th
 VAE_SOURCE = "a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema from the Hugging Face hub"
 
 
+def _broken_link(path, flag):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputFileError(f"{flag}: {path} is a symbolic link to nothing (or a loop of links)")
+
+
 def require_file(path, flag, hint=""):
+    _broken_link(path, flag)
     if not os.path.exists(path):
         raise InputFileError(f"{flag}: file not found: {path}" + (f" ({hint})" if hint else ""))
     if os.path.isdir(path):
@@ -20,6 +27,7 @@ def require_file(path, flag, hint=""):
 
 
 def require_folder(path, flag, marker, hint=""):
+    _broken_link(path, flag)
     if not os.path.exists(path):
         raise InputFileError(f"{flag}: folder not found: {path}" + (f" ({hint})" if hint else ""))
     if not os.path.isdir(path):
@@ -64,7 +72,13 @@ def load_state_dict(path, flag="--model_path"):
 
 
 def load_into(model, state, path, flag="--model_path"):
-    """load_state_dict(strict=True), with a mismatch reported as one line."""
+    """load_state_dict(strict=True), with a mismatch reported as one line. Weights must be floating point where
+    the model's are: an integer tensor would be cast silently into a different model."""
+    ours = model.state_dict()
+    for k, v in state.items():
+        if k in ours and ours[k].is_floating_point() and not v.is_floating_point():
+            raise InputFileError(f"{flag}: {path} holds {k} as {str(v.dtype).replace('torch.', '')}, not floating "
+                                 f"point: not the weights of this model")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -84,8 +98,16 @@ def load_vae(path, device, dtype, flag="--vae_path"):
     from diffusers import AutoencoderKL
     require_folder(path, flag, "config.json", VAE_SOURCE)
     try:
-        vae = AutoencoderKL.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        with open(os.path.join(path, "config.json")) as f:
+            kind = json.load(f).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputFileError(f"{flag}: cannot read {os.path.join(path, 'config.json')} as a JSON object "
+                             f"({type(e).__name__})") from None
+    if kind != "AutoencoderKL":  # loading another model's config into a VAE would give random weights
+        raise InputFileError(f"{flag}: {path} holds a {kind}, not an AutoencoderKL ({VAE_SOURCE})")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]})")
-    return vae.to(device=device, dtype=dtype).eval()
+                             f"{(str(e).splitlines() or [''])[0]})") from None
+    return vae.to(device).eval()

@@ -12,6 +12,8 @@ VAE_DIR = os.path.join(EMBEDDED_DIR, "vae")
 DIT_WEIGHTS = os.path.join(EMBEDDED_DIR, "dit_digits.safetensors")
 DIT_CONFIG = os.path.join(EMBEDDED_DIR, "dit_digits.json")
 DIGIT_MAX = 16.0  # load_digits pixels are integers 0..16
+EMBEDDED_IMAGE_SIZE = 8  # the embedded models make 8x8 images (4x4 latents)
+EMBEDDED_CLASSES = 10
 
 
 def load_digit_images():
@@ -74,5 +76,5 @@ def load_embedded_dit(device="cpu", dtype=torch.float32):
 def load_embedded_vae(device="cpu", dtype=torch.float32):
     """The digits AutoencoderKL; latents are scaled by vae.config.scaling_factor."""
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(VAE_DIR, torch_dtype=dtype)  # .to(dtype) would warn
+    vae = AutoencoderKL.from_pretrained(VAE_DIR, dtype=dtype)  # .to(dtype) would warn
     return vae.to(device).eval()

@@ -1,5 +1,12 @@
-"""Stable Diffusion (v1.5 folder layout) from a local diffusers folder: its flags and checks (shared by
-parallel_sd.py and parallel_sd_winit.py), loading, prompt encoding."""
+"""Stable Diffusion from a local diffusers folder: its flags and checks (shared by parallel_sd.py and
+parallel_sd_winit.py), the folder's checks before anything heavy is loaded, loading, prompt encoding.
+
+Supported: StableDiffusionPipeline folders (SD 1.x and 2.x) whose scheduler predicts the noise ("epsilon"), the
+velocity ("v_prediction", SD 2.x 768) or the sample ("sample"); every prediction is turned into the noise
+prediction the solver takes (models/adapters.py). Anything else is refused with one line naming what is supported.
+"""
+import argparse
+import contextlib
 import json
 import os
 
@@ -11,34 +18,92 @@ from runner.flags import check_common_flags
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
 SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
+SUPPORTED = "StableDiffusionPipeline folders (SD 1.x and 2.x; epsilon, v_prediction or sample prediction)"
+PIPELINES = ("StableDiffusionPipeline",)
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+LIBRARIES = ("diffusers", "transformers", None)  # components load from these only: never code from the folder
 PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "tokenizer": None,
          "scheduler": "scheduler_config.json"}
+MAX_SIDE = 8192  # pixels; the largest Stable Diffusion models make 1024-2048
+
+
+def read_json(path, flag="--model_path"):
+    """A JSON file of the folder, or one line naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputFileError(f"{flag}: cannot read {path} as JSON ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(value, dict):
+        raise InputFileError(f"{flag}: {path} holds no JSON object")
+    return value
+
+
+def config_value(config, key, path, flag="--model_path"):
+    if key not in config:
+        raise InputFileError(f"{flag}: {path} has no \"{key}\"")
+    return config[key]
 
 
 def check_folder(path, flag="--model_path"):
-    """One line naming what is missing, before anything heavy is loaded."""
+    """One line naming what is missing or unsupported, before anything heavy is loaded."""
     if not os.path.exists(path):
         raise InputFileError(f"{flag}: folder not found: {path} ({SD_SOURCE})")
     if not os.path.isdir(path):
         raise InputFileError(f"{flag}: expected a diffusers pipeline folder but found a file: {path}")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
         raise InputFileError(f"{flag}: {path} is not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(index_path, flag)
+    kind = index.get("_class_name")
+    if kind not in PIPELINES:
+        raise InputFileError(f"{flag}: {path} is a {kind or 'pipeline of unknown class'} folder; the SD scripts drive "
+                             f"{SUPPORTED}")
+    for name, entry in index.items():
+        if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] not in LIBRARIES:
+            raise InputFileError(f"{flag}: {index_path} loads {name} from {entry[0]!r}, code outside diffusers and "
+                                 f"transformers, which is never run")
     for part, marker in PARTS.items():
         sub = os.path.join(path, part)
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
+    check_scheduler(path, flag)
+    unet_path, vae_path = os.path.join(path, "unet", "config.json"), os.path.join(path, "vae", "config.json")
+    unet, vae = read_json(unet_path, flag), read_json(vae_path, flag)
+    if config_value(unet, "in_channels", unet_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
+        raise InputFileError(f"{flag}: {path}: the UNet takes {unet['in_channels']} channels but the VAE makes "
+                             f"{vae['latent_channels']}-channel latents (an inpainting or other variant UNet?); "
+                             f"the SD scripts drive {SUPPORTED}")
+
+
+def check_scheduler(path, flag="--model_path"):
+    """The scheduler settings the linear DDIM system (equation 1) can represent."""
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    sched = read_json(sched_path, flag)
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise InputFileError(f"{flag}: {sched_path} has prediction_type {prediction!r}; supported: "
+                             f"{', '.join(PREDICTIONS)}")
+    for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+        if sched.get(key):
+            raise InputFileError(f"{flag}: {sched_path} sets {key}: the DDIM steps are then not the linear system "
+                                 f"the parallel solver needs (equation 1); set it to false to sample this model here")
 
 
 def vae_scale_factor(path):
     """Pixels per latent cell, read from vae/config.json (SD v1.5: 8)."""
-    with open(os.path.join(path, "vae", "config.json")) as f:
-        return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    vae_path = os.path.join(path, "vae", "config.json")
+    return 2 ** (len(config_value(read_json(vae_path), "block_out_channels", vae_path)) - 1)
 
 
 def default_size(path):
-    with open(os.path.join(path, "unet", "config.json")) as f:
-        return json.load(f)["sample_size"] * vae_scale_factor(path)
+    unet_path = os.path.join(path, "unet", "config.json")
+    size = config_value(read_json(unet_path), "sample_size", unet_path)
+    if isinstance(size, (list, tuple)):  # some configs give (height, width)
+        size = size[0]
+    return int(size) * vae_scale_factor(path)
 
 
 def check_size(args, path):
@@ -48,27 +113,51 @@ def check_size(args, path):
         v = getattr(args, name)
         if v is None:
             setattr(args, name, default_size(path))
-        elif v < factor or v % factor:
-            raise UsageError(f"--{name} must be a positive multiple of the VAE factor {factor}, got {v}")
+        elif v < factor or v % factor or v > MAX_SIDE:
+            raise UsageError(f"--{name} must be a multiple of the VAE factor {factor} in {factor}..{MAX_SIDE}, got {v}")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading bars and advice off while a pipeline loads: a run prints its own."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def load_pipeline(path, device, dtype):
     from diffusers import StableDiffusionPipeline
     check_folder(path)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False,
-                                                       local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    with quiet_loading():
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                                           feature_extractor=None, requires_safety_checker=False,
+                                                           local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
+            raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
+                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        pipe.set_progress_bar_config(disable=True)
+        # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
+        return pipe.to(device, silence_dtype_warnings=True)
 
 
 @torch.no_grad()
 def encode(pipe, prompts, negative_prompt, device):
-    """Per-sample conditioning {"cond", "uncond"}: [S, L, E] each, through the pipeline's own encode_prompt."""
+    """Per-prompt conditioning {"cond", "uncond"}: [P, L, E] each, through the pipeline's own encode_prompt."""
     cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True,
                                       negative_prompt=[negative_prompt] * len(prompts))
     return {"cond": cond, "uncond": uncond}
@@ -77,6 +166,20 @@ def encode(pipe, prompts, negative_prompt, device):
 def latent_shape(pipe, height, width):
     f = pipe.vae_scale_factor
     return (pipe.unet.config.in_channels, height // f, width // f)
+
+
+class PromptList(argparse.Action):
+    """--prompt "a b" ["c d" ...] or repeated --prompt: each quoted prompt is one prompt. Several values of which
+    some have no space are almost surely one prompt typed without quotes, which would silently become several
+    one-word prompts: refused with one line saying how to quote it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1 and any(not any(c.isspace() for c in v) for v in values):
+            joined = " ".join(values)
+            parser.error(f"{option_string} got {len(values)} separate words ({joined}): quote a prompt that has "
+                         f"spaces ({option_string} \"{joined}\"); for several prompts quote each one or repeat "
+                         f"{option_string}")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + list(values))
 
 
 def add_sd_flags(parser):
@@ -94,6 +197,8 @@ def check_sd_flags(args, prompts):
         if not p or not p.strip():
             raise UsageError(f"{flag} must not be empty")
     config = check_common_flags(args, 1000)
+    if args.negative_prompt and args.cfg_scale == 1:
+        raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)

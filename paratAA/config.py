@@ -10,19 +10,22 @@ from .equations import FORMS
 
 
 def _param(default, help, kind, choices=None):
-    """kind: "int" (an integer >= 1), "count" (an integer >= 1 or None), "float" (a finite number >= 0), "choice"."""
+    """kind: "int" (an integer >= 1), "count" (an integer >= 1 or None), "window" (a count or "auto"), "float" (a
+    finite number >= 0), "choice" (one of choices)."""
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
 
 @dataclass(frozen=True)
 class SolverConfig:
-    window_size: int = _param(None, "states evaluated per sample per iteration (default: T; above T means T)", "count")
+    window_size: int = _param(None, "states evaluated per sample per iteration: a number (above T means T), or "
+                                    "auto: chosen from the model's measured cost on this hardware (planner.py); "
+                                    "default: T", "window")
     order: int = _param(None, "order k of the equations: 1 is Jacobi-like, window_size (the default) Picard-like "
                               "(an order above the window acts as the window)", "count")
     equations: str = _param("picard", "form of the order-k equations: picard (sum of drifts, fewer iterations) or "
                                       "ddim (the paper's DDIM composition); same solution either way", "choice", FORMS)
     memory_size: int = _param(3, "TAA memory m: iterates kept per state (1: plain fixed-point iteration; 2-5 "
-                                 "recommended)", "int")
+                                 "recommended; more than T acts as T)", "int")
     lam: float = _param(1e-3, "regulariser lambda of the TAA least-squares problems", "float")
     tol1: float = _param(3e-4, "absolute tolerance on the RMS residual of a state", "float")
     tol2: float = _param(3e-4, "tolerance relative to the step's noise level sigma", "float")
@@ -35,11 +38,12 @@ class SolverConfig:
         """ValueError naming the first bad parameter (its message starts with the parameter's name)."""
         for f in fields(self):
             value, kind = getattr(self, f.name), f.metadata["kind"]
-            if kind == "count" and value is None:
+            if kind in ("count", "window") and value is None or kind == "window" and value == "auto":
                 continue
-            if kind in ("int", "count"):
+            if kind in ("int", "count", "window"):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+                    extra = " or auto" if kind == "window" else ""
+                    raise ValueError(f"{f.name} must be an integer >= 1{extra}, got {value!r}")
             elif kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                         or value < 0:
@@ -49,9 +53,13 @@ class SolverConfig:
 
     def resolve(self, T):
         """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window
-        and is capped at it (u = min(s + k, F) in equation (2) makes every order above the window the same)."""
+        and is capped at it (u = min(s + k, F) in equation (2) makes every order above the window the same);
+        memory_size is capped at T."""
+        memory = min(self.memory_size, T)  # a state is in the window for at most T iterations: more never fills
+        if self.window_size == "auto":     # chosen by the planner before solving; the order follows it
+            return replace(self, order=None if self.order is None else min(self.order, T), memory_size=memory)
         window = min(self.window_size or T, T)
-        return replace(self, window_size=window, order=min(self.order or window, window))
+        return replace(self, window_size=window, order=min(self.order or window, window), memory_size=memory)
 
     def to_dict(self):
         return asdict(self)

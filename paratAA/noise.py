@@ -1,9 +1,14 @@
 """The per-step noise the solver takes: [S, T+1, *latent], xi[s] for step s and x_T at index T.
 
 It is drawn once, before solving, from a CPU generator, so every process (and every rerun) sees the same values
-and the parallel and sequential samplers share them.
+and the parallel and sequential samplers share them. A run of many samples draws it batch by batch
+(NoiseStream), with exactly the values one draw of all samples would give.
 """
+import math
+
 import torch
+
+_BLOCK = 16  # torch's CPU normal sampler fills blocks of 16 values (and redraws the last 16 of a ragged tail)
 
 
 def draw_noise(num_samples, T, latent, generator=None):
@@ -14,3 +19,34 @@ def draw_noise(num_samples, T, latent, generator=None):
 def noise_from_seeds(seeds, T, latent):
     """One generator per sample: sample i's noise depends only on seeds[i], whatever the others are."""
     return torch.stack([draw_noise(1, T, latent, torch.Generator().manual_seed(int(s)))[0] for s in seeds])
+
+
+class NoiseStream:
+    """draw_noise(num_samples, T, latent, generator), handed out a few samples at a time (`take`), so that a run
+    never holds more noise than its current batch.
+
+    The values equal the single draw's: torch fills a float64 normal tensor of n >= 16 values from n uniforms in
+    blocks of 16 and, when n is not a multiple of 16, redraws its last 16 values from 16 more uniforms. Drawing
+    the same values in pieces whose lengths are multiples of 16, with a last piece of at least 16 values, consumes
+    the generator in the same order (tests/test_solver.py checks it for ragged sizes)."""
+
+    def __init__(self, num_samples, T, latent, generator=None):
+        self.shape = (T + 1,) + tuple(latent)
+        self.per_sample = math.prod(self.shape)
+        self.left = num_samples * self.per_sample       # values not drawn yet
+        self.generator = generator
+        self.buffer = torch.empty(0, dtype=torch.float64)
+
+    def take(self, n):
+        """The next n samples' noise, [n, T+1, *latent] float64."""
+        need = n * self.per_sample - len(self.buffer)
+        if need > self.left:
+            raise ValueError(f"only {(len(self.buffer) + self.left) // self.per_sample} samples of noise are left")
+        if need > 0:
+            size = min(-(-need // _BLOCK) * _BLOCK, self.left)
+            if self.left - size < _BLOCK:  # never leave a tail shorter than a block: it would be drawn differently
+                size = self.left
+            self.left -= size
+            self.buffer = torch.cat([self.buffer, torch.randn(size, generator=self.generator, dtype=torch.float64)])
+        out, self.buffer = self.buffer[:n * self.per_sample], self.buffer[n * self.per_sample:]
+        return out.reshape((n,) + self.shape)

@@ -35,8 +35,9 @@ class Schedule:
 
 
 def check_eta(eta):
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    """eta in 0..1: above 1 the DDIM noise would exceed the posterior's (1 - A' - c^2 < 0): no valid step."""
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a number in 0..1, got {eta!r}")
 
 
 def check_num_steps(num_steps, num_train_timesteps):
@@ -71,6 +72,7 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     c = eta * sigma
     c[0] = 0.0  # the last step adds no noise, as in DDIM
     a = torch.sqrt(alpha_next / alpha)
+    # the root's argument is >= 0 for eta <= 1 (check_eta); the clamp only absorbs round-off at eta = 1
     b = torch.sqrt(torch.clamp(1 - alpha_next - c ** 2, min=0)) - a * torch.sqrt(1 - alpha)
     return Schedule(timesteps=timesteps, a=a, b=b, c=c, sigma=sigma, eta=float(eta), num_train_timesteps=n_train)
 

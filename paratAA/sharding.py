@@ -20,17 +20,40 @@ def shard_bounds(n, rank, world_size):
 class Sharding:
     """Where this process sits among the processes that share the window (world_size 1: no communication)."""
 
-    def __init__(self, rank=0, world_size=1):
+    def __init__(self, rank=0, world_size=1, device=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group "
                                "(launch with accelerate launch or torchrun)")
         self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device or "cpu")  # where collectives put their tensors (NCCL: a GPU)
 
     @classmethod
     def from_accelerator(cls, accelerator):
-        return cls(accelerator.process_index, accelerator.num_processes)
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device)
+
+    def _reduce(self, value, op):
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return float(t[0])
+
+    def max(self, value):
+        """The largest of every process's value (e.g. a time: a collective ends with its slowest process)."""
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def min(self, value):
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+    def from_main(self, value):
+        """The main process's value, on every process (so that all take the same decision)."""
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t[0])
 
     def evaluate(self, fn, x, *args):
         """fn(x[shard], *[a[shard] for a in args]) on this rank's shard, gathered as float64 [N, ...].

@@ -22,6 +22,7 @@ from .anderson import AndersonMemory
 from .config import SolverConfig
 from .denoiser import evaluate, select
 from .equations import OrderKEquations
+from .planner import plan_window
 from .sharding import Sharding
 
 
@@ -44,6 +45,7 @@ class SolveResult:
     evaluations: list           # per sample: total model evaluations (a guided evaluation counts once)
     history: list               # per sample: SampleHistory
     config: SolverConfig = None  # the values used (window_size and order resolved for T)
+    plan: object = None          # planner.Plan when window_size was "auto"
 
     @property
     def max_iterations(self):
@@ -55,6 +57,17 @@ def check_variation_steps(variation_steps, T):
     V = variation_steps
     if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= T:
         raise ValueError(f"variation_steps must be an integer in 1..{T}, got {V!r}")
+
+
+def state_bytes(config, T, D, batch):
+    """Bytes the solver allocates for `batch` samples of D latent values at T steps (config resolved for T):
+    the states, the TAA memory (last iterate and residual, m - 1 difference columns of each per state), the
+    per-iteration temporaries of the window, and the ddim form's product matrices. The noise is the caller's."""
+    per_sample = (T + 1) + 6 * config.window_size
+    if config.memory_size > 1:
+        per_sample += 2 * config.memory_size * T
+    matrices = 2 * (T + 1) ** 2 if config.equations == "ddim" and config.order > 1 else 0
+    return 8 * (batch * D * per_sample + matrices)
 
 
 def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variation_steps=None,
@@ -80,6 +93,10 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         raise TypeError(f"solve() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
     T = schedule.num_steps
     config = replace(config or SolverConfig(), **overrides).resolve(T)
+    plan = None
+    if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
+        plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype)
+        config = replace(config, window_size=plan.window).resolve(T)
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
     lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
     if variation_steps is not None:
@@ -182,5 +199,6 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
 
     return SolveResult(samples=X[:, 0].reshape(B, *latent), trajectory=X.reshape(B, T + 1, *latent),
                        iterations=iterations, converged=[f == 0 for f in boundary],
-                       evaluations=[sum(h.evaluations) for h in history], history=history, config=config)
+                       evaluations=[sum(h.evaluations) for h in history], history=history, config=config,
+                       plan=plan)
 

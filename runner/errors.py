@@ -1,20 +1,21 @@
 """How a run ends: the error types with their exit codes, and the handler that turns them and signals into one line.
 
-    UsageError              a bad flag value                          exit 2
-    InputFileError          a missing or unusable file or folder     exit 1
-    NonFiniteModelOutput    the model returned NaN or inf            exit 1
-    SIGINT / SIGTERM        the run stops, finished samples kept     exit 130
+    UsageError              a bad flag value                             exit 2
+    InputFileError          a missing or unusable file or folder        exit 1
+    NonFiniteModelOutput    the model returned NaN or inf               exit 1
+    anything else           one line naming it (PARATAA_DEBUG=1: the traceback too)   exit 1
+    SIGINT / SIGTERM        the run stops, finished samples kept        exit 130 / 143 (128 + the signal)
 
 A run writer (writer.py) that an exception passes through marks its folder and appends (folder, finished samples)
-to the exception's `kept` list, so the one line can say where the finished samples are.
+to the exception's `kept` list, so that the one line can say where the finished samples are.
+
+This module imports nothing heavy, so that a script can install the signal handlers before it imports torch.
 """
 import os
 import signal
 import sys
 
-from paratAA import NonFiniteModelOutput
-
-EXIT_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class UsageError(Exception):
@@ -25,34 +26,77 @@ class InputFileError(Exception):
     """A missing or unusable file or folder: one line, exit code 1."""
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; exit code 128 + the signal number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _kept(e, sep):
-    return sep.join(f"{n} finished samples kept in {d}" for d, n in getattr(e, "kept", []))
+def _prog():
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "paratAA"
+
+
+def exit_quietly_on_signals():
+    """Until exit_on_error takes over: a signal (e.g. Ctrl-C while torch is still importing) prints one line and
+    exits with 128 + the signal number. Nothing has been written yet, so there is nothing to keep."""
+    def leave(signum, frame):
+        print(f"{_prog()}: interrupted (nothing written)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, leave)
+    signal.signal(signal.SIGTERM, leave)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _kept(e):
+    return "; ".join(f"{n} finished samples kept in {d}" for d, n in getattr(e, "kept", []))
+
+
+def _rank():
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _fail(message, code, every_rank=False):
+    """One line and exit. Flags and files are checked alike by every process of a launch: the first one says it.
+    An error of one process (out of memory on its GPU) is said by that process, naming itself."""
+    if _rank() == 0:
+        print(f"{_prog()}: error: {message}", file=sys.stderr, flush=True)
+    elif every_rank:
+        print(f"{_prog()}: error (process {_rank()}): {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def exit_on_error(main, args):
-    """Run main(args); turn the expected errors into one line on stderr and an exit code (no traceback).
+    """Run main(args); turn every error into one line on stderr and an exit code (no traceback).
 
     SIGINT and SIGTERM stop the run: run folders keep every finished sample and metrics.json says which
-    (status "interrupted"), and the process exits with 130."""
-    prog = os.path.basename(sys.argv[0])
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)  # also when a non-interactive shell started us with SIGINT ignored
+    (status "interrupted"), and the process exits with 128 + the signal number (130, 143)."""
+    from paratAA import NonFiniteModelOutput
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored
     try:
         return main(args)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _fail(e, EXIT_USAGE)
     except InputFileError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_INPUT)
+        _fail(e, EXIT_FAILED)
     except NonFiniteModelOutput as e:
-        where = _kept(e, "; ")
-        print(f"{prog}: error: {e}" + (f"; {where}" if where else ""), file=sys.stderr)
-        sys.exit(EXIT_INPUT)
+        _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)  # the gathered output: alike on all
     except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted ({_kept(e, '; ') or 'nothing written'})", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        if _rank() == 0:  # the other processes of a launch write nothing and say nothing
+            print(f"{_prog()}: interrupted ({_kept(e) or 'nothing written'})", file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except Exception as e:  # not one of ours: still one line, the traceback only on request
+        if os.environ.get("PARATAA_DEBUG"):
+            raise
+        text = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, MemoryError) or "out of memory" in text.lower():
+            text = (f"out of memory ({text or type(e).__name__}); lower --batch_size, --window_size or "
+                    f"--memory_size, or use more processes")
+        else:
+            text = f"{type(e).__name__}: {text} (unexpected; run with PARATAA_DEBUG=1 for the traceback)"
+        _fail(text + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED, every_rank=True)

@@ -4,6 +4,8 @@ Every flag is checked before anything is loaded; a bad value is a UsageError nam
 """
 import argparse
 import math
+import os
+import sys
 from dataclasses import fields
 
 from paratAA import SolverConfig
@@ -12,11 +14,43 @@ from paratAA.schedule import check_eta, check_num_steps
 from .errors import UsageError
 from .rundir import check_output_path
 
-_TYPES = {"int": int, "count": int, "float": float, "choice": str}
+def _window(text):
+    """A window size on the command line: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid window (an integer or auto): {text!r}") from None
+
+
+_TYPES = {"int": int, "count": int, "window": _window, "float": float, "choice": str}
+
+
+SEED_MAX = 2 ** 64 - 1          # torch generators take seeds up to this
+DIST_TIMEOUT_MAX = 7 * 24 * 3600  # a week: longer waits overflow the process group's timer
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with the scripts' conventions: a bad flag is one line on stderr and exit 2 (no usage block), and
+    no abbreviations (--timestep is not --timesteps)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def make_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def note(message):
+    """A line on stderr from the first process only (every process checks the flags)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(sys.argv[0])}: note: {message}", file=sys.stderr, flush=True)
 
 
 def add_solver_flags(parser):
@@ -60,10 +94,11 @@ def _at_least(args, name, low):
         raise UsageError(f"--{name} must be >= {low}, got {v}")
 
 
-def _finite(args, name, low=None):
+def _finite(args, name, low=None, high=None):
     v = getattr(args, name)
-    if not math.isfinite(v) or (low is not None and v < low):
-        raise UsageError(f"--{name} must be a finite number" + (f" >= {low}" if low is not None else "") + f", got {v}")
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        span = f" in {low:g}..{high:g}" if high is not None else f" >= {low:g}" if low is not None else ""
+        raise UsageError(f"--{name} must be a finite number{span}, got {v:g}")
 
 
 def check_common_flags(args, num_train_timesteps):
@@ -77,14 +112,19 @@ def check_common_flags(args, num_train_timesteps):
         config = SolverConfig(**{f.name: getattr(args, f.name) for f in fields(SolverConfig)})
     except ValueError as e:
         raise _flag_error(e) from None
-    if config.order is not None and config.window_size is not None and config.order > config.window_size:
+    if config.order is not None and isinstance(config.window_size, int) and config.order > config.window_size:
         # the solver takes such an order as the window; on the command line it is more likely a typo
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")
     for name in ("num_samples", "batch_size"):
         _at_least(args, name, 1)
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {args.seed}")
     _finite(args, "cfg_scale")
-    _finite(args, "dist_timeout", 1.0)
+    _finite(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
     check_output_path(args.output_path)
-    config = config.resolve(args.timesteps)
-    args.window_size, args.order = config.window_size, config.order
-    return config
+    resolved = config.resolve(args.timesteps)
+    if resolved.memory_size < config.memory_size:
+        note(f"--memory_size {config.memory_size} is more than {args.timesteps} iterations can fill; using "
+             f"{resolved.memory_size}")
+    args.window_size, args.order, args.memory_size = resolved.window_size, resolved.order, resolved.memory_size
+    return resolved

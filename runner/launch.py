@@ -24,6 +24,18 @@ class Session:
         self.model_dtype = torch.float16 if fp16 else torch.float32
         torch.set_grad_enabled(False)
 
+    def free_memory(self):
+        """(bytes free on this process's device, bytes of host memory available); None where unknown."""
+        host = None
+        try:
+            with open("/proc/meminfo") as f:
+                host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            pass
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0], host
+        return host, host
+
     def wait(self):
         """Every process reaches this point before any goes on."""
         self.accelerator.wait_for_everyone()

@@ -1,9 +1,12 @@
 """The one sampling loop of the three scripts: a bundle in, batches of samples solved, a run folder out.
 
-A script checks its flags, builds a Bundle with a loader from models/ (models/bundles.py) and hands it here;
-the loop never knows which model it runs.
+A script checks its flags, builds a Bundle with a loader from models/ (models/bundles.py) and hands it here; the
+loop never knows which model it runs. It holds one batch of noise and conditioning at a time, and checks before
+sampling that what the run will hold fits in memory.
 """
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -11,11 +14,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from paratAA import Schedule, sample_sequential, solve
-from paratAA.denoiser import take
+from paratAA import NonFiniteModelOutput, Schedule, sample_sequential, solve
+from paratAA.solver import state_bytes
 
+from .errors import UsageError
 from .rundir import create_run_dir, save_args
-from .writer import RunWriter
+from .writer import RECORD_BYTES, RunWriter
 
 
 @dataclass
@@ -23,14 +27,40 @@ class Bundle:
     """Everything the loop needs from a model.
 
     eps_fn(x, timesteps, cond) -> eps, guidance applied (the solver's only view of the model);
+    noise() -> a fresh paratAA.NoiseStream of num_samples samples [T+1, *latent] (the same values every time);
+    cond(start, stop) -> the conditioning of samples start..stop-1 ([n, ...] tensor, dict of tensors, or None);
+    label(i) -> what sample i is conditioned on, for metrics.json ({"class_label": 3} or {"prompt": "..."});
     decode(latents [N, *latent]) -> uint8 images [N, H, W, 3]."""
     eps_fn: Callable
     schedule: Schedule
-    noise: torch.Tensor       # [S, T+1, *latent] float64 on the device (paratAA.noise)
-    cond: object              # per-sample conditioning [S, ...]: a tensor, a dict of tensors, or None
+    num_samples: int
+    latent: tuple
+    noise: Callable
+    cond: Callable
+    label: Callable
     decode: Callable
-    labels: list              # per sample, what it is conditioned on: {"class_label": 3} or {"prompt": "..."}
+    cond_bytes: int = 0                       # bytes of one sample's conditioning
     info: dict = field(default_factory=dict)  # recorded in metrics.json (model, model_path, ...)
+
+
+def check_fits(bundle, args, config, session, keep_trajectories=False):
+    """UsageError naming the flags to lower when the run would not fit in memory, before anything is allocated.
+
+    Per batch: the solver's state (paratAA.solver.state_bytes), the batch's noise and conditioning, on the device.
+    Per run, in the main process: every sample's latents and record (and, for a warm start, every trajectory)."""
+    T, D, S = bundle.schedule.num_steps, math.prod(bundle.latent), bundle.num_samples
+    B = min(args.batch_size, S)
+    batch = state_bytes(config, T, D, B) + B * (8 * (T + 1) * D + bundle.cond_bytes)
+    run = S * (4 * D + RECORD_BYTES) + (S * 8 * (T + 1) * D if keep_trajectories else 0)
+    free_device, free_host = session.free_memory()
+    gb = 2 ** 30
+    if free_device is not None and batch > 0.9 * free_device:
+        raise UsageError(f"--batch_size {B} needs about {batch / gb:.1f} GB for the solver's state at --timesteps {T} "
+                         f"and --memory_size {config.memory_size} ({free_device / gb:.1f} GB free on {session.device}); "
+                         f"lower --batch_size, --memory_size or --timesteps")
+    if free_host is not None and run > 0.9 * free_host:
+        raise UsageError(f"--num_samples {S} needs about {run / gb:.1f} GB to hold the run's latents and records "
+                         f"({free_host / gb:.1f} GB available); lower --num_samples (or split the run over seeds)")
 
 
 def open_run(args, session, prefix):
@@ -38,27 +68,30 @@ def open_run(args, session, prefix):
     return create_run_dir(args.output_path, prefix) if session.is_main else None
 
 
-def sample_into(folder, bundle, args, config, session, script, init=None, variation_steps=None):
-    """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
-
-    Returns {"trajectory": [S, T+1, *latent], "iterations": [...], "seconds": sampling wall-clock}."""
-    if not session.is_main:
-        return sample_batches(bundle, args, config, session, init=init, variation_steps=variation_steps)
-    save_args(args, folder)
-    with RunWriter(folder, bundle.decode, args, config, script, bundle.labels, bundle.info,
-                   session.world_size) as writer:
-        return sample_batches(bundle, args, config, session, init=init, variation_steps=variation_steps,
-                              writer=writer)
-
-
 def sample_run(args, config, session, bundle, prefix, script):
-    """The whole run of a one-bundle script: a new run folder, every sample solved and written, one line printed."""
+    """The whole run of a one-bundle script: checked to fit, a new run folder, every sample solved and written,
+    one line printed."""
+    check_fits(bundle, args, config, session)
     run_dir = open_run(args, session, prefix)
     result = sample_into(run_dir, bundle, args, config, session, script)
     if session.is_main:
         print(f"wrote {run_dir}: iterations per sample {result['iterations']}, sampling {result['seconds']:.2f} s")
     session.wait()
     return run_dir
+
+
+def sample_into(folder, bundle, args, config, session, script, init=None, variation_steps=None,
+                keep_trajectories=False):
+    """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
+
+    Returns {"iterations": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1, *latent] when
+    keep_trajectories (a warm start's first pass)}."""
+    if not session.is_main:
+        return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
+    save_args(args, folder)
+    with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, bundle.info,
+                   session.world_size) as writer:
+        return sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
 
 
 def subfolder(run_dir, name):
@@ -70,43 +103,71 @@ def subfolder(run_dir, name):
     return path
 
 
-def sample_batches(bundle, args, config, session, init=None, variation_steps=None, writer=None):
+def sample_batches(bundle, args, config, session, init=None, variation_steps=None, writer=None,
+                   keep_trajectories=False):
     """Solve all samples in batches of args.batch_size; with args.compare_sequential the sequential reference too.
 
-    init, variation_steps: warm start from an existing trajectory [S, T+1, *latent] (paratAA.solve).
+    init, variation_steps: warm start from existing trajectories [S, T+1, *latent] (paratAA.solve).
     writer (main process): gets each batch as soon as it is solved."""
-    noise, S = bundle.noise, bundle.noise.shape[0]
+    S, device = bundle.num_samples, session.device
+    stream = bundle.noise()
     out = {"trajectory": [], "iterations": [], "seconds": 0.0}
     progress = dict(disable=not session.is_main)
     with tqdm(total=S, desc="samples", leave=True, **progress) as bar:  # closed on errors too
         for start in range(0, S, args.batch_size):
-            sl = slice(start, min(start + args.batch_size, S))
-            c = take(bundle.cond, sl.start, sl.stop)
-            first = init[sl] if init is not None else None
+            stop = min(start + args.batch_size, S)
+            noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
+            first = init[start:stop] if init is not None else None
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,
                       **progress) as it_bar:
                 t0 = time.perf_counter()
-                res = solve(bundle.eps_fn, bundle.schedule, noise[sl], c, config, init=first,
-                            variation_steps=variation_steps, model_dtype=session.model_dtype,
-                            sharding=session.sharding, record_x0=True, callback=lambda it, bounds: it_bar.update(1))
-                _sync(noise.device)
+                try:
+                    res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, init=first,
+                                variation_steps=variation_steps, model_dtype=session.model_dtype,
+                                sharding=session.sharding, record_x0=True,
+                                callback=lambda it, bounds: it_bar.update(1))
+                except NonFiniteModelOutput as e:
+                    raise NonFiniteModelOutput(f"{e}{_non_finite_hint(args)}") from None
+                _sync(device)
                 seconds = time.perf_counter() - t0
             seq, seq_seconds = None, 0.0
             if args.compare_sequential:
                 t0 = time.perf_counter()
-                seq = sample_sequential(bundle.eps_fn, bundle.schedule, noise[sl], c, init=first,
+                seq = sample_sequential(bundle.eps_fn, bundle.schedule, noise, cond, init=first,
                                         start=variation_steps, model_dtype=session.model_dtype,
                                         sharding=session.sharding)[:, 0]
-                _sync(noise.device)
+                _sync(device)
                 seq_seconds = time.perf_counter() - t0
             out["seconds"] += seconds
-            out["trajectory"].append(res.trajectory)
+            if keep_trajectories:
+                out["trajectory"].append(res.trajectory.cpu())
             out["iterations"] += res.iterations
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds)
-            bar.update(sl.stop - sl.start)
-    out["trajectory"] = torch.cat(out["trajectory"])
+                _say_unconverged(start, res, config)
+            bar.update(stop - start)
+    if keep_trajectories:
+        out["trajectory"] = torch.cat(out["trajectory"])
     return out
+
+
+def _non_finite_hint(args):
+    """The flags that most often make a model's output overflow."""
+    hints = []
+    if abs(args.cfg_scale) > 50:
+        hints.append(f"--cfg_scale {args.cfg_scale:g} is extreme: lower it")
+    if args.fp16:
+        hints.append("--fp16 can overflow: try without it")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _say_unconverged(start, res, config):
+    """--max_steps stopped a sample before it converged: say so on the terminal, not only in metrics.json."""
+    T = res.trajectory.shape[1] - 1
+    for j, h in enumerate(res.history):
+        if not res.converged[j]:
+            print(f"sample {start + j}: --max_steps {config.max_steps} stopped it before it converged ({h.boundary[-1]} "
+                  f"of {T} states not final): it is not the sequential sample", file=sys.stderr, flush=True)
 
 
 def _sync(device):

@@ -20,10 +20,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def check_output_path(path):
     """Fail before sampling if run folders cannot be created under path."""
+    if not path or not path.strip():
+        raise UsageError("--output_path must not be empty")
     probe = os.path.abspath(path)
-    while not os.path.exists(probe):
+    while not os.path.lexists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or (os.path.exists(path) and not os.path.isdir(path)):
+    if os.path.islink(probe) and not os.path.exists(probe):
+        raise UsageError(f"--output_path {path}: {probe} is a symbolic link to nothing (or a loop of links)")
+    if not os.path.isdir(probe) or (os.path.lexists(path) and not os.path.isdir(path)):
         raise UsageError(f"--output_path is not a folder: {path}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--output_path is not writable: {path}")
@@ -31,15 +35,18 @@ def check_output_path(path):
 
 def create_run_dir(output_path, prefix):
     """A new folder <prefix>-<date>-<time>-<random>: two runs started in the same second never share one."""
-    os.makedirs(output_path, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    while True:
-        path = os.path.join(output_path, f"{prefix}-{stamp}-{secrets.token_hex(3)}")
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
+    try:
+        os.makedirs(output_path, exist_ok=True)
+        while True:
+            path = os.path.join(output_path, f"{prefix}-{stamp}-{secrets.token_hex(3)}")
+            try:
+                os.makedirs(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:  # checked before loading, but the file system can change (or fill up) meanwhile
+        raise UsageError(f"--output_path {output_path}: cannot create a run folder ({e.strerror or e})") from None
 
 
 def upscale(img, min_side=64):
@@ -52,8 +59,13 @@ def _atomic(path, write):
     """write(tmp_path) then rename: an interrupted run never leaves a half-written file under the real name."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a signal or an error mid-write leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_png(img, path):

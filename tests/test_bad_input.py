@@ -202,3 +202,181 @@ def test_a_dit_training_checkpoint_with_its_args_still_loads(tmp_path):
     torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)},
                tmp_path / "train.pt")
     assert torch.equal(load_state_dict(str(tmp_path / "train.pt"))["pos_embed"], state["pos_embed"])
+
+
+# ------------------------------------------------------------------------- beyond the first list (issue: trust)
+MORE_DIT_FLAGS = [
+    (["--seed", str(2 ** 70)], 2, ["--seed", str(2 ** 70)]),
+    (["--seed", "-1"], 2, ["--seed", "-1"]),
+    (["--dist_timeout", "1e300"], 2, ["--dist_timeout"]),
+    (["--eta", "1.5"], 2, ["--eta", "1.5"]),
+    (["--timesteps", "abc"], 2, ["--timesteps", "abc"]),
+    (["--timestep", "10"], 2, ["unrecognized arguments", "--timestep"]),  # no abbreviations
+    (["--window", "10"], 2, ["unrecognized arguments", "--window"]),
+    (["--image_size", "512"], 2, ["--image_size", "512", "embedded"]),  # ignored by the embedded model: refused
+    (["--num_classes", "5"], 2, ["--num_classes", "5"]),
+    (["--class_labels", "1", "2", "3", "--num_samples", "2"], 2, ["--class_labels", "--num_samples"]),
+    (["--model", "DiT-XL/2", "--num_classes", "2000000", "--model_path", "x.pt", "--vae_path", "v"], 2,
+     ["--num_classes", "2000000"]),
+    (["--num_samples", "100000000", "--batch_size", "64"], 2, ["--num_samples", "GB"]),  # checked, not allocated
+    (["--timesteps", "1000", "--memory_size", "1000", "--batch_size", "100000", "--num_samples", "100000"], 2,
+     ["--batch_size", "--memory_size", "GB"]),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", MORE_DIT_FLAGS)
+def test_dit_more_bad_flags(argv, code, words, tmp_path, capsys):
+    check(parallel_dit, argv, code, words, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("make", ["empty", "dangling_link"])
+def test_unusable_output_path(tmp_path, capsys, make):
+    path = ""
+    if make == "dangling_link":
+        os.symlink(tmp_path / "nowhere", tmp_path / "link")
+        path = str(tmp_path / "link" / "runs")
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--timesteps", "5", "--output_path", path]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "--output_path" in err[0], err
+    assert os.listdir(tmp_path) == ([] if make == "empty" else ["link"])
+
+
+@pytest.fixture(scope="module")
+def bad_folders(tmp_path_factory):
+    """Tiny SD folders, each broken in one way."""
+    import json
+    import shutil
+    d = tmp_path_factory.mktemp("bad_sd")
+    good = build_tiny_sd(str(d / "good"))
+
+    def variant(name, edit):
+        shutil.copytree(good, d / name)
+        edit(d / name)
+        return str(d / name)
+
+    def rewrite(path, change):
+        with open(path) as f:
+            config = json.load(f)
+        change(config)
+        with open(path, "w") as f:
+            json.dump(config, f)
+
+    return {
+        "unet_not_json": variant("unet_not_json", lambda p: (p / "unet" / "config.json").write_text("{not json")),
+        "vae_without_key": variant("vae_without_key", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.pop("block_out_channels"))),
+        "sdxl": variant("sdxl", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(_class_name="StableDiffusionXLPipeline"))),
+        "custom_code": variant("custom_code", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(unet=["my_module", "MyUNet"]))),
+        "clip_sample": variant("clip_sample", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(clip_sample=True))),
+        "flow_prediction": variant("flow_prediction", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(prediction_type="flow"))),
+        "inpainting_unet": variant("inpainting_unet", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(in_channels=9))),
+    }
+
+
+@pytest.mark.parametrize("name, words", [
+    ("unet_not_json", ["--model_path", "unet/config.json", "JSON"]),
+    ("vae_without_key", ["--model_path", "vae/config.json", "block_out_channels"]),
+    ("sdxl", ["StableDiffusionXLPipeline", "StableDiffusionPipeline"]),
+    ("custom_code", ["my_module", "never run"]),
+    ("clip_sample", ["clip_sample"]),
+    ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
+    ("inpainting_unet", ["9 channels"]),
+])
+def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
+    check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--prompt", "a", "handwritten", "digit", "seven"], ["--prompt", "quote", "a handwritten digit seven"]),
+    (["--prompt", "a b", "c d", "e f", "--num_samples", "2"], ["--prompt", "--num_samples"]),
+    (["--negative_prompt", "blurry", "--cfg_scale", "1"], ["--negative_prompt", "--cfg_scale"]),
+    (["--height", "100000"], ["--height", "100000"]),
+    (["--eta", "2"], ["--eta"]),
+])
+def test_sd_more_bad_flags(files, argv, words, tmp_path, capsys):
+    check(parallel_sd, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)
+
+
+def test_quoted_prompts_are_prompts(files, tmp_path):
+    args = parallel_sd.parse_args(["--prompt", "a handwritten digit one", "a handwritten digit two", "--prompt",
+                                   "a handwritten digit three"])
+    assert args.prompt == ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three"]
+
+
+def test_integer_weights_are_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    state = load_file(os.path.join(ROOT, "models", "embedded", "dit_digits.safetensors"))
+    state["final_layer.linear.weight"] = state["final_layer.linear.weight"].round().to(torch.int64)
+    save_file(state, str(tmp_path / "ints.safetensors"))
+    check(parallel_dit, ["--model_path", str(tmp_path / "ints.safetensors")], 1,
+          ["--model_path", "final_layer.linear.weight", "int64", "not floating point"], tmp_path, capsys)
+
+
+def test_a_link_loop_is_named_as_one(tmp_path, capsys):
+    os.symlink(tmp_path / "b.pt", tmp_path / "a.pt")
+    os.symlink(tmp_path / "a.pt", tmp_path / "b.pt")
+    check(parallel_dit, ["--model_path", str(tmp_path / "a.pt")], 1, ["--model_path", "symbolic link"], tmp_path,
+          capsys)
+    err_hint = "ship with the repository"
+    with pytest.raises(SystemExit):
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--model_path", str(tmp_path / "none.pt"),
+                                                                  "--output_path", str(tmp_path / "o")]))
+    assert err_hint not in capsys.readouterr().err  # that hint is for the embedded default path only
+
+
+def test_an_extreme_guidance_scale_is_named(tmp_path, capsys):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(
+            ["--cfg_scale", "1e38", "--timesteps", "10", "--num_samples", "1", "--output_path", str(out)]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert e.value.code == 1 and len(errors) == 1 and "--cfg_scale 1e+38" in errors[0], errors
+
+
+def _stderr_lines(stderr):
+    parts = [p.strip() for p in stderr.replace("\r", "\n").splitlines()]
+    return [p for p in parts if p and not p.startswith(("samples:", "iterations:")) and p != "\x1b[A"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("parallel_dit.py", ["--timesteps", "5", "--num_samples", "1"]),
+    ("parallel_dit.py", ["--timesteps", "5", "--num_samples", "1", "--fp16"]),
+    ("parallel_sd.py", ["--timesteps", "5", "--num_samples", "1"]),
+    ("parallel_sd.py", ["--timesteps", "5", "--num_samples", "1", "--fp16"]),
+])
+def test_a_normal_run_prints_no_library_warnings(script, argv, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv, "--output_path", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and _stderr_lines(proc.stderr) == [], proc.stderr
+
+
+def test_max_steps_before_convergence_is_said_on_the_terminal(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--timesteps", "20", "--max_steps",
+                           "2", "--num_samples", "1", "--output_path", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = _stderr_lines(proc.stderr)
+    assert proc.returncode == 0 and len(lines) == 1 and "--max_steps 2 stopped it before it converged" in lines[0]
+
+
+def test_memory_size_above_T_is_capped_and_recorded(tmp_path):
+    import json
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--timesteps", "6", "--memory_size",
+                           "1000", "--num_samples", "1", "--output_path", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and _stderr_lines(proc.stderr) == [
+        "parallel_dit.py: note: --memory_size 1000 is more than 6 iterations can fill; using 6"], proc.stderr
+    (run,) = os.listdir(tmp_path)
+    for name in ("args.json", "metrics.json"):
+        with open(tmp_path / run / name) as f:
+            assert json.load(f)["memory_size"] == 6
+
+
+def test_a_folder_of_another_model_is_not_taken_for_a_vae(files, tmp_path, capsys):
+    check(parallel_dit, ["--vae_path", str(files / "sd" / "unet")], 1, ["--vae_path", "UNet2DConditionModel",
+                                                                         "not an AutoencoderKL"], tmp_path, capsys)

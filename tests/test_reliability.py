@@ -1,4 +1,4 @@
-"""Determinism across reruns, process counts and (simulated) nodes; interrupts and dead ranks."""
+"""Determinism across reruns, process counts and (simulated) nodes; signals, dead ranks and dead runs."""
 import json
 import os
 import signal
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, free_port, only_run, read_latents as latents
+from tests.conftest import ROOT, free_port, only_run, read_latents as latents, read_metrics
 
 SCRIPT = os.path.join(ROOT, "parallel_dit.py")
 FLAGS = ["--timesteps", "20", "--num_samples", "3", "--batch_size", "2", "--eta", "0.4", "--seed", "11"]
@@ -96,7 +96,7 @@ def test_interrupt_keeps_finished_samples(tmp_path, sig):
     t0 = time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert time.time() - t0 < 15 and proc.returncode == 130
+    assert time.time() - t0 < 15 and proc.returncode == 128 + sig  # 130 for SIGINT, 143 for SIGTERM
     assert "interrupted" in err and "Traceback" not in err
     run_dir = only_run(tmp_path)
     with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -140,3 +140,86 @@ def _ancestors(pid):
             break
         out.append(str(pid))
     return out
+
+
+def _lines(stderr):
+    """stderr without the progress bars."""
+    parts = [p.strip() for p in stderr.replace("\r", "\n").splitlines()]
+    return [p for p in parts if p and not p.startswith(("samples:", "iterations:")) and p != "\x1b[A"]
+
+
+def test_interrupt_while_importing_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--output_path", str(tmp_path / "o")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 60:  # wait until torch's library is being loaded, then interrupt
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and _lines(err) == ["parallel_dit.py: interrupted (nothing written)"], err
+    assert not (tmp_path / "o").exists()
+
+
+def launcher(port):
+    return ["-m", "runner.launcher", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_to_a_launch_of_two_processes(tmp_path, sig):
+    """The terminal sends Ctrl-C to the whole process group: the launcher and every process."""
+    flags = ["--timesteps", "50", "--num_samples", "40", "--batch_size", "1"]
+    proc = launch(tmp_path, launcher(free_port()), flags=flags, wait=False)  # its own session: a process group
+    wait_for_finished(tmp_path, 1, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    lines = _lines(err)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert len(lines) == 2 and lines[0].startswith("parallel_dit.py: interrupted (") and "kept in" in lines[0], lines
+    assert lines[1] == f"parallel_dit.py: launch interrupted by {signal.Signals(sig).name}"
+    m = read_metrics(only_run(tmp_path))
+    assert m["status"] == "interrupted" and len(m["finished_samples"]) >= 1
+
+
+def test_a_bad_flag_in_a_launch_of_two_processes_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, *launcher(free_port()), SCRIPT, "--window_size", "0", "--output_path",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and _lines(proc.stderr) == [
+        "parallel_dit.py: error: --window_size must be an integer >= 1 or auto, got 0"], proc.stderr
+
+
+def test_a_killed_run_can_be_told_from_a_live_one(tmp_path):
+    """metrics.json names the writing process (pid, host) from the start, and its heartbeat stops with it."""
+    import socket
+    proc = launch(tmp_path, flags=["--timesteps", "50", "--num_samples", "40", "--batch_size", "1"], wait=False)
+    wait_for_finished(tmp_path, 1, proc)
+    m = read_metrics(only_run(tmp_path))
+    assert m["status"] == "running" and m["pid"] == proc.pid and m["host"] == socket.gethostname()
+    assert m["heartbeat_seconds"] > 0 and m["heartbeat"] and m["started"]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    m = read_metrics(only_run(tmp_path))
+    assert m["status"] == "running"  # what a reader sees: the pid is gone and the heartbeat gets old
+    with pytest.raises(ProcessLookupError):
+        os.kill(m["pid"], 0)
+
+
+def test_the_heartbeat_is_rewritten_while_a_run_lives(tmp_path, monkeypatch):
+    import argparse
+    from paratAA import SolverConfig
+    from runner import writer as writer_module
+    monkeypatch.setattr(writer_module, "HEARTBEAT", 0.05)
+    args = argparse.Namespace(timesteps=5, eta=0.0, cfg_scale=1.0, compare_sequential=False)
+    beats = []
+    with writer_module.RunWriter(str(tmp_path), None, args, SolverConfig().resolve(5), "test", dict, 0):
+        for _ in range(20):
+            time.sleep(0.03)
+            try:
+                beats.append(read_metrics(str(tmp_path))["heartbeat"])
+            except (ValueError, FileNotFoundError):
+                pass
+    assert read_metrics(str(tmp_path))["status"] == "complete"
+    assert len(set(beats)) >= 3, beats

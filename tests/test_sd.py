@@ -54,6 +54,22 @@ def test_tolerance_zero_equals_diffusers_ddim(tiny_sd, tmp_path, eta):
         assert s["sequential_distance_history"][-1] < 1e-5 and s["final_image_rms"] <= 1.0
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_other_prediction_types_equal_diffusers_ddim(tmp_path, prediction_type):
+    """SD 2.x 768 predicts v; some models predict the sample. Each is turned into the solver's noise prediction
+    exactly as diffusers' DDIM step reads it: tolerance 0 equals diffusers' own loop on the same folder."""
+    from tests.tiny_sd import build_tiny_sd
+    folder = build_tiny_sd(str(tmp_path / "model"), seed=1, prediction_type=prediction_type)
+    T = 10
+    run_dir, m = run_sd(folder, tmp_path / "out", "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--batch_size", "2", "--prompt", "a handwritten digit four",
+                        "--cfg_scale", "3")
+    ref = diffusers_ddim(folder, "a handwritten digit four", T, 0.0, 0, 2, 3.0)
+    ours = latents(run_dir)
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_default_run_layout(tiny_sd, tmp_path):
     run_dir, m = run_sd(tiny_sd, tmp_path, "--timesteps", "20", "--num_samples", "3", "--batch_size", "2",
                         "--prompt", "a handwritten digit one", "a handwritten digit two")

@@ -6,7 +6,8 @@ import tempfile
 import torch
 
 
-def build_tiny_sd(folder, seed=0):
+def build_tiny_sd(folder, seed=0, **scheduler_config):
+    """scheduler_config: DDIMScheduler settings over SD v1.5's (e.g. prediction_type="v_prediction")."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -34,9 +35,9 @@ def build_tiny_sd(folder, seed=0):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=32,
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-                              clip_sample=False, timestep_spacing="leading")
+    scheduler = DDIMScheduler(**{**dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                                        clip_sample=False, timestep_spacing="leading"), **scheduler_config})
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)

@@ -1,0 +1,161 @@
+"""Choosing the window from the hardware (window_size="auto").
+
+Parallel sampling trades model work for latency: with window W an iteration costs one batched call of W inputs per
+sample, and the run takes K(W) iterations. On hardware with idle parallel capacity (a GPU at small batch) a call of
+W inputs costs little more than a call of one; on a busy CPU it costs W times as much. So the best window depends
+on the machine, and is found by measuring it:
+
+    c(n)   seconds of one sharded model call of n inputs (guidance included), measured at a few n;
+    o(W)   seconds of the solver's own work per iteration at window W, measured with a free model;
+    K(W)   iterations at window W, modelled as  min(T, alpha T / W + beta)                               (5)
+
+(the window slides down the T states about W / alpha per iteration once converged states freeze, and the last
+window needs about beta more; alpha and beta were fitted on the embedded models, BENCHMARKS.md). The predicted
+time of window W is K(W) (c(B W) + o(W)) for a batch of B samples, against T c(B) for sequential sampling; the
+plan takes the W that minimises it, W = 1 being sequential sampling itself (K(1) = T exactly).
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .denoiser import select
+
+ALPHA, BETA = 1.6, 5.0   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
+REPEATS = 2              # timed calls per size, after one warm-up call
+
+
+@dataclass
+class Plan:
+    window: int
+    predicted_seconds: float             # K(W) (c(B W) + o(W))
+    predicted_sequential_seconds: float  # T c(B)
+    predicted_iterations: float
+    call_seconds: dict = field(default_factory=dict)      # c: inputs per call -> seconds
+    solver_seconds: dict = field(default_factory=dict)    # o: window -> seconds per iteration
+    measured: bool = True                # False: the curves came from a cache
+
+    def to_dict(self):
+        return {"window": self.window, "predicted_seconds": self.predicted_seconds,
+                "predicted_sequential_seconds": self.predicted_sequential_seconds,
+                "predicted_speedup": self.predicted_sequential_seconds / self.predicted_seconds,
+                "predicted_iterations": self.predicted_iterations, "measured": self.measured,
+                "call_seconds": {str(k): v for k, v in sorted(self.call_seconds.items())},
+                "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
+                "iteration_model": {"alpha": ALPHA, "beta": BETA}}
+
+
+def predicted_iterations(T, W):
+    """Equation (5); K(1) = T exactly (one state freezes per iteration)."""
+    return float(T) if W <= 1 else min(float(T), ALPHA * T / W + BETA)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    fn()  # warm-up: allocator, kernels, caches
+    best = math.inf
+    for _ in range(REPEATS):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def candidate_windows(T):
+    """1, 2, 4, ... and T."""
+    out, w = [], 1
+    while w < T:
+        out.append(w)
+        w *= 2
+    return out + [T]
+
+
+def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, windows):
+    """c(B w) for each window w: one sharded call of w inputs per sample, timed on every process; the slowest
+    process's time counts (a call ends when every shard is gathered). Stops early once a call costs about twice
+    the one of half its size: the calls are then compute-bound and larger windows cannot win (equation (5))."""
+    B, T, device = noise.shape[0], schedule.num_steps, noise.device
+    x_T = noise[:, T].to(torch.float64)                                                     # [B, *latent]
+    sched = schedule.to(device)
+    out = {}
+    for w in windows:
+        steps = torch.linspace(T - 1, 0, w, device=device).round().long()                  # [w] spread over T
+        x = x_T.repeat_interleave(w, dim=0)                                                 # [B w, *latent]
+        t = sched.timesteps[steps].repeat(B)                                                # [B w]
+        c = select(cond, torch.arange(B).repeat_interleave(w))
+        seconds = _timed(lambda: sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, t, c),
+                         device)
+        out[B * w] = sharding.max(seconds)
+        half = out.get(B * (w // 2))
+        if half is not None and w >= 4 and out[B * w] >= 1.9 * half:
+            break
+    return out
+
+
+def measure_solver_seconds(schedule, noise, config, windows, sharding):
+    """o(w): the solver's seconds per iteration at each window, with a free model (two iterations, the second
+    with the TAA update), on this device."""
+    from .solver import solve
+    from dataclasses import replace
+    out = {}
+    for w in windows:
+        c = replace(config, window_size=w, order=min(config.order or w, w), tol1=0.0, tol2=0.0, max_steps=2)
+        free = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
+        seconds = _timed(lambda: solve(free, schedule, noise, None, c, model_dtype=noise.dtype), noise.device)
+        out[w] = sharding.max(seconds / 2)
+    return out
+
+
+def _interpolate(curve, n):
+    """curve at n: linear between measured points, extended along the last segment."""
+    xs = sorted(curve)
+    if n <= xs[0]:
+        return curve[xs[0]] * n / xs[0] if n < xs[0] else curve[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return curve[a] + (curve[b] - curve[a]) * (n - a) / (b - a)
+    if len(xs) == 1:
+        return curve[xs[0]] * n / xs[0]
+    a, b = xs[-2], xs[-1]
+    return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
+
+
+def choose(T, B, call_seconds, solver_seconds, measured=True):
+    """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T."""
+    best = None
+    for W in range(1, T + 1):
+        K = predicted_iterations(T, W)
+        seconds = K * (_interpolate(call_seconds, B * W) + _interpolate(solver_seconds, W))
+        if best is None or seconds < best[1] - 1e-12:
+            best = (W, seconds, K)
+    W, seconds, K = best
+    return Plan(window=W, predicted_seconds=seconds, predicted_sequential_seconds=T * _interpolate(call_seconds, B),
+                predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured)
+
+
+def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, cache=None, key=None):
+    """Measure (or read from cache[key]) the cost curves of this model on this device and process group, and
+    choose the window. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process
+    count and batch (the caller's; without one nothing is cached). Every process takes the main process's choice."""
+    T, B = schedule.num_steps, noise.shape[0]
+    hit = cache.get(key) if cache is not None and key is not None else None
+    if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
+        calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
+        solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
+        plan = choose(T, B, calls, solver, measured=False)
+    else:
+        calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
+        solver = measure_solver_seconds(schedule, noise, config, sorted({n // B for n in calls}), sharding)
+        if cache is not None and key is not None:
+            cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
+                          "solver_seconds": {str(k): v for k, v in solver.items()}}
+        plan = choose(T, B, calls, solver)
+    plan.window = int(sharding.from_main(plan.window))
+    return plan

@@ -6,6 +6,8 @@
 
 Each iteration evaluates the DiT at the window of every sample in one batch, split across the processes.
 """
+import sys
+
 from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
@@ -17,6 +19,7 @@ from models.dit import DiT_models  # noqa: E402
 from runner.flags import add_common_flags, check_common_flags, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
+from runner.presets import add_preset_flag, apply_preset  # noqa: E402
 
 MAX_CLASSES = 10 ** 6  # more class embeddings than any checkpoint has; keeps a typo from allocating gigabytes
 
@@ -74,7 +77,10 @@ def parse_args(argv=None):
                    help="classes of a DiT checkpoint (default 1000; the embedded model has 10)")
     g.add_argument("--class_labels", type=int, nargs="+", default=None,
                    help="labels of the samples, repeated cyclically (default: random from the seed)")
-    return parser.parse_args(argv)
+    add_preset_flag(parser)
+    args = parser.parse_args(argv)
+    apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_dit")
+    return args
 
 
 if __name__ == "__main__":

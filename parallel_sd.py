@@ -6,6 +6,8 @@
 
 The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step).
 """
+import sys
+
 from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
@@ -16,6 +18,7 @@ from models.sd import SD_CFG_SCALE, PromptList, add_sd_flags, check_sd_flags  # 
 from runner.flags import add_common_flags, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
+from runner.presets import add_preset_flag, apply_preset  # noqa: E402
 
 DEFAULT_PROMPT = "a handwritten digit seven"
 
@@ -38,7 +41,10 @@ def parse_args(argv=None):
                         help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
                              f"(default: {DEFAULT_PROMPT!r})")
     add_sd_flags(parser)
-    return parser.parse_args(argv)
+    add_preset_flag(parser)
+    args = parser.parse_args(argv)
+    apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_sd")
+    return args
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gmm import GaussianMixtureEps  # noqa: E402
-from paratAA import dit_schedule, dit_scheduler, draw_noise, noise_from_seeds, solve  # noqa: E402
+from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
 
 TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md)
 # name: (order (None: T), memory_size, form of the equations)
@@ -33,7 +33,7 @@ METHODS = {"FP": (1, 1, "picard"), "FP+ (ddim)": (None, 1, "ddim"), "FP+ (picard
 
 def iteration_table(steps, seeds, latent):
     rows = []
-    ac = dit_scheduler().alphas_cumprod
+    ac = dit_alphas_cumprod()
     for T in steps:
         schedule = dit_schedule(T)
         row = {"T": T}

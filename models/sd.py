@@ -13,7 +13,7 @@ import os
 import torch
 
 from runner.errors import InputFileError, UsageError
-from runner.flags import check_common_flags
+from runner.flags import check_common_flags, note
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
@@ -157,9 +157,17 @@ def load_pipeline(path, device, dtype):
 
 @torch.no_grad()
 def encode(pipe, prompts, negative_prompt, device):
-    """Per-prompt conditioning {"cond", "uncond"}: [P, L, E] each, through the pipeline's own encode_prompt."""
-    cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True,
-                                      negative_prompt=[negative_prompt] * len(prompts))
+    """Per-prompt conditioning {"cond", "uncond"}: [P, L, E] each, through the pipeline's own encode_prompt.
+    A prompt longer than the text encoder takes is cut, as the pipeline does; said once, in one line."""
+    limit = pipe.tokenizer.model_max_length
+    with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
+        for flag, text in [("--prompt", p) for p in prompts] + [("--negative_prompt", negative_prompt)]:
+            n = len(pipe.tokenizer(text).input_ids)
+            if n > limit:
+                note(f"{flag} has {n} tokens; the text encoder reads the first {limit}: the rest is ignored "
+                     f"({text[:40]!r}...)")
+        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True,
+                                          negative_prompt=[negative_prompt] * len(prompts))
     return {"cond": cond, "uncond": uncond}
 
 

@@ -27,9 +27,24 @@ class SolverConfig:
     memory_size: int = _param(3, "TAA memory m: iterates kept per state (1: plain fixed-point iteration; 2-5 "
                                  "recommended; more than T acts as T)", "int")
     lam: float = _param(1e-3, "regulariser lambda of the TAA least-squares problems", "float")
-    tol1: float = _param(3e-4, "absolute tolerance on the RMS residual of a state", "float")
-    tol2: float = _param(3e-4, "tolerance relative to the step's noise level sigma", "float")
+    tol1: float = _param(1e-4, "absolute tolerance on the RMS residual of a state", "float")
+    tol2: float = _param(1e-4, "tolerance relative to the step's noise level sigma", "float")
+    stop_tol: float = _param(0.04, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's remaining "
+                                   "error is <= stop_tol * std(x_0) (and contracting, stop_ratio); 0: off; off "
+                                   "also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
+    stop_ratio: float = _param(0.35, "stop rule: E must also be <= stop_ratio * the previous iteration's E", "float")
+    taa_guard: float = _param(1.5, "a state whose order-k residual grew by more than this factor since the previous "
+                                   "iteration takes the plain step instead of the TAA step (0: off)", "float")
+    init_states: str = _param("ddim", "how a state the window reaches first starts: ddim (DDIM steps down from the "
+                                      "lowest state in use, noise prediction held at the newest one) or copy (a "
+                                      "copy of the lowest state in use)", "choice", ("ddim", "copy"))
     max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice)", "count")
+
+    @classmethod
+    def paper(cls, **overrides):
+        """The reference implementation's algorithm and defaults: the DDIM form, m = 2, tolerances 1e-3, its
+        per-state stop, copies for new states, no TAA guard (docs/ALGORITHM.md lists what still differs)."""
+        return cls(**{**PAPER, **overrides})
 
     def __post_init__(self):
         self.check()
@@ -63,3 +78,6 @@ class SolverConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, taa_guard=0.0, init_states="copy")

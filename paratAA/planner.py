@@ -22,7 +22,7 @@ import torch
 
 from .denoiser import select
 
-ALPHA, BETA = 1.6, 5.0   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
+ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
 REPEATS = 2              # timed calls per size, after one warm-up call
 
 

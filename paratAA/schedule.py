@@ -1,16 +1,21 @@
-"""DDIM coefficients of the triangular system (docs/ALGORITHM.md, equation 1).
+"""Coefficients of the triangular system (docs/ALGORITHM.md, equation 1).
 
 Step s (s = 0 .. T-1, s = 0 is the last, least noisy step) maps state x_{s+1} to x_s:
 
     x_s = a[s] * x_{s+1} + b[s] * eps(x_{s+1}, timesteps[s]) + c[s] * xi[s]
 
-x_T is pure noise and x_0 the sample. The noise tensor that the solver takes holds T + 1 draws: xi[s] for
-step s and xi[T] = x_T. The coefficients are read from a diffusers `DDIMScheduler` (its alphas_cumprod, its
-timestep list and its final_alpha_cumprod) and computed in float64, for any eta >= 0.
+x_T is pure noise and x_0 the sample. The noise tensor that the solver takes holds T + 1 draws: xi[s] for step s and
+xi[T] = x_T. Two sources of the noise levels, each computed the way its reference computes them, in float64:
+
+    dit_schedule        DiT's own diffusion: float64 linear betas, respaced by DiT's accumulate-and-round rule,
+                        the cumulative products recomputed from the respaced betas, final alpha 1
+    from_ddim_scheduler a diffusers scheduler read as DDIM (Stable Diffusion): its timestep list, its
+                        alphas_cumprod as it stores them (float32), its final_alpha_cumprod
 """
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
@@ -46,13 +51,32 @@ def check_num_steps(num_steps, num_train_timesteps):
             f"timesteps (number of sampling steps T) must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
 
 
+def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps):
+    """Equation (1) from 1 - A and 1 - A' of each step (float64 [T]; A' of the last step is the final alpha).
+
+    Written as the reference writes it (the alphas recovered as 1 - (1 - A)), so that its coefficients are met
+    to round-off:  sigma = sqrt((1-A')/(1-A)) sqrt(1 - A/A'),  c = eta sigma (0 at the last step),
+    a = sqrt(A'/A),  b = sqrt(1 - A' - c^2) - a sqrt(1 - A)."""
+    now, nxt = one_minus.clamp(min=0), one_minus_next.clamp(min=0)
+    A, A_next = (1 - now).clamp(min=0), (1 - nxt).clamp(min=0)
+    sigma = torch.sqrt(nxt / now) * torch.sqrt(1 - (1 - now) / (1 - nxt))
+    c = eta * sigma
+    c[0] = 0.0  # the last step adds no noise, as in DDIM
+    a = torch.sqrt(A_next) / torch.sqrt(A)
+    # the root's argument is >= 0 for eta <= 1 (check_eta); the clamp only absorbs round-off at eta = 1
+    b = torch.sqrt(torch.clamp(nxt - c ** 2, min=0)) - torch.sqrt(now) * a
+    return Schedule(timesteps=timesteps, a=a, b=b, c=c, sigma=sigma, eta=float(eta),
+                    num_train_timesteps=num_train_timesteps)
+
+
 def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     """Schedule for `num_steps` DDIM steps of a diffusers scheduler (any scheduler config is read as DDIM).
 
-    The next (less noisy) alpha of a step is the alpha of the next timestep in the scheduler's own list, and
-    after the last step the scheduler's final_alpha_cumprod: this is DDIM on exactly the timesteps the
-    scheduler chose. (diffusers' DDIMScheduler.step instead assumes an even stride num_train // T, which is
-    the same list for "leading"/"trailing" spacing but not for "linspace".)
+    The next (less noisy) alpha of a step is the alpha of the next timestep in the scheduler's own list, and after
+    the last step the scheduler's final_alpha_cumprod: DDIM on exactly the timesteps the scheduler chose.
+    (diffusers' DDIMScheduler.step instead assumes an even stride num_train // T, which is the same list for
+    "leading"/"trailing" spacing but not for "linspace".) The alphas are the scheduler's own, in the dtype it keeps
+    them (float32), and 1 - A is taken in that dtype before float64, as the reference's SD script does.
     """
     check_eta(eta)
     if not isinstance(scheduler, DDIMScheduler):
@@ -60,35 +84,47 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     n_train = scheduler.config.num_train_timesteps
     check_num_steps(num_steps, n_train)
     scheduler.set_timesteps(num_steps)
-
     timesteps = scheduler.timesteps.flip(0).long()                  # [T] ascending: step s uses timesteps[s]
-    # diffusers keeps alphas_cumprod in float32; the product of its betas is redone in float64 (as DiT does)
-    alphas = torch.cumprod(1 - scheduler.betas.to(torch.float64), dim=0)      # [n_train]
-    final = torch.ones(1, dtype=torch.float64) if scheduler.config.set_alpha_to_one else alphas[:1]
+    alphas = torch.as_tensor(scheduler.alphas_cumprod)              # [n_train] as the scheduler keeps them
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas.dtype).reshape(1)
     alpha = alphas[timesteps]                                       # [T]  A  of step s
     alpha_next = torch.cat([final, alpha[:-1]])                     # [T]  A' of step s (state x_s)
-
-    sigma = torch.sqrt((1 - alpha_next) / (1 - alpha)) * torch.sqrt(1 - alpha / alpha_next)
-    c = eta * sigma
-    c[0] = 0.0  # the last step adds no noise, as in DDIM
-    a = torch.sqrt(alpha_next / alpha)
-    # the root's argument is >= 0 for eta <= 1 (check_eta); the clamp only absorbs round-off at eta = 1
-    b = torch.sqrt(torch.clamp(1 - alpha_next - c ** 2, min=0)) - a * torch.sqrt(1 - alpha)
-    return Schedule(timesteps=timesteps, a=a, b=b, c=c, sigma=sigma, eta=float(eta), num_train_timesteps=n_train)
+    return coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
 
 
-def dit_scheduler():
-    """The DiT / ADM diffusion: 1000 linear betas 1e-4..0.02, final alpha 1.
+def dit_respacing(T, num_train=1000):
+    """The timesteps DiT keeps for T steps (its space_timesteps with one section): a fractional stride
+    (num_train - 1) / (T - 1) accumulated T times, each rounded with Python's round (half to even)."""
+    stride = (num_train - 1) / (T - 1) if T > 1 else 1
+    cur, kept = 0.0, set()
+    for _ in range(T):
+        kept.add(round(cur))
+        cur += stride
+    return sorted(kept)
 
-    "linspace" spacing rounds linspace(0, 999, T), which is DiT's respacing of T steps, and the model is fed the
-    original timestep, as DiT's respaced wrapper does.
-    """
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         set_alpha_to_one=True, timestep_spacing="linspace", clip_sample=False, steps_offset=0)
+
+def dit_alphas_cumprod(num_train=1000):
+    """DiT / ADM's noise levels: num_train linear betas 1e-4 .. 0.02 in float64 (scaled by 1000 / num_train), their
+    cumulative products of 1 - beta ([num_train] float64, numpy)."""
+    scale = 1000 / num_train
+    return np.cumprod(1.0 - np.linspace(scale * 1e-4, scale * 0.02, num_train, dtype=np.float64))
 
 
-def dit_schedule(num_steps, eta=0.0):
-    return from_ddim_scheduler(dit_scheduler(), num_steps, eta)
+def dit_schedule(num_steps, eta=0.0, num_train=1000):
+    """DiT / ADM's diffusion respaced to num_steps, as its diffusion code does it; the model is fed the original
+    timestep, as DiT's respaced wrapper does."""
+    check_eta(eta)
+    check_num_steps(num_steps, num_train)
+    base = dit_alphas_cumprod(num_train)
+    kept = dit_respacing(num_steps, num_train)
+    last, new_betas = 1.0, []
+    for t in kept:  # the respaced process: one beta per kept step, from the base cumulative products
+        new_betas.append(1 - base[t] / last)
+        last = base[t]
+    alphas = np.cumprod(1.0 - np.array(new_betas))                 # recomputed, as DiT's respaced diffusion does
+    alphas_prev = np.append(1.0, alphas[:-1])
+    return coefficients(torch.tensor(kept, dtype=torch.long), torch.from_numpy(1 - alphas),
+                        torch.from_numpy(1 - alphas_prev), eta, num_train)
 
 
 def pipeline_schedule(pipeline, num_steps, eta=0.0):

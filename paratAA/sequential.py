@@ -5,13 +5,15 @@ from .denoiser import evaluate
 from .sharding import Sharding
 
 
-def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=None, model_dtype=torch.float32,
-                      sharding=None, callback=None):
+def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=None, steps=None,
+                      model_dtype=torch.float32, sharding=None, callback=None):
     """x_{s} = a_s x_{s+1} + b_s eps(x_{s+1}) + c_s xi_s for s = start-1 .. 0, for B samples at once.
 
     noise: [B, T+1, *latent] as for `solve` (x_T = noise[:, T]). To start below the top (the warm-start
     reference), give init [B, T+1, *latent] and start: x_start is taken from init and the states above it are
-    kept. Returns the trajectory [B, T+1, *latent] float64 (x_0 = trajectory[:, 0]).
+    kept. steps: take only this many steps (default: all); the states below stay 0.
+    callback(k, X): after the k-th step, with the trajectory so far [B, T+1, *latent].
+    Returns the trajectory [B, T+1, *latent] float64 (x_0 = trajectory[:, 0]).
     """
     T = schedule.num_steps
     sharding = sharding or Sharding()
@@ -25,11 +27,11 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
         X = init.to(noise.device, torch.float64).clone()
         start = T if start is None else start
     B = X.shape[0]
-    for s in range(start - 1, -1, -1):
+    for s in range(start - 1, -1 if steps is None else max(start - steps, 0) - 1, -1):
         t = sched.timesteps[s].repeat(B)
         eps = evaluate(eps_fn, sharding, X[:, s + 1], t, cond, model_dtype, start - s,
                        lambda i: f"sample {i}, step {s} (model timestep {int(sched.timesteps[s])})")
         X[:, s] = sched.a[s] * X[:, s + 1] + sched.b[s] * eps + sched.c[s] * xi[:, s]
         if callback is not None:
-            callback(start - s)
+            callback(start - s, X)
     return X

@@ -8,12 +8,14 @@ Boundary rule. After the test, with p the highest (noisiest) unconverged state o
   - states above p passed the test and are frozen at the values that passed it;
   - p takes the plain order-k update, computed from frozen values only, so it is final and is frozen too;
   - states below p take the TAA update (or the plain one when memory_size = 1).
-So the boundary drops by at least one state per iteration: never more than T iterations, whatever TAA does,
+When every state of the window passes, all of them take one more plain order-k update (it needs no model call and
+brings the sample closer to the sequential one) and are frozen. So the boundary drops by at least one state per iteration: never more than T iterations, whatever TAA does,
 and the guarantee does not rest on a residual coming out exactly zero in floating point.
 
 Where this departs from the public reference implementation, and what each departure changes, is listed in
 docs/ALGORITHM.md (section "Departures from the reference").
 """
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -23,6 +25,7 @@ from .config import SolverConfig
 from .denoiser import evaluate, select
 from .equations import OrderKEquations
 from .planner import plan_window
+from .sequential import sample_sequential
 from .sharding import Sharding
 
 
@@ -34,6 +37,8 @@ class SampleHistory:
     evaluations: list = field(default_factory=list)  # model evaluations in the iteration (window inputs)
     fallbacks: list = field(default_factory=list)    # states whose TAA problem was unusable (plain step)
     x0: list = field(default_factory=list)           # x_0 estimate before iteration 1 and after each one
+    estimate: list = field(default_factory=list)     # stop rule's E / std(x_0) (nan: window short of x_0)
+    stopped: bool = False                            # ended by the stop rule (not by the boundary reaching 0)
 
 
 @dataclass
@@ -99,6 +104,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         config = replace(config, window_size=plan.window).resolve(T)
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
     lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
+    # the stop rule (docs/ALGORITHM.md): off with tolerance 0, so that tolerance 0 still solves exactly
+    stop_tol = config.stop_tol if (tol1 > 0 or tol2 > 0) else 0.0
+    stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
     if variation_steps is not None:
         check_variation_steps(variation_steps, T)
     if noise.dim() < 2 or noise.shape[1] != T + 1:
@@ -106,6 +114,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     if (init is None) != (variation_steps is None):
         raise ValueError("a warm start needs both init and variation_steps")
     sharding = sharding or Sharding()
+    if window_size == 1:  # one state per iteration is sequential sampling itself: no solver work is needed
+        return _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype,
+                                        sharding, record_x0, callback, plan)
     device = noise.device
     sched = schedule.to(device)
     eq = OrderKEquations(schedule, order, config.equations, device=device)
@@ -122,6 +133,11 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         X = init.to(device, torch.float64).flatten(2).clone()
         top = variation_steps
     boundary = [top] * B      # states >= boundary are frozen
+    # weight of state s's order-1 residual in x_0 under the DDIM composition: P(0, s) = a_0 ... a_{s-1}
+    carry = torch.cat([torch.ones(1, dtype=torch.float64, device=device), torch.cumprod(sched.a[:-1], 0)])
+    last_estimate = [math.inf] * B
+    last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
+    stopped = [False] * B
     reached = [top if init is None else 0] * B  # lowest state initialised so far
 
     m = memory_size
@@ -141,8 +157,13 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         for b in active:
             F = boundary[b]
             lo = max(F - window_size, 0)
-            if lo < reached[b]:  # newly reached states start as copies of the lowest state in use
-                X[b, lo:reached[b]] = X[b, reached[b]]
+            if lo < reached[b]:  # newly reached states start from the lowest state in use (init_states)
+                if config.init_states == "ddim" and last_eps[b] is not None:
+                    # DDIM steps down from it with the noise prediction held at the newest one
+                    for s_ in range(reached[b] - 1, lo - 1, -1):
+                        X[b, s_] = sched.a[s_] * X[b, s_ + 1] + sched.b[s_] * last_eps[b] + sched.c[s_] * xi[b, s_]
+                else:
+                    X[b, lo:reached[b]] = X[b, reached[b]]
                 reached[b] = lo
             spans.append((b, lo, F))
 
@@ -160,6 +181,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
 
         eps = evaluate(eps_fn, sharding, x_in, t_in, select(cond, owner), model_dtype, it, describe)
         eps = eps.flatten(1)                                                                  # [N, D]
+        for k, (b, lo, F) in enumerate(spans):
+            last_eps[b] = eps[starts[k]].to(torch.float64)
 
         for k, (b, lo, F) in enumerate(spans):
             # in-place arithmetic: at SD latent sizes each [W, D] temporary is 13 MB
@@ -170,20 +193,37 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             threshold = torch.clamp(tol2 * sched.sigma[lo:F], min=tol1)
             unconverged = (rms > threshold).nonzero()
             fallbacks = 0
-            if len(unconverged) == 0:
+            estimate, stop = math.nan, False
+            if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
+                scale = float(x[0].std()) if x.shape[1] > 1 else 1.0
+                estimate = float((carry[:F] * rms).sum()) / max(scale, 1e-12)
+                stop = stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * last_estimate[b]
+            last_estimate[b] = estimate if lo == 0 else math.inf
+            if len(unconverged) == 0:  # every window state passed: one more plain update, no model call (as the
+                x[lo:F] += eq.residual(x, e, r1, lo, F)  # reference does), then all of them are frozen
                 new_boundary = lo
             else:
                 p = int(unconverged.max())                     # window position of the highest unconverged
                 R = eq.residual(x, e, r1, lo, F)               # [W, D] order-k residual
                 step = R
                 if m > 1:
+                    if taa_guard > 0 and p > 0:
+                        seen = memory[b].count[lo:lo + p] > 0
+                        grew = seen & (torch.linalg.vector_norm(R[:p], dim=1)
+                                       > taa_guard * torch.linalg.vector_norm(memory[b].last_r[lo:lo + p], dim=1))
                     memory[b].push(x, R, lo, F)
                     if p > 0:
                         step, bad = memory[b].step(R, lo, F, p, lam)
+                        if taa_guard > 0 and bool(grew.any()):  # the safeguard: plain step where R grew
+                            step[grew] = R[:p][grew]
+                            bad = bad | grew
                         fallbacks = int(bad.sum())
                 x[lo:lo + p] += step[:p]
                 x[lo + p] += R[p]
                 new_boundary = lo + p
+            if stop:  # the stop rule: x_0 (just updated) is final
+                new_boundary = 0
+                stopped[b] = True
             del r1
             boundary[b] = new_boundary
             iterations[b] += 1
@@ -192,6 +232,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             h.boundary.append(new_boundary)
             h.evaluations.append(F - lo)
             h.fallbacks.append(fallbacks)
+            h.estimate.append(estimate)
+            h.stopped = stopped[b]
             if record_x0:
                 h.x0.append(X[b, reached[b]].reshape(latent).to("cpu", copy=True))
         if callback is not None:
@@ -202,3 +244,38 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                        evaluations=[sum(h.evaluations) for h in history], history=history, config=config,
                        plan=plan)
 
+
+def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype, sharding,
+                             record_x0, callback, plan):
+    """Window 1: iteration k computes state top - k from the frozen one above it, which is a DDIM step; so it is
+    run as one (sequential.py) and recorded as the solver records an iteration. Same states as the windowed
+    iteration up to round-off, without its per-iteration work (what the planner relies on when it picks 1)."""
+    T = schedule.num_steps
+    top = T if init is None else variation_steps
+    steps = top if config.max_steps is None else min(top, config.max_steps)
+    B, latent = noise.shape[0], tuple(noise.shape[2:])
+    history = [SampleHistory() for _ in range(B)]
+    start = (noise[:, T] if init is None else init[:, top]).to(torch.float64)            # [B, *latent]
+    if record_x0:
+        for b in range(B):
+            history[b].x0.append(start[b].to("cpu", copy=True))
+
+    def record(k, X):  # state s = top - k was just computed from x_{s+1}
+        s = top - k
+        change = (X[:, s] - X[:, s + 1]).flatten(1)     # the order-1 residual of a state started as a copy
+        for b, h in enumerate(history):
+            h.residual.append(float(torch.linalg.vector_norm(change[b]) / change.shape[1] ** 0.5))
+            h.boundary.append(s)
+            h.evaluations.append(1)
+            h.fallbacks.append(0)
+            h.estimate.append(math.nan)
+            if record_x0:
+                h.x0.append(X[b, s].to("cpu", copy=True))
+        if callback is not None:
+            callback(k, [s] * B)
+
+    X = sample_sequential(eps_fn, schedule, noise, cond, init=init, start=None if init is None else top, steps=steps,
+                          model_dtype=model_dtype, sharding=sharding, callback=record)
+    X[:, :top - steps] = X[:, top - steps:top - steps + 1]  # not reached (max_steps): the lowest state reached
+    return SolveResult(samples=X[:, 0], trajectory=X, iterations=[steps] * B, converged=[steps == top] * B,
+                       evaluations=[steps] * B, history=history, config=config, plan=plan)

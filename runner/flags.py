@@ -123,7 +123,7 @@ def check_common_flags(args, num_train_timesteps):
     _finite(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
     check_output_path(args.output_path)
     resolved = config.resolve(args.timesteps)
-    if resolved.memory_size < config.memory_size:
+    if resolved.memory_size < config.memory_size != SolverConfig().memory_size:  # a value the user asked for
         note(f"--memory_size {config.memory_size} is more than {args.timesteps} iterations can fill; using "
              f"{resolved.memory_size}")
     args.window_size, args.order, args.memory_size = resolved.window_size, resolved.order, resolved.memory_size

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -18,6 +18,8 @@ from paratAA import NonFiniteModelOutput, Schedule, sample_sequential, solve
 from paratAA.solver import state_bytes
 
 from .errors import UsageError
+from .metrics import speed_summary
+from .planning import plan_run
 from .rundir import create_run_dir, save_args
 from .writer import RECORD_BYTES, RunWriter
 
@@ -50,6 +52,8 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
     Per run, in the main process: every sample's latents and record (and, for a warm start, every trajectory)."""
     T, D, S = bundle.schedule.num_steps, math.prod(bundle.latent), bundle.num_samples
     B = min(args.batch_size, S)
+    if config.window_size == "auto":  # not chosen yet: the largest it can be
+        config = replace(config, window_size=T).resolve(T)
     batch = state_bytes(config, T, D, B) + B * (8 * (T + 1) * D + bundle.cond_bytes)
     run = S * (4 * D + RECORD_BYTES) + (S * 8 * (T + 1) * D if keep_trajectories else 0)
     free_device, free_host = session.free_memory()
@@ -70,12 +74,13 @@ def open_run(args, session, prefix):
 
 def sample_run(args, config, session, bundle, prefix, script):
     """The whole run of a one-bundle script: checked to fit, a new run folder, every sample solved and written,
-    one line printed."""
+    what it gained printed."""
     check_fits(bundle, args, config, session)
     run_dir = open_run(args, session, prefix)
     result = sample_into(run_dir, bundle, args, config, session, script)
     if session.is_main:
-        print(f"wrote {run_dir}: iterations per sample {result['iterations']}, sampling {result['seconds']:.2f} s")
+        print(f"wrote {run_dir}")
+        print("\n".join(result["summary"]), flush=True)
     session.wait()
     return run_dir
 
@@ -85,13 +90,15 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
     """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
 
     Returns {"iterations": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1, *latent] when
-    keep_trajectories (a warm start's first pass)}."""
+    keep_trajectories (a warm start's first pass), "summary": lines saying what the run gained (main process)}."""
     if not session.is_main:
         return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
     save_args(args, folder)
     with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, bundle.info,
                    session.world_size) as writer:
-        return sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
+        out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
+    out["summary"] = speed_summary({**writer.metrics, "speed": writer.speed()}, writer.samples)
+    return out
 
 
 def subfolder(run_dir, name):
@@ -110,14 +117,20 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
     init, variation_steps: warm start from existing trajectories [S, T+1, *latent] (paratAA.solve).
     writer (main process): gets each batch as soon as it is solved."""
     S, device = bundle.num_samples, session.device
+    steps = variation_steps or bundle.schedule.num_steps  # sequential sampling's model calls per batch
     stream = bundle.noise()
     out = {"trajectory": [], "iterations": [], "seconds": 0.0}
+    call_seconds = None
     progress = dict(disable=not session.is_main)
     with tqdm(total=S, desc="samples", leave=True, **progress) as bar:  # closed on errors too
         for start in range(0, S, args.batch_size):
             stop = min(start + args.batch_size, S)
             noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
             first = init[start:stop] if init is not None else None
+            if start == 0:  # the window (auto: measured here) and the per-call time of sequential sampling
+                config, plan, call_seconds = plan_run(bundle, args, config, session, noise, cond)
+                if writer is not None:
+                    writer.set_plan(config, plan, call_seconds)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,
                       **progress) as it_bar:
                 t0 = time.perf_counter()
@@ -143,7 +156,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                 out["trajectory"].append(res.trajectory.cpu())
             out["iterations"] += res.iterations
             if writer is not None:
-                writer.add_batch(start, res, seq, seconds, seq_seconds)
+                writer.add_batch(start, res, seq, seconds, seq_seconds,
+                                 steps * call_seconds if call_seconds is not None else None)
                 _say_unconverged(start, res, config)
             bar.update(stop - start)
     if keep_trajectories:

@@ -21,3 +21,23 @@ def latent_rms(a, b):
 def same_image_at(image_rms_history):
     """Index of the first entry within SAME_IMAGE gray levels (entry 0 is the initial state), or None."""
     return next((k for k, v in enumerate(image_rms_history) if v <= SAME_IMAGE), None)
+
+
+def speed_summary(metrics, samples):
+    """The lines a run prints at its end: iterations, window, time against sequential sampling, same image."""
+    speed = metrics.get("speed") or {}
+    its = [m["iterations"] for m in samples]
+    plan = metrics.get("plan")
+    how = (f"chosen for this hardware, predicted {speed.get('predicted_seconds', 0):.2f} s" if plan else "from the flags")
+    lines = [f"ParaTAA: {len(its)} samples, iterations per sample {its} (window {metrics['window_size']}, {how})"]
+    seq = speed.get("sequential_seconds")
+    text = f"sampling {speed.get('sampling_seconds', 0):.2f} s"
+    if seq:
+        kind = "measured" if speed["sequential_measured"] else "estimated from the measured time per call"
+        text += f"; sequential sampling {seq:.2f} s ({kind}); speed-up {speed['speedup']:.2f}x"
+    lines.append(text)
+    same = speed.get("same_image_at")
+    if same:
+        lines.append(f"same image as sequential sampling after {same['median']:g} iterations (median; max "
+                     f"{same['max'] if same['max'] is not None else 'never'})")
+    return lines

@@ -14,6 +14,7 @@ A live run also says it is alive: metrics.json holds the writing process's pid a
 since the epoch) rewritten every HEARTBEAT seconds. A run whose status is still "running" but whose heartbeat is
 older than a few HEARTBEAT intervals was killed (SIGKILL, a lost machine): README, "Output layout".
 """
+import math
 import os
 import socket
 import threading
@@ -21,11 +22,22 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from .metrics import image_rms, latent_rms, same_image_at
 from .rundir import portable, save_json, save_npz, save_png, upscale
 
+FINAL, STOP, EMPTY, INK = (0, 150, 60), (210, 30, 30), (232, 232, 232), (20, 20, 20)  # grid colours
+MAX_TILE, LABEL_CHARS = 128, 32  # grid tile size (pixels) and row label length (characters)
+
 HEARTBEAT = 10.0     # seconds between heartbeats of a live run
+INDEXING = {  # how metrics.json's per-iteration lists are indexed
+    "residual_history, boundary_history, stop_estimate_history":
+        "entry k is iteration k + 1 (one entry per iteration; the stop estimate is null before the window reaches x_0)",
+    "image_rms_history, sequential_distance_history, sample_<i>/step_<k>.png":
+        "entry k is the x_0 estimate after iteration k; entry 0 is the initial state (before iteration 1)",
+    "iterations_to_same_image": "the first k of image_rms_history within 1 gray level (0: already the initial state)",
+}
 GRID_SAMPLES = 32    # grid.png shows the first samples only (every sample has its own folder of images)
 RECORD_BYTES = 4096  # what one sample's record in metrics.json holds in memory, at most (for the memory check)
 
@@ -45,6 +57,9 @@ class RunWriter:
                         "heartbeat_seconds": HEARTBEAT}
         if args.compare_sequential:
             self.metrics["sequential_wall_clock_seconds"] = 0.0
+        self.metrics["indexing"] = INDEXING
+        self.sequential_estimate = 0.0  # seconds sequential sampling would have taken (per-call time x calls)
+        self.batches = 0
         self.status = "running"
         self._lock = threading.RLock()  # the main thread may re-enter it when a signal interrupts a flush
         self._stop = threading.Event()
@@ -73,8 +88,18 @@ class RunWriter:
             with self._lock:
                 self._write_metrics()
 
-    def add_batch(self, start, res, seq, seconds, seq_seconds):
-        """res: the batch's SolveResult (record_x0), seq: its sequential x_0 [B, *latent] or None."""
+    def set_plan(self, config, plan, call_seconds):
+        """The window used (chosen by the planner when --window_size auto) and the measured seconds of one model
+        call of one state per sample (None when --compare_sequential measures sequential sampling instead)."""
+        with self._lock:
+            self.metrics.update(config.to_dict())
+            self.metrics["window_chosen_by"] = "planner" if plan is not None else "flags"
+            self.metrics["plan"] = plan.to_dict() if plan is not None else None
+            self.metrics["per_call_seconds"] = call_seconds
+
+    def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None):
+        """res: the batch's SolveResult (record_x0), seq: its sequential x_0 [B, *latent] or None;
+        seq_estimate: what sequential sampling of the batch would take, from the measured per-call time."""
         seq_imgs = self.decode(seq) if seq is not None else None
         for j, h in enumerate(res.history):
             i = start + j
@@ -86,20 +111,28 @@ class RunWriter:
                 save_png(img, os.path.join(folder, f"step_{k}.png"))
             m = {"index": i, **self.label(i), "iterations": res.iterations[j],
                  "converged": bool(res.converged[j]), "model_evaluations": res.evaluations[j],
-                 "residual_history": h.residual, "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks)}
+                 "residual_history": h.residual, "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks),
+                 "stopped_by": "stop rule" if h.stopped else "boundary" if res.converged[j] else "max_steps",
+                 "stop_estimate_history": [None if math.isnan(v) else v for v in h.estimate]}
             if seq is not None:
                 m["sequential_distance_history"] = [latent_rms(x, seq[j]) for x in x0]
                 m["image_rms_history"] = [image_rms(img, seq_imgs[j]) for img in imgs]
                 m["iterations_to_same_image"] = same_image_at(m["image_rms_history"])
                 m["final_image_rms"] = m["image_rms_history"][-1]
                 save_png(seq_imgs[j], os.path.join(folder, "sequential.png"))
+            if seq is not None:
+                final = m["iterations_to_same_image"]
+            else:  # without the sequential sample: the first image within 1 gray level of the sample's own last
+                final = same_image_at([image_rms(img, imgs[-1]) for img in imgs])
             with self._lock:
                 self.samples.append(m)
                 if i < GRID_SAMPLES:
-                    self.rows.append(imgs)
+                    self.rows.append((imgs, _row_label(i, self.label(i)), final))
         with self._lock:
             self.latents.append(res.samples.to(torch.float32).cpu().numpy())
             self.metrics["wall_clock_seconds"] += seconds
+            self.sequential_estimate += seq_estimate or 0.0
+            self.batches += 1
             if seq is not None:
                 self.metrics["sequential_wall_clock_seconds"] += seq_seconds
         self.flush("running")
@@ -111,11 +144,38 @@ class RunWriter:
             if self.latents:
                 save_npz(os.path.join(self.run_dir, "latents.npz"), latents=np.concatenate(self.latents))
             if status != "running" and self.rows:
-                write_grid(self.rows, os.path.join(self.run_dir, "grid.png"))
+                reference = "the sequential sample" if "sequential_wall_clock_seconds" in self.metrics else \
+                    "the sample's last"
+                save_png(draw_grid(self.rows, reference), os.path.join(self.run_dir, "grid.png"))
             self._write_metrics()
 
+    def speed(self):
+        """What the run gained: sampling time against sequential sampling (measured or estimated)."""
+        wall = self.metrics["wall_clock_seconds"]
+        measured = self.metrics.get("sequential_wall_clock_seconds")
+        out = {"sampling_seconds": wall, "batches": self.batches}
+        if measured is not None:
+            out.update(sequential_seconds=measured, sequential_measured=True,
+                       sequential="measured (--compare_sequential)")
+        elif self.sequential_estimate:
+            out.update(sequential_seconds=self.sequential_estimate, sequential_measured=False,
+                       sequential="estimated: model calls x measured seconds per call (per_call_seconds)")
+        if out.get("sequential_seconds") and wall > 0:
+            out["speedup"] = out["sequential_seconds"] / wall
+        plan = self.metrics.get("plan")
+        if plan:
+            out["predicted_seconds"] = plan["predicted_seconds"] * self.batches
+        same = [m["iterations_to_same_image"] for m in self.samples if "iterations_to_same_image" in m]
+        if same:
+            known = sorted(v for v in same if v is not None)
+            out["same_image_at"] = {"median": float(np.median(known)) if known else None,
+                                    "max": max(known) if len(known) == len(same) else None,
+                                    "never": len(same) - len(known)}
+        return out
+
     def _write_metrics(self):
-        save_json({**self.metrics, "status": self.status, "heartbeat": round(time.time(), 3),
+        save_json({**self.metrics, "speed": self.speed(), "status": self.status,
+                   "heartbeat": round(time.time(), 3),
                    "finished_samples": [m["index"] for m in self.samples], "samples": self.samples},
                   os.path.join(self.run_dir, "metrics.json"))
 
@@ -124,13 +184,54 @@ def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def write_grid(rows, path):
-    """One row per sample, one column per iteration (short rows padded with their final image)."""
-    cols = max(len(r) for r in rows)
-    rows = [np.stack([upscale(img) for img in r]) for r in rows]  # tiny tiles upscaled before composing
-    h, w = rows[0].shape[1:3]
-    grid = np.full((len(rows) * (h + 1) - 1, cols * (w + 1) - 1, 3), 255, dtype=np.uint8)
-    for i, r in enumerate(rows):
+def _row_label(i, label):
+    text = label.get("prompt") or (f"class {label['class_label']}" if "class_label" in label else "")
+    return f"{i}: {text}"
+
+
+def _tile(img):
+    """Tiny images (the 8x8 digits) upscaled to >= 64 px, large ones shown at most MAX_TILE px (each sample's own
+    folder has them full size)."""
+    im = Image.fromarray(upscale(img))
+    if max(im.size) > MAX_TILE:
+        k = MAX_TILE / max(im.size)
+        im = im.resize((max(1, round(im.size[0] * k)), max(1, round(im.size[1] * k))), Image.BILINEAR)
+    return im
+
+
+def draw_grid(rows, reference):
+    """grid.png: one labelled row per sample, one column per iteration (column k: the x_0 estimate after iteration
+    k; 0 is the initial state). A green frame marks the first image within 1 gray level of `reference`, a red one
+    the iteration the sample stopped at; a sample that stopped earlier than others leaves its later cells empty.
+
+    rows: [(images [K+1] uint8 [H, W, 3], label text, index of the first final image or None)].
+    Returns a uint8 array [H, W, 3]."""
+    font = ImageFont.load_default()
+    tiles = [[_tile(img) for img in imgs] for imgs, _, _ in rows]
+    tw, th = tiles[0][0].size
+    cols = max(len(r) for r in tiles)
+    pad, head, foot = 4, 14, 30
+    label_w = 10 + 6 * min(LABEL_CHARS, max(len(text) for _, text, _ in rows))
+    width = max(label_w + cols * (tw + pad) + pad, 6 * 100)
+    grid = Image.new("RGB", (width, head + len(rows) * (th + pad) + pad + foot), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for k in range(cols):
+        draw.text((label_w + k * (tw + pad) + pad + tw // 2 - 3 * len(str(k)), 1), str(k), fill=INK, font=font)
+    for i, (row, (_, text, final)) in enumerate(zip(tiles, rows)):
+        y = head + i * (th + pad) + pad
+        draw.text((4, y + th // 2 - 5), text[:LABEL_CHARS], fill=INK, font=font)
         for k in range(cols):
-            grid[i * (h + 1):i * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = r[min(k, len(r) - 1)]
-    save_png(grid, path)
+            x = label_w + k * (tw + pad) + pad
+            if k < len(row):
+                grid.paste(row[k], (x, y))
+            else:  # the sample had stopped
+                draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=EMPTY)
+        for k, colour, inset in ((len(row) - 1, STOP, -2), (final, FINAL, 0)):
+            if k is not None:
+                x = label_w + k * (tw + pad) + pad
+                draw.rectangle([x + inset, y + inset, x + tw - 1 - inset, y + th - 1 - inset], outline=colour, width=2)
+    y = grid.size[1] - foot + 3
+    draw.text((4, y), f"column k: the x_0 estimate after iteration k (0: the initial state). green: the first image "
+                      f"within 1 gray level of {reference}", fill=FINAL, font=font)
+    draw.text((4, y + 13), "red: the iteration the sample stopped at", fill=STOP, font=font)
+    return np.asarray(grid)

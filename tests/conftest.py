@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.gmm import GaussianMixtureEps
-from paratAA import dit_schedule, dit_scheduler, draw_noise
+from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def gmm_problem(T, batch=1, latent=(4, 8, 8), eta=0.0, seed=0, components=10, std=0.1):
     """A nonlinear model with an exact float64 noise prediction, its schedule and the per-step noise."""
     schedule = dit_schedule(T, eta)
-    model = GaussianMixtureEps.random(dit_scheduler().alphas_cumprod, latent, components=components, std=std,
+    model = GaussianMixtureEps.random(dit_alphas_cumprod(), latent, components=components, std=std,
                                       seed=seed)
     noise = draw_noise(batch, T, latent, torch.Generator().manual_seed(1000 + seed))
     return model, schedule, noise

@@ -17,17 +17,20 @@ def sd_like_scheduler():
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("T", [10, 50])
 def test_sequential_equals_diffusers_ddim_loop(T, eta):
-    schedule = from_ddim_scheduler(sd_like_scheduler(), T, eta)
+    # diffusers keeps alphas_cumprod in float32; give both loops the float64 product so that they differ only in
+    # how they are written, not in rounding of the table
+    patched = sd_like_scheduler()
+    patched.alphas_cumprod = torch.cumprod(1 - patched.betas.double(), 0)
+    patched.final_alpha_cumprod = patched.alphas_cumprod[0]
+    schedule = from_ddim_scheduler(patched, T, eta)
     model = GaussianMixtureEps.random(sd_like_scheduler().alphas_cumprod, (4, 8, 8), seed=3)
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(2, T + 1, 4, 8, 8, generator=g, dtype=torch.float64)
     ours = sample_sequential(model, schedule, noise, model_dtype=torch.float64)[:, 0]
 
     ddim = sd_like_scheduler()
-    # diffusers keeps alphas_cumprod in float32; give it the float64 product so that the loops differ only
-    # in how they are written, not in rounding of the table
-    ddim.alphas_cumprod = torch.cumprod(1 - ddim.betas.double(), 0)
-    ddim.final_alpha_cumprod = ddim.alphas_cumprod[0]
+    ddim.alphas_cumprod = patched.alphas_cumprod
+    ddim.final_alpha_cumprod = patched.final_alpha_cumprod
     ddim.set_timesteps(T)
     x = noise[:, T].clone()
     for i, t in enumerate(ddim.timesteps):
@@ -38,39 +41,87 @@ def test_sequential_equals_diffusers_ddim_loop(T, eta):
     assert torch.allclose(ours, x, atol=1e-9, rtol=0), float((ours - x).abs().max())
 
 
-def _dit_respacing(T, n=1000):
-    # DiT/ADM space_timesteps for one section: accumulate a fractional stride and round
-    stride = (n - 1) / (T - 1) if T > 1 else 0
-    idx, taken = 0.0, []
-    for _ in range(T):
-        taken.append(round(idx))
-        idx += stride
-    return sorted(set(taken))
-
-
-@pytest.mark.parametrize("T", [2, 25, 50, 100, 250])
-def test_dit_schedule_matches_respaced_diffusion(T):
-    schedule = dit_schedule(T, eta=0.3)
-    used = _dit_respacing(T)
-    assert schedule.timesteps.tolist() == used
+def _dit_spaced_diffusion(T):
+    """DiT's diffusion respaced to T steps, written out as its diffusion code does it: float64 linear betas,
+    space_timesteps with one section (a fractional stride accumulated and rounded), SpacedDiffusion's new betas,
+    and GaussianDiffusion's cumulative products of the respaced process (final alpha 1)."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-    ac = np.cumprod(1 - betas)[used]
-    ac_prev = np.concatenate([[1.0], ac[:-1]])
-    sigma = np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
-    a = np.sqrt(ac_prev / ac)
-    c = 0.3 * sigma
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    frac_stride = 999 / (T - 1) if T > 1 else 1
+    cur, use = 0.0, set()
+    for _ in range(T):
+        use.add(round(cur))
+        cur += frac_stride
+    last, new_betas, timestep_map = 1.0, [], []
+    for i, alpha_cumprod in enumerate(alphas_cumprod):
+        if i in use:
+            new_betas.append(1 - alpha_cumprod / last)
+            last = alpha_cumprod
+            timestep_map.append(i)
+    ac = np.cumprod(1.0 - np.array(new_betas), axis=0)
+    return timestep_map, ac, np.append(1.0, ac[:-1])
+
+
+def _reference_coefficients(one_minus, one_minus_next, eta):
+    """Equation (1) in the reference implementation's arithmetic (alphas recovered as 1 - (1 - A)), numpy."""
+    now, nxt = np.maximum(one_minus, 0), np.maximum(one_minus_next, 0)
+    sigma = np.sqrt(nxt / now) * np.sqrt(1 - (1 - now) / (1 - nxt))
+    c = eta * sigma
     c[0] = 0
-    b = np.sqrt(1 - ac_prev - c ** 2) - a * np.sqrt(1 - ac)
-    for ours, ref in [(schedule.a, a), (schedule.b, b), (schedule.c, c), (schedule.sigma, sigma)]:
+    a = np.sqrt(np.maximum(1 - nxt, 0)) / np.sqrt(np.maximum(1 - now, 0))
+    b = np.sqrt(np.maximum(nxt - c ** 2, 0)) - np.sqrt(now) * a
+    return a, b, c, sigma
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("T", [1, 2, 10, 21, 25, 50, 59, 100, 250, 1000])
+def test_dit_schedule_is_dits_own_to_round_off(T, eta):
+    """Float64 betas respaced as DiT does (for 278 values of T its list differs from rounding linspace(0, 999, T),
+    e.g. T = 59), to 1e-12; diffusers' float32 betas would miss this by 1e-9 .. 1e-7."""
+    timestep_map, ac, prev = _dit_spaced_diffusion(T)
+    schedule = dit_schedule(T, eta)
+    assert schedule.timesteps.tolist() == timestep_map
+    for ours, ref in zip((schedule.a, schedule.b, schedule.c, schedule.sigma),
+                         _reference_coefficients(1 - ac, 1 - prev, eta)):
         assert ours.dtype == torch.float64
-        np.testing.assert_allclose(ours.numpy(), ref, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_coefficients_equal_the_reference_implementations():
+    """Values printed by the public reference implementation's own code (DiT at T = 100, SD v1.5's scheduler at
+    T = 50, eta 0)."""
+    dit = dit_schedule(100)
+    for got, want in [(dit.a[0], 1.0000500037503126), (dit.b[0], -0.010000500037502575),
+                      (dit.a[99], 1.1057858082538288), (dit.b[99], -0.10578816881820796),
+                      (dit.sigma[99], 0.4268230229750927), (dit.sigma[1], 0.009769875651682792)]:
+        assert float(got) == pytest.approx(want, rel=1e-14, abs=0)
+    sd = from_ddim_scheduler(sd_like_scheduler(), 50)
+    for got, want in [(sd.a[0], 1.0004276152480363), (sd.b[0], -0.012141781008114992),
+                      (sd.sigma[0], 0.020648354325774276), (sd.a[49], 1.1228501181338602),
+                      (sd.b[49], -0.12325041850681007), (sd.sigma[49], 0.4544608199742898)]:
+        assert float(got) == pytest.approx(want, rel=1e-14, abs=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_sd_coefficients_read_the_schedulers_float32_alphas(eta):
+    """As the reference's SD script: the scheduler's float32 alphas_cumprod, 1 - A taken in float32."""
+    T = 50
+    sched = sd_like_scheduler()
+    sched.set_timesteps(T)
+    asc = sched.timesteps.flip(0).tolist()
+    acp = sched.alphas_cumprod                                        # float32, as diffusers keeps it
+    now = np.array([float(1 - acp[t]) for t in asc])
+    nxt = np.array([float(1 - acp[0])] + [float(1 - acp[t]) for t in asc[:-1]])
+    schedule = from_ddim_scheduler(sd_like_scheduler(), T, eta)
+    for ours, ref in zip((schedule.a, schedule.b, schedule.c, schedule.sigma), _reference_coefficients(now, nxt, eta)):
+        np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-12)
 
 
 def test_final_alpha_is_read_from_the_scheduler():
     # SD: the last step goes to alphas_cumprod[0], not to 1
     sd = from_ddim_scheduler(sd_like_scheduler(), 20)
-    ac = torch.cumprod(1 - sd_like_scheduler().betas.double(), 0)
-    ac0, A = float(ac[0]), float(ac[sd.timesteps[0]])
+    ac = sd_like_scheduler().alphas_cumprod                                   # the scheduler's own (float32)
+    ac0, A = float(1 - (1 - ac[0])), float(1 - (1 - ac[sd.timesteps[0]]))
     assert float(sd.a[0]) == pytest.approx((ac0 / A) ** 0.5, rel=1e-12)
     assert float(dit_schedule(20).sigma[0]) == 0.0  # final alpha 1: the last step is deterministic
 
@@ -81,7 +132,7 @@ def test_bad_number_of_steps(bad, name):
         dit_schedule(bad)
 
 
-@pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf"), 1.01])
 def test_bad_eta(eta):
     with pytest.raises(ValueError, match="eta"):
         dit_schedule(10, eta)

@@ -86,13 +86,13 @@ def test_batch_equals_separate_solves(conditioned):
     model, schedule, noise = gmm_problem(T, batch=B, eta=0.3)
     # conditioned: each sample restricted to one mixture component (a linear model, so all converge together)
     cond = torch.tensor([3, 1, 4, 1]) if conditioned else None
-    # the DDIM form: there the unconditioned samples stop at different iterations (in the Picard form all at 8)
-    together = solve(model, schedule, noise, cond, memory_size=3, equations="ddim", model_dtype=torch.float64)
+    # the defaults (stop rule included): the unconditioned samples stop at different iterations here
+    together = solve(model, schedule, noise, cond, model_dtype=torch.float64)
     calls = model.calls
     assert calls == together.max_iterations  # one batched model call per iteration for all samples
     for b in range(B):
         alone = solve(model, schedule, noise[b:b + 1], cond[b:b + 1] if conditioned else None,
-                      memory_size=3, equations="ddim", model_dtype=torch.float64)
+                      model_dtype=torch.float64)
         assert alone.iterations[0] == together.iterations[b]
         assert alone.evaluations[0] == together.evaluations[b]
         assert alone.history[0].boundary == together.history[b].boundary

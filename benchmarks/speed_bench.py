@@ -1,0 +1,165 @@
+"""Speed a user gets with the default flags: sampling wall-clock against sequential sampling in the same process.
+
+    python benchmarks/speed_bench.py [--quick] [--out benchmarks/results/speed.json]
+
+1. This machine (CPU here): (a) one embedded text-to-image sample, (b) a batch of 10 embedded DiT samples, T = 100,
+   cfg as the scripts; ParaTAA with window auto (the planner: paratAA/planner.py) and with every fixed window
+   1, 2, 4, ..., T, against sequential DDIM of the same batch. Each time is the min and median of --repeats runs,
+   alternating the methods; the thread count is stated. "auto" is timed with its cost curves already measured
+   (what a second run gets from the cache); the first run's measurement is reported apart.
+2. One and eight GPUs, estimated (no GPU in this container): the per-call seconds measured on one H200
+   (benchmarks/results/gpu_h200_windows.json, DiT-XL/2 256 and the SD v1.5 UNet 512, fp16, guidance doubling the
+   batch) and the iteration counts the embedded models need per window (measured here, part 1), combined as the
+   planner combines them. Eight GPUs: each call split into shards of ceil(W / 8) inputs, plus an all-gather of the
+   window's float64 outputs over NVLink (300 GB/s) or PCIe 4.0 (25 GB/s), 10 us per ring step.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import digits  # noqa: E402
+from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
+from models.bundles import DIT_CFG_SCALE  # noqa: E402
+from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
+from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402,E501
+from paratAA import solve  # noqa: E402
+from paratAA.planner import candidate_windows, choose, plan_window  # noqa: E402
+
+NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
+
+
+def problems(T, quick):
+    """(name, eps_fn, schedule, noise, cond) of the two CPU settings."""
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    t2i = ("text-to-image, 1 sample", SDDenoiser(pipe.unet, SD_CFG_SCALE), pipeline_schedule(pipe, T),
+           noise_from_seeds([7], T, latent_shape(pipe, size, size)),
+           encode(pipe, ["a handwritten digit seven"], "", torch.device("cpu")))
+    n = 4 if quick else 10
+    dit = ("DiT, batch of 10" if not quick else f"DiT, batch of {n}", DiTDenoiser(digits.load_embedded_dit(),
+           DIT_CFG_SCALE), dit_schedule(T), noise_from_seeds(range(n), T, (4, 4, 4)), torch.arange(n) % 10)
+    return [t2i, dit]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def cpu_table(T, repeats, quick):
+    rows = {}
+    print(f"CPU, {torch.get_num_threads()} threads, T = {T}, min / median of {repeats} runs (seconds)\n")
+    print("| setting | method | window | iterations (max over samples) | seconds (min / median) | vs sequential |")
+    print("|---|---|---|---|---|---|")
+    for name, eps, schedule, noise, cond in problems(T, quick):
+        config = SolverConfig()
+        t_plan, plan = timed(lambda: plan_window(eps, schedule, noise, cond, config, Sharding(), torch.float32))
+        methods = {"sequential": None, "auto": plan.window, **{f"window {w}": w for w in candidate_windows(T)}}
+        times = {k: [] for k in methods}
+        iterations = {}
+        for _ in range(repeats):  # alternate the methods: a slow moment of the machine hits all of them
+            for label, W in methods.items():
+                if W is None:
+                    seconds, _ = timed(lambda: sample_sequential(eps, schedule, noise, cond))
+                else:
+                    seconds, out = timed(lambda: solve(eps, schedule, noise, cond, config, window_size=W))
+                    iterations[label] = max(out.iterations)
+                times[label].append(seconds)
+        seq = statistics.median(times["sequential"])
+        block = {"planning_seconds": t_plan, "plan": plan.to_dict(), "methods": {}}
+        for label, W in methods.items():
+            t_min, t_med = min(times[label]), statistics.median(times[label])
+            block["methods"][label] = {"window": W, "iterations": iterations.get(label, T), "seconds_min": t_min,
+                                       "seconds_median": t_med, "ratio_to_sequential": t_med / seq,
+                                       "speedup": seq / t_med}
+            print(f"| {name} | {label} | {W or 1} | {iterations.get(label, T)} | {t_min:.3f} / {t_med:.3f} | "
+                  f"{seq / t_med:.2f}x faster |" if label != "sequential" else
+                  f"| {name} | sequential | - | {T} | {t_min:.3f} / {t_med:.3f} | 1.00x |", flush=True)
+        fixed = [v["seconds_median"] for k, v in block["methods"].items() if k.startswith("window")]
+        block["auto_vs_best_fixed"] = block["methods"]["auto"]["seconds_median"] / min(fixed)
+        print(f"| {name} | planner: window {plan.window}, predicted {plan.predicted_seconds:.3f} s (sequential "
+              f"{plan.predicted_sequential_seconds:.3f} s); auto / best fixed window = "
+              f"{block['auto_vs_best_fixed']:.2f}; measuring took {t_plan:.2f} s once | | | | |")
+        rows[name] = block
+    return rows
+
+
+def allgather_seconds(n_inputs, D, G, bandwidth):
+    """Ring all-gather of n_inputs float64 latents of D values among G processes."""
+    if G == 1:
+        return 0.0
+    total = 8 * n_inputs * D
+    return (G - 1) * HOP + total * (G - 1) / G / bandwidth
+
+
+def gpu_table(gpu_json):
+    """The planner's choice and predicted speed-up on 1 and 8 GPUs for the committed per-call curves."""
+    with open(gpu_json) as f:
+        gpu = json.load(f)
+    solver = float(statistics.median(r["solver_per_iteration"] for r in gpu["paratAA"].values()))
+    T = 100
+    out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver,
+           "interconnect": {"nvlink_bytes_per_s": NVLINK, "pcie_bytes_per_s": PCIE, "seconds_per_ring_step": HOP},
+           "models": {}}
+    print(f"\nGPU, estimated from {os.path.basename(gpu_json)} ({gpu['device']}, {gpu['dtype']}), T = {T}, one sample; "
+          f"the solver {solver * 1e3:.1f} ms per iteration\n")
+    print("| model | GPUs | interconnect | window chosen | iterations (equation 5) | seconds | sequential seconds | "
+          "speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, D in (("DiT-XL/2 256", 4 * 32 * 32), ("SD1.5 UNet 512", 4 * 64 * 64)):
+        calls = {int(k): float(v) for k, v in gpu["per_call"][name].items()}
+        out["models"][name] = {}
+        for G, link, bw in ((1, "-", NVLINK), (8, "NVLink", NVLINK), (8, "PCIe 4.0", PCIE)):
+            # a call of n inputs split over G GPUs costs a call of ceil(n / G), plus the gather of all n outputs
+            curve = {n: _interp(calls, math.ceil(n / G)) + allgather_seconds(n, D, G, bw) for n in range(1, T + 1)}
+            plan = choose(T, 1, curve, {1: solver, T: solver})
+            seq = T * _interp(calls, 1)
+            key = f"{G} GPUs" + (f" {link}" if G > 1 else "")
+            out["models"][name][key] = {"window": plan.window, "iterations": plan.predicted_iterations,
+                                        "seconds": plan.predicted_seconds, "sequential_seconds": seq,
+                                        "speedup": seq / plan.predicted_seconds}
+            print(f"| {name} | {G} | {link} | {plan.window} | {plan.predicted_iterations:.1f} | "
+                  f"{plan.predicted_seconds:.3f} | {seq:.3f} | {seq / plan.predicted_seconds:.2f}x (estimate) |")
+    return out
+
+
+def _interp(curve, n):
+    xs = sorted(curve)
+    if n <= xs[0]:
+        return curve[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return curve[a] + (curve[b] - curve[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]
+    return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
+
+
+def main(args):
+    torch.set_grad_enabled(False)
+    T = 25 if args.quick else 100
+    report = {"command": "python benchmarks/speed_bench.py" + (" --quick" if args.quick else ""),
+              "machine": args.machine, "threads": torch.get_num_threads(), "T": T,
+              "cpu": cpu_table(T, 1 if args.quick else args.repeats, args.quick)}
+    report["gpu_estimate"] = gpu_table(args.gpu)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu", default="benchmarks/results/gpu_h200_windows.json")
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    main(parser.parse_args())

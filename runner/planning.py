@@ -1,0 +1,78 @@
+"""The run's window plan and speed estimate, with the measured cost curves cached between runs.
+
+window_size auto: paratAA.planner measures the model on this device and process group and chooses the window; the
+curves are kept in a cache file (PARATAA_CACHE, default ~/.cache/paratAA/cost_curves.json) under a key naming the
+model, guidance, device, dtype, thread count, process count, batch, latent and T, so that a second run does not
+measure again. With a fixed window the run still needs one number from the model, the seconds of a call of one
+state per sample, to estimate what sequential sampling would have cost (unless --compare_sequential measures it).
+"""
+import json
+import os
+import platform
+from dataclasses import replace
+
+import torch
+
+from paratAA.planner import measure_call_seconds, plan_window
+
+
+def cache_path():
+    root = os.environ.get("PARATAA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "paratAA")
+    return os.path.join(root, "cost_curves.json")
+
+
+def _load():
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # no cache yet, or an unreadable one: measure again
+        return {}
+
+
+def _save(data):
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home is no reason to fail a run: the next one measures again
+        pass
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def cache_key(bundle, args, config, session, batch):
+    return json.dumps({"model": bundle.info, "cfg_scale": args.cfg_scale, "device": device_name(session.device),
+                       "dtype": str(session.model_dtype), "processes": session.world_size, "batch": batch,
+                       "latent": list(bundle.latent), "T": bundle.schedule.num_steps,
+                       "memory_size": config.memory_size, "equations": config.equations}, sort_keys=True)
+
+
+def plan_run(bundle, args, config, session, noise, cond):
+    """(config with the window chosen, plan or None, seconds of one call of one state per sample).
+
+    noise, cond: the first batch's, on the device."""
+    B, T = noise.shape[0], bundle.schedule.num_steps
+    cache = _load()
+    key = cache_key(bundle, args, config, session, B)
+    if config.window_size == "auto":
+        plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, session.sharding,
+                           session.model_dtype, cache=cache, key=key)
+        if session.is_main and plan.measured:
+            _save(cache)
+        config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)
+        return config, plan, plan.call_seconds[B]
+    if args.compare_sequential:  # measured by running it
+        return config, None, None
+    if session.sharding.min(key in cache) == 1:  # measuring is collective: all processes read, or all measure
+        return config, None, float(cache[key]["call_seconds"][str(B)])
+    calls = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding,
+                                 session.model_dtype, [1])
+    return config, None, calls[B]

@@ -1,0 +1,39 @@
+"""--preset paper: every solver setting of a script set to the public reference script's defaults.
+
+The reference's three scripts parse these defaults (their argument parsers). Explicit
+flags still win: `--preset paper --memory_size 3` keeps memory size 3. The stop is the reference's per-state
+rule (stop_tol 0), new states start as copies, no TAA guard, and the equations are its DDIM form
+(paratAA.config.PAPER). args.json records the preset and the values used.
+"""
+from paratAA.config import PAPER
+
+from .errors import UsageError
+
+_REFERENCE = dict(PAPER, cfg_scale=4.0, eta=0.0, max_steps=None, window_size=100)
+PRESETS = {
+    "paper": {
+        "parallel_dit": {**_REFERENCE, "timesteps": 100, "order": 100},
+        "parallel_sd": {**_REFERENCE, "timesteps": 50, "order": 20},
+        "parallel_sd_winit": {**_REFERENCE, "timesteps": 50, "order": 20, "variation_steps": 10},
+    },
+}
+
+
+def add_preset_flag(parser):
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="paper: the reference implementation's defaults for every solver setting of this script "
+                             "(T, cfg, eta, window, order, memory size, tolerances, max_steps, DDIM equations, "
+                             "per-state stop); flags given explicitly still win")
+
+
+def apply_preset(args, argv, script):
+    """Fill the preset's values into args for every flag not given explicitly in argv."""
+    if args.preset is None:
+        return
+    given = {token.split("=", 1)[0][2:] for token in argv if token.startswith("--")}
+    values = PRESETS[args.preset].get(script)
+    if values is None:
+        raise UsageError(f"--preset {args.preset} has no values for {script}")
+    for name, value in values.items():
+        if name not in given and hasattr(args, name):
+            setattr(args, name, value)

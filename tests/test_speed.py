@@ -1,0 +1,95 @@
+"""The window chosen from the hardware (planner), and what every run says it gained (metrics.json, terminal, grid)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import parallel_dit
+from paratAA import SolverConfig, solve
+from paratAA.planner import ALPHA, BETA, choose, predicted_iterations
+from runner.writer import EMPTY, FINAL, STOP, draw_grid
+from tests.conftest import gmm_problem, read_metrics
+
+
+def test_iteration_model_is_exact_at_window_one():
+    assert predicted_iterations(100, 1) == 100
+    assert predicted_iterations(100, 100) == pytest.approx(ALPHA + BETA)
+    assert predicted_iterations(10, 2) == 10  # never above T
+
+
+def test_a_busy_device_gets_window_one_an_idle_one_a_large_window():
+    T, solver = 100, {1: 1e-5, 100: 1e-4}
+    busy = {n: 0.01 * n for n in (1, 2, 4, 8, 16, 32, 64, 100)}        # a call of n costs n calls of one
+    idle = {n: 0.01 + 1e-5 * n for n in (1, 2, 4, 8, 16, 32, 64, 100)}  # nearly free batching
+    assert choose(T, 1, busy, solver).window == 1
+    plan = choose(T, 1, idle, solver)
+    assert plan.window >= 32 and plan.predicted_sequential_seconds / plan.predicted_seconds > 5
+
+
+def test_auto_window_solves_and_records_its_plan():
+    model, schedule, noise = gmm_problem(30, batch=2)
+    out = solve(model, schedule, noise, window_size="auto", model_dtype=torch.float64)
+    assert isinstance(out.config.window_size, int) and out.plan.window == out.config.window_size
+    assert 1 in [n // 2 for n in out.plan.call_seconds] and out.plan.predicted_seconds > 0
+    ref = solve(model, schedule, noise, window_size=out.plan.window, model_dtype=torch.float64)
+    assert out.iterations == ref.iterations and torch.equal(out.samples, ref.samples)
+
+
+def test_window_one_is_sequential_sampling_with_the_solvers_record():
+    from paratAA import sample_sequential
+    model, schedule, noise = gmm_problem(12, batch=2, eta=0.4)
+    out = solve(model, schedule, noise, window_size=1, record_x0=True, model_dtype=torch.float64)
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    assert torch.equal(out.trajectory, ref) and out.iterations == [12, 12] and all(out.converged)
+    h = out.history[0]
+    assert h.boundary == list(range(11, -1, -1)) and len(h.x0) == 13 and torch.equal(h.x0[-1], ref[0, 0])
+    capped = solve(model, schedule, noise, window_size=1, max_steps=5, model_dtype=torch.float64)
+    assert capped.iterations == [5, 5] and not any(capped.converged)
+    assert torch.equal(capped.samples, ref[:, 7])  # the lowest state reached stands in for x_0
+
+
+def run(tmp_path, *flags):
+    run_dir = parallel_dit.main(parallel_dit.parse_args(["--output_path", str(tmp_path), *flags]))
+    return run_dir, read_metrics(run_dir)
+
+
+def test_every_run_reports_its_speed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    _, m = run(tmp_path / "a", "--timesteps", "20", "--num_samples", "2", "--window_size", "8")
+    speed = m["speed"]
+    assert speed["sampling_seconds"] > 0 and speed["sequential_measured"] is False
+    assert speed["sequential_seconds"] == pytest.approx(2 * 20 * m["per_call_seconds"])  # 2 batches of 20 calls
+    assert speed["speedup"] == pytest.approx(speed["sequential_seconds"] / speed["sampling_seconds"])
+    out = capsys.readouterr().out
+    assert "(window 8, from the flags)" in out and "estimated from the measured time per call" in out
+    _, m = run(tmp_path / "b", "--timesteps", "20", "--num_samples", "2", "--compare_sequential")
+    assert m["speed"]["sequential_measured"] and m["speed"]["sequential_seconds"] == m["sequential_wall_clock_seconds"]
+    same = [s["iterations_to_same_image"] for s in m["samples"]]
+    assert m["speed"]["same_image_at"]["median"] == float(np.median(same))
+    assert "same image as sequential sampling after" in capsys.readouterr().out
+    assert set(m["indexing"]) and m["samples"][0]["stopped_by"] in ("stop rule", "boundary")
+
+
+def test_auto_window_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    flags = ["--timesteps", "16", "--num_samples", "1", "--window_size", "auto"]
+    _, first = run(tmp_path / "a", *flags)
+    _, second = run(tmp_path / "b", *flags)
+    assert first["plan"]["measured"] and not second["plan"]["measured"]
+    assert first["plan"]["call_seconds"] == second["plan"]["call_seconds"]
+    assert first["window_size"] == first["plan"]["window"] and first["window_chosen_by"] == "planner"
+    with open(tmp_path / "cache" / "cost_curves.json") as f:
+        assert len(json.load(f)) == 1
+
+
+def test_the_grid_marks_the_final_and_the_stop_columns_and_pads_nothing():
+    tile = np.full((8, 8, 3), 128, dtype=np.uint8)
+    rows = [([tile] * 4, "0: class 1", 2), ([tile] * 2, "1: class 2", None)]
+    grid = draw_grid(rows, "the sequential sample")
+    colours = {tuple(c) for c in grid.reshape(-1, 3)}
+    assert FINAL in colours and STOP in colours and EMPTY in colours
+    # the second row stopped after iteration 1: its last two cells are empty, not copies of its last image
+    empty = np.all(grid == np.array(EMPTY, dtype=np.uint8), axis=2)
+    assert empty.sum() >= 2 * 64 * 64 * 0.9

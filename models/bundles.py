@@ -73,36 +73,50 @@ def dit_bundle(args, session):
             labels = torch.randint(0, args.num_classes, (S,), generator=g)
         return labels, _stream_after(g)
 
-    return Bundle(eps_fn=DiTDenoiser(model, args.cfg_scale), schedule=dit_schedule(args.timesteps, args.eta),
+    schedule = dit_schedule(args.timesteps, args.eta)
+    return Bundle(eps_fn=DiTDenoiser(model, args.cfg_scale), schedule=schedule,
                   num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
                   cond=lambda start, stop: draw()[0][start:stop].to(session.device),
                   label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(vae, session.device),
-                  cond_bytes=8, info={"model": args.model})
+                  cond_bytes=8, info={"model": args.model, "scheduler": {
+                      "class": "DiT's respaced GaussianDiffusion (paratAA.dit_schedule)",
+                      "config": {"betas": "linear 1e-4 .. 0.02, float64", "num_train_timesteps": 1000,
+                                 "timesteps": schedule.timesteps.tolist()}}})
 
 
-def sd_bundles(args, session, prompt_sets):
-    """One bundle per list of prompts (sample i gets prompts[i % len(prompts)]); one pipeline, schedule and noise."""
-    pipe = load_pipeline(args.model_path, session.device, session.model_dtype)
-    eps_fn = SDDenoiser(pipe.unet, args.cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
+def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
+                     device, info=None):
+    """Bundles of an already-loaded Stable Diffusion pipeline, one per list of prompts (sample i gets
+    prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`)."""
+    eps_fn = SDDenoiser(pipe.unet, cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
                         pipe.scheduler.alphas_cumprod)
-    schedule = pipeline_schedule(pipe, args.timesteps, args.eta)
-    decode = VAEDecoder(pipe.vae, session.device)
-    latent = latent_shape(pipe, args.height, args.width)
-    noise = _stream_after(torch.Generator().manual_seed(args.seed))
-    info = {"model_path": args.model_path, "negative_prompt": args.negative_prompt}
-    S = args.num_samples
+    schedule = pipeline_schedule(pipe, T, eta)
+    decode = VAEDecoder(pipe.vae, device)
+    latent = latent_shape(pipe, height, width)
+    noise = _stream_after(torch.Generator().manual_seed(seed))
+    info = {**(info or {}), "negative_prompt": negative_prompt,
+            "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
+                          "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}}
     bundles = []
     for prompts in prompt_sets:
         # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding
-        emb = encode(pipe, list(prompts), args.negative_prompt, session.device)              # {k: [P, L, E]}
+        emb = encode(pipe, list(prompts), negative_prompt, device)                          # {k: [P, L, E]}
         row_bytes = sum(v[0].numel() * v.element_size() for v in emb.values())
 
         def cond(start, stop, emb=emb, P=len(prompts)):
-            rows = torch.arange(start, stop, device=session.device) % P
+            rows = torch.arange(start, stop, device=device) % P
             return {k: v[rows] for k, v in emb.items()}
 
-        bundles.append(Bundle(eps_fn=eps_fn, schedule=schedule, num_samples=S, latent=latent,
-                              noise=lambda: noise(S, args.timesteps, latent), cond=cond,
+        bundles.append(Bundle(eps_fn=eps_fn, schedule=schedule, num_samples=num_samples, latent=latent,
+                              noise=lambda: noise(num_samples, T, latent), cond=cond,
                               label=lambda i, prompts=prompts: {"prompt": prompts[i % len(prompts)]}, decode=decode,
                               cond_bytes=row_bytes, info=info))
     return bundles
+
+
+def sd_bundles(args, session, prompt_sets):
+    """The SD scripts' bundles: the pipeline of --model_path, loaded on this process's device."""
+    pipe = load_pipeline(args.model_path, session.device, session.model_dtype)
+    return pipeline_bundles(pipe, prompt_sets, args.negative_prompt, args.cfg_scale, args.timesteps, args.eta,
+                            args.seed, args.num_samples, args.height, args.width, session.device,
+                            info={"model_path": args.model_path})

@@ -157,7 +157,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             out["iterations"] += res.iterations
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds,
-                                 steps * call_seconds if call_seconds is not None else None)
+                                 steps * call_seconds if call_seconds is not None else None, x_T=noise[:, -1])
                 _say_unconverged(start, res, config)
             bar.update(stop - start)
     if keep_trajectories:

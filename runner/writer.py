@@ -48,7 +48,7 @@ class RunWriter:
 
     def __init__(self, run_dir, decode, args, config, script, label, num_samples, info=None, world_size=1):
         self.run_dir, self.decode, self.label = run_dir, decode, label
-        self.samples, self.latents, self.rows = [], [], []
+        self.samples, self.latents, self.rows, self.x_T = [], [], [], []
         self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
                         **config.to_dict(), "eta": args.eta, "cfg_scale": args.cfg_scale,
                         "wall_clock_seconds": 0.0, "num_samples": num_samples,
@@ -97,9 +97,10 @@ class RunWriter:
             self.metrics["plan"] = plan.to_dict() if plan is not None else None
             self.metrics["per_call_seconds"] = call_seconds
 
-    def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None):
+    def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None, x_T=None):
         """res: the batch's SolveResult (record_x0), seq: its sequential x_0 [B, *latent] or None;
-        seq_estimate: what sequential sampling of the batch would take, from the measured per-call time."""
+        seq_estimate: what sequential sampling of the batch would take, from the measured per-call time;
+        x_T: the batch's initial noise [B, *latent] (kept in latents.npz, to replay a run in diffusers)."""
         seq_imgs = self.decode(seq) if seq is not None else None
         for j, h in enumerate(res.history):
             i = start + j
@@ -130,6 +131,8 @@ class RunWriter:
                     self.rows.append((imgs, _row_label(i, self.label(i)), final))
         with self._lock:
             self.latents.append(res.samples.to(torch.float32).cpu().numpy())
+            if x_T is not None:
+                self.x_T.append(x_T.to(torch.float32).cpu().numpy())
             self.metrics["wall_clock_seconds"] += seconds
             self.sequential_estimate += seq_estimate or 0.0
             self.batches += 1
@@ -142,7 +145,10 @@ class RunWriter:
         with self._lock:
             self.status = status
             if self.latents:
-                save_npz(os.path.join(self.run_dir, "latents.npz"), latents=np.concatenate(self.latents))
+                arrays = {"latents": np.concatenate(self.latents)}
+                if self.x_T:
+                    arrays["x_T"] = np.concatenate(self.x_T)
+                save_npz(os.path.join(self.run_dir, "latents.npz"), **arrays)
             if status != "running" and self.rows:
                 reference = "the sequential sample" if "sequential_wall_clock_seconds" in self.metrics else \
                     "the sample's last"

@@ -40,31 +40,86 @@ def to_noise_prediction(out, x, alphas_cumprod, timesteps, prediction_type):
     raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
 
 
-class SDDenoiser:
-    """Stable Diffusion UNet with classifier-free guidance out = out_u + s (out_c - out_u) (docs/ALGORITHM.md,
-    section 6), turned into a noise prediction when the model predicts v or the sample (SD 2.x 768 predicts v).
+class GuidedDenoiser:
+    """A conditioned network with classifier-free guidance, as the solver's f(x, timesteps, cond).
 
-    cond: {"cond": [N, L, E] prompt embeddings, "uncond": [N, L, E] negative-prompt embeddings}.
-    alphas_cumprod: the scheduler's (needed for v_prediction and sample).
-    """
+    forward(x, timesteps, **inputs) -> the network's native prediction; inputs: {argument: (cond key, uncond key)}
+    naming, per argument of forward, the entries of the per-input conditioning dict for the conditional and the
+    unconditional branch. With guidance the batch is doubled ([uncond; cond]) and out = u + s (c - u), on the native
+    prediction as the diffusers pipelines mix it; convert(out, x, timesteps), if given, then turns it into the
+    solver's f (each conversion below is affine in the prediction, so mixing before or after is the same)."""
 
-    def __init__(self, unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
-        self.unet = unet
+    def __init__(self, forward, inputs, cfg_scale=1.0, convert=None):
+        self.forward, self.inputs, self.convert = forward, inputs, convert
         self.cfg_scale = float(cfg_scale)
-        self.prediction_type, self.alphas_cumprod = prediction_type, alphas_cumprod
 
     @torch.no_grad()
     def __call__(self, x, timesteps, cond):
-        x = x.to(self.unet.dtype)
         if self.cfg_scale == 1.0:
-            out = self.unet(x, timesteps, encoder_hidden_states=cond["cond"]).sample
+            out = self.forward(x, timesteps, **{k: cond[c] for k, (c, _) in self.inputs.items()})
         else:
-            emb = torch.cat([cond["uncond"], cond["cond"]])                                   # [2N, L, E]
-            both = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), encoder_hidden_states=emb).sample
+            both = self.forward(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
+                                **{k: torch.cat([cond[u], cond[c]]) for k, (c, u) in self.inputs.items()})
             uncond, cond_out = both.chunk(2)                                                   # [N, C, H, W] each
-            # guidance on the native prediction, as the pipeline does; each conversion below is affine in it
             out = uncond + self.cfg_scale * (cond_out - uncond)
-        return to_noise_prediction(out, x, self.alphas_cumprod, timesteps, self.prediction_type)
+        return self.convert(out, x, timesteps) if self.convert is not None else out
+
+
+def _prediction_converter(prediction_type, alphas_cumprod):
+    if prediction_type == "epsilon":
+        return None
+    return lambda out, x, t: to_noise_prediction(out, x, alphas_cumprod, t, prediction_type)
+
+
+def SDDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
+    """Stable Diffusion 1.x/2.x UNet (docs/ALGORITHM.md, section 7); cond {"cond", "uncond"}: [N, L, E] prompt and
+    negative-prompt embeddings. v- and sample-predicting models are turned into noise predictions."""
+    def forward(x, t, emb):
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb).sample
+    return GuidedDenoiser(forward, {"emb": ("cond", "uncond")}, cfg_scale,
+                          _prediction_converter(prediction_type, alphas_cumprod))
+
+
+def SDXLDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
+    """SDXL's UNet: prompt embeddings of both text encoders, and the added conditions (the second encoder's pooled
+    embedding and the size/crop time ids); cond {"cond", "uncond", "pooled", "uncond_pooled", "time_ids",
+    "uncond_time_ids"}."""
+    def forward(x, t, emb, pooled, time_ids):
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled"),
+                                    "time_ids": ("time_ids", "uncond_time_ids")}, cfg_scale,
+                          _prediction_converter(prediction_type, alphas_cumprod))
+
+
+def SD3Denoiser(transformer, cfg_scale=1.0):
+    """SD3's MMDiT: the flow velocity v from the joint prompt embeddings and the pooled ones; the timestep is the
+    scheduler's float sigma * 1000; cond {"cond", "uncond", "pooled", "uncond_pooled"}."""
+    def forward(x, t, emb, pooled):
+        return transformer(hidden_states=x.to(transformer.dtype), timestep=t, encoder_hidden_states=emb,
+                           pooled_projections=pooled).sample
+    return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled")}, cfg_scale)
+
+
+class DiffusersDiTDenoiser:
+    """diffusers' DiT (DiTPipeline's Transformer2DModel): class labels, the pipeline's null class
+    (num_embeds_ada_norm, 1000 for the public models), guidance on all latent channels (as DiTPipeline does; the
+    original DiT code guides 3), the noise half of a learned-sigma output."""
+
+    def __init__(self, transformer, cfg_scale=1.0):
+        self.transformer, self.cfg_scale = transformer, float(cfg_scale)
+        self.null_class = transformer.config.num_embeds_ada_norm
+
+    @torch.no_grad()
+    def __call__(self, x, timesteps, labels):
+        C = self.transformer.config.in_channels
+        x = x.to(self.transformer.dtype)
+        if self.cfg_scale == 1.0:
+            return self.transformer(x, timestep=timesteps, class_labels=labels).sample[:, :C]
+        out = self.transformer(torch.cat([x, x]), timestep=torch.cat([timesteps, timesteps]),
+                               class_labels=torch.cat([labels, torch.full_like(labels, self.null_class)])).sample
+        cond, uncond = out[:, :C].chunk(2)
+        return uncond + self.cfg_scale * (cond - uncond)
 
 
 class VAEDecoder:

@@ -14,15 +14,18 @@ import os
 import torch
 
 from paratAA import NoiseStream, dit_schedule, pipeline_schedule
+from paratAA.schedule import is_flow
 from runner.errors import InputFileError
 from runner.loop import Bundle
 
-from .adapters import DiTDenoiser, SDDenoiser, VAEDecoder
+from .adapters import DiffusersDiTDenoiser, DiTDenoiser, VAEDecoder
 from .checkpoints import DIT_WEIGHTS_URL, load_into, load_state_dict, load_vae, require_file
 from .dit import DiT_models
-from .sd import encode, latent_shape, load_pipeline
+from .dit_folder import load_dit_pipeline
+from .sd import denoiser, encode, latent_shape, load_pipeline
 
 EMBEDDED_DIT = "DiT-Digits"
+DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
 DIT_CFG_SCALE = 4.0  # the default guidance of parallel_dit.py (the reference's)
 
 
@@ -55,12 +58,25 @@ def _stream_after(generator):
 
 
 def dit_bundle(args, session):
-    model = load_dit(args, session.device, session.model_dtype)
-    vae = load_vae(args.vae_path, session.device, torch.float32)
-    latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
-    if vae.config.latent_channels != model.in_channels:
+    if args.model == DIFFUSERS_DIT:
+        pipe = load_dit_pipeline(args.model_path, session.device, session.model_dtype)
+        net = pipe.transformer
+        eps_fn, schedule = DiffusersDiTDenoiser(net, args.cfg_scale), pipeline_schedule(pipe, args.timesteps, args.eta)
+        vae = load_vae(args.vae_path, session.device, torch.float32)
+        latent = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+        scheduler = {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
+                     "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}
+    else:
+        model = load_dit(args, session.device, session.model_dtype)
+        vae = load_vae(args.vae_path, session.device, torch.float32)
+        eps_fn, schedule = DiTDenoiser(model, args.cfg_scale), dit_schedule(args.timesteps, args.eta)
+        latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
+        scheduler = {"class": "DiT's respaced GaussianDiffusion (paratAA.dit_schedule)",
+                     "config": {"betas": "linear 1e-4 .. 0.02, float64", "num_train_timesteps": 1000,
+                                "timesteps": schedule.timesteps.tolist()}}
+    if vae.config.latent_channels != latent[0]:
         raise InputFileError(f"--vae_path: {args.vae_path} makes {vae.config.latent_channels}-channel latents, the DiT "
-                             f"takes {model.in_channels}")
+                             f"takes {latent[0]}")
     S = args.num_samples
 
     @functools.cache
@@ -73,34 +89,30 @@ def dit_bundle(args, session):
             labels = torch.randint(0, args.num_classes, (S,), generator=g)
         return labels, _stream_after(g)
 
-    schedule = dit_schedule(args.timesteps, args.eta)
-    return Bundle(eps_fn=DiTDenoiser(model, args.cfg_scale), schedule=schedule,
+    return Bundle(eps_fn=eps_fn, schedule=schedule,
                   num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
                   cond=lambda start, stop: draw()[0][start:stop].to(session.device),
                   label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(vae, session.device),
-                  cond_bytes=8, info={"model": args.model, "scheduler": {
-                      "class": "DiT's respaced GaussianDiffusion (paratAA.dit_schedule)",
-                      "config": {"betas": "linear 1e-4 .. 0.02, float64", "num_train_timesteps": 1000,
-                                 "timesteps": schedule.timesteps.tolist()}}})
+                  cond_bytes=8, info={"model": args.model, "scheduler": scheduler})
 
 
 def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
                      device, info=None):
     """Bundles of an already-loaded Stable Diffusion pipeline, one per list of prompts (sample i gets
     prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`)."""
-    eps_fn = SDDenoiser(pipe.unet, cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
-                        pipe.scheduler.alphas_cumprod)
+    eps_fn = denoiser(pipe, cfg_scale)
     schedule = pipeline_schedule(pipe, T, eta)
     decode = VAEDecoder(pipe.vae, device)
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
     info = {**(info or {}), "negative_prompt": negative_prompt,
             "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
-                          "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}}
+                          "read_as": "Euler steps of the flow (paratAA.flow_schedule)" if is_flow(pipe.scheduler)
+                          else "DDIMScheduler (paratAA.from_ddim_scheduler)"}}
     bundles = []
     for prompts in prompt_sets:
         # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding
-        emb = encode(pipe, list(prompts), negative_prompt, device)                          # {k: [P, L, E]}
+        emb = encode(pipe, list(prompts), negative_prompt, device, (height, width))          # {k: [P, ...]}
         row_bytes = sum(v[0].numel() * v.element_size() for v in emb.values())
 
         def cond(start, stop, emb=emb, P=len(prompts)):

@@ -19,6 +19,7 @@ from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.planner import plan_window
 
 from .bundles import pipeline_bundles
+from .sd import network
 
 
 @dataclass
@@ -42,13 +43,14 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"]).
     """
-    device = pipe.unet.device
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    net = network(pipe)
+    device = net.device
+    size = net.config.sample_size * pipe.vae_scale_factor
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta, seed,
                                  num_images, height or size, width or size, device)
     config = replace(config or SolverConfig(), **solver).resolve(num_inference_steps)
-    dtype = pipe.unet.dtype
+    dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
     latents, x_T, iterations, results, seconds, seq_seconds = [], [], [], [], 0.0, 0.0
     for start in range(0, num_images, B):

@@ -1,12 +1,21 @@
 """Stable Diffusion from a local diffusers folder: its flags and checks (shared by parallel_sd.py and
-parallel_sd_winit.py), the folder's checks before anything heavy is loaded, loading, prompt encoding.
+parallel_sd_winit.py), the folder's checks before anything heavy is loaded, loading, prompt encoding, and the
+model as the solver's f, per family:
 
-Supported: StableDiffusionPipeline folders (SD 1.x and 2.x) whose scheduler predicts the noise ("epsilon"), the
-velocity ("v_prediction", SD 2.x 768) or the sample ("sample"); every prediction is turned into the noise
-prediction the solver takes (models/adapters.py). Anything else is refused with one line naming what is supported.
+    StableDiffusionPipeline     SD 1.x and 2.x: UNet, one CLIP text encoder; the scheduler read as DDIM; the noise
+                                ("epsilon"), velocity ("v_prediction", SD 2.x 768) or sample prediction turned into
+                                the noise prediction
+    StableDiffusionXLPipeline   SDXL: two text encoders, the pooled embedding and size/crop time ids as added
+                                conditions; read as DDIM
+    StableDiffusion3Pipeline    SD3: an MMDiT predicting the flow velocity, FlowMatchEulerDiscreteScheduler (its
+                                timestep shift included) as Euler steps (paratAA.flow_schedule); text encoders 1-2
+                                (a third, T5, when the folder has one)
+
+Anything else is refused with one line naming what is supported.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import os
 
@@ -18,12 +27,22 @@ from runner.flags import check_common_flags, note
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
 SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
-SUPPORTED = "StableDiffusionPipeline folders (SD 1.x and 2.x; epsilon, v_prediction or sample prediction)"
-PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED = ("StableDiffusionPipeline (SD 1.x, 2.x; epsilon, v_prediction or sample prediction), "
+             "StableDiffusionXLPipeline and StableDiffusion3Pipeline folders")
+# the parts each family's folder must have (marker file inside, or None)
+PARTS = {
+    "StableDiffusionPipeline": {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                                "tokenizer": None, "scheduler": "scheduler_config.json"},
+    "StableDiffusionXLPipeline": {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                                  "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
+                                  "scheduler": "scheduler_config.json"},
+    "StableDiffusion3Pipeline": {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                                 "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
+                                 "scheduler": "scheduler_config.json"},
+}
+PIPELINES = tuple(PARTS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 LIBRARIES = ("diffusers", "transformers", None)  # components load from these only: never code from the folder
-PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "tokenizer": None,
-         "scheduler": "scheduler_config.json"}
 MAX_SIDE = 8192  # pixels; the largest Stable Diffusion models make 1024-2048
 
 
@@ -64,24 +83,42 @@ def check_folder(path, flag="--model_path"):
         if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] not in LIBRARIES:
             raise InputFileError(f"{flag}: {index_path} loads {name} from {entry[0]!r}, code outside diffusers and "
                                  f"transformers, which is never run")
-    for part, marker in PARTS.items():
+    for part, marker in PARTS[kind].items():
         sub = os.path.join(path, part)
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
     check_scheduler(path, flag)
-    unet_path, vae_path = os.path.join(path, "unet", "config.json"), os.path.join(path, "vae", "config.json")
-    unet, vae = read_json(unet_path, flag), read_json(vae_path, flag)
-    if config_value(unet, "in_channels", unet_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
-        raise InputFileError(f"{flag}: {path}: the UNet takes {unet['in_channels']} channels but the VAE makes "
-                             f"{vae['latent_channels']}-channel latents (an inpainting or other variant UNet?); "
+    net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
+    net, vae = read_json(net_path, flag), read_json(vae_path, flag)
+    if config_value(net, "in_channels", net_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
+        raise InputFileError(f"{flag}: {path}: the denoiser takes {net['in_channels']} channels but the VAE makes "
+                             f"{vae['latent_channels']}-channel latents (an inpainting or other variant?); "
                              f"the SD scripts drive {SUPPORTED}")
+
+
+def family(path):
+    """The pipeline class named by the folder's model_index.json (checked by check_folder)."""
+    return read_json(os.path.join(path, "model_index.json"))["_class_name"]
+
+
+def _network_config(path):
+    """config.json of the folder's denoising network: unet/ (SD 1.x, 2.x, XL) or transformer/ (SD3)."""
+    for part in ("unet", "transformer"):
+        if os.path.isfile(os.path.join(path, part, "config.json")):
+            return os.path.join(path, part, "config.json")
+    return os.path.join(path, "unet", "config.json")
 
 
 def check_scheduler(path, flag="--model_path"):
     """The scheduler settings the linear DDIM system (equation 1) can represent."""
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = read_json(sched_path, flag)
+    if "FlowMatch" in str(sched.get("_class_name")):  # Euler steps of a flow: the model predicts the velocity
+        if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
+            raise InputFileError(f"{flag}: {sched_path} sets use_dynamic_shifting or stochastic_sampling: supported are "
+                                 f"flow-matching schedulers with a fixed shift and deterministic Euler steps (SD3)")
+        return
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise InputFileError(f"{flag}: {sched_path} has prediction_type {prediction!r}; supported: "
@@ -92,6 +129,13 @@ def check_scheduler(path, flag="--model_path"):
                                  f"the parallel solver needs (equation 1); set it to false to sample this model here")
 
 
+def _scheduler_class(path):
+    try:
+        return read_json(os.path.join(path, "scheduler", "scheduler_config.json")).get("_class_name")
+    except InputFileError:
+        return None  # check_folder says what is wrong with the folder
+
+
 def vae_scale_factor(path):
     """Pixels per latent cell, read from vae/config.json (SD v1.5: 8)."""
     vae_path = os.path.join(path, "vae", "config.json")
@@ -99,8 +143,8 @@ def vae_scale_factor(path):
 
 
 def default_size(path):
-    unet_path = os.path.join(path, "unet", "config.json")
-    size = config_value(read_json(unet_path), "sample_size", unet_path)
+    net_path = _network_config(path)
+    size = config_value(read_json(net_path), "sample_size", net_path)
     if isinstance(size, (list, tuple)):  # some configs give (height, width)
         size = size[0]
     return int(size) * vae_scale_factor(path)
@@ -140,13 +184,21 @@ def quiet_loading():
 
 
 def load_pipeline(path, device, dtype):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     check_folder(path)
+    kind = family(path)
+    cls = getattr(diffusers, kind)
+    extra = dict(requires_safety_checker=False) if kind == "StableDiffusionPipeline" else {}
+    # the pipeline's parts that the folder does not have (safety checker, image encoder, SD3's T5): none
+    index = read_json(os.path.join(path, "model_index.json"))
+    for name in inspect.signature(cls.__init__).parameters:
+        absent = name not in index or index[name] in ([None, None], None)
+        if absent and name not in ("self", "requires_safety_checker", "force_zeros_for_empty_prompt",
+                                   "add_watermarker"):
+            extra[name] = None
     with quiet_loading():
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                           feature_extractor=None, requires_safety_checker=False,
-                                                           local_files_only=True)
+            pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
@@ -156,8 +208,10 @@ def load_pipeline(path, device, dtype):
 
 
 @torch.no_grad()
-def encode(pipe, prompts, negative_prompt, device):
-    """Per-prompt conditioning {"cond", "uncond"}: [P, L, E] each, through the pipeline's own encode_prompt.
+def encode(pipe, prompts, negative_prompt, device, size=None):
+    """Per-prompt conditioning, through the pipeline's own encode_prompt: {"cond", "uncond"} [P, L, E] prompt and
+    negative-prompt embeddings, and for SDXL and SD3 the pooled ones ("pooled", "uncond_pooled" [P, E']), for SDXL
+    the size/crop time ids of an image of `size` (height, width) ("time_ids", "uncond_time_ids" [P, 6]).
     A prompt longer than the text encoder takes is cut, as the pipeline does; said once, in one line."""
     limit = pipe.tokenizer.model_max_length
     with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
@@ -166,14 +220,48 @@ def encode(pipe, prompts, negative_prompt, device):
             if n > limit:
                 note(f"{flag} has {n} tokens; the text encoder reads the first {limit}: the rest is ignored "
                      f"({text[:40]!r}...)")
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True,
-                                          negative_prompt=[negative_prompt] * len(prompts))
-    return {"cond": cond, "uncond": uncond}
+        # no negative prompt: None, so that each pipeline does what it does by default (SDXL: zero embeddings)
+        negatives = [negative_prompt] * len(prompts) if negative_prompt else None
+        kind = type(pipe).__name__
+        if kind == "StableDiffusionPipeline":
+            cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=negatives)
+            return {"cond": cond, "uncond": uncond}
+        if kind == "StableDiffusionXLPipeline":
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negatives)
+            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None \
+                else int(pooled.shape[-1])
+            time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=cond.dtype,
+                                              text_encoder_projection_dim=projection).to(device)      # [1, 6]
+            time_ids = time_ids.repeat(len(prompts), 1)
+            return {"cond": cond, "uncond": uncond, "pooled": pooled, "uncond_pooled": uncond_pooled,
+                    "time_ids": time_ids, "uncond_time_ids": time_ids}
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=negatives)
+        return {"cond": cond, "uncond": uncond, "pooled": pooled, "uncond_pooled": uncond_pooled}
+
+
+def denoiser(pipe, cfg_scale):
+    """The pipeline's network as the solver's f (models/adapters.py)."""
+    from .adapters import SD3Denoiser, SDDenoiser, SDXLDenoiser
+    kind = type(pipe).__name__
+    if kind == "StableDiffusion3Pipeline":
+        return SD3Denoiser(pipe.transformer, cfg_scale)
+    make = SDXLDenoiser if kind == "StableDiffusionXLPipeline" else SDDenoiser
+    return make(pipe.unet, cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                pipe.scheduler.alphas_cumprod)
+
+
+def network(pipe):
+    """The pipeline's denoising network (UNet or transformer)."""
+    return pipe.transformer if hasattr(pipe, "transformer") and getattr(pipe, "unet", None) is None else pipe.unet
 
 
 def latent_shape(pipe, height, width):
     f = pipe.vae_scale_factor
-    return (pipe.unet.config.in_channels, height // f, width // f)
+    return (network(pipe).config.in_channels, height // f, width // f)
 
 
 class PromptList(argparse.Action):
@@ -205,6 +293,10 @@ def check_sd_flags(args, prompts):
         if not p or not p.strip():
             raise UsageError(f"{flag} must not be empty")
     config = check_common_flags(args, 1000)
+    if args.eta != 0 and args.model_path and os.path.isdir(args.model_path) and \
+            "FlowMatch" in str(_scheduler_class(args.model_path)):
+        raise UsageError(f"--eta applies to DDIM; {args.model_path} samples a flow by Euler steps, which add no "
+                         f"noise: --eta must be 0, got {args.eta:g}")
     if args.negative_prompt and args.cfg_scale == 1:
         raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
     args.model_path = args.model_path or EMBEDDED_SD

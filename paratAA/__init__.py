@@ -15,11 +15,12 @@ The algorithm only: it imports torch (and diffusers' scheduler, for the coeffici
 from .config import SolverConfig
 from .denoiser import NonFiniteModelOutput
 from .noise import NoiseStream, draw_noise, noise_from_seeds
-from .schedule import Schedule, dit_alphas_cumprod, dit_schedule, from_ddim_scheduler, pipeline_schedule
+from .schedule import (Schedule, dit_alphas_cumprod, dit_schedule, flow_schedule, from_ddim_scheduler,
+                       pipeline_schedule)
 from .sequential import sample_sequential
 from .sharding import Sharding, shard_bounds
 from .solver import SolveResult, solve
 
-__all__ = ["SolverConfig", "Schedule", "dit_schedule", "dit_alphas_cumprod", "from_ddim_scheduler", "pipeline_schedule",
+__all__ = ["SolverConfig", "Schedule", "dit_schedule", "dit_alphas_cumprod", "flow_schedule", "from_ddim_scheduler", "pipeline_schedule",
            "draw_noise", "noise_from_seeds", "NoiseStream", "solve", "SolveResult", "sample_sequential", "Sharding", "shard_bounds",
            "NonFiniteModelOutput"]

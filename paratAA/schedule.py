@@ -5,12 +5,13 @@ Step s (s = 0 .. T-1, s = 0 is the last, least noisy step) maps state x_{s+1} to
     x_s = a[s] * x_{s+1} + b[s] * eps(x_{s+1}, timesteps[s]) + c[s] * xi[s]
 
 x_T is pure noise and x_0 the sample. The noise tensor that the solver takes holds T + 1 draws: xi[s] for step s and
-xi[T] = x_T. Two sources of the noise levels, each computed the way its reference computes them, in float64:
+xi[T] = x_T. Three sources of the noise levels, each computed the way its reference computes them, in float64:
 
     dit_schedule        DiT's own diffusion: float64 linear betas, respaced by DiT's accumulate-and-round rule,
                         the cumulative products recomputed from the respaced betas, final alpha 1
     from_ddim_scheduler a diffusers scheduler read as DDIM (Stable Diffusion): its timestep list, its
                         alphas_cumprod as it stores them (float32), its final_alpha_cumprod
+    flow_schedule       a flow-matching scheduler's Euler steps (SD3): a = 1, b = the drop of sigma, f = the velocity
 """
 import math
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ from diffusers import DDIMScheduler
 
 @dataclass(frozen=True)
 class Schedule:
-    timesteps: torch.Tensor  # [T] long, model timestep fed with x_{s+1} at step s (ascending)
+    timesteps: torch.Tensor  # [T] model timestep fed with x_{s+1} at step s (ascending; long, float for flows)
     a: torch.Tensor          # [T] float64, weight of x_{s+1}
     b: torch.Tensor          # [T] float64, weight of eps
     c: torch.Tensor          # [T] float64, weight of the fresh noise xi[s] (eta * sigma, 0 at s = 0)
-    sigma: torch.Tensor      # [T] float64, DDPM posterior std of step s (eta = 1), scales tol2
+    sigma: torch.Tensor      # [T] float64, the step's noise scale for tol2 (DDIM: the DDPM posterior std, eta 1)
     eta: float
     num_train_timesteps: int
 
@@ -127,7 +128,38 @@ def dit_schedule(num_steps, eta=0.0, num_train=1000):
                         torch.from_numpy(1 - alphas_prev), eta, num_train)
 
 
+def flow_schedule(scheduler, num_steps, eta=0.0):
+    """Euler steps of a flow-matching scheduler (diffusers' FlowMatchEulerDiscreteScheduler: SD3, its timestep
+    shift included) as the triangular system with f = v, the model's velocity:
+
+        x_s = x_{s+1} + (sigma'_s - sigma_s) v(x_{s+1}, t_s),     a = 1,  b = sigma' - sigma,  c = 0
+
+    sigma_s the noise level the scheduler gives step s, sigma'_s the next one (0 after the last step), t_s the
+    model timestep (sigma_s times num_train_timesteps, as a float). The convergence test's scale (the Schedule's
+    sigma) is the step's drop of the noise level, sigma_s - sigma'_s. Flow sampling here is deterministic (eta 0)."""
+    if eta != 0:
+        raise ValueError(f"eta must be 0 for a flow-matching scheduler (its Euler steps add no noise), got {eta!r}")
+    n_train = scheduler.config.num_train_timesteps
+    check_num_steps(num_steps, n_train)
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise ValueError("schedulers with use_dynamic_shifting (Flux) need a resolution-dependent mu: not supported")
+    scheduler.set_timesteps(num_steps)
+    sig = scheduler.sigmas.to(torch.float32)                       # [T+1] descending, as the scheduler keeps them
+    timesteps = scheduler.timesteps.flip(0).to(torch.float32)      # [T] ascending: step s uses timesteps[s]
+    drop = (sig[:-1] - sig[1:]).flip(0).double()                   # [T] sigma_s - sigma'_s, float32 as its step
+    return Schedule(timesteps=timesteps, a=torch.ones(num_steps, dtype=torch.float64), b=-drop,
+                    c=torch.zeros(num_steps, dtype=torch.float64), sigma=drop.clone(), eta=0.0,
+                    num_train_timesteps=n_train)
+
+
+def is_flow(scheduler):
+    return "FlowMatch" in type(scheduler).__name__
+
+
 def pipeline_schedule(pipeline, num_steps, eta=0.0):
-    """Schedule of whatever scheduler a diffusers pipeline carries (Stable Diffusion: read as DDIM, keeping its
-    set_alpha_to_one, so the last step uses alphas_cumprod[0] for SD v1.5)."""
+    """Schedule of whatever scheduler a diffusers pipeline carries: a flow-matching scheduler's Euler steps
+    (flow_schedule), anything else read as DDIM (Stable Diffusion: keeping its set_alpha_to_one, so the last step
+    uses alphas_cumprod[0] for SD v1.5)."""
+    if is_flow(pipeline.scheduler):
+        return flow_schedule(type(pipeline.scheduler).from_config(pipeline.scheduler.config), num_steps, eta)
     return from_ddim_scheduler(DDIMScheduler.from_config(pipeline.scheduler.config), num_steps, eta)

@@ -55,5 +55,5 @@ def only_run(out):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random pipeline in the Stable Diffusion v1.5 folder layout."""
-    from tests.tiny_sd import build_tiny_sd
+    from tests.tiny_models import build_tiny_sd
     return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))

@@ -11,7 +11,7 @@ import parallel_sd
 import parallel_sd_winit
 from runner.errors import exit_on_error
 from tests.conftest import ROOT
-from tests.tiny_sd import build_tiny_sd
+from tests.tiny_models import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,9 @@ def bad_folders(tmp_path_factory):
         "unet_not_json": variant("unet_not_json", lambda p: (p / "unet" / "config.json").write_text("{not json")),
         "vae_without_key": variant("vae_without_key", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.pop("block_out_channels"))),
-        "sdxl": variant("sdxl", lambda p: rewrite(
+        "flux": variant("flux", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(_class_name="FluxPipeline"))),
+        "sdxl_missing_encoder": variant("sdxl_missing_encoder", lambda p: rewrite(
             p / "model_index.json", lambda c: c.update(_class_name="StableDiffusionXLPipeline"))),
         "custom_code": variant("custom_code", lambda p: rewrite(
             p / "model_index.json", lambda c: c.update(unet=["my_module", "MyUNet"]))),
@@ -282,7 +284,8 @@ def bad_folders(tmp_path_factory):
 @pytest.mark.parametrize("name, words", [
     ("unet_not_json", ["--model_path", "unet/config.json", "JSON"]),
     ("vae_without_key", ["--model_path", "vae/config.json", "block_out_channels"]),
-    ("sdxl", ["StableDiffusionXLPipeline", "StableDiffusionPipeline"]),
+    ("flux", ["FluxPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"]),
+    ("sdxl_missing_encoder", ["text_encoder_2"]),
     ("custom_code", ["my_module", "never run"]),
     ("clip_sample", ["clip_sample"]),
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),

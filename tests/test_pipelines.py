@@ -31,3 +31,19 @@ def test_defaults_batches_and_auto_window(tiny_sd):
     auto = parallel_sample(pipe, "a handwritten digit one", num_inference_steps=16, window_size="auto",
                            output_type="np")
     assert isinstance(auto.config.window_size, int) and 1 <= auto.config.window_size <= 16
+
+
+def test_sdxl_and_sd3_pipelines_in_python(tmp_path):
+    import diffusers
+    from tests.test_families import PROMPT, diffusers_loop
+    from tests.tiny_models import build_tiny_sd3, build_tiny_sdxl
+    for build, kind, absent in ((build_tiny_sdxl, "StableDiffusionXLPipeline", {}),
+                                (build_tiny_sd3, "StableDiffusion3Pipeline",
+                                 dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None,
+                                      feature_extractor=None))):
+        folder = build(str(tmp_path / kind))
+        pipe = getattr(diffusers, kind).from_pretrained(folder, **absent)
+        out = parallel_sample(pipe, PROMPT, num_inference_steps=8, guidance_scale=3.0, num_images=2, tol1=0, tol2=0,
+                              output_type="np")
+        ref = diffusers_loop(folder, 8, 3.0, 2)
+        np.testing.assert_allclose(out.latents.float().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -58,7 +58,7 @@ def test_tolerance_zero_equals_diffusers_ddim(tiny_sd, tmp_path, eta):
 def test_other_prediction_types_equal_diffusers_ddim(tmp_path, prediction_type):
     """SD 2.x 768 predicts v; some models predict the sample. Each is turned into the solver's noise prediction
     exactly as diffusers' DDIM step reads it: tolerance 0 equals diffusers' own loop on the same folder."""
-    from tests.tiny_sd import build_tiny_sd
+    from tests.tiny_models import build_tiny_sd
     folder = build_tiny_sd(str(tmp_path / "model"), seed=1, prediction_type=prediction_type)
     T = 10
     run_dir, m = run_sd(folder, tmp_path / "out", "--timesteps", str(T), "--tol1", "0", "--tol2", "0",

@@ -1,0 +1,138 @@
+"""The model families beyond SD 1.x: each at tolerance 0 against the pipeline's own sequential loop in diffusers
+(same initial noise, output_type "latent"), and 1 vs 2 processes."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import parallel_sd
+from paratAA import draw_noise
+from tests.conftest import ROOT, free_port, read_latents, read_metrics
+from tests.tiny_models import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+
+PROMPT = "a handwritten digit four"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("families")
+    return {"sdxl": build_tiny_sdxl(str(d / "sdxl")), "sd3": build_tiny_sd3(str(d / "sd3")),
+            "sd2_768": build_tiny_sd(str(d / "sd2_768"), seed=2, prediction_type="v_prediction",
+                                     timestep_spacing="trailing")}
+
+
+def run_sd(folder, out, *flags):
+    run_dir = parallel_sd.main(parallel_sd.parse_args(["--model_path", folder, "--output_path", str(out), *flags]))
+    return run_dir, read_metrics(run_dir)
+
+
+def diffusers_loop(folder, T, cfg, num_samples, seed=0):
+    """The pipeline's own __call__ with its own loop, from our x_T; SD 1.x/2.x/XL with DDIMScheduler (how the
+    scripts read their schedulers), SD3 with its own flow-matching scheduler."""
+    import diffusers
+    from diffusers import DDIMScheduler
+    from models.sd import family
+    kind = family(folder)
+    absent = dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None) \
+        if kind == "StableDiffusion3Pipeline" else {}
+    pipe = getattr(diffusers, kind).from_pretrained(folder, **absent)
+    if kind != "StableDiffusion3Pipeline":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # read as linear DDIM
+    pipe.set_progress_bar_config(disable=True)
+    latent = (4, 8, 8)
+    x_T = draw_noise(num_samples, T, latent, torch.Generator().manual_seed(seed))[:, T].float()
+    with torch.no_grad():
+        out = pipe([PROMPT] * num_samples, num_inference_steps=T, guidance_scale=cfg, latents=x_T,
+                   output_type="latent").images
+    return out.float().numpy()
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "sd2_768"])
+def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name):
+    T = 10
+    run_dir, m = run_sd(folders[name], tmp_path, "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--batch_size", "2", "--prompt", PROMPT, "--cfg_scale", "3")
+    ref = diffusers_loop(folders[name], T, 3.0, 2)
+    ours = read_latents(run_dir)
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    assert z["x_T"].shape == ours.shape  # the initial noise, to replay the run in diffusers
+    assert m["scheduler"]["class"] == ("FlowMatchEulerDiscreteScheduler" if name == "sd3" else
+                                       "EulerDiscreteScheduler" if name == "sdxl" else "DDIMScheduler")
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_one_and_two_processes_agree(folders, tmp_path, name):
+    flags = ["--model_path", folders[name], "--timesteps", "12", "--num_samples", "2", "--batch_size", "2"]
+    one, _ = run_sd(folders[name], tmp_path / "one", *flags[2:])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    assert read_metrics(two)["world_size"] == 2
+    assert np.abs(read_latents(one) - read_latents(two)).max() < 1e-5
+
+
+def test_a_flow_model_refuses_eta(folders, tmp_path, capsys):
+    from runner.errors import exit_on_error
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", folders["sd3"], "--eta", "0.5",
+                                                                "--output_path", str(tmp_path)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--eta" in err[0]
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    from tests.tiny_models import build_tiny_dit_pipeline
+    return build_tiny_dit_pipeline(str(tmp_path_factory.mktemp("dit_pipeline") / "dit"))
+
+
+def test_diffusers_dit_at_tolerance_zero_equals_ditpipelines_own_loop(dit_folder):
+    """DiTPipeline draws its own initial latents and returns decoded images: the solver starts from the same
+    latents, and its x_0 is decoded the way the pipeline decodes."""
+    from diffusers import DiTPipeline
+    from models.adapters import DiffusersDiTDenoiser
+    from paratAA import pipeline_schedule, solve
+    pipe = DiTPipeline.from_pretrained(dit_folder)
+    pipe.set_progress_bar_config(disable=True)
+    T, labels, cfg = 10, [3, 917], 4.0
+    with torch.no_grad():
+        images = pipe(class_labels=labels, guidance_scale=cfg, generator=torch.Generator().manual_seed(5),
+                      num_inference_steps=T, output_type="np").images                      # [2, H, W, 3] in [0, 1]
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))         # what the pipeline drew
+    noise = torch.zeros(2, T + 1, 4, 8, 8, dtype=torch.float64)
+    noise[:, T] = x_T
+    out = solve(DiffusersDiTDenoiser(pipe.transformer, cfg), pipeline_schedule(pipe, T), noise, torch.tensor(labels),
+                tol1=0, tol2=0)
+    with torch.no_grad():
+        ours = pipe.vae.decode(out.samples.float() / pipe.vae.config.scaling_factor).sample
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - images).max() < 1e-4
+
+
+def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
+    import parallel_dit
+    from diffusers import DiTPipeline
+    from models.adapters import DiffusersDiTDenoiser
+    from paratAA import pipeline_schedule, sample_sequential
+    from tests.conftest import script_noise
+    flags = ["--model_path", dit_folder, "--timesteps", "10", "--num_samples", "2", "--batch_size", "2",
+             "--class_labels", "3", "917", "--tol1", "0", "--tol2", "0"]
+    one = parallel_dit.main(parallel_dit.parse_args([*flags, "--output_path", str(tmp_path / "one")]))
+    m = read_metrics(one)
+    assert m["model"] == "diffusers DiTPipeline" and m["scheduler"]["class"] == "DDIMScheduler"
+    pipe = DiTPipeline.from_pretrained(dit_folder)
+    ref = sample_sequential(DiffusersDiTDenoiser(pipe.transformer, 4.0), pipeline_schedule(pipe, 10),
+                            script_noise(0, 2, 10, (4, 8, 8)), torch.tensor([3, 917]))[:, 0]
+    assert np.abs(read_latents(one) - ref.float().numpy()).max() <= 1e-6 * ref.abs().max() + 1e-4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "parallel_dit.py"), *flags, "--output_path", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    a, b = read_latents(one), read_latents(two)
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max() + 1e-5  # a random DiT drives latents to ~100

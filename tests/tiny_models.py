@@ -1,0 +1,137 @@
+"""Tiny randomly initialised pipelines in the real diffusers folder layouts, built by the tests (no downloads):
+Stable Diffusion 1.x/2.x, SDXL, SD3 (flow matching) and diffusers' DiT."""
+import json
+import os
+import tempfile
+
+import torch
+
+
+def _tokenizer(max_length=32):
+    """A CLIP tokenizer whose words are spelt out letter by letter (transformers 5 ignores
+    CLIPTokenizer(vocab_file=...): the files are written and the folder loaded)."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")  # no merges
+        return CLIPTokenizer.from_pretrained(tok_dir, model_max_length=max_length)
+
+
+def _text_config(tokenizer, hidden=32, projection=None):
+    from transformers import CLIPTextConfig
+    extra = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=37, max_position_embeddings=tokenizer.model_max_length, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1, **extra)
+
+
+def _vae(shift_factor=None, block_out_channels=(16, 32)):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=block_out_channels, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(block_out_channels), layers_per_block=1,
+                         norm_num_groups=16, sample_size=16, shift_factor=shift_factor)
+
+
+def _sd_scheduler(**overrides):
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(**{**dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                                   clip_sample=False, timestep_spacing="leading"), **overrides})
+
+
+def _randomise(module, seed):
+    """Zero-initialised output layers would make the prediction 0: give every weight a small random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def build_tiny_sd(folder, seed=0, **scheduler_config):
+    """SD 1.x/2.x layout; scheduler_config: DDIMScheduler settings over SD v1.5's (e.g. prediction_type=
+    "v_prediction", timestep_spacing="trailing" for an SD 2.x 768 configuration)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=16)
+    with torch.no_grad():  # the zero-initialised output conv would make eps = 0: randomise it
+        unet.conv_out.weight.normal_(0, 0.05)
+    tokenizer = _tokenizer()
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
+                                   unet=unet, scheduler=_sd_scheduler(**scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder, seed=0):
+    """SDXL layout: two text encoders (the second with a projection: the pooled embedding), added time ids, SDXL's
+    Euler scheduler config (read as DDIM by the scripts)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+                                cross_attention_dim=64, norm_num_groups=16)
+    _randomise(unet, seed)
+    tokenizer = _tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, projection=32)), tokenizer_2=_tokenizer(),
+        unet=unet, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                                    beta_schedule="scaled_linear", timestep_spacing="leading"))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sd3(folder, seed=0, shift=3.0):
+    """SD3 layout: an MMDiT predicting the flow velocity, two CLIP text encoders with projections (no T5: the
+    pipeline then uses zeros for its part), FlowMatchEulerDiscreteScheduler with a timestep shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                        pooled_projection_dim=64, out_channels=4)
+    _randomise(transformer, seed)
+    tokenizer = _tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=_vae(shift_factor=0.1),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, projection=32)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, projection=32)), tokenizer_2=_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    with open(os.path.join(folder, "model_index.json")) as f:  # absent parts are written as null, as on the hub
+        index = json.load(f)
+    for part in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+        index.setdefault(part, [None, None])
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
+
+
+def build_tiny_dit_pipeline(folder, seed=0):
+    """diffusers' DiT layout (DiTPipeline): a DiTTransformer2DModel with 1000 classes (the pipeline's null class is
+    1000) and a learned-sigma output, a VAE, a DDIM scheduler."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8,
+                                        num_embeds_ada_norm=1000)
+    _randomise(transformer, seed)
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(folder)
+    return folder

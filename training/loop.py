@@ -47,7 +47,7 @@ def train(model, params, batch_loss, steps, lr, warmup, name, log_every, clip=No
         if ema is not None:
             update_ema(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         if step % log_every == 0 or step == steps - 1:
-            values = " ".join(f"{k} {float(v):.4f}" for k, v in logged.items())
+            values = " ".join(f"{k} {float(torch.as_tensor(v).detach()):.4f}" for k, v in logged.items())
             print(f"[{name} {step:5d}] {values} ({time.time() - t0:.0f}s)", flush=True)
         if on_step is not None:
             on_step(step, ema if ema is not None else model)

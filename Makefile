@@ -20,12 +20,18 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q tests/test_config.py tests/test_solver.py tests/test_schedule.py tests/test_sharding.py
 
+# the figures are drawn from the JSON (and its .evolution.npz) that dit_bench.py and sd_bench.py write; the sample
+# sets (the images FID / CLIP-score tools read) go to benchmarks/results/tmp/, their summaries next to the JSON
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py
 	$(PY) benchmarks/dit_bench.py
 	$(PY) benchmarks/sd_bench.py
 	$(PY) benchmarks/figures.py
 	$(PY) benchmarks/gpu_estimate.py
+	$(PY) benchmarks/sample_sets.py dit --num_samples 50 --batch_size 10 --iterations 1 2 3 4 5 6 8 10 \
+		--summary benchmarks/results/sample_sets_dit.json
+	$(PY) benchmarks/sample_sets.py sd --num_samples 20 --batch_size 10 --iterations 1 2 3 4 5 6 8 10 \
+		--summary benchmarks/results/sample_sets_sd.json
 
 bench-quick: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver.json
@@ -35,6 +41,8 @@ bench-quick: $(VENV)/.installed
 		--out_dir benchmarks/results/tmp/figures
 	$(PY) benchmarks/gpu_estimate.py --dit benchmarks/results/tmp/dit.json --sd benchmarks/results/tmp/sd.json \
 		--out benchmarks/results/tmp/gpu_estimate.json
+	$(PY) benchmarks/sample_sets.py dit --quick --iterations 1 3 --out_dir benchmarks/results/tmp/sample_sets_dit
+	$(PY) benchmarks/sample_sets.py sd --quick --iterations 1 3 --out_dir benchmarks/results/tmp/sample_sets_sd
 
 train-embedded: $(VENV)/.installed
 	$(PY) -m training.train_embedded

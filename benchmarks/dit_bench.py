@@ -1,11 +1,15 @@
-"""Embedded DiT benchmark: FP, FP+ and ParaTAA against sequential DDIM, and the tolerance and window trade-offs.
+"""DiT benchmark: FP, FP+ and ParaTAA against sequential DDIM, the tolerance and window trade-offs, the ablation.
 
-    python benchmarks/dit_bench.py [--quick] [--out benchmarks/results/dit.json]
+    python benchmarks/dit_bench.py [--quick] [--out benchmarks/results/dit.json]          # the embedded model
+    accelerate launch --num_processes 8 benchmarks/dit_bench.py --model DiT-XL/2 --image_size 256 \\
+        --model_path DiT-XL-2-256x256.pt --vae_path sd-vae-ft-ema --fp16 --out results/dit_xl2.json
 
-Ten samples (class c with noise seed c, c = 0..9), window = T, cfg 4, eta 0. For each T and method: iterations
-to the stop rule and to "same image" (<= 1 gray level RMS from the decoded sequential sample), how many runs
-ended more than 1 gray level off, classifier agreement, and the sampling wall-clock (decoding excluded) as a
-ratio to sequential sampling in the same process. Then tolerance and window sweeps at T = 100.
+Model flags as parallel_dit.py's. Ten samples (sample i: class --class_labels[i], cycled, default class i, noise
+seed i), window = T, cfg 4, eta 0. For each T and method: iterations to the stop rule and to "same image" (<= 1
+gray level RMS from the decoded sequential sample), how many runs ended more than 1 gray level off, classifier
+agreement (embedded model only), and the sampling wall-clock (decoding excluded) as a ratio to sequential sampling
+in the same launch. Then tolerance and window sweeps and the order x memory ablation at the largest T, and the
+per-iteration images of one sample (figure (b)) beside the JSON.
 """
 import os
 import sys
@@ -13,11 +17,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import Bench, bench_args, bench_defaults, run_benchmark  # noqa: E402
+from benchmarks.convergence import (Bench, bench_defaults, bench_parser, check_bench_flags, repo_relative,  # noqa: E402
+                                    run_benchmark, save_report)
 from models import digits  # noqa: E402
-from models.adapters import DiTDenoiser, VAEDecoder  # noqa: E402
-from models.bundles import DIT_CFG_SCALE  # noqa: E402
-from paratAA import dit_schedule, noise_from_seeds  # noqa: E402
+from models.adapters import VAEDecoder  # noqa: E402
+from models.dit_source import DIT_CFG_SCALE, EMBEDDED_DIT, LoadedDiT, add_dit_flags, check_dit_flags  # noqa: E402
+from paratAA import noise_from_seeds  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.launch import Session  # noqa: E402
 
 
 def digit_classifier():
@@ -25,22 +32,48 @@ def digit_classifier():
     return lambda imgs: digits.classify_images(clf, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1)
 
 
+def add_model_flags(parser):
+    """parallel_dit.py's model flags (models/dit_source.py); here sample i defaults to class i."""
+    add_dit_flags(parser, labels_help="labels of the samples, cycled (default: sample i gets class i)")
+
+
+check_model_flags = check_dit_flags  # the interface sample_sets.py expects of a family's bench module
+
+
+def dit_bench(args, session):
+    """The Bench of the DiT named by the flags (checked): sample i has class labels[i] and noise seed i."""
+    dit = LoadedDiT(args, session.device, session.model_dtype)
+    latent = dit.latent
+    S = args.num_samples
+    cycle = args.class_labels or list(range(args.num_classes))
+    labels = [cycle[i % len(cycle)] for i in range(S)]
+    embedded = args.model == EMBEDDED_DIT
+
+    def problem(T, indices):
+        y = torch.tensor([labels[i] for i in indices])
+        return noise_from_seeds(indices, T, latent).to(session.device), y.to(session.device), y
+
+    title = "embedded DiT" if embedded else f"{args.model} {args.image_size}x{args.image_size}"
+    info = {"title": title, "model": args.model, "model_path": repo_relative(args.model_path),
+            "vae_path": repo_relative(args.vae_path), "image_size": args.image_size, "num_classes": args.num_classes,
+            "labels": labels}
+    return Bench(title, dit.eps_fn, VAEDecoder(dit.vae, session.device), dit.schedule, problem,
+                 S, bench_defaults(args.cfg_scale), session, digit_classifier() if embedded else None, info)
+
+
 def main(args):
-    torch.set_grad_enabled(False)
-    defaults = bench_defaults(DIT_CFG_SCALE)
-    model = digits.load_embedded_dit()
-    latent = (model.in_channels,) + (model.x_embedder.img_size[0],) * 2
-    classes = [0, 1] if args.quick else list(range(10))
+    check_bench_flags(args)
+    check_model_flags(args)
+    session = Session(args.dist_timeout, args.fp16)
+    bench = dit_bench(args, session)
+    save_report(run_benchmark(bench, args), bench, args.out)
 
-    def problem(T):
-        return noise_from_seeds(classes, T, latent), torch.tensor(classes), torch.tensor(classes)
 
-    bench = Bench("DiT-Digits", DiTDenoiser(model, defaults["cfg_scale"]),
-                  VAEDecoder(digits.load_embedded_vae(), torch.device("cpu")), digit_classifier(), dit_schedule,
-                  problem, defaults)
-    run_benchmark(bench, args.quick, "python benchmarks/dit_bench.py" + (" --quick" if args.quick else ""),
-                  args.machine, args.out, len(classes))
+def parse_args(argv=None):
+    parser = bench_parser(__doc__, "benchmarks/results/dit.json", DIT_CFG_SCALE, ablation=True)
+    add_model_flags(parser)
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(bench_args(__doc__, "benchmarks/results/dit.json"))
+    exit_on_error(main, parse_args())

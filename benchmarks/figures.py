@@ -1,13 +1,19 @@
-"""The paper's figures on the embedded models, from the benchmark JSON plus two small runs.
+"""The paper's figures, drawn from the JSON that dit_bench.py and sd_bench.py write; no model runs here.
 
-    python benchmarks/figures.py [--quick]      # after dit_bench.py and sd_bench.py
+    python benchmarks/figures.py [--dit benchmarks/results/dit.json] [--sd benchmarks/results/sd.json] [--quick]
+    python benchmarks/figures.py --dit results/dit_xl2.json --sd results/sd15.json --out_dir results/figures
 
+Each JSON gets its panel (titled by the model it measured); a missing file is skipped.
 (a) distance to the sequential sample vs iteration, one curve per method      -> fig_a_distance.png
 (b) image evolution: decoded x_0 estimate per iteration, FP / FP+ / ParaTAA   -> fig_b_evolution.png
+    (from <json>.evolution.npz, written beside the JSON)
 (c) window size: iterations and model evaluations vs window_size             -> fig_c_window.png
 (d) ablation over order and memory size (iterations to the same image)        -> fig_d_ablation.png
-(e) warm start: iterations vs variation_steps                                 -> fig_e_warm_start.png
-(f) quality vs iteration: classifier agreement after k iterations             -> fig_f_quality.png
+    (dit_bench.py runs it; sd_bench.py with --ablation)
+(e) warm start: iterations vs variation_steps (the SD JSON)                   -> fig_e_warm_start.png
+(f) quality vs iteration: classifier agreement after k iterations (embedded   -> fig_f_quality.png
+    models); for other models, the fraction of samples whose estimate is already the sequential image (their
+    FID, IS or CLIP score after k iterations comes from sample_sets.py's per-iteration sets)
 """
 import argparse
 import json
@@ -16,42 +22,63 @@ import sys
 
 import matplotlib
 import numpy as np
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import measure, sequential_reference, summarize  # noqa: E402
-from models import digits  # noqa: E402
-from models.adapters import DiTDenoiser, VAEDecoder  # noqa: E402
-from paratAA import dit_schedule, noise_from_seeds, solve  # noqa: E402
+from runner.metrics import SAME_IMAGE  # noqa: E402
 from runner.rundir import upscale  # noqa: E402
 
 # curves drawn: both forms of the equations (see paratAA/equations.py) for FP+ and ParaTAA at m = 3
 METHODS = ["FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3 (ddim)", "ParaTAA m=3"]
 STYLE = {"FP": ("tab:gray", "-"), "FP+ (ddim)": ("tab:blue", "--"), "FP+ (picard)": ("tab:blue", "-"),
          "ParaTAA m=3 (ddim)": ("tab:red", "--"), "ParaTAA m=3": ("tab:red", "-")}
+EVOLUTION_ROWS = ["FP", "FP+ (ddim)", "ParaTAA m=3 (ddim)", "FP+ (picard)", "ParaTAA m=3"]
 
 
-def padded_median(histories):
+def label(name, report):
+    """Every method named with its form ("ParaTAA m=3" is in the run's default form)."""
+    form = report.get("defaults", {}).get("equations", "picard")
+    return name if name.endswith(")") or name == "FP" else f"{name} ({form})"
+
+
+def largest_T(report):
+    return max(int(t) for t in report["methods"] if t.isdigit())  # the largest T benchmarked (eta 0)
+
+
+def padded(histories):
+    """[samples, longest] with each history carried on at its last value (the estimate stops changing)."""
     n = max(len(h) for h in histories)
-    return np.median(np.array([h + [h[-1]] * (n - len(h)) for h in histories], dtype=float), axis=0)
+    return np.array([h + [h[-1]] * (n - len(h)) for h in histories], dtype=float)
 
 
-def fig_curves(results, key, path, ylabel, log=True, mean=False):
+def distance(report, sample):
+    return "RMS latent distance to sequential", True, np.median, sample["distance_history"]
+
+
+def quality(report, sample):
+    """Classifier agreement where the JSON has it; else whether the estimate is the sequential image."""
+    if "agreement_history" in sample:
+        return "classifier agreement (mean)", False, np.mean, [float(v) for v in sample["agreement_history"]]
+    return ("samples at the sequential image (fraction)", False, np.mean,
+            [float(v <= SAME_IMAGE) for v in sample["image_rms_history"]])
+
+
+def fig_curves(results, quantity, path):
+    """One panel per JSON, one curve per method over the iterations at the JSON's largest T."""
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, (title, res) in zip(axes[0], results.items()):
-        T = max(int(t) for t in res["methods"] if t.isdigit())  # the largest T benchmarked (eta 0)
+        T = largest_T(res)
         block = res["methods"][str(T)]
+        ylabel, log = "", False
         for name in METHODS:
             if name in block:
-                hs = [[float(v) for v in s[key]] for s in block[name]["samples"]]
-                y = (np.mean([h + [h[-1]] * (max(map(len, hs)) - len(h)) for h in hs], axis=0) if mean
-                     else padded_median(hs))
+                per = [quantity(res, s) for s in block[name]["samples"]]
+                ylabel, log, reduce = per[0][:3]
+                y = reduce(padded([p[3] for p in per]), axis=0)
                 color, ls = STYLE[name]
-                label = name if name.endswith(")") or name == "FP" else name + " (picard)"
-                ax.plot(np.arange(len(y)), y, label=label, marker=".", color=color, ls=ls)
+                ax.plot(np.arange(len(y)), y, label=label(name, res), marker=".", color=color, ls=ls)
         ax.set_title(f"{title}, T = {T}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
@@ -102,108 +129,118 @@ def fig_warm(sd, path):
     plt.close(fig)
 
 
-def dit_setup():
-    model = digits.load_embedded_dit()
-    return DiTDenoiser(model, 4.0), VAEDecoder(digits.load_embedded_vae(), torch.device("cpu"))
+def evolution_images(res, json_path):
+    """{method: uint8 [K+1, H, W, 3]} from the JSON's side file."""
+    evo = res["evolution"]
+    with np.load(os.path.join(os.path.dirname(json_path), evo["file"])) as z:
+        return {name: z[key] for name, key in evo["arrays"].items()}
 
 
-def fig_evolution(path, T, columns):
-    eps, decode = dit_setup()
-    noise = noise_from_seeds([3], T, (4, 4, 4))
-    label = torch.tensor([3])
+def fig_evolution(results, paths, path, columns):
+    """Rows: methods (for each JSON); columns: the decoded estimate after iteration k = 0 .. columns - 1."""
     rows = []
-    names = {"FP": dict(order=1, memory_size=1)}
-    for form in ("ddim", "picard"):
-        names[f"FP+ ({form})"] = dict(order=T, memory_size=1, equations=form)
-        names[f"ParaTAA ({form})"] = dict(order=T, memory_size=3, equations=form)
-    for name, kw in names.items():
-        out = solve(eps, dit_schedule(T), noise, label, record_x0=True, tol1=3e-4, tol2=3e-4, **kw)
-        imgs = decode(torch.stack(out.history[0].x0[:columns]))
-        rows.append((name, imgs))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.6, len(rows) * 0.8))
+    for title, res in results.items():
+        images = evolution_images(res, paths[title])
+        evo = res["evolution"]
+        rows.append((f"{title}: sample {evo['sample']} ({str(evo['label'])[:40]}), T = {evo['T']}", None))  # caption
+        rows += [(label(name, res), images[name]) for name in EVOLUTION_ROWS if name in images]
+    columns = min(columns, max(len(imgs) for _, imgs in rows if imgs is not None))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.6 + 1.2, len(rows) * 0.7), squeeze=False)
+    fig.subplots_adjust(left=1.1 / (columns * 0.6 + 1.2), right=0.98, top=0.93, bottom=0.02)
     for r, (name, imgs) in enumerate(rows):
         for k in range(columns):
             ax = axes[r, k]
-            ax.imshow(upscale(imgs[min(k, len(imgs) - 1)]), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if imgs is None:
+                ax.axis("off")
+                continue
+            ax.imshow(upscale(imgs[min(k, len(imgs) - 1)]), interpolation="nearest")
             if k == 0:
-                ax.set_ylabel(name, fontsize=5)
-            if r == 0:
-                ax.set_title(str(k), fontsize=6)
-    fig.suptitle(f"decoded x_0 estimate after iteration k (class 3, T = {T})", fontsize=8)
+                ax.set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+            ax.set_title(str(k), fontsize=5, pad=1)  # the iteration
+        if imgs is None:
+            axes[r, 0].text(0, 0.2, name, fontsize=6, transform=axes[r, 0].transAxes)
+    fig.suptitle("decoded x_0 estimate after iteration k", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def fig_ablation(path, T, quick):
-    """One heat map per form of the equations: iterations to the same image over order x memory_size."""
-    eps, decode = dit_setup()
-    classes = [0, 1] if quick else list(range(10))
-    noise = noise_from_seeds(classes, T, (4, 4, 4))
-    labels = torch.tensor(classes)
-    ref = sequential_reference(eps, dit_schedule(T), noise, labels, decode)
-    orders = [1, 4, T] if quick else [1, 4, 16, T]
-    memories = [1, 3] if quick else [1, 2, 3, 5]
-    forms = ("picard", "ddim")
-    fig, axes = plt.subplots(1, len(forms), figsize=(2 + 1.6 * len(orders), 0.9 + 0.6 * len(memories)))
-    table = {}
-    for ax, form in zip(axes, forms):
-        grid = np.zeros((len(memories), len(orders)))
-        for i, m in enumerate(memories):
-            for j, k in enumerate(orders):
-                if k == 1 and form != forms[0]:  # order 1 is the same equation in both forms
-                    s = table[f"{forms[0]} order=1 m={m}"]
-                else:
-                    s = summarize(measure(eps, dit_schedule(T), noise, labels, decode, ref, order=k, memory_size=m,
-                                          equations=form, tol1=3e-4, tol2=3e-4))
-                grid[i, j] = s["same_median"]
-                table[f"{form} order={k} m={m}"] = s
-        im = ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=T)
-        ax.set_xticks(range(len(orders)), [str(o) for o in orders])
-        ax.set_yticks(range(len(memories)), [str(m) for m in memories])
-        ax.set_xlabel("order")
-        ax.set_ylabel("memory_size")
-        for i in range(len(memories)):
-            for j in range(len(orders)):
-                ax.text(j, i, f"{grid[i, j]:g}", ha="center", va="center", color="w", fontsize=7)
-        ax.set_title(f"{form} form", fontsize=8)
-    fig.suptitle(f"iterations to the same image (median), embedded DiT, T = window = {T}", fontsize=8)
-    fig.colorbar(im, ax=list(axes))
+def fig_ablation(results, path):
+    """One heat map per model and form of the equations: iterations to the same image over order x memory_size."""
+    rows = list(results.items())
+    forms = rows[0][1]["ablation"]["forms"]
+    widest = max(len(r["ablation"]["orders"]) for _, r in rows)
+    tallest = max(len(r["ablation"]["memories"]) for _, r in rows)
+    fig, axes = plt.subplots(len(rows), len(forms), squeeze=False,
+                             figsize=(2 + 1.6 * widest, (0.9 + 0.6 * tallest) * len(rows)))
+    for (title, res), ax_row in zip(rows, axes):
+        ab = res["ablation"]
+        T, orders, memories = ab["T"], ab["orders"], ab["memories"]
+        for ax, form in zip(ax_row, ab["forms"]):
+            grid = np.array([[ab["cells"][f"{form} order={k} m={m}"]["same_median"] for k in orders]
+                             for m in memories], dtype=float)
+            im = ax.imshow(grid, cmap="viridis_r", vmin=0, vmax=T)
+            ax.set_xticks(range(len(orders)), [str(o) for o in orders])
+            ax.set_yticks(range(len(memories)), [str(m) for m in memories])
+            ax.set_xlabel("order")
+            ax.set_ylabel("memory_size")
+            for i in range(len(memories)):
+                for j in range(len(orders)):
+                    ax.text(j, i, f"{grid[i, j]:g}", ha="center", va="center", color="w", fontsize=7)
+            ax.set_title(f"{title}\n{form} form, T = window = {T}", fontsize=7)
+        fig.colorbar(im, ax=list(ax_row))
+    fig.suptitle("iterations to the same image (median)", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return table
+
+
+def load(path, role):
+    """(title, report) of one benchmark JSON, or None when the file is absent."""
+    if not path or not os.path.exists(path):
+        print(f"{role}: {path} not found, skipped")
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    return report.get("model", {}).get("title", f"embedded {role}"), report
 
 
 def main(args):
-    torch.set_grad_enabled(False)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(args.dit) as f:
-        dit = json.load(f)
-    results = {"embedded DiT": dit}
-    sd = None
-    if os.path.exists(args.sd):
-        with open(args.sd) as f:
-            sd = json.load(f)
-        results["embedded text-to-image"] = sd
+    results, paths = {}, {}
+    for role, path in (("DiT", args.dit), ("text-to-image", args.sd)):
+        found = load(path, role)
+        if found:
+            title = found[0] if found[0] not in results else f"{found[0]} ({role})"
+            results[title], paths[title] = found[1], path
+    if not results:
+        sys.exit("figures.py: no benchmark JSON found (run dit_bench.py or sd_bench.py first)")
     out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
-    fig_curves(results, "distance_history", out("fig_a_distance.png"), "RMS latent distance to sequential")
-    fig_evolution(out("fig_b_evolution.png"), 25 if args.quick else 100, 12 if args.quick else 20)
+    fig_curves(results, distance, out("fig_a_distance.png"))
+    evolved = {t: r for t, r in results.items() if r.get("evolution", {}).get("file")}
+    if evolved:
+        fig_evolution(evolved, paths, out("fig_b_evolution.png"), 12 if args.quick else 20)
+    else:
+        print("(b) skipped: no JSON has per-iteration images (written by the current dit_bench.py / sd_bench.py)")
     fig_window(results, out("fig_c_window.png"))
-    ablation = fig_ablation(out("fig_d_ablation.png"), 25 if args.quick else 100, args.quick)
-    if sd is not None and "warm_start" in sd:
-        fig_warm(sd, out("fig_e_warm_start.png"))
-    fig_curves(results, "agreement_history", out("fig_f_quality.png"), "classifier agreement", log=False,
-               mean=True)
-    with open(out("ablation.json"), "w") as f:
-        json.dump(ablation, f, indent=1)
+    ablated = {t: r for t, r in results.items() if r.get("ablation")}
+    if ablated:
+        fig_ablation(ablated, out("fig_d_ablation.png"))
+    else:
+        print("(d) skipped: no JSON has an ablation (dit_bench.py runs it; sd_bench.py with --ablation)")
+    warm = [r for r in results.values() if r.get("warm_start")]
+    if warm:
+        fig_warm(warm[0], out("fig_e_warm_start.png"))
+    else:
+        print("(e) skipped: no JSON has a warm-start table (sd_bench.py with two prompts or more)")
+    fig_curves(results, quality, out("fig_f_quality.png"))
     print(f"wrote figures to {args.out_dir}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dit", default="benchmarks/results/dit.json")
-    parser.add_argument("--sd", default="benchmarks/results/sd.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="12 columns in figure (b) instead of 20")
+    parser.add_argument("--dit", default="benchmarks/results/dit.json", help="dit_bench.py's JSON")
+    parser.add_argument("--sd", default="benchmarks/results/sd.json", help="sd_bench.py's JSON")
     parser.add_argument("--out_dir", default="benchmarks/figures")
     main(parser.parse_args())

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
-from models.bundles import DIT_CFG_SCALE  # noqa: E402
+from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402,E501
 from paratAA import solve  # noqa: E402

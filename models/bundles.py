@@ -9,42 +9,16 @@ Noise and labels come from one CPU generator seeded with --seed, identical on ev
 batch by batch with the values of a single draw (paratAA.NoiseStream).
 """
 import functools
-import os
 
 import torch
 
-from paratAA import NoiseStream, dit_schedule, pipeline_schedule
+from paratAA import NoiseStream, pipeline_schedule
 from paratAA.schedule import is_flow
-from runner.errors import InputFileError
 from runner.loop import Bundle
 
-from .adapters import DiffusersDiTDenoiser, DiTDenoiser, VAEDecoder
-from .checkpoints import DIT_WEIGHTS_URL, load_into, load_state_dict, load_vae, require_file
-from .dit import DiT_models
-from .dit_folder import load_dit_pipeline
+from .adapters import VAEDecoder
+from .dit_source import LoadedDiT
 from .sd import denoiser, encode, latent_shape, load_pipeline
-
-EMBEDDED_DIT = "DiT-Digits"
-DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
-DIT_CFG_SCALE = 4.0  # the default guidance of parallel_dit.py (the reference's)
-
-
-def load_dit(args, device, dtype):
-    """The DiT named by --model with --model_path's weights, in eval mode."""
-    if args.model == EMBEDDED_DIT:
-        from . import digits
-        kwargs = {k: v for k, v in digits.load_embedded_config().items() if k not in ("model", "training")}
-        hint = ("the embedded weights ship with the repository in models/embedded"
-                if os.path.abspath(args.model_path) == os.path.abspath(digits.DIT_WEIGHTS) else "")
-    else:
-        kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-        hint = "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(
-            name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
-    require_file(args.model_path, "--model_path", hint)
-    model = DiT_models[args.model](**kwargs)
-    load_into(model, load_state_dict(args.model_path), args.model_path)
-    return model.to(device=device, dtype=dtype).eval()
-
 
 def _stream_after(generator):
     """A factory of noise streams that all start where `generator` stands now."""
@@ -58,25 +32,9 @@ def _stream_after(generator):
 
 
 def dit_bundle(args, session):
-    if args.model == DIFFUSERS_DIT:
-        pipe = load_dit_pipeline(args.model_path, session.device, session.model_dtype)
-        net = pipe.transformer
-        eps_fn, schedule = DiffusersDiTDenoiser(net, args.cfg_scale), pipeline_schedule(pipe, args.timesteps, args.eta)
-        vae = load_vae(args.vae_path, session.device, torch.float32)
-        latent = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
-        scheduler = {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
-                     "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}
-    else:
-        model = load_dit(args, session.device, session.model_dtype)
-        vae = load_vae(args.vae_path, session.device, torch.float32)
-        eps_fn, schedule = DiTDenoiser(model, args.cfg_scale), dit_schedule(args.timesteps, args.eta)
-        latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
-        scheduler = {"class": "DiT's respaced GaussianDiffusion (paratAA.dit_schedule)",
-                     "config": {"betas": "linear 1e-4 .. 0.02, float64", "num_train_timesteps": 1000,
-                                "timesteps": schedule.timesteps.tolist()}}
-    if vae.config.latent_channels != latent[0]:
-        raise InputFileError(f"--vae_path: {args.vae_path} makes {vae.config.latent_channels}-channel latents, the DiT "
-                             f"takes {latent[0]}")
+    dit = LoadedDiT(args, session.device, session.model_dtype)
+    schedule, latent = dit.schedule(args.timesteps, args.eta), dit.latent
+    scheduler = {**dit.scheduler, "timesteps": schedule.timesteps.tolist()}
     S = args.num_samples
 
     @functools.cache
@@ -89,10 +47,10 @@ def dit_bundle(args, session):
             labels = torch.randint(0, args.num_classes, (S,), generator=g)
         return labels, _stream_after(g)
 
-    return Bundle(eps_fn=eps_fn, schedule=schedule,
+    return Bundle(eps_fn=dit.eps_fn, schedule=schedule,
                   num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
                   cond=lambda start, stop: draw()[0][start:stop].to(session.device),
-                  label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(vae, session.device),
+                  label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(dit.vae, session.device),
                   cond_bytes=8, info={"model": args.model, "scheduler": scheduler})
 
 

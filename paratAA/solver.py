@@ -253,7 +253,7 @@ def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variat
     T = schedule.num_steps
     top = T if init is None else variation_steps
     steps = top if config.max_steps is None else min(top, config.max_steps)
-    B, latent = noise.shape[0], tuple(noise.shape[2:])
+    B = noise.shape[0]
     history = [SampleHistory() for _ in range(B)]
     start = (noise[:, T] if init is None else init[:, top]).to(torch.float64)            # [B, *latent]
     if record_x0:

@@ -1,45 +1,184 @@
-"""Smoke test: every benchmark script runs end to end in its --quick mode and writes what it promises."""
+"""The benchmark scripts end to end: --quick on the embedded models (what `make bench-quick` runs), and on tiny
+random models in the real checkpoint layouts under `accelerate launch` with 2 CPU processes, checked against a
+1-process run of the same benchmark and against sampling done here."""
 import json
 import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import numpy as np
+import pytest
+import torch
+
+from models.adapters import DiTDenoiser, VAEDecoder
+from models.dit import DiT_models
+from paratAA import dit_schedule, noise_from_seeds, sample_sequential
+from tests.conftest import ROOT, free_port
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the 2 cores of the development machine
 
 
-def bench(script, *flags):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def bench(script, *flags, quick=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *(["--quick"] if quick else []),
+                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
+def launch(script, *flags):
+    """The script under accelerate launch, 2 CPU processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), os.path.join(ROOT, "benchmarks", script), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def figures(tmp_path, dit="none.json", sd="none.json"):
+    bench("figures.py", "--dit", str(dit), "--sd", str(sd), "--out_dir", str(tmp_path / "fig"))
+    return {name[4] for name in os.listdir(tmp_path / "fig")}  # fig_<letter>_...
+
+
 def test_benchmarks_quick(tmp_path):
     bench("solver_bench.py", "--out", str(tmp_path / "solver.json"))
-    with open(tmp_path / "solver.json") as f:
-        solver = json.load(f)
+    solver = read(tmp_path / "solver.json")
     row = solver["iterations"][0]
     assert row["ParaTAA m=3"]["median"] < row["FP"]["median"]
     assert solver["overhead"]["overhead_fraction"] > 0 and solver["memory"]["persistent_state_mb"] > 0
     out = bench("dit_bench.py", "--out", str(tmp_path / "dit.json"))
-    assert "| 25 | ParaTAA m=3 |" in out and "| 25 | FP+ (ddim) |" in out
+    assert "| 25 | ParaTAA m=3 |" in out and "| 25 | FP+ (ddim) |" in out and "skipped" not in out
     bench("sd_bench.py", "--out", str(tmp_path / "sd.json"))
-    with open(tmp_path / "sd.json") as f:
-        assert json.load(f)["warm_start"]
-    bench("figures.py", "--dit", str(tmp_path / "dit.json"), "--sd", str(tmp_path / "sd.json"), "--out_dir",
-          str(tmp_path / "fig"))
-    for name in "abcdef":
-        assert [f for f in os.listdir(tmp_path / "fig") if f.startswith(f"fig_{name}_")]
+    dit, sd = read(tmp_path / "dit.json"), read(tmp_path / "sd.json")
+    assert sd["warm_start"] and dit["ablation"]["cells"] and dit["classifier"]
+    # figure (b)'s images: one sample's decoded estimates per method, iteration 0 first
+    with np.load(tmp_path / dit["evolution"]["file"]) as z:
+        first = z[dit["evolution"]["arrays"]["FP"]]
+    assert first.dtype == np.uint8 and first.shape[1:] == (8, 8, 3) and len(first) > 1
+    assert figures(tmp_path, tmp_path / "dit.json", tmp_path / "sd.json") == set("abcdef")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_estimate.py"), "--dit",
                            str(tmp_path / "dit.json"), "--sd", str(tmp_path / "sd.json"), "--out",
                            str(tmp_path / "gpu.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "gpu.json") as f:
-        est = json.load(f)["models"]
-    with open(tmp_path / "dit.json") as f:
-        dit = json.load(f)
+    est = read(tmp_path / "gpu.json")["models"]
     row = est["DiT-XL/2 256"]["windows"]["25"]
     # it uses the iteration counts it names, and no estimate beats T / iterations: a batched call of W inputs
     # never costs less than a call of one, and the solver's time comes on top
     assert row["iterations"] == dit["window_sweep"]["25"]["stop_median"]
     assert 0 < row["speedup"] < 25 / row["iterations"]
+    # sample sets of the embedded DiT, with the digit classifier's agreement per method and per iteration
+    bench("sample_sets.py", "dit", "--quick", "--iterations", "1", "3", "--out_dir", str(tmp_path / "sets"),
+          quick=False)
+    sets = read(tmp_path / "sets" / "sample_sets.json")["sets"]
+    assert sets["sequential"]["agreement"] >= 0.5  # 4 samples of the classes 0..3
+    for name, s in sets.items():
+        if name != "sequential":
+            assert s["same_image"] is not None and set(s["per_iteration"]) == {"1", "3"}
+            assert all(v["agreement"] is not None for v in s["per_iteration"].values())
+
+
+def same_counts(one, two):
+    """Every iteration count of two benchmark reports (per sample, sweeps, ablation) is the same."""
+    assert one["methods"].keys() == two["methods"].keys()
+    for T, block in one["methods"].items():
+        for name, m in block.items():
+            if isinstance(m, dict):
+                for a, b in zip(m.get("samples", []), two["methods"][T][name].get("samples", [])):
+                    assert (a["iterations"], a["same_image_at"]) == (b["iterations"], b["same_image_at"]), (T, name)
+                assert m["summary"]["stop_median"] == two["methods"][T][name]["summary"]["stop_median"]
+    for section in ("tolerance_sweep", "window_sweep", "warm_start"):
+        for key, s in one.get(section, {}).items():
+            assert (s["stop_median"], s["same_median"]) == (two[section][key]["stop_median"],
+                                                            two[section][key]["same_median"]), (section, key)
+    for key, s in one.get("ablation", {}).get("cells", {}).items():
+        assert s["same_median"] == two["ablation"]["cells"][key]["same_median"], key
+
+
+def check_launch(out, one, two):
+    """Only the main process printed and wrote; each process evaluated about half of the model inputs that one
+    process evaluates alone (shards of a call differ by one input at most)."""
+    assert out.count("| T | method |") == 1 and out.count("wrote ") == 1
+    assert two["world_size"] == 2 and two["command"].startswith("accelerate launch --num_processes 2")
+    assert "classifier agreement: skipped" in out and not two["classifier"]
+    alone, shared = one["model_inputs_per_process"], two["model_inputs_per_process"]
+    assert alone["most"] == alone["fewest"]
+    assert 0.4 * alone["most"] < shared["fewest"] <= shared["most"] < 0.6 * alone["most"]
+
+
+def check_sets(folder, shape):
+    """sample_sets.json names an .npz per set: uint8 [N, H, W, 3] under arr_0, as FID tools read it."""
+    index = read(folder / "sample_sets.json")
+    for name, s in index["sets"].items():
+        files = [s["file"]] + [v["file"] for v in s.get("per_iteration", {}).values()]
+        for f in files:
+            with np.load(folder / f) as z:
+                assert z.files == ["arr_0"] and z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == shape, f
+    assert not [f for f in os.listdir(folder) if f.endswith(".part")]
+    return index
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    """A random DiT-S/2 raw state dict (.pt) with 1000 classes, as the public checkpoints, and a tiny VAE folder.
+    Its input_size is 8 (--image_size 64), not the public 32: a window call of the quick benchmark then takes
+    milliseconds instead of seconds on 2 CPU cores; the layout and the loading path are the same."""
+    from diffusers import AutoencoderKL
+    d = tmp_path_factory.mktemp("dit")
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/2"](input_size=8, num_classes=1000)
+    for p in model.final_layer.parameters():  # zero-initialised: the model would predict eps = 0
+        p.data.normal_(0, 0.02)
+    torch.save(model.state_dict(), d / "dit.pt")
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    vae.save_pretrained(d / "vae")
+    return d, model.eval(), vae.eval()
+
+
+def test_dit_bench_checkpoint_two_processes(tmp_path, tiny_dit):
+    d, model, vae = tiny_dit
+    flags = ["--quick", "--timesteps", "6", "--model", "DiT-S/2", "--image_size", "64", "--model_path",
+             str(d / "dit.pt"), "--vae_path", str(d / "vae"), "--class_labels", "207", "360"]
+    bench("dit_bench.py", *flags, "--out", str(tmp_path / "one.json"), quick=False)
+    out = launch("dit_bench.py", *flags, "--out", str(tmp_path / "two.json"))
+    one, two = read(tmp_path / "one.json"), read(tmp_path / "two.json")
+    check_launch(out, one, two)
+    assert set(two["methods"]["6"]) >= {"FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3", "ParaTAA m=3 (ddim)"}
+    assert two["model"]["labels"] == [207, 360] and two["window_sweep"] and two["ablation"]["cells"]
+    same_counts(one, two)
+    assert figures(tmp_path, dit=tmp_path / "two.json") == set("abcdf")  # (e) is the text-to-image warm start
+
+    launch("sample_sets.py", "dit", *flags, "--num_samples", "3", "--batch_size", "2", "--iterations", "2",
+           "--out_dir", str(tmp_path / "sets"))
+    index = check_sets(tmp_path / "sets", (3, 8, 8, 3))
+    assert index["world_size"] == 2 and index["sets"]["sequential"]["agreement"] is None
+    # the sequential set is what sequential DDIM gives here, on one process (sample i: label i cycled, seed i)
+    x0 = sample_sequential(DiTDenoiser(model, 4.0), dit_schedule(6), noise_from_seeds(range(3), 6, (4, 8, 8)),
+                           torch.tensor([207, 360, 207]))[:, 0]
+    with np.load(tmp_path / "sets" / "sequential.npz") as z:
+        diff = np.abs(z["arr_0"].astype(int) - VAEDecoder(vae, torch.device("cpu"))(x0).astype(int))
+    assert diff.max() <= 1  # one gray level: the sharded model calls round differently
+
+
+def test_sd_bench_folder_two_processes(tmp_path, tiny_sd):
+    flags = ["--quick", "--timesteps", "6", "--model_path", tiny_sd, "--prompt", "a red cube", "--prompt",
+             "a blue ball"]
+    bench("sd_bench.py", *flags, "--ablation", "--out", str(tmp_path / "one.json"), quick=False)
+    out = launch("sd_bench.py", *flags, "--ablation", "--out", str(tmp_path / "two.json"))
+    one, two = read(tmp_path / "one.json"), read(tmp_path / "two.json")
+    check_launch(out, one, two)
+    assert two["model"]["labels"] == ["a red cube", "a blue ball"]
+    assert {k.rsplit(" V=", 1)[0] for k in two["warm_start"]} == {"a red cube -> a blue ball"}
+    assert "T=6 ParaTAA" in two["paradigms"] and two["ablation"]["cells"]
+    same_counts(one, two)
+    assert figures(tmp_path, sd=tmp_path / "two.json") == set("abcdef")
+
+    launch("sample_sets.py", "sd", *flags, "--num_samples", "3", "--batch_size", "2", "--iterations", "2",
+           "--out_dir", str(tmp_path / "sets"))
+    index = check_sets(tmp_path / "sets", (3, 16, 16, 3))
+    assert index["model"]["labels"] == ["a red cube", "a blue ball", "a red cube"]  # what a CLIP score reads

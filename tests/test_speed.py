@@ -1,13 +1,12 @@
 """The window chosen from the hardware (planner), and what every run says it gained (metrics.json, terminal, grid)."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import parallel_dit
-from paratAA import SolverConfig, solve
+from paratAA import solve
 from paratAA.planner import ALPHA, BETA, choose, predicted_iterations
 from runner.writer import EMPTY, FINAL, STOP, draw_grid
 from tests.conftest import gmm_problem, read_metrics

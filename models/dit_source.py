@@ -1,0 +1,165 @@
+"""Where a DiT comes from, for parallel_dit.py and the DiT benchmark: its flags, their checks (before anything heavy
+is loaded) and the loading, for three sources:
+
+    the embedded DiT-Digits       models/embedded (the default)
+    --model NAME --model_path W   .pt (state dict or training checkpoint) or .safetensors weights of a registry DiT,
+                                  with --vae_path (DiT-XL/2 256 and 512: the public checkpoints)
+    --model_path FOLDER           a diffusers DiTPipeline folder (transformer, VAE, scheduler): its timestep is the
+                                  scheduler's (read as DDIM), its null class the pipeline's (num_embeds_ada_norm,
+                                  1000 for the public models), guidance on every latent channel as DiTPipeline does
+"""
+import os
+
+import torch
+
+from runner.errors import InputFileError, UsageError
+
+from . import digits
+from .checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, load_into, load_state_dict, require_file
+from .dit import DiT_models
+from .sd import check_scheduler, config_value, quiet_loading, read_json
+
+EMBEDDED_DIT = "DiT-Digits"
+DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
+DIT_CFG_SCALE = 4.0                      # the default guidance of parallel_dit.py (the reference's)
+MAX_CLASSES = 10 ** 6    # more class embeddings than any checkpoint has; keeps a typo from allocating gigabytes
+MAX_SIDE = 4096          # pixels
+
+
+def add_dit_flags(parser, labels_help="labels of the samples, repeated cyclically (default: random from the seed)"):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", type=str, default=None,
+                   help=f"DiT registry name for --model_path weights (default: the embedded {EMBEDDED_DIT})")
+    g.add_argument("--model_path", type=str, default=None,
+                   help="DiT weights: raw state dict .pt, training checkpoint with 'ema'/'model', .safetensors, or a "
+                        "diffusers DiTPipeline folder (its own VAE, sizes and classes)")
+    g.add_argument("--vae_path", type=str, default=None,
+                   help="local diffusers AutoencoderKL folder (default for a DiTPipeline folder: its vae/)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="image side in pixels of a checkpoint (default 256; the public ones are 256 and 512; the "
+                        "embedded model makes 8x8 images)")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="classes of a DiT checkpoint (default 1000; the embedded model has 10)")
+    g.add_argument("--class_labels", type=int, nargs="+", default=None, help=labels_help)
+
+
+def check_dit_flags(args):
+    """The model flags: defaults filled in as used (recorded so in args.json), UsageError naming a bad one."""
+    if is_dit_folder(args.model_path):  # a diffusers DiT: sizes and classes come from the folder's configs
+        if args.model not in (None, DIFFUSERS_DIT):
+            raise UsageError(f"--model names a DiT for .pt/.safetensors weights; {args.model_path} is a diffusers "
+                             f"DiTPipeline folder, which needs no --model")
+        args.model = DIFFUSERS_DIT
+        for flag, used in zip(("image_size", "num_classes"), folder_sizes(args.model_path)):
+            if getattr(args, flag) not in (None, used):
+                raise UsageError(f"--{flag}: {args.model_path} has {flag} {used}, got {getattr(args, flag)}")
+            setattr(args, flag, used)  # recorded as used
+        args.vae_path = args.vae_path or os.path.join(args.model_path, "vae")
+    elif args.model is None or args.model == EMBEDDED_DIT:
+        # its size and classes are fixed: a flag asking for others would be ignored, so it is refused
+        args.model = EMBEDDED_DIT
+        for flag, used in (("image_size", digits.EMBEDDED_IMAGE_SIZE), ("num_classes", digits.EMBEDDED_CLASSES)):
+            if getattr(args, flag) not in (None, used):
+                raise UsageError(f"--{flag} applies to DiT checkpoints; the embedded {EMBEDDED_DIT} has {flag} {used}, "
+                                 f"got {getattr(args, flag)}")
+            setattr(args, flag, used)  # recorded as used
+        args.model_path = args.model_path or digits.DIT_WEIGHTS
+        args.vae_path = args.vae_path or digits.VAE_DIR
+    else:
+        if args.model not in DiT_models:
+            raise UsageError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
+        args.image_size = 256 if args.image_size is None else args.image_size
+        args.num_classes = 1000 if args.num_classes is None else args.num_classes
+        if args.image_size % 8 or not 8 <= args.image_size <= MAX_SIDE:  # the VAE's factor; the weights' shapes
+            raise UsageError(f"--image_size must be a multiple of 8 in 8..{MAX_SIDE} (the public DiT-XL/2 "
+                             f"checkpoints: 256 or 512), got {args.image_size}")
+        if not args.model_path or not args.vae_path:
+            raise UsageError(f"--model {args.model} needs --model_path (a DiT checkpoint) and --vae_path ({VAE_SOURCE})")
+        if not 1 <= args.num_classes <= MAX_CLASSES:
+            raise UsageError(f"--num_classes must be in 1..{MAX_CLASSES}, got {args.num_classes}")
+    for c in args.class_labels or []:
+        if not 0 <= c < args.num_classes:
+            raise UsageError(f"--class_labels must be in 0..{args.num_classes - 1}, got {c}")
+
+
+def load_dit(args, device, dtype):
+    """The registry DiT named by --model with --model_path's weights (checked flags), in eval mode."""
+    if args.model == EMBEDDED_DIT:
+        kwargs = {k: v for k, v in digits.load_embedded_config().items() if k not in ("model", "training")}
+        hint = ("the embedded weights ship with the repository in models/embedded"
+                if os.path.abspath(args.model_path) == os.path.abspath(digits.DIT_WEIGHTS) else "")
+    else:
+        kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+        hint = "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(
+            name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
+    require_file(args.model_path, "--model_path", hint)
+    model = DiT_models[args.model](**kwargs)
+    load_into(model, load_state_dict(args.model_path), args.model_path)
+    return model.to(device=device, dtype=dtype).eval()
+
+PARTS = ("transformer", "vae", "scheduler")
+
+
+def is_dit_folder(path):
+    """A folder whose model_index.json names DiTPipeline."""
+    index = os.path.join(path or "", "model_index.json")
+    return bool(path) and os.path.isdir(path) and os.path.isfile(index) and \
+        read_json(index).get("_class_name") == "DiTPipeline"
+
+
+def folder_sizes(path, flag="--model_path"):
+    """(image size in pixels, classes) of the folder's DiT, from its configs; checks the folder on the way."""
+    for part in PARTS:
+        if not os.path.isdir(os.path.join(path, part)):
+            raise InputFileError(f"{flag}: {path} has no {part}/ folder (a DiTPipeline folder has {', '.join(PARTS)})")
+    check_scheduler(path, flag)
+    net_path, vae_path = os.path.join(path, "transformer", "config.json"), os.path.join(path, "vae", "config.json")
+    net, vae = read_json(net_path, flag), read_json(vae_path, flag)
+    factor = 2 ** (len(config_value(vae, "block_out_channels", vae_path, flag)) - 1)
+    if config_value(net, "in_channels", net_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
+        raise InputFileError(f"{flag}: {path}: the transformer takes {net['in_channels']} channels but the VAE makes "
+                             f"{vae['latent_channels']}-channel latents")
+    return config_value(net, "sample_size", net_path, flag) * factor, config_value(net, "num_embeds_ada_norm",
+                                                                                   net_path, flag)
+
+
+def load_dit_pipeline(path, device, dtype, flag="--model_path"):
+    from diffusers import DiTPipeline
+    with quiet_loading():
+        try:
+            pipe = DiTPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
+            raise InputFileError(f"{flag}: cannot load {path} as a DiTPipeline "
+                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class LoadedDiT:
+    """A DiT from any of the three sources, as the solver and the decoder need it.
+
+    eps_fn(x, timesteps, labels); schedule(T, eta) -> paratAA.Schedule; latent: (C, h, w); vae: the AutoencoderKL;
+    scheduler: what metrics.json records about the noise levels."""
+
+    def __init__(self, args, device, dtype):
+        from paratAA import dit_schedule, pipeline_schedule
+        from .adapters import DiffusersDiTDenoiser, DiTDenoiser
+        from .checkpoints import load_vae
+        if args.model == DIFFUSERS_DIT:
+            pipe = load_dit_pipeline(args.model_path, device, dtype)
+            net = pipe.transformer
+            self.eps_fn = DiffusersDiTDenoiser(net, args.cfg_scale)
+            self.schedule = lambda T, eta=0.0: pipeline_schedule(pipe, T, eta)
+            self.latent = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+            self.scheduler = {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
+                              "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}
+        else:
+            model = load_dit(args, device, dtype)
+            self.eps_fn, self.schedule = DiTDenoiser(model, args.cfg_scale), dit_schedule
+            self.latent = (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])
+            self.scheduler = {"class": "DiT's respaced GaussianDiffusion (paratAA.dit_schedule)",
+                              "config": {"betas": "linear 1e-4 .. 0.02, float64", "num_train_timesteps": 1000}}
+        self.vae = load_vae(args.vae_path, device, torch.float32)
+        if self.vae.config.latent_channels != self.latent[0]:
+            raise InputFileError(f"--vae_path: {args.vae_path} makes {self.vae.config.latent_channels}-channel "
+                                 f"latents, the DiT takes {self.latent[0]}")

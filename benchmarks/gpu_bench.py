@@ -9,6 +9,9 @@
    DDIM (T = 100 calls of batch 1 x 2) with DiT-XL/2, for the iteration counts K measured on the embedded
    models; the solver's own time per iteration beside the model's.
 3. Peak GPU memory of the solver's state at T = 100, m = 3, 4x64x64 latents (a free model).
+4. With --families: the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px (windows 1-16).
+
+    python benchmarks/gpu_bench.py --families --out gpu.json     # all four, < 8 minutes on one H100/H200
 """
 import argparse
 import json
@@ -23,6 +26,17 @@ from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 from paratAA import dit_schedule, draw_noise, noise_from_seeds, sample_sequential, solve  # noqa: E402
 
+# the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                        "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -69,6 +83,54 @@ def build(args, device, dtype):
 
 
 @torch.no_grad()
+def family_curves(args, device, dtype, windows, repeats):
+    """Seconds per batched call (guidance doubling the batch) of SDXL's UNet at 1024 px and an SD3-medium-sized
+    MMDiT at 1024 px, random weights: the cost curves the window planner would measure for them."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from models.adapters import SD3Denoiser, SDXLDenoiser
+    xl, sd3 = dict(SDXL_UNET), dict(SD3_TRANSFORMER)
+    if args.smoke:  # the same architectures, tiny
+        xl.update(sample_size=8, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 1),
+                  attention_head_dim=(2, 4, 4), cross_attention_dim=64, addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32, layers_per_block=1)
+        sd3.update(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                   caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
+    out = {}
+    with torch.device(device):
+        unet = UNet2DConditionModel(**xl).to(dtype).eval()
+    text, pooled = xl["cross_attention_dim"], xl["projection_class_embeddings_input_dim"] - 6 * xl[
+        "addition_time_embed_dim"]
+    eps = SDXLDenoiser(unet, 5.0)
+    name = f"SDXL UNet {xl['sample_size'] * 8}"
+    out[name] = {}
+    for W in windows:
+        x = torch.randn((W, 4, xl["sample_size"], xl["sample_size"]), device=device, dtype=dtype)
+        t = torch.randint(0, 1000, (W,), device=device)
+        cond = {k: torch.randn(W, 77, text, device=device, dtype=dtype) for k in ("cond", "uncond")}
+        cond.update({k: torch.randn(W, pooled, device=device, dtype=dtype) for k in ("pooled", "uncond_pooled")})
+        cond.update({k: torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * W, device=device, dtype=dtype)
+                     for k in ("time_ids", "uncond_time_ids")})
+        out[name][W] = time_call(lambda: eps(x, t, cond), device, repeats)
+        print(f"| {name} | {W} | {out[name][W]:.4f} |", flush=True)
+    del unet
+    with torch.device(device):
+        mmdit = SD3Transformer2DModel(**sd3).to(dtype).eval()
+    eps = SD3Denoiser(mmdit, 5.0)
+    name = f"SD3-medium MMDiT {sd3['sample_size'] * 8}"
+    out[name] = {}
+    for W in windows:
+        x = torch.randn((W, sd3["in_channels"], sd3["sample_size"], sd3["sample_size"]), device=device, dtype=dtype)
+        t = torch.rand(W, device=device) * 1000
+        cond = {k: torch.randn(W, 154, sd3["joint_attention_dim"], device=device, dtype=dtype)
+                for k in ("cond", "uncond")}
+        cond.update({k: torch.randn(W, sd3["pooled_projection_dim"], device=device, dtype=dtype)
+                     for k in ("pooled", "uncond_pooled")})
+        out[name][W] = time_call(lambda: eps(x, t, cond), device, repeats)
+        print(f"| {name} | {W} | {out[name][W]:.4f} |", flush=True)
+    return out
+
+
+@torch.no_grad()
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -95,6 +157,11 @@ def main(args):
         report["per_call"]["DiT-XL/2 256"][W] = a
         report["per_call"]["SD1.5 UNet 512"][W] = b
         print(f"| {W} | {a:.4f} | {b:.4f} |", flush=True)
+
+    if args.families:
+        print("\n| model | window | s/call (batch 2W) |\n|---|---|---|")
+        report["per_call"].update(family_curves(args, device, dtype, [1, 2] if args.smoke else [1, 2, 4, 8, 16],
+                                                repeats))
 
     # ParaTAA vs sequential with the real solver on the GPU, DiT-XL/2, fixed iteration counts
     T = 20 if args.smoke else 100
@@ -155,6 +222,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--families", action="store_true",
+                        help="also the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px")
     parser.add_argument("--iterations", type=int, nargs="+", default=[7, 10, 13, 20, 25])
     parser.add_argument("--window_runs", nargs="*", default=[],
                         help="WINDOW:ITERATIONS pairs, e.g. the iterations the embedded model needed at that window")

@@ -74,14 +74,21 @@ class AndersonMemory:
         self.count[lo:F] = torch.clamp(self.count[lo:F] + 1, max=self.M + 1)
         self.pushes += 1
 
-    def step(self, R, lo, F, p, lam):
-        """The TAA step (4) for the window states lo .. lo + p - 1 (below the highest unconverged one)."""
+    def step(self, R, lo, F, p, lam, oldest=False):
+        """The TAA step (4) for the window states lo .. lo + p - 1 (below the highest unconverged one).
+
+        A state with c columns mixes its c newest; oldest=True: the c oldest of those the memory holds, as the
+        reference implementation does (for a state that entered recently they include differences from before it
+        entered, against 0)."""
         # only columns some state can have: after n pushes at most n - 1, which keeps a long memory as cheap as a
         # short one until it fills (the work grows with the square of the columns)
         M = min(self.M, self.pushes - 1)
         if M == 0:
             return R[:p].clone(), torch.zeros(p, dtype=torch.bool, device=R.device)
-        slots = [(self.pushes - 1 - j) % self.M for j in range(M)]   # newest first
+        if oldest:
+            slots = [(self.pushes - M + j) % self.M for j in range(M)]
+        else:
+            slots = [(self.pushes - 1 - j) % self.M for j in range(M)]   # newest first
         dX = [self.dX[s, lo:lo + p] for s in slots]
         dR = [self.dR[s, lo:F] for s in slots]
         # the least-squares sums run over every window state at or above t, so dR spans the whole window

@@ -11,7 +11,7 @@ from .equations import FORMS
 
 def _param(default, help, kind, choices=None):
     """kind: "int" (an integer >= 1), "count" (an integer >= 1 or None), "window" (a count or "auto"), "float" (a
-    finite number >= 0), "choice" (one of choices)."""
+    finite number >= 0), "choice" (one of choices), "bool"."""
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
 
@@ -38,12 +38,18 @@ class SolverConfig:
     init_states: str = _param("ddim", "how a state the window reaches first starts: ddim (DDIM steps down from the "
                                       "lowest state in use, noise prediction held at the newest one) or copy (a "
                                       "copy of the lowest state in use)", "choice", ("ddim", "copy"))
+    reference_quirks: bool = _param(False, "reproduce the reference implementation's iterates: its start of new states "
+                                           "(the lowest at 0, the previous lowest copied over), its oldest TAA "
+                                           "columns and its extra update of passed states (docs/ALGORITHM.md, "
+                                           "section 9); for comparisons: at windows < T they cost iterations",
+                                    "bool")
     max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice)", "count")
 
     @classmethod
     def paper(cls, **overrides):
         """The reference implementation's algorithm and defaults: the DDIM form, m = 2, tolerances 1e-3, its
-        per-state stop, copies for new states, no TAA guard (docs/ALGORITHM.md lists what still differs)."""
+        per-state stop, its start of new states, TAA columns and update of passed states, no TAA guard
+        (docs/ALGORITHM.md lists what still differs)."""
         return cls(**{**PAPER, **overrides})
 
     def __post_init__(self):
@@ -59,6 +65,9 @@ class SolverConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     extra = " or auto" if kind == "window" else ""
                     raise ValueError(f"{f.name} must be an integer >= 1{extra}, got {value!r}")
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
             elif kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                         or value < 0:
@@ -80,4 +89,5 @@ class SolverConfig:
         return asdict(self)
 
 
-PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, taa_guard=0.0, init_states="copy")
+PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, taa_guard=0.0, init_states="copy",
+             reference_quirks=True)

@@ -139,6 +139,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
     stopped = [False] * B
     reached = [top if init is None else 0] * B  # lowest state initialised so far
+    quirks = config.reference_quirks
+    uninit = [top - 1 if init is None else -1] * B  # the reference's highest state it has not started yet
 
     m = memory_size
     if m > 1:
@@ -157,7 +159,13 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         for b in active:
             F = boundary[b]
             lo = max(F - window_size, 0)
-            if lo < reached[b]:  # newly reached states start from the lowest state in use (init_states)
+            if quirks:  # the reference's start: the lowest new state stays 0, the previous lowest is copied over
+                if 0 <= uninit[b] and F - uninit[b] < window_size:
+                    end = max(-1, F - window_size)
+                    X[b, end + 1:uninit[b] + 1] = X[b, uninit[b] + 1]
+                    uninit[b] = end
+                reached[b] = min(reached[b], lo)
+            elif lo < reached[b]:  # newly reached states start from the lowest state in use (init_states)
                 if config.init_states == "ddim" and last_eps[b] is not None:
                     # DDIM steps down from it with the noise prediction held at the newest one
                     for s_ in range(reached[b] - 1, lo - 1, -1):
@@ -213,19 +221,22 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                                        > taa_guard * torch.linalg.vector_norm(memory[b].last_r[lo:lo + p], dim=1))
                     memory[b].push(x, R, lo, F)
                     if p > 0:
-                        step, bad = memory[b].step(R, lo, F, p, lam)
+                        step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks)
                         if taa_guard > 0 and bool(grew.any()):  # the safeguard: plain step where R grew
                             step[grew] = R[:p][grew]
                             bad = bad | grew
                         fallbacks = int(bad.sum())
                 x[lo:lo + p] += step[:p]
                 x[lo + p] += R[p]
+                if quirks:  # the reference also updates the states above p, which passed, once more
+                    x[lo + p + 1:F] += R[p + 1:]
                 new_boundary = lo + p
             if stop:  # the stop rule: x_0 (just updated) is final
                 new_boundary = 0
                 stopped[b] = True
             del r1
             boundary[b] = new_boundary
+            uninit[b] = min(uninit[b], lo)
             iterations[b] += 1
             h = history[b]
             h.residual.append(float(rms.max()))
@@ -239,7 +250,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         if callback is not None:
             callback(it, list(boundary))
 
-    return SolveResult(samples=X[:, 0].reshape(B, *latent), trajectory=X.reshape(B, T + 1, *latent),
+    # a sample stopped by max_steps before the window reached x_0: its estimate is the lowest state reached
+    samples = torch.stack([X[b, reached[b]] for b in range(B)]).reshape(B, *latent)
+    return SolveResult(samples=samples, trajectory=X.reshape(B, T + 1, *latent),
                        iterations=iterations, converged=[f == 0 for f in boundary],
                        evaluations=[sum(h.evaluations) for h in history], history=history, config=config,
                        plan=plan)

@@ -57,7 +57,11 @@ def add_solver_flags(parser):
     """One flag per SolverConfig field, with its default and help text."""
     g = parser.add_argument_group("ParaTAA solver (paratAA.SolverConfig)")
     for f in fields(SolverConfig):
-        g.add_argument(f"--{f.name}", type=_TYPES[f.metadata["kind"]], default=f.default, help=f.metadata["help"])
+        if f.metadata["kind"] == "bool":
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            g.add_argument(f"--{f.name}", type=_TYPES[f.metadata["kind"]], default=f.default, help=f.metadata["help"])
     return g
 
 

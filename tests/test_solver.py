@@ -4,22 +4,24 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from paratAA import NonFiniteModelOutput, sample_sequential, solve
+from paratAA import NonFiniteModelOutput, SolverConfig, sample_sequential, solve
 from tests.conftest import gmm_problem
 
 T_EXACT = 12
 
 
-@pytest.mark.parametrize("equations", ["picard", "ddim"])
+@pytest.mark.parametrize("variant", ["picard", "ddim", "paper"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("window", [1, 7, T_EXACT])
 @pytest.mark.parametrize("memory", [1, 2, 4])
 @pytest.mark.parametrize("order", [1, 3, T_EXACT])
-def test_tolerance_zero_equals_sequential(order, memory, window, eta, equations):
+def test_tolerance_zero_equals_sequential(order, memory, window, eta, variant):
+    """Both forms, and the paper mode (the reference's start of new states, TAA columns, update of passed states)."""
     model, schedule, noise = gmm_problem(T_EXACT, batch=2, eta=eta)
     ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
-    out = solve(model, schedule, noise, window_size=window, order=order, memory_size=memory, tol1=0, tol2=0,
-                equations=equations, model_dtype=torch.float64)
+    config = SolverConfig.paper() if variant == "paper" else SolverConfig(equations=variant)
+    out = solve(model, schedule, noise, config=config, window_size=window, order=order, memory_size=memory, tol1=0,
+                tol2=0, model_dtype=torch.float64)
     assert all(out.converged) and out.max_iterations <= T_EXACT
     assert torch.allclose(out.trajectory, ref, atol=1e-12, rtol=0), float((out.trajectory - ref).abs().max())
 
@@ -27,11 +29,12 @@ def test_tolerance_zero_equals_sequential(order, memory, window, eta, equations)
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 30), window=st.integers(1, 34), order=st.integers(1, 34), memory=st.integers(1, 5),
        tol=st.sampled_from([0.0, 1e-6, 1e-3, 1e-1, 10.0]), eta=st.sampled_from([0.0, 0.5, 1.0]),
-       seed=st.integers(0, 3), equations=st.sampled_from(["picard", "ddim"]))
-def test_never_more_than_T_iterations(T, window, order, memory, tol, eta, seed, equations):
+       seed=st.integers(0, 3), equations=st.sampled_from(["picard", "ddim"]), quirks=st.booleans(),
+       init=st.sampled_from(["ddim", "copy"]))
+def test_never_more_than_T_iterations(T, window, order, memory, tol, eta, seed, equations, quirks, init):
     model, schedule, noise = gmm_problem(T, batch=2, eta=eta, seed=seed, latent=(2, 4, 4))
     out = solve(model, schedule, noise, window_size=window, order=order, memory_size=memory, tol1=tol, tol2=tol,
-                equations=equations, model_dtype=torch.float64)
+                equations=equations, reference_quirks=quirks, init_states=init, model_dtype=torch.float64)
     assert all(out.converged)
     assert out.max_iterations <= T
     for h in out.history:  # the boundary falls every iteration and never skips the window

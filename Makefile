@@ -11,7 +11,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) parallel_dit.py --num_samples 10 --class_labels 0 1 2 3 4 5 6 7 8 9 --batch_size 10 --compare_sequential
+	$(PY) parallel_dit.py --num_samples 10 --class_labels 0 1 2 3 4 5 6 7 8 9 --compare_sequential
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=10
@@ -47,6 +47,7 @@ bench-quick: $(VENV)/.installed
 train-embedded: $(VENV)/.installed
 	$(PY) -m training.train_embedded
 	$(PY) -m training.train_text2img
+	$(PY) -m training.train_flow
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,8 +22,8 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
                                     sequential_reference, solve_on, summarize, timed)
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import VAEDecoder  # noqa: E402
-from models.sd import (EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags, check_folder, check_size,  # noqa: E402
-                       denoiser, encode, latent_shape, load_pipeline)
+from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags,  # noqa: E402
+                       check_folder, check_size, denoiser, encode, latent_shape, load_pipeline)
 from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
@@ -62,7 +62,7 @@ def check_model_flags(args):
             raise InputFileError(f"--prompt_file: cannot read {args.prompt_file} ({e.strerror})") from None
         if not args.prompt:
             raise UsageError(f"--prompt_file {args.prompt_file} holds no prompt")
-    embedded = args.model_path is None or os.path.abspath(args.model_path) == EMBEDDED_SD
+    embedded = args.model_path is None or os.path.abspath(args.model_path) in (EMBEDDED_SD, EMBEDDED_FLOW)
     if not args.prompt and not embedded:
         raise UsageError("--model_path other than the embedded model needs --prompt or --prompt_file")
     for p in args.prompt or []:
@@ -89,7 +89,8 @@ def sd_bench(args, session):
         labels = torch.tensor([i % 10 for i in indices]) if args.digits else None
         return noise_from_seeds(indices, T, latent).to(session.device), cond, labels
 
-    title = ("embedded text-to-image" if args.embedded
+    title = ("embedded flow-matching text-to-image" if os.path.abspath(args.model_path) == EMBEDDED_FLOW else
+             "embedded text-to-image" if args.embedded
              else f"SD {os.path.basename(os.path.normpath(args.model_path))} {args.height}x{args.width}")
     info = {"title": title, "model_path": repo_relative(args.model_path), "height": args.height, "width": args.width,
             "negative_prompt": args.negative_prompt, "labels": prompts}

@@ -25,6 +25,7 @@ from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
+EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
 SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
 SUPPORTED = ("StableDiffusionPipeline (SD 1.x, 2.x; epsilon, v_prediction or sample prediction), "

@@ -53,15 +53,24 @@ def note(message):
         print(f"{os.path.basename(sys.argv[0])}: note: {message}", file=sys.stderr, flush=True)
 
 
+# The one default the scripts take differently from SolverConfig: they run on a known device and process group,
+# so they choose the window from the model's measured cost there (paratAA/planner.py); in Python, solve() keeps
+# window T unless asked (its iteration counts are the algorithm's, whatever the machine).
+SCRIPT_DEFAULTS = {"window_size": "auto"}
+
+
 def add_solver_flags(parser):
-    """One flag per SolverConfig field, with its default and help text."""
+    """One flag per SolverConfig field, with its default (SCRIPT_DEFAULTS aside) and help text."""
     g = parser.add_argument_group("ParaTAA solver (paratAA.SolverConfig)")
     for f in fields(SolverConfig):
+        default = SCRIPT_DEFAULTS.get(f.name, f.default)
         if f.metadata["kind"] == "bool":
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
                            help=f.metadata["help"])
         else:
-            g.add_argument(f"--{f.name}", type=_TYPES[f.metadata["kind"]], default=f.default, help=f.metadata["help"])
+            g.add_argument(f"--{f.name}", type=_TYPES[f.metadata["kind"]], default=default,
+                           help=f.metadata["help"] + (f" (scripts' default: {default})" if f.name in SCRIPT_DEFAULTS
+                                                      else ""))
     return g
 
 

@@ -52,6 +52,13 @@ def only_run(out):
     return os.path.join(out, d)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cost_curve_cache(tmp_path_factory):
+    """The window planner's cache (window_size auto) in a folder of the test session, never the user's; the scripts
+    run as subprocesses inherit it."""
+    os.environ["PARATAA_CACHE"] = str(tmp_path_factory.mktemp("paratAA_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random pipeline in the Stable Diffusion v1.5 folder layout."""

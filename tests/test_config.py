@@ -15,8 +15,12 @@ from tests.conftest import gmm_problem
 
 @pytest.mark.parametrize("script", [parallel_dit, parallel_sd, parallel_sd_winit])
 def test_script_flags_are_the_config_fields_with_its_defaults(script):
+    """The same defaults, except the one the scripts take from the hardware (runner.flags.SCRIPT_DEFAULTS)."""
+    from runner.flags import SCRIPT_DEFAULTS
     args = script.parse_args([])
-    assert {f.name: getattr(args, f.name) for f in fields(SolverConfig)} == SolverConfig().to_dict()
+    assert SCRIPT_DEFAULTS == {"window_size": "auto"}
+    assert {f.name: getattr(args, f.name) for f in fields(SolverConfig)} == {**SolverConfig().to_dict(),
+                                                                             **SCRIPT_DEFAULTS}
 
 
 def test_solve_uses_the_config_defaults():

@@ -67,7 +67,8 @@ def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3"])
 def test_one_and_two_processes_agree(folders, tmp_path, name):
-    flags = ["--model_path", folders[name], "--timesteps", "12", "--num_samples", "2", "--batch_size", "2"]
+    flags = ["--model_path", folders[name], "--timesteps", "12", "--window_size", "12", "--num_samples", "2",
+             "--batch_size", "2"]
     one, _ = run_sd(folders[name], tmp_path / "one", *flags[2:])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
@@ -121,7 +122,8 @@ def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
     from models.adapters import DiffusersDiTDenoiser
     from paratAA import pipeline_schedule, sample_sequential
     from tests.conftest import script_noise
-    flags = ["--model_path", dit_folder, "--timesteps", "10", "--num_samples", "2", "--batch_size", "2",
+    flags = ["--model_path", dit_folder, "--timesteps", "10", "--window_size", "10", "--num_samples", "2",
+             "--batch_size", "2",
              "--class_labels", "3", "917", "--tol1", "0", "--tol2", "0"]
     one = parallel_dit.main(parallel_dit.parse_args([*flags, "--output_path", str(tmp_path / "one")]))
     m = read_metrics(one)

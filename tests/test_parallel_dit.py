@@ -29,7 +29,8 @@ def test_embedded_defaults_and_layout(tmp_path):
     for key in ("script", "world_size", "timesteps", "window_size", "order", "memory_size", "eta",
                 "wall_clock_seconds"):
         assert key in m
-    assert m["script"] == "parallel_dit" and m["world_size"] == 1 and m["window_size"] == 25 and m["order"] == 25
+    assert m["script"] == "parallel_dit" and m["world_size"] == 1 and m["window_chosen_by"] == "planner"
+    assert 1 <= m["window_size"] == m["plan"]["window"] == m["order"] <= 25  # the default: chosen for this machine
     assert latents(run_dir).shape == (2, 4, 4, 4)
     for i, s in enumerate(m["samples"]):
         assert s["class_label"] == [3, 8][i] and s["converged"]
@@ -56,7 +57,8 @@ def test_tolerance_zero_equals_sequential(tmp_path):
 
 
 def test_one_and_two_processes_give_the_same_latents(tmp_path):
-    flags = ["--timesteps", "30", "--num_samples", "3", "--batch_size", "2", "--eta", "0.3", "--seed", "5"]
+    flags = ["--timesteps", "30", "--window_size", "30", "--num_samples", "3", "--batch_size", "2", "--eta", "0.3",
+             "--seed", "5"]
     one, _ = run(tmp_path / "one", *flags)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",

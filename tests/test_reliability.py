@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import ROOT, free_port, only_run, read_latents as latents, read_metrics
 
 SCRIPT = os.path.join(ROOT, "parallel_dit.py")
-FLAGS = ["--timesteps", "20", "--num_samples", "3", "--batch_size", "2", "--eta", "0.4", "--seed", "11"]
+# a fixed window: "auto" chooses per machine and process count, and these runs are compared with each other
+FLAGS = ["--timesteps", "20", "--window_size", "20", "--num_samples", "3", "--batch_size", "2", "--eta", "0.4",
+         "--seed", "11"]
 
 
 def launch(out, prefix=(), flags=FLAGS, env=None, wait=True):

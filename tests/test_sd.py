@@ -86,7 +86,8 @@ def test_default_run_layout(tiny_sd, tmp_path):
 
 
 def test_two_processes_match_one(tiny_sd, tmp_path):
-    flags = ["--model_path", tiny_sd, "--timesteps", "16", "--num_samples", "2", "--batch_size", "2", "--eta", "0.3"]
+    flags = ["--model_path", tiny_sd, "--timesteps", "16", "--window_size", "16", "--num_samples", "2", "--batch_size",
+             "2", "--eta", "0.3"]
     one, _ = run_sd(tiny_sd, tmp_path / "one", *flags[2:])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
@@ -123,7 +124,7 @@ def test_warm_start_equals_sequential_from_prompt1_state(tiny_sd, tmp_path):
 
 
 def test_warm_start_needs_fewer_iterations_than_a_cold_start(tiny_sd, tmp_path):
-    flags = ["--timesteps", "30", "--num_samples", "2", "--batch_size", "2", "--seed", "3"]
+    flags = ["--timesteps", "30", "--window_size", "30", "--num_samples", "2", "--batch_size", "2", "--seed", "3"]
     _, m = run_winit(tiny_sd, tmp_path / "w", *flags, "--variation_steps", "10", "--prompt1",
                      "a handwritten digit one", "--prompt2", "a handwritten digit seven")
     _, cold = run_sd(tiny_sd, tmp_path / "c", *flags, "--prompt", "a handwritten digit seven")

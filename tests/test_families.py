@@ -138,3 +138,24 @@ def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
     (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
     a, b = read_latents(one), read_latents(two)
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max() + 1e-5  # a random DiT drives latents to ~100
+
+
+def test_the_embedded_flow_model_out_of_the_box(tmp_path):
+    """The flow-matching digits model (SD3 layout): 10 digits at 50 Euler steps, window T, the defaults otherwise:
+    the prompted digit, the same image as sequential Euler sampling, within a few iterations."""
+    from models import digits
+    from models.sd import EMBEDDED_FLOW
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    prompts = [x for n in names for x in ("--prompt", f"a handwritten digit {n}")]
+    run_dir, m = run_sd(EMBEDDED_FLOW, tmp_path, "--timesteps", "50", "--window_size", "50", "--num_samples", "10",
+                        "--batch_size", "10", "--cfg_scale", "4", "--compare_sequential", *prompts)
+    assert m["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler" and m["scheduler"]["config"]["shift"] == 3.0
+    same = sorted(s["iterations_to_same_image"] for s in m["samples"])
+    assert all(s["final_image_rms"] <= 1.0 for s in m["samples"]) and same[len(same) // 2] <= 8, same
+    from models.adapters import VAEDecoder
+    from models.sd import load_pipeline
+    pipe = load_pipeline(EMBEDDED_FLOW, torch.device("cpu"), torch.float32)
+    imgs = VAEDecoder(pipe.vae, torch.device("cpu"))(torch.as_tensor(read_latents(run_dir)))
+    predicted = digits.classify_images(digits.train_digit_classifier(),
+                                       torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert float((predicted == torch.arange(10)).float().mean()) >= 0.8

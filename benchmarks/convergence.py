@@ -321,6 +321,12 @@ def save_report(report, bench, out_path):
         np.savez_compressed(side, **{keys[n]: imgs for n, imgs in evo["images"].items()})
         report["evolution"] = {**{k: v for k, v in evo.items() if k != "images"},
                                "file": os.path.basename(side), "arrays": keys}
+    write_json(report, out_path)
+
+
+def write_json(report, out_path):
+    """A benchmark's report, to the path its --out names (folders created)."""
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(f"wrote {out_path}", flush=True)

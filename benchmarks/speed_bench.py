@@ -24,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import write_json  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE  # noqa: E402
@@ -106,7 +107,7 @@ def gpu_table(gpu_json):
         gpu = json.load(f)
     solver = float(statistics.median(r["solver_per_iteration"] for r in gpu["paratAA"].values()))
     T = 100
-    out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver,
+    out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "T": T,
            "interconnect": {"nvlink_bytes_per_s": NVLINK, "pcie_bytes_per_s": PCIE, "seconds_per_ring_step": HOP},
            "models": {}}
     print(f"\nGPU, estimated from {os.path.basename(gpu_json)} ({gpu['device']}, {gpu['dtype']}), T = {T}, one sample; "
@@ -149,10 +150,7 @@ def main(args):
               "machine": args.machine, "threads": torch.get_num_threads(), "T": T,
               "cpu": cpu_table(T, 1 if args.quick else args.repeats, args.quick)}
     report["gpu_estimate"] = gpu_table(args.gpu)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,23 @@ def test_sd_bench_folder_two_processes(tmp_path, tiny_sd):
            "--out_dir", str(tmp_path / "sets"))
     index = check_sets(tmp_path / "sets", (3, 16, 16, 3))
     assert index["model"]["labels"] == ["a red cube", "a blue ball", "a red cube"]  # what a CLIP score reads
+
+
+def test_stop_and_speed_benchmarks_quick(tmp_path):
+    """The stop rule's benchmark (held-out samples) and the speed benchmark run and say what they promise."""
+    bench("stop_bench.py", "--out", str(tmp_path / "stop.json"))
+    stop = read(tmp_path / "stop.json")
+    for model in ("embedded DiT", "text-to-image", "Gaussian mixture"):
+        ours = stop["stop"][f"{model} T=25 eta=0.0 default (stop rule, tol 1e-4)"]
+        before = stop["stop"][f"{model} T=25 eta=0.0 per-state, tol 3e-4 (before)"]
+        assert ours["lag_median"] <= 1 and ours["off"] == 0 and ours["lag_median"] <= before["lag_median"], model
+    assert all(v["ratio"] <= 1.0 for v in stop["forms"].values())
+    bench("speed_bench.py", "--out", str(tmp_path / "speed.json"))
+    speed = read(tmp_path / "speed.json")
+    for block in speed["cpu"].values():
+        assert block["methods"]["auto"]["window"] == block["plan"]["window"]
+        assert block["methods"]["sequential"]["iterations"] == speed["T"]
+    for model in speed["gpu_estimate"]["models"].values():
+        one = model["1 GPUs"]
+        T = speed["gpu_estimate"]["T"]
+        assert 0 < one["speedup"] <= T / one["iterations"] + 1e-9  # no estimate beats T / iterations

@@ -34,6 +34,7 @@ from models import digits  # noqa: E402
 from training.loop import train as train_loop  # noqa: E402
 from training.train_text2img import (  # noqa: E402
     CAPTIONS, MAX_LEN, check_tokenizer, encode_dataset, make_text_encoder, make_tokenizer, save)
+from training.train_text2img import report as text2img_report  # noqa: E402
 
 OUT_DIR = os.path.join(digits.EMBEDDED_DIR, "flow")
 NUM_TRAIN_TIMESTEPS = 1000
@@ -265,12 +266,7 @@ def check_saved(out_dir):
 
 
 def report(pipe_dir, clf, cfg, seed):
-    r50 = evaluate_quality(pipe_dir, steps=50, cfg=cfg, seed=seed, clf=clf)
-    r100 = evaluate_quality(pipe_dir, steps=100, cfg=cfg, seed=seed, clf=clf)
-    same = (r50["pred"] == r100["pred"]).float().mean().item()
-    print(f"  Euler-50 vs Euler-100 (same noise) predicted-label agreement {same:.3f}")
-    return dict(euler50=r50["agreement"], euler50_per_class=r50["per_class"], euler100=r100["agreement"],
-                euler100_per_class=r100["per_class"], euler50_vs_100_same_label=same, cfg=cfg)
+    return text2img_report(pipe_dir, clf, cfg, seed, evaluate=evaluate_quality, sampler="euler")
 
 
 def main(args):

@@ -201,13 +201,16 @@ def save(pipe, meta, out_dir):
     print(f"  total {total / 1e6:.2f} MB")
 
 
-def report(pipe_dir, clf, cfg, seed):
-    r50 = evaluate_quality(pipe_dir, steps=50, cfg=cfg, seed=seed, clf=clf)
-    r100 = evaluate_quality(pipe_dir, steps=100, cfg=cfg, seed=seed, clf=clf)
+def report(pipe_dir, clf, cfg, seed, evaluate=None, sampler="ddim"):
+    """Agreement at 50 and 100 steps of the pipeline's own sampler (evaluate: its evaluate_quality)."""
+    evaluate = evaluate or evaluate_quality
+    r50 = evaluate(pipe_dir, steps=50, cfg=cfg, seed=seed, clf=clf)
+    r100 = evaluate(pipe_dir, steps=100, cfg=cfg, seed=seed, clf=clf)
     same = (r50["pred"] == r100["pred"]).float().mean().item()
-    print(f"  DDIM-50 vs DDIM-100 (same noise) predicted-label agreement {same:.3f}")
-    return dict(ddim50=r50["agreement"], ddim50_per_class=r50["per_class"], ddim100=r100["agreement"],
-                ddim100_per_class=r100["per_class"], ddim50_vs_100_same_label=same, cfg=cfg)
+    print(f"  {sampler.upper()}-50 vs {sampler.upper()}-100 (same noise) predicted-label agreement {same:.3f}")
+    return {f"{sampler}50": r50["agreement"], f"{sampler}50_per_class": r50["per_class"],
+            f"{sampler}100": r100["agreement"], f"{sampler}100_per_class": r100["per_class"],
+            f"{sampler}50_vs_100_same_label": same, "cfg": cfg}
 
 
 def main(args):

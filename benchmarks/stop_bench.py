@@ -1,0 +1,146 @@
+"""The stop rule and the default form, measured on samples not used to design them.
+
+    python benchmarks/stop_bench.py [--quick] [--out benchmarks/results/stop.json]
+
+1. Stop against "same image" (T = 25, 50, 100; eta 0 and 0.5; window = order = T; 10 samples each): iterations to
+   the stop, to the first iterate that is the sequential sample's image (<= 1 gray level; the Gaussian mixture:
+   latent RMS <= 0.01 of the sequential x_0's std), their difference, and runs ending off. The default rule (the
+   stop rule, tolerance 1e-4) against the per-state rule the project had before (--stop_tol 0, tolerance 3e-4) and
+   the reference's (--stop_tol 0, tolerance 1e-3). Held-out samples, none of them used while the rule was designed
+   (the design used class/prompt c with noise seed c, and mixture seeds 0-9):
+      embedded DiT      class c with noise seed 100 + c, c = 0..9
+      text-to-image     noise seed 100 + c, wordings the model was not trained on: "a digit <name>" (c even),
+                        "handwritten digit <name>" (c odd)
+      mixture           4x32x32, 10 components, std 0.1; mixture and noise seed 100 + s, s = 0..9
+2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
+   1e-3, per-state stop: the grid the form was judged on), the ratio of the worst iteration counts.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import write_json  # noqa: E402
+from models import digits  # noqa: E402
+from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
+from models.gmm import GaussianMixtureEps  # noqa: E402
+from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
+from paratAA import dit_alphas_cumprod, dit_schedule, noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402,E501
+from paratAA import solve  # noqa: E402
+from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+RULES = {"default (stop rule, tol 1e-4)": {},
+         "per-state, tol 3e-4 (before)": dict(stop_tol=0.0, tol1=3e-4, tol2=3e-4),
+         "per-state, tol 1e-3 (reference)": dict(stop_tol=0.0, tol1=1e-3, tol2=1e-3)}
+GMM_SAME = 0.01  # of the sequential x_0's std
+
+
+def problems(n):
+    """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype)."""
+    dit = digits.load_embedded_dit()
+    dit_decode = VAEDecoder(digits.load_embedded_vae(), torch.device("cpu"))
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompts = [f"a digit {NAMES[c]}" if c % 2 == 0 else f"handwritten digit {NAMES[c]}" for c in range(n)]
+    mixtures = [GaussianMixtureEps.random(dit_alphas_cumprod(), (4, 32, 32), components=10, std=0.1, seed=100 + s)
+                for s in range(n)]
+
+    def images(decode):
+        def distance(x0s, ref):
+            imgs, target = decode(torch.stack(x0s)), decode(ref[None])[0]
+            return [image_rms(img, target) for img in imgs], SAME_IMAGE
+        return distance
+
+    def gmm_eps(x, t, cond):  # sample b of the batch uses mixture cond[b]
+        return torch.cat([mixtures[int(c)](x[i:i + 1], t[i:i + 1]) for i, c in enumerate(cond)])
+
+    def latents(x0s, ref):
+        return [latent_rms(x, ref) for x in x0s], GMM_SAME * float(ref.std())
+    return {
+        "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule, lambda T: noise_from_seeds(range(100, 100 + n), T,
+                                                                                          (4, 4, 4)),
+                         torch.arange(n) % 10, images(dit_decode), torch.float32),
+        "text-to-image": (SDDenoiser(pipe.unet, 5.0), lambda T, eta: pipeline_schedule(pipe, T, eta),
+                          lambda T: noise_from_seeds(range(100, 100 + n), T, latent_shape(pipe, size, size)),
+                          encode(pipe, prompts, "", torch.device("cpu")), images(VAEDecoder(pipe.vae, pipe.device)),
+                          torch.float32),
+        "Gaussian mixture": (gmm_eps, dit_schedule, lambda T: noise_from_seeds(range(100, 100 + n), T, (4, 32, 32)),
+                             torch.arange(n), latents, torch.float64),
+    }
+
+
+def row(cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def stop_table(steps, etas, n):
+    out = {}
+    row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)", "stop - same (median / max)",
+         "runs ending off", "max final difference (x threshold)"])
+    row(["---"] * 9)
+    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n).items():
+        for T in steps:
+            for eta in etas:
+                sched, noise = schedule(T, eta), noise_of(T)
+                ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
+                for rule, kw in RULES.items():
+                    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
+                    stops, sames, finals = [], [], []
+                    for b, h in enumerate(res.history):
+                        d, threshold = distance(h.x0, ref[b])
+                        same = next((k for k, v in enumerate(d) if v <= threshold), len(d) + 100)
+                        stops.append(res.iterations[b])
+                        sames.append(same)
+                        finals.append(d[-1] / threshold)
+                    lag = [a - b for a, b in zip(stops, sames)]
+                    s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),
+                         "off": sum(f > 1 for f in finals), "max_final": max(finals)}
+                    out[f"{name} T={T} eta={eta} {rule}"] = s
+                    row([name, T, eta, rule, f"{statistics.median(stops):g} / {max(stops)}",
+                         f"{statistics.median(sames):g} / {max(sames)}", f"{s['lag_median']:g} / {s['lag_max']}",
+                         f"{s['off']} of {n}", f"{s['max_final']:.2f}"])
+    return out
+
+
+def forms_table(steps, seeds):
+    out = {}
+    print("\nThe default (picard) form against the paper's (ddim), Gaussian mixture, tolerance 1e-3, per-state stop, "
+          f"seeds {seeds[0]}-{seeds[-1]}:\n")
+    row(["T", "m", "picard (default): iterations", "ddim (paper): iterations", "max picard / max ddim"])
+    row(["---"] * 5)
+    for T in steps:
+        for m in (2, 3):
+            its = {}
+            for form in ("picard", "ddim"):
+                its[form] = []
+                for s in seeds:
+                    model = GaussianMixtureEps.random(dit_alphas_cumprod(), (4, 32, 32), components=10, std=0.1,
+                                                      seed=s)
+                    res = solve(model, dit_schedule(T), noise_from_seeds([1000 + s], T, (4, 32, 32)), memory_size=m,
+                                equations=form, tol1=1e-3, tol2=1e-3, stop_tol=0.0, model_dtype=torch.float64)
+                    its[form].append(res.iterations[0])
+            ratio = max(its["picard"]) / max(its["ddim"])
+            out[f"T={T} m={m}"] = {**its, "ratio": ratio}
+            row([T, m, its["picard"], its["ddim"], f"{ratio:.2f}"])
+    return out
+
+
+def main(args):
+    torch.set_grad_enabled(False)
+    steps, etas, n = ([25], [0.0], 3) if args.quick else ([25, 50, 100], [0.0, 0.5], 10)
+    report = {"command": "python benchmarks/stop_bench.py" + (" --quick" if args.quick else ""),
+              "machine": args.machine, "stop": stop_table(steps, etas, n),
+              "forms": forms_table(steps, [0, 1] if args.quick else [0, 1, 2, 3, 4])}
+    write_json(report, args.out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples: the smoke test")
+    parser.add_argument("--out", default="benchmarks/results/stop.json")
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    main(parser.parse_args())

@@ -29,8 +29,8 @@ from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
-from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402,E501
-from paratAA import solve  # noqa: E402
+from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
+from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.planner import candidate_windows, choose, plan_window  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step

@@ -28,8 +28,8 @@ from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
-from paratAA import dit_alphas_cumprod, dit_schedule, noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402,E501
-from paratAA import solve  # noqa: E402
+from paratAA import dit_alphas_cumprod, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
+from paratAA import sample_sequential, solve  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -79,7 +79,8 @@ def row(cells):
 
 def stop_table(steps, etas, n):
     out = {}
-    row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)", "stop - same (median / max)",
+    row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)",
+         "stop - same (median / max; samples that reach it)",
          "runs ending off", "max final difference (x threshold)"])
     row(["---"] * 9)
     for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n).items():
@@ -92,16 +93,19 @@ def stop_table(steps, etas, n):
                     stops, sames, finals = [], [], []
                     for b, h in enumerate(res.history):
                         d, threshold = distance(h.x0, ref[b])
-                        same = next((k for k, v in enumerate(d) if v <= threshold), len(d) + 100)
+                        same = next((k for k, v in enumerate(d) if v <= threshold), None)  # None: never
                         stops.append(res.iterations[b])
                         sames.append(same)
                         finals.append(d[-1] / threshold)
-                    lag = [a - b for a, b in zip(stops, sames)]
+                    lag = [a - b for a, b in zip(stops, sames) if b is not None]
+                    reached = sorted(b for b in sames if b is not None)
                     s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),
                          "off": sum(f > 1 for f in finals), "max_final": max(finals)}
+                    same_cell = (f"{statistics.median(reached):g} / "
+                                 f"{max(reached) if len(reached) == len(sames) else 'never'}")
                     out[f"{name} T={T} eta={eta} {rule}"] = s
                     row([name, T, eta, rule, f"{statistics.median(stops):g} / {max(stops)}",
-                         f"{statistics.median(sames):g} / {max(sames)}", f"{s['lag_median']:g} / {s['lag_max']}",
+                         same_cell, f"{s['lag_median']:g} / {s['lag_max']}",
                          f"{s['off']} of {n}", f"{s['max_final']:.2f}"])
     return out
 

@@ -21,6 +21,6 @@ from .sequential import sample_sequential
 from .sharding import Sharding, shard_bounds
 from .solver import SolveResult, solve
 
-__all__ = ["SolverConfig", "Schedule", "dit_schedule", "dit_alphas_cumprod", "flow_schedule", "from_ddim_scheduler", "pipeline_schedule",
-           "draw_noise", "noise_from_seeds", "NoiseStream", "solve", "SolveResult", "sample_sequential", "Sharding", "shard_bounds",
-           "NonFiniteModelOutput"]
+__all__ = ["SolverConfig", "Schedule", "dit_schedule", "dit_alphas_cumprod", "flow_schedule", "from_ddim_scheduler",
+           "pipeline_schedule", "draw_noise", "noise_from_seeds", "NoiseStream", "solve", "SolveResult",
+           "sample_sequential", "Sharding", "shard_bounds", "NonFiniteModelOutput"]

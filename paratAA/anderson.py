@@ -11,40 +11,33 @@ Vanilla Anderson would share one gamma across the whole window.
 import torch
 
 
-def triangular_anderson_step(R, dX, dR, num_columns, lam, upto):
-    """The TAA step (4) for the states of a window below position `upto`, in float64.
+def triangular_anderson_step(R, dX, dR, valid, lam):
+    """The TAA step (4) for the states of a window below position upto = dX.shape[1], in float64.
 
     R: [W, D] residuals at the current iterate, window ordered from least to most noisy.
-    dX: list of M tensors [upto, D], dR: list of M tensors [W, D]: the difference columns, newest first
-        (M = memory_size - 1); views into the solver's history, never copied here.
-    num_columns: [W] long, how many of the newest columns each state has (a state that entered the window
-        recently has a short history). Noisier states entered no later, so they have at least as many.
+    dX: [M, upto, D], dR: [M, W, D]: difference columns, in any order (views into the solver's memory).
+    valid: [upto, M] bool, the columns each state has (a state that entered the window recently has fewer).
     Returns (step [upto, D] to add to x, fallback [upto] bool: states whose problem was singular or non-finite
     and that took the plain fixed-point step R instead).
     """
-    M, W = len(dR), R.shape[0]
-    gram = R.new_empty(W, M, M)                                                         # [W, M, M]
-    proj = R.new_empty(W, M)                                                            # [W, M]
-    for i in range(M):
-        proj[:, i] = torch.einsum("wd,wd->w", dR[i], R)
-        for j in range(i + 1):
-            gram[:, i, j] = gram[:, j, i] = torch.einsum("wd,wd->w", dR[i], dR[j])
-    # sums over the window states at or above each state: reversed cumulative sums along the window
-    gram = gram.flip(0).cumsum(0).flip(0)[:upto]
-    proj = proj.flip(0).cumsum(0).flip(0)[:upto]
-    valid = torch.arange(M, device=R.device)[None, :] < num_columns[:upto, None]      # [upto, M]
+    M, upto = dR.shape[0], dX.shape[1]
+    gram = torch.einsum("iwd,jwd->wij", dR, dR)                                        # [W, M, M]
+    proj = torch.einsum("iwd,wd->wi", dR, R)                                           # [W, M]
+    # sums over the window states at or above each state: reversed cumulative sums along the window (one pass
+    # for both: each op here is a kernel launch per iteration)
+    both = torch.cat([gram, proj[:, :, None]], dim=2).flip(0).cumsum(0).flip(0)[:upto]   # [upto, M, M+1]
+    gram, proj = both[:, :, :M], both[:, :, M]
     pair = valid[:, :, None] & valid[:, None, :]                                        # [upto, M, M]
     eye = torch.eye(M, dtype=R.dtype, device=R.device)
     # missing columns become identity rows with a zero right-hand side, so their gamma is exactly 0
     lhs = torch.where(pair, gram + lam * eye, eye)
     rhs = torch.where(valid, proj, 0.0)
     gamma, info = torch.linalg.solve_ex(lhs, rhs)                                       # [upto, M]
-    fallback = (info != 0) | ~torch.isfinite(gamma).all(dim=1)
-    gamma = torch.where(fallback[:, None], 0.0, gamma).neg_()
-    step = R[:upto].clone()                                                             # [upto, D]
-    for i in range(M):
-        step.addcmul_(dX[i], gamma[:, i:i + 1]).addcmul_(dR[i][:upto], gamma[:, i:i + 1])
-    bad = fallback | ~torch.isfinite(step).all(dim=1)
+    gamma = gamma.neg_()
+    step = R[:upto] + torch.einsum("iwd,wi->wd", dX, gamma)                            # [upto, D]
+    step.add_(torch.einsum("iwd,wi->wd", dR[:, :upto], gamma))
+    # a non-finite gamma makes its row of step non-finite, and so does its row sum: one check for both
+    bad = (info != 0) | ~torch.isfinite(step.sum(dim=1))
     if bool(bad.any()):
         step[bad] = R[:upto][bad]
     return step, bad
@@ -85,11 +78,11 @@ class AndersonMemory:
         M = min(self.M, self.pushes - 1)
         if M == 0:
             return R[:p].clone(), torch.zeros(p, dtype=torch.bool, device=R.device)
-        if oldest:
-            slots = [(self.pushes - M + j) % self.M for j in range(M)]
-        else:
-            slots = [(self.pushes - 1 - j) % self.M for j in range(M)]   # newest first
-        dX = [self.dX[s, lo:lo + p] for s in slots]
-        dR = [self.dR[s, lo:F] for s in slots]
-        # the least-squares sums run over every window state at or above t, so dR spans the whole window
-        return triangular_anderson_step(R, dX, dR, self.count[lo:F] - 1, lam, p)
+        age = (self.pushes - 1 - torch.arange(self.M, device=R.device)) % self.M      # [M] 0: the newest push
+        dX, dR = self.dX[:, lo:lo + p], self.dR[:, lo:F]                              # views, ring order
+        if M < self.M:  # the ring is not full yet: only its written slots
+            slots = (age < M).nonzero().flatten()
+            age, dX, dR = age[slots], dX[slots], dR[slots]
+        columns = self.count[lo:lo + p, None] - 1                                      # [p, 1] per state
+        rank = M - 1 - age if oldest else age                                          # 0: the first it takes
+        return triangular_anderson_step(R, dX, dR, rank[None, :] < columns, lam)

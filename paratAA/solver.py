@@ -9,8 +9,9 @@ Boundary rule. After the test, with p the highest (noisiest) unconverged state o
   - p takes the plain order-k update, computed from frozen values only, so it is final and is frozen too;
   - states below p take the TAA update (or the plain one when memory_size = 1).
 When every state of the window passes, all of them take one more plain order-k update (it needs no model call and
-brings the sample closer to the sequential one) and are frozen. So the boundary drops by at least one state per iteration: never more than T iterations, whatever TAA does,
-and the guarantee does not rest on a residual coming out exactly zero in floating point.
+brings the sample closer to the sequential one) and are frozen. So the boundary drops by at least one state per
+iteration: never more than T iterations, whatever TAA does, and the guarantee does not rest on a residual coming
+out exactly zero in floating point.
 
 Where this departs from the public reference implementation, and what each departure changes, is listed in
 docs/ALGORITHM.md (section "Departures from the reference").
@@ -136,6 +137,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     # weight of state s's order-1 residual in x_0 under the DDIM composition: P(0, s) = a_0 ... a_{s-1}
     carry = torch.cat([torch.ones(1, dtype=torch.float64, device=device), torch.cumprod(sched.a[:-1], 0)])
     last_estimate = [math.inf] * B
+    threshold = torch.clamp(tol2 * sched.sigma, min=tol1)                    # [T] per-state tolerance
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
     stopped = [False] * B
     reached = [top if init is None else 0] * B  # lowest state initialised so far
@@ -198,8 +200,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             x = X[b]                                                                          # [T+1, D]
             r1 = (sched.a[lo:F, None] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])               # order-1 residual
             rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
-            threshold = torch.clamp(tol2 * sched.sigma[lo:F], min=tol1)
-            unconverged = (rms > threshold).nonzero()
+            unconverged = (rms > threshold[lo:F]).nonzero()
             fallbacks = 0
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)

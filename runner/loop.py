@@ -60,7 +60,8 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
     gb = 2 ** 30
     if free_device is not None and batch > 0.9 * free_device:
         raise UsageError(f"--batch_size {B} needs about {batch / gb:.1f} GB for the solver's state at --timesteps {T} "
-                         f"and --memory_size {config.memory_size} ({free_device / gb:.1f} GB free on {session.device}); "
+                         f"and --memory_size {config.memory_size} ({free_device / gb:.1f} GB free on "
+                         f"{session.device}); "
                          f"lower --batch_size, --memory_size or --timesteps")
     if free_host is not None and run > 0.9 * free_host:
         raise UsageError(f"--num_samples {S} needs about {run / gb:.1f} GB to hold the run's latents and records "
@@ -180,8 +181,9 @@ def _say_unconverged(start, res, config):
     T = res.trajectory.shape[1] - 1
     for j, h in enumerate(res.history):
         if not res.converged[j]:
-            print(f"sample {start + j}: --max_steps {config.max_steps} stopped it before it converged ({h.boundary[-1]} "
-                  f"of {T} states not final): it is not the sequential sample", file=sys.stderr, flush=True)
+            print(f"sample {start + j}: --max_steps {config.max_steps} stopped it before it converged "
+                  f"({h.boundary[-1]} of {T} states not final): it is not the sequential sample", file=sys.stderr,
+                  flush=True)
 
 
 def _sync(device):

@@ -5,16 +5,22 @@
 
 1. Seconds per batched model call vs window size (1, 8, 16, 32, 64, 100; guidance doubles the batch) for
    DiT-XL/2 at 256x256 and the Stable Diffusion v1.5 UNet at 512x512, fp16.
-2. Wall-clock of ParaTAA (T = window = order = 100, m = 3, a fixed number K of iterations) against sequential
+2. Wall-clock of ParaTAA (T = 100, m = 3, order = window, a fixed number K of iterations) against sequential
    DDIM (T = 100 calls of batch 1 x 2) with DiT-XL/2, for the iteration counts K measured on the embedded
    models; the solver's own time per iteration beside the model's.
 3. Peak GPU memory of the solver's state at T = 100, m = 3, 4x64x64 latents (a free model).
-4. With --families: the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px (windows 1-16).
+4. Default flags end to end (window auto): for DiT-XL/2 and the SD v1.5 UNet the planner measures the model here
+   and picks the window; ParaTAA then runs (a) with the default stop rule on these random weights, and (b) for
+   K = ceil(K(W)) iterations, the count the planner's equation (5) predicts for a trained model (fitted on the
+   embedded models, whose measured counts at each window are in BENCHMARKS.md); each against sequential DDIM in
+   the same process. (b) is the speed-up a trained model of this size would get; (a) shows the stop rule's cost.
+5. With --families: the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px (windows 1-16).
 
     python benchmarks/gpu_bench.py --families --out gpu.json     # all four, < 8 minutes on one H100/H200
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
-from paratAA import dit_schedule, draw_noise, noise_from_seeds, sample_sequential, solve  # noqa: E402
+from paratAA import (SolverConfig, dit_schedule, draw_noise, from_ddim_scheduler, noise_from_seeds,  # noqa: E402
+                     sample_sequential, solve)
+from paratAA.planner import predicted_iterations  # noqa: E402
 
 # the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -130,6 +138,58 @@ def family_curves(args, device, dtype, windows, repeats):
     return out
 
 
+def sd15_schedule(T):
+    """SD v1.5's DDIM schedule (its scheduler config: scaled-linear betas 0.00085 .. 0.012, leading spacing)."""
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return from_ddim_scheduler(scheduler, T)
+
+
+@torch.no_grad()
+def default_flags(name, eps, schedule, latent, cond, device, dtype):
+    """Sequential DDIM, then ParaTAA with window auto (the scripts' default): the planner's curve and choice, the
+    run with the default stop, and the run of K(W) iterations (equation (5)), one sample."""
+    T = schedule.num_steps
+    noise = noise_from_seeds([0], T, latent).to(device)
+    seq = time_call(lambda: sample_sequential(eps, schedule, noise, cond, model_dtype=dtype), device, 2)
+    sync(device)
+    t0 = time.perf_counter()
+    auto = solve(eps, schedule, noise, cond, SolverConfig(window_size="auto"), model_dtype=dtype)
+    sync(device)
+    first = time.perf_counter() - t0  # planning (measuring the curves) and solving
+    plan = auto.plan
+    W = plan.window
+    config = SolverConfig(window_size=W)
+    solve(eps, schedule, noise, cond, config, model_dtype=dtype, max_steps=2)  # warm-up at this window
+    sync(device)
+    t0 = time.perf_counter()
+    stopped = solve(eps, schedule, noise, cond, config, model_dtype=dtype)
+    sync(device)
+    t_stop = time.perf_counter() - t0
+    K = min(T, math.ceil(predicted_iterations(T, W)))
+    sync(device)
+    t0 = time.perf_counter()
+    fixed = solve(eps, schedule, noise, cond, config, model_dtype=dtype, tol1=0.0, tol2=0.0, max_steps=K)
+    sync(device)
+    t_fixed = time.perf_counter() - t0
+    row = {"T": T, "sequential_seconds": seq, "plan": plan.to_dict(), "first_run_seconds_with_planning": first,
+           "window": W, "order": stopped.config.order,
+           "default_stop": {"iterations": stopped.iterations[0], "seconds": t_stop, "speedup": seq / t_stop},
+           "predicted_iterations_K": {"iterations": fixed.iterations[0], "seconds": t_fixed,
+                                      "speedup": seq / t_fixed}}
+    print(f"| {name} | {seq:.3f} | {W} | {plan.to_dict()['predicted_speedup']:.2f}x | {first:.2f} | "
+          f"{stopped.iterations[0]}: {t_stop:.3f} s = {seq / t_stop:.2f}x | "
+          f"{fixed.iterations[0]}: {t_fixed:.3f} s = {seq / t_fixed:.2f}x |", flush=True)
+    return row
+
+
+def save(report, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 @torch.no_grad()
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -157,14 +217,23 @@ def main(args):
         report["per_call"]["DiT-XL/2 256"][W] = a
         report["per_call"]["SD1.5 UNet 512"][W] = b
         print(f"| {W} | {a:.4f} | {b:.4f} |", flush=True)
+    save(report, args.out)
 
-    if args.families:
-        print("\n| model | window | s/call (batch 2W) |\n|---|---|---|")
-        report["per_call"].update(family_curves(args, device, dtype, [1, 2] if args.smoke else [1, 2, 4, 8, 16],
-                                                repeats))
+    # default flags: the planner's choice and the end-to-end times, both models, one sample
+    T = 20 if args.smoke else 100
+    print("\n| model | sequential s | window chosen | predicted speed-up | first run s (planning included) | "
+          "default stop: iterations, s | K(W) iterations, s |\n|---|---|---|---|---|---|---|")
+    report["default_flags"] = {}
+    y = torch.tensor([207], device=device)
+    report["default_flags"]["DiT-XL/2 256"] = default_flags("DiT-XL/2 256", dit_eps, dit_schedule(T), dit_latent, y,
+                                                            device, dtype)
+    text = {"cond": torch.randn(1, L, E, device=device, dtype=dtype),
+            "uncond": torch.randn(1, L, E, device=device, dtype=dtype)}
+    report["default_flags"]["SD1.5 UNet 512"] = default_flags("SD1.5 UNet 512", unet_eps, sd15_schedule(T),
+                                                              sd_latent, text, device, dtype)
+    save(report, args.out)
 
     # ParaTAA vs sequential with the real solver on the GPU, DiT-XL/2, fixed iteration counts
-    T = 20 if args.smoke else 100
     schedule = dit_schedule(T)
     noise = noise_from_seeds([0], T, dit_latent).to(device)
     label = torch.tensor([207], device=device)
@@ -212,9 +281,13 @@ def main(args):
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
         report["solver_peak_memory_mb_T100_m3_4x64x64"] = peak
         print(f"\nsolver peak GPU memory, T = 100, m = 3, 4x64x64 latents: {peak:.0f} MB (noise tensor excluded)")
+    save(report, args.out)
+    if args.families:  # last: the largest models
+        print("\n| model | window | s/call (batch 2W) |\n|---|---|---|")
+        report["per_call"].update(family_curves(args, device, dtype, [1, 2] if args.smoke else [1, 2, 4, 8, 16],
+                                                repeats))
+        save(report, args.out)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {args.out}")
 
 
@@ -224,8 +297,10 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--families", action="store_true",
                         help="also the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[7, 10, 13, 20, 25])
-    parser.add_argument("--window_runs", nargs="*", default=[],
-                        help="WINDOW:ITERATIONS pairs, e.g. the iterations the embedded model needed at that window")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[6, 8],
+                        help="iteration counts at window = T (the embedded DiT's median / max stop at T = 100)")
+    parser.add_argument("--window_runs", nargs="*", default=["4:41", "8:24", "16:14", "32:10"],
+                        help="WINDOW:ITERATIONS pairs: the iterations the embedded DiT needed at that window "
+                             "(median stop, BENCHMARKS.md window table)")
     parser.add_argument("--out", default=None)
     main(parser.parse_args())

@@ -32,6 +32,9 @@ bench: $(VENV)/.installed
 		--summary benchmarks/results/sample_sets_dit.json
 	$(PY) benchmarks/sample_sets.py sd --num_samples 20 --batch_size 10 --iterations 1 2 3 4 5 6 8 10 \
 		--summary benchmarks/results/sample_sets_sd.json
+	$(PY) benchmarks/sd_bench.py --model_path models/embedded/flow --timesteps 50 --out benchmarks/results/flow.json
+	$(PY) benchmarks/stop_bench.py
+	$(PY) benchmarks/speed_bench.py
 
 bench-quick: $(VENV)/.installed
 	$(PY) benchmarks/solver_bench.py --quick --out benchmarks/results/tmp/solver.json

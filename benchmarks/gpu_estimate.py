@@ -12,9 +12,9 @@ need, per window size, to the default stop. Then for a window W needing K iterat
 with call(W) interpolated linearly between the measured window sizes. Sequential sampling is charged only its
 model calls, so the one-GPU speed-ups are, if anything, understated. The G-GPU column splits each call into
 shards of ceil(W / G) steps and charges K * (call(ceil(W / G)) + solver): the all-gather of the model outputs is
-NOT counted (it could not be measured: one GPU was lent), so that column is an upper bound. The iteration counts are the embedded models'
-(real checkpoints could not be downloaded), so this assumes DiT-XL/2 and SD v1.5 converge like them; the
-paper reports the same order of iterations for both.
+NOT counted here, so that column is an upper bound (benchmarks/speed_bench.py's estimate counts it). The iteration
+counts are the embedded models' (real checkpoints could not be downloaded), so this assumes DiT-XL/2 and SD v1.5
+converge like them; the paper reports the same order of iterations for both.
 """
 import argparse
 import json

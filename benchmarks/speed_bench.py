@@ -7,11 +7,12 @@
    1, 2, 4, ..., T, against sequential DDIM of the same batch. Each time is the min and median of --repeats runs,
    alternating the methods; the thread count is stated. "auto" is timed with its cost curves already measured
    (what a second run gets from the cache); the first run's measurement is reported apart.
-2. One and eight GPUs, estimated (no GPU in this container): the per-call seconds measured on one H200
-   (benchmarks/results/gpu_h200_windows.json, DiT-XL/2 256 and the SD v1.5 UNet 512, fp16, guidance doubling the
-   batch) and the iteration counts the embedded models need per window (measured here, part 1), combined as the
-   planner combines them. Eight GPUs: each call split into shards of ceil(W / 8) inputs, plus an all-gather of the
-   window's float64 outputs over NVLink (300 GB/s) or PCIe 4.0 (25 GB/s), 10 us per ring step.
+2. One and eight GPUs, estimated: the per-call seconds measured on one GPU by benchmarks/gpu_bench.py
+   (benchmarks/results/gpu_h100.json: the cost curves its planner measured for DiT-XL/2 256 and the SD v1.5 UNet
+   512, fp16, guidance doubling the batch) and the iteration counts of equation (5) (fitted on the embedded models,
+   part 1), combined as the planner combines them. The one-GPU row is an estimate beside gpu_bench's measured
+   end-to-end time of the same setting. Eight GPUs: each call split into shards of ceil(W / 8) inputs, plus an
+   all-gather of the window's float64 outputs over NVLink (300 GB/s) or PCIe 4.0 (25 GB/s), 10 us per ring step.
 """
 import argparse
 import json
@@ -116,7 +117,10 @@ def gpu_table(gpu_json):
           "speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for name, D in (("DiT-XL/2 256", 4 * 32 * 32), ("SD1.5 UNet 512", 4 * 64 * 64)):
-        calls = {int(k): float(v) for k, v in gpu["per_call"][name].items()}
+        # the planner's own curve where the GPU run has one (measured warm, right before its runs), else the table
+        source = gpu.get("default_flags", {}).get(name, {}).get("plan", {}).get("call_seconds") \
+            or gpu["per_call"][name]
+        calls = {int(k): float(v) for k, v in source.items()}
         out["models"][name] = {}
         for G, link, bw in ((1, "-", NVLINK), (8, "NVLink", NVLINK), (8, "PCIe 4.0", PCIE)):
             # a call of n inputs split over G GPUs costs a call of ceil(n / G), plus the gather of all n outputs
@@ -157,7 +161,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--gpu", default="benchmarks/results/gpu_h200_windows.json")
+    parser.add_argument("--gpu", default="benchmarks/results/gpu_h100.json")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     main(parser.parse_args())

@@ -77,21 +77,26 @@ def candidate_windows(T):
     return out + [T]
 
 
+def window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w):
+    """A callable making one sharded model call of w states per sample (spread over the T steps), as an iteration
+    at window w does."""
+    B, T, device = noise.shape[0], schedule.num_steps, noise.device
+    x_T = noise[:, T].to(torch.float64)                                                     # [B, *latent]
+    steps = torch.linspace(T - 1, 0, w, device=device).round().long()                      # [w] spread over T
+    x = x_T.repeat_interleave(w, dim=0)                                                     # [B w, *latent]
+    t = schedule.to(device).timesteps[steps].repeat(B)                                      # [B w]
+    c = select(cond, torch.arange(B).repeat_interleave(w))
+    return lambda: sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, t, c)
+
+
 def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, windows):
     """c(B w) for each window w: one sharded call of w inputs per sample, timed on every process; the slowest
     process's time counts (a call ends when every shard is gathered). Stops early once a call costs about twice
     the one of half its size: the calls are then compute-bound and larger windows cannot win (equation (5))."""
-    B, T, device = noise.shape[0], schedule.num_steps, noise.device
-    x_T = noise[:, T].to(torch.float64)                                                     # [B, *latent]
-    sched = schedule.to(device)
+    B, device = noise.shape[0], noise.device
     out = {}
     for w in windows:
-        steps = torch.linspace(T - 1, 0, w, device=device).round().long()                  # [w] spread over T
-        x = x_T.repeat_interleave(w, dim=0)                                                 # [B w, *latent]
-        t = sched.timesteps[steps].repeat(B)                                                # [B w]
-        c = select(cond, torch.arange(B).repeat_interleave(w))
-        seconds = _timed(lambda: sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, t, c),
-                         device)
+        seconds = _timed(window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w), device)
         out[B * w] = sharding.max(seconds)
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:

@@ -134,6 +134,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                     writer.set_plan(config, plan, call_seconds)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,
                       **progress) as it_bar:
+                _sync(device)
                 t0 = time.perf_counter()
                 try:
                     res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, init=first,
@@ -146,6 +147,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                 seconds = time.perf_counter() - t0
             seq, seq_seconds = None, 0.0
             if args.compare_sequential:
+                _sync(device)
                 t0 = time.perf_counter()
                 seq = sample_sequential(bundle.eps_fn, bundle.schedule, noise, cond, init=first,
                                         start=variation_steps, model_dtype=session.model_dtype,

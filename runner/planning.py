@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from paratAA.planner import measure_call_seconds, plan_window
+from paratAA.planner import measure_call_seconds, plan_window, window_call
 
 
 def cache_path():
@@ -56,9 +56,27 @@ def cache_key(bundle, args, config, session, batch):
 
 
 def plan_run(bundle, args, config, session, noise, cond):
-    """(config with the window chosen, plan or None, seconds of one call of one state per sample).
+    """(config with the window chosen, plan or None, seconds of one call of one state per sample), the model warmed
+    up at the sizes the timed runs use.
 
     noise, cond: the first batch's, on the device."""
+    config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond)
+    warm_up(bundle, session, noise, cond, [config.window_size] + ([1] if args.compare_sequential else []))
+    return config, plan, call_seconds
+
+
+def warm_up(bundle, session, noise, cond, windows):
+    """One untimed call at each size a timed run uses (the window's; sequential sampling's one state per sample),
+    so that neither the sampling time nor the sequential one includes the device's first-call costs (kernel
+    loading, autotuning, allocator growth): on a GPU they cost more than an iteration, and a run whose cost curve
+    came from the cache has made no call before it is timed."""
+    for w in dict.fromkeys(windows):
+        window_call(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype, w)()
+    if noise.device.type == "cuda":
+        torch.cuda.synchronize(noise.device)
+
+
+def _plan(bundle, args, config, session, noise, cond):
     B, T = noise.shape[0], bundle.schedule.num_steps
     cache = _load()
     key = cache_key(bundle, args, config, session, B)

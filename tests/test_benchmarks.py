@@ -202,3 +202,21 @@ def test_stop_and_speed_benchmarks_quick(tmp_path):
         one = model["1 GPUs"]
         T = speed["gpu_estimate"]["T"]
         assert 0 < one["speedup"] <= T / one["iterations"] + 1e-9  # no estimate beats T / iterations
+
+
+def test_gpu_benchmarks_smoke(tmp_path):
+    """The two GPU scripts at tiny sizes on this CPU: every section of gpu_bench.py, and gpu_scripts.py's runs of the
+    three scripts (a DiT checkpoint and VAE folder in the real layouts, run twice: the second reads the cache)."""
+    bench("gpu_bench.py", "--smoke", "--families", "--out", str(tmp_path / "gpu.json"), quick=False)
+    gpu = read(tmp_path / "gpu.json")
+    for name, row in gpu["default_flags"].items():
+        assert row["window"] == row["plan"]["window"] and 1 <= row["window"] <= row["T"], name
+        assert row["predicted_iterations_K"]["iterations"] <= row["T"]
+    assert {"SDXL UNet 64", "SD3-medium MMDiT 64"} <= set(gpu["per_call"])
+    bench("gpu_scripts.py", "--smoke", "--out", str(tmp_path / "scripts.json"), quick=False)
+    runs = read(tmp_path / "scripts.json")["runs"]
+    assert all(r["exit_code"] == 0 and r["speed"]["speedup"] > 0 for r in runs.values())
+    first, second = (runs[k] for k in ("DiT-XL/2 checkpoint, default flags",
+                                       "DiT-XL/2 checkpoint, second run (cached cost curve)"))
+    assert first["plan_measured"] is True and second["plan_measured"] is False
+    assert first["window"] == second["window"] and first["iterations"] == second["iterations"]

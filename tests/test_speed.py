@@ -92,3 +92,23 @@ def test_the_grid_marks_the_final_and_the_stop_columns_and_pads_nothing():
     # the second row stopped after iteration 1: its last two cells are empty, not copies of its last image
     empty = np.all(grid == np.array(EMPTY, dtype=np.uint8), axis=2)
     assert empty.sum() >= 2 * 64 * 64 * 0.9
+
+
+def test_timed_runs_are_warmed_up_at_the_sizes_they_time(tmp_path, monkeypatch):
+    """Before the sampling and the sequential sampling are timed, one untimed call at each of their sizes (a GPU's
+    first call at a size loads kernels; a run whose curve came from the cache has made no call yet)."""
+    from types import SimpleNamespace
+    from paratAA import Sharding, dit_schedule, noise_from_seeds
+    from runner import planning
+    sizes = []
+    bundle = SimpleNamespace(eps_fn=lambda x, t, c: sizes.append(x.shape[0]) or torch.zeros_like(x),
+                             schedule=dit_schedule(20))
+    session = SimpleNamespace(sharding=Sharding(), model_dtype=torch.float32)
+    planning.warm_up(bundle, session, noise_from_seeds([0, 1], 20, (4, 4, 4)), None, [8, 1, 8])
+    assert sizes == [2 * 8, 2 * 1]  # B states per window position, each size once
+    seen = []
+    monkeypatch.setattr(planning, "warm_up", lambda b, s, n, c, windows: seen.append(list(windows)))
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    run(tmp_path / "a", "--timesteps", "20", "--num_samples", "1", "--window_size", "8", "--compare_sequential")
+    run(tmp_path / "b", "--timesteps", "20", "--num_samples", "1", "--window_size", "4")
+    assert seen == [[8, 1], [4]]

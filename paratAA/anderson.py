@@ -12,20 +12,21 @@ import torch
 
 
 def triangular_anderson_step(R, dX, dR, valid, lam):
-    """The TAA step (4) for the states of a window below position upto = dX.shape[1], in float64.
+    """The TAA step (4) for the states of a window below position upto = dX.shape[0], in float64.
 
     R: [W, D] residuals at the current iterate, window ordered from least to most noisy.
-    dX: [M, upto, D], dR: [M, W, D]: difference columns, in any order (views into the solver's memory).
+    dX: [upto, M, D], dR: [W, M, D]: each state's difference columns, in any order (views into the memory).
     valid: [upto, M] bool, the columns each state has (a state that entered the window recently has fewer).
     Returns (step [upto, D] to add to x, fallback [upto] bool: states whose problem was singular or non-finite
     and that took the plain fixed-point step R instead).
     """
-    M, upto = dR.shape[0], dX.shape[1]
-    gram = torch.einsum("iwd,jwd->wij", dR, dR)                                        # [W, M, M]
-    proj = torch.einsum("iwd,wd->wi", dR, R)                                           # [W, M]
+    upto, M = dX.shape[0], dX.shape[1]
+    # per state: the Gram matrix of its columns and their products with its residual, one batched product
+    gram = torch.bmm(dR, dR.transpose(1, 2))                                            # [W, M, M]
+    proj = torch.bmm(dR, R[:, :, None])                                                 # [W, M, 1]
     # sums over the window states at or above each state: reversed cumulative sums along the window (one pass
     # for both: each op here is a kernel launch per iteration)
-    both = torch.cat([gram, proj[:, :, None]], dim=2).flip(0).cumsum(0).flip(0)[:upto]   # [upto, M, M+1]
+    both = torch.cat([gram, proj], dim=2).flip(0).cumsum(0).flip(0)[:upto]              # [upto, M, M+1]
     gram, proj = both[:, :, :M], both[:, :, M]
     pair = valid[:, :, None] & valid[:, None, :]                                        # [upto, M, M]
     eye = torch.eye(M, dtype=R.dtype, device=R.device)
@@ -33,9 +34,8 @@ def triangular_anderson_step(R, dX, dR, valid, lam):
     lhs = torch.where(pair, gram + lam * eye, eye)
     rhs = torch.where(valid, proj, 0.0)
     gamma, info = torch.linalg.solve_ex(lhs, rhs)                                       # [upto, M]
-    gamma = gamma.neg_()
-    step = R[:upto] + torch.einsum("iwd,wi->wd", dX, gamma)                            # [upto, D]
-    step.add_(torch.einsum("iwd,wi->wd", dR[:, :upto], gamma))
+    # x + R - sum_i gamma_i (dX_i + dR_i): one batched product for both kinds of column
+    step = torch.bmm(gamma.neg_()[:, None, :], dX + dR[:upto]).squeeze(1).add_(R[:upto])  # [upto, D]
     # a non-finite gamma makes its row of step non-finite, and so does its row sum: one check for both
     bad = (info != 0) | ~torch.isfinite(step.sum(dim=1))
     if bool(bad.any()):
@@ -45,27 +45,39 @@ def triangular_anderson_step(R, dX, dR, valid, lam):
 
 class AndersonMemory:
     """One sample's TAA memory: the last iterate and residual of every state, and rings of the last m - 1
-    differences dX, dR. Storing differences (not iterates) means no history is copied per iteration."""
+    differences dX, dR. Storing differences (not iterates) means no history is copied per iteration; storing them
+    state-major ([T, M, D]) makes a window's columns one contiguous block for the batched products."""
 
     def __init__(self, m, T, D, device):
         M = m - 1
         self.M = M
         self.last_x = torch.zeros(T, D, dtype=torch.float64, device=device)
         self.last_r = torch.zeros(T, D, dtype=torch.float64, device=device)
-        self.dX = torch.zeros(M, T, D, dtype=torch.float64, device=device)
-        self.dR = torch.zeros(M, T, D, dtype=torch.float64, device=device)
+        self.dX = torch.zeros(T, M, D, dtype=torch.float64, device=device)
+        self.dR = torch.zeros(T, M, D, dtype=torch.float64, device=device)
         self.count = torch.zeros(T, dtype=torch.long, device=device)   # iterates seen per state (capped)
         self.pushes = 0
+        self._ranks = {}  # (pushes mod M, columns in use, oldest) -> (slots, rank [M'] on the device)
 
     def push(self, x, R, lo, F):
         """Record this iteration's window iterate x[lo:F] and residual R; a state seen before gains a column."""
         slot = self.pushes % self.M
-        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[slot, lo:F])
-        torch.sub(R, self.last_r[lo:F], out=self.dR[slot, lo:F])
+        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[lo:F, slot])
+        torch.sub(R, self.last_r[lo:F], out=self.dR[lo:F, slot])
         self.last_x[lo:F] = x[lo:F]
         self.last_r[lo:F] = R
         self.count[lo:F] = torch.clamp(self.count[lo:F] + 1, max=self.M + 1)
         self.pushes += 1
+
+    def _rank(self, M, oldest, device):
+        """The ring slots in use and, per slot, its rank in the order a state takes its columns (0: first)."""
+        key = (self.pushes % self.M, M, oldest)
+        if key not in self._ranks:
+            age = [(self.pushes - 1 - i) % self.M for i in range(self.M)]           # 0: the newest push
+            slots = [i for i in range(self.M) if age[i] < M]
+            rank = [M - 1 - age[i] if oldest else age[i] for i in slots]
+            self._ranks[key] = (None if len(slots) == self.M else slots, torch.tensor(rank, device=device))
+        return self._ranks[key]
 
     def step(self, R, lo, F, p, lam, oldest=False):
         """The TAA step (4) for the window states lo .. lo + p - 1 (below the highest unconverged one).
@@ -78,11 +90,9 @@ class AndersonMemory:
         M = min(self.M, self.pushes - 1)
         if M == 0:
             return R[:p].clone(), torch.zeros(p, dtype=torch.bool, device=R.device)
-        age = (self.pushes - 1 - torch.arange(self.M, device=R.device)) % self.M      # [M] 0: the newest push
-        dX, dR = self.dX[:, lo:lo + p], self.dR[:, lo:F]                              # views, ring order
-        if M < self.M:  # the ring is not full yet: only its written slots
-            slots = (age < M).nonzero().flatten()
-            age, dX, dR = age[slots], dX[slots], dR[slots]
+        slots, rank = self._rank(M, oldest, R.device)
+        dX, dR = self.dX[lo:lo + p], self.dR[lo:F]                                    # views, ring order
+        if slots is not None:  # the ring is not full yet: only its written slots
+            dX, dR = dX[:, slots], dR[:, slots]
         columns = self.count[lo:lo + p, None] - 1                                      # [p, 1] per state
-        rank = M - 1 - age if oldest else age                                          # 0: the first it takes
         return triangular_anderson_step(R, dX, dR, rank[None, :] < columns, lam)

@@ -59,6 +59,8 @@ class OrderKEquations:
             # R_s = sum of r1 over s..u-1 = prefix[u-1] - prefix[s] + r1[s]
             W = F - lo
             prefix = r1.cumsum(0)                                      # [W, D]
+            if self.order >= W:  # every state sums up to the window's top: u - 1 = W - 1 for all
+                return (prefix[-1:] - prefix).add_(r1)
             end = torch.clamp(torch.arange(W, device=r1.device) + self.order, max=W) - 1
             return prefix[end].sub_(prefix).add_(r1)
         s = torch.arange(lo, F, device=x.device)

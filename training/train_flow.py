@@ -111,7 +111,10 @@ def load_vae(path):
     """The digits VAE with shift_factor 0.0 in its config (SD3 decodes latents / scaling_factor + shift_factor)."""
     from diffusers import AutoencoderKL
     vae = AutoencoderKL.from_pretrained(path).eval()
-    vae.register_to_config(shift_factor=0.0)
+    # diffusers records the folder it loaded from and saves it with the pipeline: keep that path repository-relative
+    # so that no machine's absolute path ends up in the committed config
+    root = os.path.dirname(os.path.dirname(digits.EMBEDDED_DIR))
+    vae.register_to_config(shift_factor=0.0, _name_or_path=os.path.relpath(os.path.abspath(path), root))
     return vae
 
 

@@ -24,6 +24,7 @@ import torch
 
 from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.equations import FORMS
+from paratAA.planner import sync
 from runner.errors import UsageError
 from runner.flags import make_parser
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
@@ -116,8 +117,7 @@ def timed(session, fn):
     session.wait()
     t0 = time.perf_counter()
     out = fn()
-    if session.device.type == "cuda":
-        torch.cuda.synchronize(session.device)
+    sync(session.device)
     session.wait()
     return out, time.perf_counter() - t0
 

@@ -19,7 +19,6 @@
     python benchmarks/gpu_bench.py --families --out gpu.json     # all four, < 8 minutes on one H100/H200
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,11 +27,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import write_json  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 from paratAA import (SolverConfig, dit_schedule, draw_noise, from_ddim_scheduler, noise_from_seeds,  # noqa: E402
                      sample_sequential, solve)
-from paratAA.planner import predicted_iterations  # noqa: E402
+from paratAA.planner import predicted_iterations, sync  # noqa: E402
 
 # the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -49,11 +49,6 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn, device, repeats):
@@ -185,9 +180,8 @@ def default_flags(name, eps, schedule, latent, cond, device, dtype):
 
 
 def save(report, path):
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+    if path:  # after every section: a run stopped by its time limit keeps what it measured
+        write_json(report, path)
 
 
 @torch.no_grad()
@@ -287,8 +281,6 @@ def main(args):
         report["per_call"].update(family_curves(args, device, dtype, [1, 2] if args.smoke else [1, 2, 4, 8, 16],
                                                 repeats))
         save(report, args.out)
-    if args.out:
-        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.convergence import write_json  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 
 # stabilityai/sd-vae-ft-ema's config.json (the VAE of the public DiT checkpoints)
@@ -95,9 +96,8 @@ def main(args):
         }
         for name, argv in commands.items():
             report["runs"][name] = run(name, argv, out, env, args.timeout)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(report, f, indent=1)
+            if args.out:  # after every run: a run stopped by its time limit keeps the ones before
+                write_json(report, args.out)
     failed = [k for k, v in report["runs"].items() if v["exit_code"]]
     print("all runs exited 0" if not failed else f"failed: {failed}")
     return 1 if failed else 0

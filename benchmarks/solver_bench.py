@@ -21,6 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import write_json  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
 
@@ -140,10 +141,7 @@ def main(args):
                                            (4, 8, 8) if quick else (4, 32, 32))
     result["overhead"] = overhead(25 if quick else 100, 1 if quick else 3)
     result["memory"] = memory(100, 3, (4, 16, 16) if quick else (4, 64, 64))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
-from paratAA.planner import candidate_windows, choose, plan_window  # noqa: E402
+from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
 
@@ -124,9 +124,9 @@ def gpu_table(gpu_json):
         out["models"][name] = {}
         for G, link, bw in ((1, "-", NVLINK), (8, "NVLink", NVLINK), (8, "PCIe 4.0", PCIE)):
             # a call of n inputs split over G GPUs costs a call of ceil(n / G), plus the gather of all n outputs
-            curve = {n: _interp(calls, math.ceil(n / G)) + allgather_seconds(n, D, G, bw) for n in range(1, T + 1)}
+            curve = {n: interpolate(calls, math.ceil(n / G)) + allgather_seconds(n, D, G, bw) for n in range(1, T + 1)}
             plan = choose(T, 1, curve, {1: solver, T: solver})
-            seq = T * _interp(calls, 1)
+            seq = T * interpolate(calls, 1)
             key = f"{G} GPUs" + (f" {link}" if G > 1 else "")
             out["models"][name][key] = {"window": plan.window, "iterations": plan.predicted_iterations,
                                         "seconds": plan.predicted_seconds, "sequential_seconds": seq,
@@ -134,17 +134,6 @@ def gpu_table(gpu_json):
             print(f"| {name} | {G} | {link} | {plan.window} | {plan.predicted_iterations:.1f} | "
                   f"{plan.predicted_seconds:.3f} | {seq:.3f} | {seq / plan.predicted_seconds:.2f}x (estimate) |")
     return out
-
-
-def _interp(curve, n):
-    xs = sorted(curve)
-    if n <= xs[0]:
-        return curve[xs[0]]
-    for a, b in zip(xs, xs[1:]):
-        if n <= b:
-            return curve[a] + (curve[b] - curve[a]) * (n - a) / (b - a)
-    a, b = xs[-2], xs[-1]
-    return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
 
 
 def main(args):

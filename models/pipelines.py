@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
-from paratAA.planner import plan_window
+from paratAA.planner import plan_window, sync
 
 from .bundles import pipeline_bundles
 from .sd import network
@@ -62,12 +62,12 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
         t0 = time.perf_counter()
         res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, model_dtype=dtype, sharding=sharding,
                     record_x0=True)
-        _sync(device)
+        sync(device)
         seconds += time.perf_counter() - t0
         if compare_sequential:
             t0 = time.perf_counter()
             sample_sequential(bundle.eps_fn, bundle.schedule, noise, cond, model_dtype=dtype, sharding=sharding)
-            _sync(device)
+            sync(device)
             seq_seconds += time.perf_counter() - t0
         latents.append(res.samples.cpu())
         x_T.append(noise[:, -1].cpu())
@@ -84,6 +84,3 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
                           results=results, config=config, speed=speed)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

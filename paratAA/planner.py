@@ -51,7 +51,8 @@ def predicted_iterations(T, W):
     return float(T) if W <= 1 else min(float(T), ALPHA * T / W + BETA)
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (a GPU runs asynchronously): what a timer must do before reading."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -60,10 +61,10 @@ def _timed(fn, device):
     fn()  # warm-up: allocator, kernels, caches
     best = math.inf
     for _ in range(REPEATS):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -118,7 +119,7 @@ def measure_solver_seconds(schedule, noise, config, windows, sharding):
     return out
 
 
-def _interpolate(curve, n):
+def interpolate(curve, n):
     """curve at n: linear between measured points, extended along the last segment."""
     xs = sorted(curve)
     if n <= xs[0]:
@@ -137,11 +138,11 @@ def choose(T, B, call_seconds, solver_seconds, measured=True):
     best = None
     for W in range(1, T + 1):
         K = predicted_iterations(T, W)
-        seconds = K * (_interpolate(call_seconds, B * W) + _interpolate(solver_seconds, W))
+        seconds = K * (interpolate(call_seconds, B * W) + interpolate(solver_seconds, W))
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
     W, seconds, K = best
-    return Plan(window=W, predicted_seconds=seconds, predicted_sequential_seconds=T * _interpolate(call_seconds, B),
+    return Plan(window=W, predicted_seconds=seconds, predicted_sequential_seconds=T * interpolate(call_seconds, B),
                 predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured)
 
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from paratAA import NonFiniteModelOutput, Schedule, sample_sequential, solve
+from paratAA.planner import sync
 from paratAA.solver import state_bytes
 
 from .errors import UsageError
@@ -134,7 +135,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                     writer.set_plan(config, plan, call_seconds)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,
                       **progress) as it_bar:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 try:
                     res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, init=first,
@@ -143,16 +144,16 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                                 callback=lambda it, bounds: it_bar.update(1))
                 except NonFiniteModelOutput as e:
                     raise NonFiniteModelOutput(f"{e}{_non_finite_hint(args)}") from None
-                _sync(device)
+                sync(device)
                 seconds = time.perf_counter() - t0
             seq, seq_seconds = None, 0.0
             if args.compare_sequential:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 seq = sample_sequential(bundle.eps_fn, bundle.schedule, noise, cond, init=first,
                                         start=variation_steps, model_dtype=session.model_dtype,
                                         sharding=session.sharding)[:, 0]
-                _sync(device)
+                sync(device)
                 seq_seconds = time.perf_counter() - t0
             out["seconds"] += seconds
             if keep_trajectories:
@@ -188,6 +189,3 @@ def _say_unconverged(start, res, config):
                   flush=True)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

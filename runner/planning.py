@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from paratAA.planner import measure_call_seconds, plan_window, window_call
+from paratAA.planner import measure_call_seconds, plan_window, sync, window_call
 
 
 def cache_path():
@@ -72,8 +72,7 @@ def warm_up(bundle, session, noise, cond, windows):
     came from the cache has made no call before it is timed."""
     for w in dict.fromkeys(windows):
         window_call(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype, w)()
-    if noise.device.type == "cuda":
-        torch.cuda.synchronize(noise.device)
+    sync(noise.device)
 
 
 def _plan(bundle, args, config, session, noise, cond):

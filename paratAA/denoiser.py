@@ -36,9 +36,12 @@ def evaluate(eps_fn, sharding, x, timesteps, cond, model_dtype, iteration, descr
 
     describe(i) names input i (sample, step, timestep) for the error message."""
     eps = sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, timesteps, cond)
-    # a row's sum (in float64, which no finite float16/32 values overflow) is finite iff every entry is
-    finite = torch.isfinite(eps.flatten(1).sum(dim=1, dtype=torch.float64))
-    if not bool(finite.all()):
+    # one check for the whole call: a sum is finite only if every entry is; when it is not, the entries say which
+    # (or that float64 entries near the top of the range overflowed it)
+    if not bool(torch.isfinite(eps.sum(dtype=torch.float64))):
+        finite = torch.isfinite(eps.flatten(1)).all(dim=1)
+        if bool(finite.all()):  # float64 entries near the top of the range: the sum overflowed, not the model
+            return eps
         i = int((~finite).nonzero()[0])
         raise NonFiniteModelOutput(f"the model returned a non-finite noise prediction at iteration {iteration}, "
                                    f"{describe(i)}")

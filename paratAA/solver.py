@@ -16,6 +16,8 @@ out exactly zero in floating point.
 Where this departs from the public reference implementation, and what each departure changes, is listed in
 docs/ALGORITHM.md (section "Departures from the reference").
 """
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -120,6 +122,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                                         sharding, record_x0, callback, plan)
     device = noise.device
     sched = schedule.to(device)
+    a_col, b_col, c_col = sched.a[:, None], sched.b[:, None], sched.c[:, None]          # [T, 1] each
+    noisy = bool((sched.c != 0).any())
     eq = OrderKEquations(schedule, order, config.equations, device=device)
     B, latent = noise.shape[0], tuple(noise.shape[2:])
     xi = noise.to(torch.float64).flatten(2)                                   # [B, T+1, D]
@@ -179,26 +183,29 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
 
         # one batched model call for every window of every sample: inputs x_{lo+1} .. x_F
         x_in = torch.cat([X[b, lo + 1:F + 1] for b, lo, F in spans]).reshape(-1, *latent)   # [N, *latent]
-        t_in = torch.cat([sched.timesteps[lo:F] for b, lo, F in spans])                     # [N]
-        owner = torch.cat([torch.full((F - lo,), b, dtype=torch.long) for b, lo, F in spans])
-        starts = torch.tensor([0] + [F - lo for _, lo, F in spans]).cumsum(0)
+        t_in = _cat([sched.timesteps[lo:F] for b, lo, F in spans])                          # [N]
+        owner = _cat([torch.full((F - lo,), b, dtype=torch.long) for b, lo, F in spans])
+        starts = list(itertools.accumulate([F - lo for _, lo, F in spans], initial=0))  # host ints: no syncs
 
         def describe(i):
-            k = int(torch.searchsorted(starts, i, right=True)) - 1
+            k = bisect.bisect_right(starts, i) - 1
             b, lo, _ = spans[k]
-            s = lo + i - int(starts[k])
+            s = lo + i - starts[k]
             return f"sample {b}, step {s} (model timestep {int(sched.timesteps[s])})"
 
         eps = evaluate(eps_fn, sharding, x_in, t_in, select(cond, owner), model_dtype, it, describe)
         eps = eps.flatten(1)                                                                  # [N, D]
         for k, (b, lo, F) in enumerate(spans):
-            last_eps[b] = eps[starts[k]].to(torch.float64)
+            if lo > 0:  # the window can still reach new states
+                last_eps[b] = eps[starts[k]]                                                 # float64
 
         for k, (b, lo, F) in enumerate(spans):
             # in-place arithmetic: at SD latent sizes each [W, D] temporary is 13 MB
-            e = (sched.b[lo:F, None] * eps[starts[k]:starts[k + 1]]).addcmul_(sched.c[lo:F, None], xi[b, lo:F])
+            e = b_col[lo:F] * eps[starts[k]:starts[k + 1]]
+            if noisy:  # eta > 0
+                e.addcmul_(c_col[lo:F], xi[b, lo:F])
             x = X[b]                                                                          # [T+1, D]
-            r1 = (sched.a[lo:F, None] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])               # order-1 residual
+            r1 = (a_col[lo:F] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])                       # order-1 residual
             rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
             unconverged = (rms > threshold[lo:F]).nonzero()
             fallbacks = 0
@@ -209,28 +216,28 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 stop = stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * last_estimate[b]
             last_estimate[b] = estimate if lo == 0 else math.inf
             if len(unconverged) == 0:  # every window state passed: one more plain update, no model call (as the
-                x[lo:F] += eq.residual(x, e, r1, lo, F)  # reference does), then all of them are frozen
+                x[lo:F].add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen
                 new_boundary = lo
             else:
                 p = int(unconverged.max())                     # window position of the highest unconverged
                 R = eq.residual(x, e, r1, lo, F)               # [W, D] order-k residual
                 step = R
                 if m > 1:
+                    grew = None
                     if taa_guard > 0 and p > 0:
-                        seen = memory[b].count[lo:lo + p] > 0
-                        grew = seen & (torch.linalg.vector_norm(R[:p], dim=1)
-                                       > taa_guard * torch.linalg.vector_norm(memory[b].last_r[lo:lo + p], dim=1))
+                        grew = (torch.linalg.vector_norm(R[:p], dim=1)
+                                > taa_guard * torch.linalg.vector_norm(memory[b].last_r[lo:lo + p], dim=1))
+                        if not memory[b].seen(lo):  # a state without a previous residual has not grown
+                            grew &= memory[b].seen_mask(lo, lo + p)
                     memory[b].push(x, R, lo, F)
                     if p > 0:
-                        step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks)
-                        if taa_guard > 0 and bool(grew.any()):  # the safeguard: plain step where R grew
-                            step[grew] = R[:p][grew]
-                            bad = bad | grew
+                        # the safeguard: where R grew, the plain step
+                        step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
                         fallbacks = int(bad.sum())
-                x[lo:lo + p] += step[:p]
-                x[lo + p] += R[p]
+                x[lo:lo + p].add_(step[:p] if step.shape[0] > p else step)
+                x[lo + p].add_(R[p])
                 if quirks:  # the reference also updates the states above p, which passed, once more
-                    x[lo + p + 1:F] += R[p + 1:]
+                    x[lo + p + 1:F].add_(R[p + 1:])
                 new_boundary = lo + p
             if stop:  # the stop rule: x_0 (just updated) is final
                 new_boundary = 0
@@ -257,6 +264,11 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                        iterations=iterations, converged=[f == 0 for f in boundary],
                        evaluations=[sum(h.evaluations) for h in history], history=history, config=config,
                        plan=plan)
+
+
+def _cat(parts):
+    """torch.cat, without a copy for a single part (one sample)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype, sharding,

@@ -174,3 +174,56 @@ def test_bad_variation_steps(V):
     model, schedule, noise = gmm_problem(10)
     with pytest.raises(ValueError, match=f"variation_steps.*{V}"):
         solve(model, schedule, noise, init=noise, variation_steps=V)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_taa_step_solves_each_states_least_squares_problem(m):
+    """paratAA.anderson against equations (3)-(4) written out per state: a window sliding down, states entering at
+    its bottom with fewer columns than those above them, the columns of a state its m - 1 newest differences."""
+    from paratAA.anderson import AndersonMemory
+    T, D, lam = 12, 5, 1e-3
+    gen = torch.Generator().manual_seed(m)
+    memory = AndersonMemory(m, T, D, torch.device("cpu"))
+    pushed = {t: [] for t in range(T)}   # per state: its (x, R) at every push, oldest first
+    for lo, F in [(8, 12), (6, 12), (6, 11), (3, 9), (1, 8), (0, 7), (0, 6), (0, 4)]:
+        x = torch.randn(T + 1, D, dtype=torch.float64, generator=gen)
+        R = torch.randn(F - lo, D, dtype=torch.float64, generator=gen)
+        memory.push(x, R, lo, F)
+        for i, t in enumerate(range(lo, F)):
+            pushed[t].append((x[t].clone(), R[i].clone()))
+        for p in range(1, F - lo):
+            step, bad = memory.step(R, lo, F, p, lam)
+            assert not bad.any()
+            for i, t in enumerate(range(lo, lo + p)):
+                cols = min(len(pushed[t]) - 1, m - 1)   # the state's own history, newest difference first
+
+                def differences(s, k):  # [k, D] each: dX, dR of state s, newest first
+                    h = pushed[s]
+                    return (torch.stack([h[-1 - j][0] - h[-2 - j][0] for j in range(k)]),
+                            torch.stack([h[-1 - j][1] - h[-2 - j][1] for j in range(k)]))
+                if cols == 0:
+                    expected = R[i]
+                else:
+                    A = lam * torch.eye(cols, dtype=torch.float64)
+                    rhs = torch.zeros(cols, dtype=torch.float64)
+                    for j, s in enumerate(range(t, F)):  # the state and every noisier state of the window
+                        dR = differences(s, cols)[1]
+                        A += dR @ dR.T
+                        rhs += dR @ R[i + j]
+                    gamma = torch.linalg.solve(A, rhs)
+                    dX, dR = differences(t, cols)
+                    expected = R[i] - (dX + dR).T @ gamma
+                assert torch.allclose(step[i], expected, atol=1e-10, rtol=1e-10), (lo, F, p, t)
+
+
+def test_huge_but_finite_model_output_is_not_refused():
+    """The finiteness check sums the call's output: entries whose sum overflows float64 are still finite."""
+    model, schedule, noise = gmm_problem(6)
+
+    def huge(x, t, cond):
+        out = model(x, t, cond).clone()
+        out.view(out.shape[0], -1)[:, :2] = 1e308  # two per row: every row's sum and the call's overflow
+        return out
+
+    out = solve(huge, schedule, noise, model_dtype=torch.float64, max_steps=1)
+    assert out.iterations == [1]

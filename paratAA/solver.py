@@ -140,6 +140,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     boundary = [top] * B      # states >= boundary are frozen
     # weight of state s's order-1 residual in x_0 under the DDIM composition: P(0, s) = a_0 ... a_{s-1}
     carry = torch.cat([torch.ones(1, dtype=torch.float64, device=device), torch.cumprod(sched.a[:-1], 0)])
+    positions = torch.arange(T, dtype=torch.float64, device=device)         # window positions, for the test
+    one = torch.ones((), dtype=torch.float64, device=device)
     last_estimate = [math.inf] * B
     threshold = torch.clamp(tol2 * sched.sigma, min=tol1)                    # [T] per-state tolerance
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
@@ -207,19 +209,23 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             x = X[b]                                                                          # [T+1, D]
             r1 = (a_col[lo:F] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])                       # order-1 residual
             rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
-            unconverged = (rms > threshold[lo:F]).nonzero()
-            fallbacks = 0
+            # what the host needs, read in one transfer (one device sync per sample and iteration): the window
+            # position of the highest unconverged state (-1: none), the largest residual, and when the window
+            # reaches x_0 the stop rule's sum and x_0's scale
+            wanted = [torch.where(rms > threshold[lo:F], positions[:F - lo], -1.0).max(), rms.max()]
+            if lo == 0:
+                wanted += [(carry[:F] * rms).sum(), x[0].std() if x.shape[1] > 1 else one]
+            read = torch.stack(wanted).tolist()
+            p, fallbacks = int(read[0]), 0
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
-                scale = float(x[0].std()) if x.shape[1] > 1 else 1.0
-                estimate = float((carry[:F] * rms).sum()) / max(scale, 1e-12)
+                estimate = read[2] / max(read[3], 1e-12)
                 stop = stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * last_estimate[b]
             last_estimate[b] = estimate if lo == 0 else math.inf
-            if len(unconverged) == 0:  # every window state passed: one more plain update, no model call (as the
+            if p < 0:  # every window state passed: one more plain update, no model call (as the
                 x[lo:F].add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen
                 new_boundary = lo
             else:
-                p = int(unconverged.max())                     # window position of the highest unconverged
                 R = eq.residual(x, e, r1, lo, F)               # [W, D] order-k residual
                 step = R
                 if m > 1:
@@ -233,7 +239,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                     if p > 0:
                         # the safeguard: where R grew, the plain step
                         step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
-                        fallbacks = int(bad.sum())
+                        fallbacks = bad.sum()  # read at the end, not now: no sync
                 x[lo:lo + p].add_(step[:p] if step.shape[0] > p else step)
                 x[lo + p].add_(R[p])
                 if quirks:  # the reference also updates the states above p, which passed, once more
@@ -247,7 +253,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             uninit[b] = min(uninit[b], lo)
             iterations[b] += 1
             h = history[b]
-            h.residual.append(float(rms.max()))
+            h.residual.append(read[1])
             h.boundary.append(new_boundary)
             h.evaluations.append(F - lo)
             h.fallbacks.append(fallbacks)
@@ -258,6 +264,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         if callback is not None:
             callback(it, list(boundary))
 
+    for h in history:  # the fallback counts stayed on the device during the run
+        h.fallbacks = [int(v) for v in h.fallbacks]
     # a sample stopped by max_steps before the window reached x_0: its estimate is the lowest state reached
     samples = torch.stack([X[b, reached[b]] for b in range(B)]).reshape(B, *latent)
     return SolveResult(samples=samples, trajectory=X.reshape(B, T + 1, *latent),

@@ -73,6 +73,11 @@ def check_dit_flags(args):
         if args.image_size % 8 or not 8 <= args.image_size <= MAX_SIDE:  # the VAE's factor; the weights' shapes
             raise UsageError(f"--image_size must be a multiple of 8 in 8..{MAX_SIDE} (the public DiT-XL/2 "
                              f"checkpoints: 256 or 512), got {args.image_size}")
+        patch = int(args.model.rsplit("/", 1)[1]) if "/" in args.model else 1  # DiT-XL/2: patch size 2
+        if (args.image_size // 8) % patch:  # a latent side the patches do not tile would lose its last row
+            raise UsageError(f"--image_size {args.image_size} gives a {args.image_size // 8}x{args.image_size // 8} "
+                             f"latent, which {args.model}'s {patch}x{patch} patches do not tile: use a multiple of "
+                             f"{8 * patch}")
         if not args.model_path or not args.vae_path:
             raise UsageError(f"--model {args.model} needs --model_path (a DiT checkpoint) and --vae_path ({VAE_SOURCE})")
         if not 1 <= args.num_classes <= MAX_CLASSES:

@@ -303,4 +303,19 @@ def check_sd_flags(args, prompts):
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)
+    check_timesteps(args.timesteps, args.eta, args.model_path)
     return config
+
+
+def check_timesteps(T, eta, path):
+    """--timesteps against the folder's DDIM scheduler before anything is loaded: its training steps, and its
+    spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading")."""
+    if "FlowMatch" in str(_scheduler_class(path)):
+        return  # Euler steps of a flow: its sigmas always fit (flow_schedule checks T against the training steps)
+    from diffusers import DDIMScheduler
+    from paratAA import from_ddim_scheduler
+    config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    try:
+        from_ddim_scheduler(DDIMScheduler.from_config(config), T, eta)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None

@@ -86,6 +86,11 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     check_num_steps(num_steps, n_train)
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.flip(0).long()                  # [T] ascending: step s uses timesteps[s]
+    if int(timesteps.max()) >= n_train:  # "leading" spacing with steps_offset, e.g. T = n_train: 1 .. n_train
+        raise ValueError(f"timesteps (number of sampling steps T) {num_steps} is too many for this scheduler: its "
+                         f"spacing ({scheduler.config.timestep_spacing}, steps_offset "
+                         f"{scheduler.config.steps_offset}) gives model timestep {int(timesteps.max())}, beyond its "
+                         f"{n_train} training steps; use fewer")
     alphas = torch.as_tensor(scheduler.alphas_cumprod)              # [n_train] as the scheduler keeps them
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas.dtype).reshape(1)
     alpha = alphas[timesteps]                                       # [T]  A  of step s

@@ -36,9 +36,15 @@ def speed_summary(metrics, samples):
     if seq:
         kind = "measured" if speed["sequential_measured"] else "estimated from the measured time per call"
         text += f"; sequential sampling {seq:.2f} s ({kind}); speed-up {speed['speedup']:.2f}x"
+    unfinished = sum(1 for m in samples if m.get("converged") is False)
+    if unfinished:  # a speed-up of samples that are not the sequential ones would mislead
+        text += f" (for an unfinished run: --max_steps stopped {unfinished} of {len(its)} samples early)"
     lines.append(text)
     same = speed.get("same_image_at")
-    if same:
+    if same and same["median"] is None:  # e.g. --max_steps ended every sample before it got there
+        lines.append(f"no sample reached the sequential sample's image ({same['never']} of {len(its)})")
+    elif same:
+        never = f"; {same['never']} of {len(its)} never did" if same.get("never") else ""
         lines.append(f"same image as sequential sampling after {same['median']:g} iterations (median; max "
-                     f"{same['max'] if same['max'] is not None else 'never'})")
+                     f"{same['max'] if same['max'] is not None else 'never'}{never})")
     return lines

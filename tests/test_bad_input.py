@@ -218,6 +218,8 @@ MORE_DIT_FLAGS = [
     (["--class_labels", "1", "2", "3", "--num_samples", "2"], 2, ["--class_labels", "--num_samples"]),
     (["--model", "DiT-XL/2", "--num_classes", "2000000", "--model_path", "x.pt", "--vae_path", "v"], 2,
      ["--num_classes", "2000000"]),
+    (["--model", "DiT-S/2", "--image_size", "24", "--model_path", "x.pt", "--vae_path", "v"], 2,
+     ["--image_size", "24", "3x3", "multiple of 16"]),  # patches that do not tile the latent
     (["--num_samples", "100000000", "--batch_size", "64"], 2, ["--num_samples", "GB"]),  # checked, not allocated
     (["--timesteps", "1000", "--memory_size", "1000", "--batch_size", "100000", "--num_samples", "100000"], 2,
      ["--batch_size", "--memory_size", "GB"]),
@@ -365,6 +367,21 @@ def test_max_steps_before_convergence_is_said_on_the_terminal(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     lines = _stderr_lines(proc.stderr)
     assert proc.returncode == 0 and len(lines) == 1 and "--max_steps 2 stopped it before it converged" in lines[0]
+
+
+def test_max_steps_with_compare_sequential_says_the_image_was_not_reached(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--timesteps", "20", "--max_steps",
+                           "1", "--num_samples", "2", "--window_size", "20", "--compare_sequential", "--output_path",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no sample reached the sequential sample's image (2 of 2)" in proc.stdout
+    assert "for an unfinished run: --max_steps stopped 2 of 2 samples early" in proc.stdout
+
+
+def test_timesteps_past_the_schedulers_training_steps_are_named(tmp_path, capsys):
+    """SD v1.5's "leading" spacing with steps_offset 1 at T = 1000 would ask for model timestep 1000."""
+    check(parallel_sd, ["--timesteps", "1000"], 2, ["--timesteps", "1000", "training steps"], tmp_path, capsys)
+    check(parallel_sd_winit, ["--timesteps", "1000"], 2, ["--timesteps", "1000", "training steps"], tmp_path, capsys)
 
 
 def test_memory_size_above_T_is_capped_and_recorded(tmp_path):

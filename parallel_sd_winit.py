@@ -28,7 +28,9 @@ def main(args):
     try:
         check_variation_steps(args.variation_steps, args.timesteps)
     except ValueError as e:
-        raise UsageError(f"--{e}") from None
+        default = args.variation_steps == parse_args([]).variation_steps
+        hint = f" (the default; for --timesteps {args.timesteps} give --variation_steps)" if default else ""
+        raise UsageError(f"--{e}{hint}") from None
     session = start_session(args)
     first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
     check_fits(first, args, config, session, keep_trajectories=True)

@@ -146,15 +146,28 @@ def choose(T, B, call_seconds, solver_seconds, measured=True):
                 predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured)
 
 
+def cached_curves(hit, B):
+    """(call seconds, solver seconds) of a cache entry as measured curves, or None when the entry is not one (an
+    edited or damaged cache file): it is then measured again. It must time B inputs, and every time must be a
+    finite positive number (the solver's may be 0)."""
+    try:
+        calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
+        solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    good = B in calls and all(k >= 1 and math.isfinite(v) and v > 0 for k, v in calls.items()) and \
+        all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items())
+    return (calls, solver) if good else None
+
+
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, cache=None, key=None):
     """Measure (or read from cache[key]) the cost curves of this model on this device and process group, and
     choose the window. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process
     count and batch (the caller's; without one nothing is cached). Every process takes the main process's choice."""
     T, B = schedule.num_steps, noise.shape[0]
-    hit = cache.get(key) if cache is not None and key is not None else None
+    hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
-        calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
-        solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
+        calls, solver = hit
         plan = choose(T, B, calls, solver, measured=False)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))

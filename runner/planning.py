@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from paratAA.planner import measure_call_seconds, plan_window, sync, window_call
+from paratAA.planner import cached_curves, measure_call_seconds, plan_window, sync, window_call
 
 
 def cache_path():
@@ -88,8 +88,9 @@ def _plan(bundle, args, config, session, noise, cond):
         return config, plan, plan.call_seconds[B]
     if args.compare_sequential:  # measured by running it
         return config, None, None
-    if session.sharding.min(key in cache) == 1:  # measuring is collective: all processes read, or all measure
-        return config, None, float(cache[key]["call_seconds"][str(B)])
+    hit = cached_curves(cache.get(key), B)
+    if session.sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
+        return config, None, hit[0][B]
     calls = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding,
                                  session.model_dtype, [1])
     return config, None, calls[B]

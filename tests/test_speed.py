@@ -1,5 +1,6 @@
 """The window chosen from the hardware (planner), and what every run says it gained (metrics.json, terminal, grid)."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -112,3 +113,28 @@ def test_timed_runs_are_warmed_up_at_the_sizes_they_time(tmp_path, monkeypatch):
     run(tmp_path / "a", "--timesteps", "20", "--num_samples", "1", "--window_size", "8", "--compare_sequential")
     run(tmp_path / "b", "--timesteps", "20", "--num_samples", "1", "--window_size", "4")
     assert seen == [[8, 1], [4]]
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "negative", "nan", "missing_batch"])
+def test_a_damaged_cache_entry_is_measured_again(tmp_path, monkeypatch, damage):
+    """A cache file someone edited (or a crash cut short) is not trusted: its entry is measured again, and the run
+    reports times that are times."""
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    flags = ["--timesteps", "16", "--num_samples", "1", "--window_size", "auto"]
+    run(tmp_path / "a", *flags)
+    path = tmp_path / "cache" / "cost_curves.json"
+    with open(path) as f:
+        cache = json.load(f)
+    (key, entry), = cache.items()
+    calls = entry["call_seconds"]
+    cache[key] = {"empty": {}, "text": {**entry, "call_seconds": {k: "x" for k in calls}},
+                  "negative": {**entry, "call_seconds": {k: -1.0 for k in calls}},
+                  "nan": {**entry, "call_seconds": {k: float("nan") for k in calls}},
+                  "missing_batch": {**entry, "call_seconds": {"2": 0.1}}}[damage]
+    with open(path, "w") as f:
+        json.dump(cache, f)
+    for name, window in (("b", "auto"), ("c", "4")):
+        _, m = run(tmp_path / name, "--timesteps", "16", "--num_samples", "1", "--window_size", window)
+        speed = m["speed"]
+        assert math.isfinite(speed["speedup"]) and speed["sequential_seconds"] > 0, speed
+    assert m["per_call_seconds"] > 0

@@ -152,14 +152,24 @@ def default_size(path):
 
 
 def check_size(args, path):
-    """--height/--width: default from the model config, else a positive multiple of the VAE factor."""
+    """--height/--width: default from the model config, else a positive multiple of the VAE factor (times the
+    patch size of a transformer, SD3), no larger than the transformer's position embedding reaches."""
     factor = vae_scale_factor(path)
+    net_path = _network_config(path)
+    net = read_json(net_path)
+    patch, reach = net.get("patch_size") or 1, net.get("pos_embed_max_size")
+    if not isinstance(patch, int) or patch < 1 or reach is not None and (not isinstance(reach, int) or reach < 1):
+        raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
+                             f"positive integers expected")
+    step = factor * patch
+    top = MAX_SIDE if reach is None else min(MAX_SIDE, reach * step)
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is None:
             setattr(args, name, default_size(path))
-        elif v < factor or v % factor or v > MAX_SIDE:
-            raise UsageError(f"--{name} must be a multiple of the VAE factor {factor} in {factor}..{MAX_SIDE}, got {v}")
+        elif v < step or v % step or v > top:
+            what = f"the VAE factor {factor}" if patch == 1 else f"{step} (VAE factor {factor} x patch size {patch})"
+            raise UsageError(f"--{name} must be a multiple of {what} in {step}..{top}, got {v}")
 
 
 @contextlib.contextmanager

@@ -384,6 +384,13 @@ def test_timesteps_past_the_schedulers_training_steps_are_named(tmp_path, capsys
     check(parallel_sd_winit, ["--timesteps", "1000"], 2, ["--timesteps", "1000", "training steps"], tmp_path, capsys)
 
 
+def test_a_size_past_the_transformers_position_embedding_is_named(tmp_path, capsys):
+    """The embedded flow model's SD3 transformer embeds positions up to 4 latent cells (8 pixels): refused before
+    anything is loaded."""
+    flow = os.path.join(ROOT, "models", "embedded", "flow")
+    check(parallel_sd, ["--model_path", flow, "--height", "10"], 2, ["--height", "10", "2..8"], tmp_path, capsys)
+
+
 def test_memory_size_above_T_is_capped_and_recorded(tmp_path):
     import json
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--timesteps", "6", "--memory_size",

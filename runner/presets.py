@@ -37,3 +37,9 @@ def apply_preset(args, argv, script):
     for name, value in values.items():
         if name not in given and hasattr(args, name):
             setattr(args, name, value)
+    # a preset's value that an explicit flag bounds follows that flag, as the reference's would within its own
+    # defaults: its order at most the window (--window_size 10), its variation steps at most T (--timesteps 5)
+    if "order" not in given and isinstance(args.order, int) and isinstance(args.window_size, int):
+        args.order = min(args.order, args.window_size)
+    if "variation_steps" not in given and hasattr(args, "variation_steps"):
+        args.variation_steps = min(args.variation_steps, args.timesteps)

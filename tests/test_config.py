@@ -94,3 +94,30 @@ def test_the_algorithm_package_imports_only_torch_numpy_and_diffusers():
                 continue
             for root in roots:
                 assert root in ("torch", "diffusers", "numpy") or root in sys.stdlib_module_names, (name, root)
+
+
+def test_the_paper_preset_fills_the_references_defaults_and_explicit_flags_win():
+    args = parallel_sd.parse_args(["--preset", "paper"])
+    assert (args.timesteps, args.window_size, args.order, args.memory_size, args.equations, args.stop_tol) == \
+        (50, 100, 20, 2, "ddim", 0.0)
+    args = parallel_sd.parse_args(["--preset", "paper", "--memory_size", "3", "--timesteps", "30"])
+    assert (args.memory_size, args.timesteps, args.order) == (3, 30, 20)
+
+
+@pytest.mark.parametrize("module, argv, name, value", [
+    (parallel_sd, ["--window_size", "10", "--timesteps", "20"], "order", 10),
+    (parallel_dit, ["--window_size=4", "--timesteps", "20"], "order", 4),
+    (parallel_sd_winit, ["--timesteps", "5"], "variation_steps", 5),
+])
+def test_a_preset_value_bounded_by_an_explicit_flag_follows_it(module, argv, name, value):
+    """The preset's order (20, 100) above an explicit --window_size, or its variation steps (10) above an explicit
+    --timesteps, would refuse a flag the user never gave."""
+    args = module.parse_args(["--preset", "paper"] + argv)
+    assert getattr(args, name) == value
+    check_common_flags(args, 1000)  # accepted
+
+
+def test_an_explicit_order_above_the_window_is_still_refused():
+    args = parallel_sd.parse_args(["--preset", "paper", "--window_size", "10", "--order", "20"])
+    with pytest.raises(UsageError, match="--order"):
+        check_common_flags(args, 1000)

@@ -120,12 +120,13 @@ def folder_sizes(path, flag="--model_path"):
     check_scheduler(path, flag)
     net_path, vae_path = os.path.join(path, "transformer", "config.json"), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
-    factor = 2 ** (len(config_value(vae, "block_out_channels", vae_path, flag)) - 1)
-    if config_value(net, "in_channels", net_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
+    factor = 2 ** (len(config_value(vae, "block_out_channels", vae_path, flag, "list")) - 1)
+    if config_value(net, "in_channels", net_path, flag, "count") != \
+            config_value(vae, "latent_channels", vae_path, flag, "count"):
         raise InputFileError(f"{flag}: {path}: the transformer takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents")
-    return config_value(net, "sample_size", net_path, flag) * factor, config_value(net, "num_embeds_ada_norm",
-                                                                                   net_path, flag)
+    return (config_value(net, "sample_size", net_path, flag, "count") * factor,
+            config_value(net, "num_embeds_ada_norm", net_path, flag, "count"))
 
 
 def load_dit_pipeline(path, device, dtype, flag="--model_path"):

@@ -60,10 +60,21 @@ def read_json(path, flag="--model_path"):
     return value
 
 
-def config_value(config, key, path, flag="--model_path"):
+def config_value(config, key, path, flag="--model_path", kind=None):
+    """config[key], or one line naming the file. kind: "count" (an integer >= 1; sample_size may be a pair of
+    them), "list" (a non-empty list)."""
     if key not in config:
         raise InputFileError(f"{flag}: {path} has no \"{key}\"")
-    return config[key]
+    value = config[key]
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    ok = (kind is None or kind == "list" and isinstance(value, list) and len(value) > 0 or
+          kind == "count" and (count(value) or key == "sample_size" and isinstance(value, list) and len(value) == 2
+                               and all(count(v) for v in value)))
+    if not ok:
+        what = "a non-empty list" if kind == "list" else "a positive integer"
+        raise InputFileError(f"{flag}: {path} has \"{key}\": {value!r}, {what} expected")
+    return value
 
 
 def check_folder(path, flag="--model_path"):
@@ -92,7 +103,8 @@ def check_folder(path, flag="--model_path"):
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
-    if config_value(net, "in_channels", net_path, flag) != config_value(vae, "latent_channels", vae_path, flag):
+    if config_value(net, "in_channels", net_path, flag, "count") != \
+            config_value(vae, "latent_channels", vae_path, flag, "count"):
         raise InputFileError(f"{flag}: {path}: the denoiser takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents (an inpainting or other variant?); "
                              f"the SD scripts drive {SUPPORTED}")
@@ -115,6 +127,8 @@ def check_scheduler(path, flag="--model_path"):
     """The scheduler settings the linear DDIM system (equation 1) can represent."""
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = read_json(sched_path, flag)
+    if "num_train_timesteps" in sched:
+        config_value(sched, "num_train_timesteps", sched_path, flag, "count")
     if "FlowMatch" in str(sched.get("_class_name")):  # Euler steps of a flow: the model predicts the velocity
         if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
             raise InputFileError(f"{flag}: {sched_path} sets use_dynamic_shifting or stochastic_sampling: supported are "
@@ -140,12 +154,12 @@ def _scheduler_class(path):
 def vae_scale_factor(path):
     """Pixels per latent cell, read from vae/config.json (SD v1.5: 8)."""
     vae_path = os.path.join(path, "vae", "config.json")
-    return 2 ** (len(config_value(read_json(vae_path), "block_out_channels", vae_path)) - 1)
+    return 2 ** (len(config_value(read_json(vae_path), "block_out_channels", vae_path, kind="list")) - 1)
 
 
 def default_size(path):
     net_path = _network_config(path)
-    size = config_value(read_json(net_path), "sample_size", net_path)
+    size = config_value(read_json(net_path), "sample_size", net_path, kind="count")
     if isinstance(size, (list, tuple)):  # some configs give (height, width)
         size = size[0]
     return int(size) * vae_scale_factor(path)

@@ -280,6 +280,12 @@ def bad_folders(tmp_path_factory):
             p / "scheduler" / "scheduler_config.json", lambda c: c.update(prediction_type="flow"))),
         "inpainting_unet": variant("inpainting_unet", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(in_channels=9))),
+        "text_sample_size": variant("text_sample_size", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(sample_size="abc"))),
+        "int_block_channels": variant("int_block_channels", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(block_out_channels=5))),
+        "no_training_steps": variant("no_training_steps", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(num_train_timesteps=0))),
     }
 
 
@@ -292,6 +298,9 @@ def bad_folders(tmp_path_factory):
     ("clip_sample", ["clip_sample"]),
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
     ("inpainting_unet", ["9 channels"]),
+    ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
+    ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
+    ("no_training_steps", ["scheduler_config.json", "num_train_timesteps", "positive integer"]),
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)

@@ -34,11 +34,11 @@ def main(args):
     session = start_session(args)
     first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
     check_fits(first, args, config, session, keep_trajectories=True)
-    run_dir = open_run(args, session, "SD-winit")
-    r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit",
-                     keep_trajectories=True)
-    r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
-                     init=r1["trajectory"], variation_steps=args.variation_steps)
+    with open_run(args, session, "SD-winit") as run_dir:
+        r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit",
+                         keep_trajectories=True)
+        r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
+                         init=r1["trajectory"], variation_steps=args.variation_steps)
     if session.is_main:
         print(f"wrote {run_dir}: iterations prompt1 {r1['iterations']}, "
               f"prompt2 (warm, last {args.variation_steps} steps) {r2['iterations']}")

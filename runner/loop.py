@@ -4,8 +4,10 @@ A script checks its flags, builds a Bundle with a loader from models/ (models/bu
 loop never knows which model it runs. It holds one batch of noise and conditioning at a time, and checks before
 sampling that what the run will hold fits in memory.
 """
+import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -69,17 +71,25 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
                          f"({free_host / gb:.1f} GB available); lower --num_samples (or split the run over seeds)")
 
 
+@contextlib.contextmanager
 def open_run(args, session, prefix):
-    """The run folder (main process; None elsewhere)."""
-    return create_run_dir(args.output_path, prefix) if session.is_main else None
+    """The run folder (main process; None elsewhere). A run that fails or is interrupted before any sample finished
+    leaves no folder: one of only args.json and a failed metrics.json would be half-written output."""
+    run_dir = create_run_dir(args.output_path, prefix) if session.is_main else None
+    try:
+        yield run_dir
+    except BaseException as e:
+        if run_dir and not getattr(e, "kept", None):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def sample_run(args, config, session, bundle, prefix, script):
     """The whole run of a one-bundle script: checked to fit, a new run folder, every sample solved and written,
     what it gained printed."""
     check_fits(bundle, args, config, session)
-    run_dir = open_run(args, session, prefix)
-    result = sample_into(run_dir, bundle, args, config, session, script)
+    with open_run(args, session, prefix) as run_dir:
+        result = sample_into(run_dir, bundle, args, config, session, script)
     if session.is_main:
         print(f"wrote {run_dir}")
         print("\n".join(result["summary"]), flush=True)
@@ -96,9 +106,15 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
     if not session.is_main:
         return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
     save_args(args, folder)
-    with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, bundle.info,
-                   session.world_size) as writer:
-        out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
+    writer = None
+    try:
+        with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, bundle.info,
+                       session.world_size) as writer:
+            out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
+    except BaseException:
+        if writer is None or not writer.samples:  # nothing finished: no folder of only args.json and a failed metrics.json
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     out["summary"] = speed_summary({**writer.metrics, "speed": writer.speed()}, writer.samples)
     return out
 

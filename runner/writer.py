@@ -7,8 +7,8 @@ and says which ones finished. Used as a context manager:
         ... writer.add_batch(...) ...
 
 On the way out it marks the run "complete", or "interrupted" (KeyboardInterrupt: SIGINT, SIGTERM) or "failed"
-(any other exception), and appends (run_dir, finished samples) to the exception's `kept` list for the one-line
-message (errors.py).
+(any other exception), and, when some samples finished, appends (run_dir, finished samples) to the exception's
+`kept` list for the one-line message (errors.py).
 
 A live run also says it is alive: metrics.json holds the writing process's pid and host, and "heartbeat" (seconds
 since the epoch) rewritten every HEARTBEAT seconds. A run whose status is still "running" but whose heartbeat is
@@ -77,10 +77,11 @@ class RunWriter:
             self.flush("complete")
             return False
         self.flush("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        try:
-            exc.kept = getattr(exc, "kept", []) + [(self.run_dir, len(self.samples))]
-        except AttributeError:  # an exception type that takes no attributes: the folder is marked all the same
-            pass
+        if self.samples:  # a run that finished nothing is removed by the run layer (loop.run_folder)
+            try:
+                exc.kept = getattr(exc, "kept", []) + [(self.run_dir, len(self.samples))]
+            except AttributeError:  # an exception type that takes no attributes: the folder is marked all the same
+                pass
         return False
 
     def _heartbeat(self):

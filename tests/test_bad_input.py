@@ -151,11 +151,38 @@ def test_non_finite_model_output_is_one_line_and_writes_no_image(files, tmp_path
     errors = [line for line in err.splitlines() if "error:" in line]  # the rest is the progress bars
     assert e.value.code == 1 and len(errors) == 1 and "Traceback" not in err
     assert "non-finite noise prediction at iteration 1, sample 0, step" in errors[0]
-    (run_dir,) = os.listdir(out)
-    assert not [f for _, _, fs in os.walk(out / run_dir) for f in fs if f.endswith(".png")]
+    # nothing finished: no run folder is left (one of only args.json and a failed metrics.json is half-written)
+    assert not out.exists() or not os.listdir(out), os.listdir(out)
+
+
+def test_a_failure_after_finished_samples_keeps_them(tmp_path, capsys):
+    """The second batch's model output is NaN: the first batch's samples stay, the folder says failed."""
     import json
+    from runner import loop
+    real, calls = loop.solve, []
+
+    def second_batch_fails(eps_fn, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            def broken(x, t, c):
+                return torch.full_like(x, float("nan"))
+            return real(broken, *a, **k)
+        return real(eps_fn, *a, **k)
+    out = tmp_path / "runs"
+    try:
+        loop.solve = second_batch_fails
+        with pytest.raises(SystemExit) as e:
+            exit_on_error(parallel_dit.main, parallel_dit.parse_args(
+                ["--timesteps", "10", "--num_samples", "2", "--batch_size", "1", "--window_size", "10",
+                 "--output_path", str(out)]))
+    finally:
+        loop.solve = real
+    assert e.value.code == 1
+    assert "1 finished samples kept in" in capsys.readouterr().err
+    (run_dir,) = os.listdir(out)
     with open(out / run_dir / "metrics.json") as f:
-        assert json.load(f)["status"] == "failed"
+        m = json.load(f)
+    assert m["status"] == "failed" and m["finished_samples"] == [0]
 
 
 def test_runs_started_in_the_same_second_never_share_a_folder(tmp_path):

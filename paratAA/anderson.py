@@ -85,12 +85,11 @@ class AndersonMemory:
             self.low = lo
         self.pushes += 1
 
-    def seen(self, lo):
-        """Whether every state from lo up has a previous iterate (the lowest state entered last)."""
-        return self.entered[lo] is not None
-
     def seen_mask(self, lo, hi):
-        """[hi - lo] bool: which of the states lo .. hi - 1 have a previous iterate."""
+        """[hi - lo] bool: which of the states lo .. hi - 1 have a previous iterate; None when all of them have
+        (the lowest entered last, so it is the one to ask)."""
+        if self.entered[lo] is not None:
+            return None
         return torch.tensor([self.entered[t] is not None for t in range(lo, hi)], device=self.device)
 
     def _rank(self, M, oldest, device):

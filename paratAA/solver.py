@@ -233,8 +233,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                     if taa_guard > 0 and p > 0:
                         grew = (torch.linalg.vector_norm(R[:p], dim=1)
                                 > taa_guard * torch.linalg.vector_norm(memory[b].last_r[lo:lo + p], dim=1))
-                        if not memory[b].seen(lo):  # a state without a previous residual has not grown
-                            grew &= memory[b].seen_mask(lo, lo + p)
+                        seen = memory[b].seen_mask(lo, lo + p)
+                        if seen is not None:  # a state without a previous residual has not grown
+                            grew &= seen
                     memory[b].push(x, R, lo, F)
                     if p > 0:
                         # the safeguard: where R grew, the plain step

@@ -73,14 +73,14 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
 
 @contextlib.contextmanager
 def open_run(args, session, prefix):
-    """The run folder (main process; None elsewhere). A run that fails or is interrupted before any sample finished
-    leaves no folder: one of only args.json and a failed metrics.json would be half-written output."""
+    """The run folder (main process; None elsewhere). sample_into removes what it wrote when no sample finished;
+    a run folder left empty by that (a warm start's prompt1/ and prompt2/ both removed) goes too."""
     run_dir = create_run_dir(args.output_path, prefix) if session.is_main else None
     try:
         yield run_dir
-    except BaseException as e:
-        if run_dir and not getattr(e, "kept", None):
-            shutil.rmtree(run_dir, ignore_errors=True)
+    except BaseException:
+        if run_dir and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)
         raise
 
 
@@ -112,8 +112,8 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
                        session.world_size) as writer:
             out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
     except BaseException:
-        if writer is None or not writer.samples:  # nothing finished: no folder of only args.json and a failed metrics.json
-            shutil.rmtree(folder, ignore_errors=True)
+        if writer is None or not writer.samples:  # nothing finished: args.json and a failed metrics.json would be
+            shutil.rmtree(folder, ignore_errors=True)  # half-written output
         raise
     out["summary"] = speed_summary({**writer.metrics, "speed": writer.speed()}, writer.samples)
     return out

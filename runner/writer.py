@@ -77,7 +77,7 @@ class RunWriter:
             self.flush("complete")
             return False
         self.flush("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        if self.samples:  # a run that finished nothing is removed by the run layer (loop.run_folder)
+        if self.samples:  # a folder that finished nothing is removed by the run layer (loop.sample_into)
             try:
                 exc.kept = getattr(exc, "kept", []) + [(self.run_dir, len(self.samples))]
             except AttributeError:  # an exception type that takes no attributes: the folder is marked all the same

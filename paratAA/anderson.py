@@ -40,8 +40,8 @@ def triangular_anderson_step(R, dX, dR, valid, lam, plain=None):
         lhs = torch.where(valid[:, :, None] & valid[:, None, :], lhs, eye)              # [upto, M, M]
         rhs = torch.where(valid, rhs, 0.0)
     gamma, info = torch.linalg.solve_ex(lhs, rhs)                                       # [upto, M]
-    # x + R - sum_i gamma_i (dX_i + dR_i): one batched product for both kinds of column
-    step = torch.bmm(gamma.neg_()[:, None, :], dX + dR[:upto]).squeeze(1).add_(R[:upto])  # [upto, D]
+    # x + R - sum_i gamma_i (dX_i + dR_i): one batched product for both kinds of column, added to R
+    step = torch.baddbmm(R[:upto, None], gamma[:, None], dX + dR[:upto], alpha=-1).squeeze(1)  # [upto, D]
     # a non-finite gamma makes its row of step non-finite, and so does its row sum: one check for both
     bad = (info != 0) | ~torch.isfinite(step.sum(dim=1))
     if plain is not None:
@@ -74,12 +74,14 @@ class AndersonMemory:
         self._ranks = {}  # (pushes mod M, columns in use, oldest) -> (slots, rank [M'] on the device)
 
     def push(self, x, R, lo, F):
-        """Record this iteration's window iterate x[lo:F] and residual R; a state seen before gains a column."""
+        """Record this iteration's iterate x and residual R of the window states lo .. F - 1 ([F - lo, D] each); a
+        state seen before gains a column."""
         slot = self.pushes % self.M
-        torch.sub(x[lo:F], self.last_x[lo:F], out=self.dX[lo:F, slot])
-        torch.sub(R, self.last_r[lo:F], out=self.dR[lo:F, slot])
-        self.last_x[lo:F] = x[lo:F]
-        self.last_r[lo:F] = R
+        last_x, last_r = self.last_x[lo:F], self.last_r[lo:F]
+        torch.sub(x, last_x, out=self.dX[lo:F, slot])
+        torch.sub(R, last_r, out=self.dR[lo:F, slot])
+        last_x.copy_(x)
+        last_r.copy_(R)
         if lo < self.low:
             self.entered[lo:self.low] = [self.pushes] * (self.low - lo)
             self.low = lo

@@ -25,7 +25,7 @@ import torch
 
 from .anderson import AndersonMemory
 from .config import SolverConfig
-from .denoiser import evaluate, select
+from .denoiser import check_finite, evaluate, select
 from .equations import OrderKEquations
 from .planner import plan_window
 from .sequential import sample_sequential
@@ -195,7 +195,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             s = lo + i - starts[k]
             return f"sample {b}, step {s} (model timestep {int(sched.timesteps[s])})"
 
-        eps = evaluate(eps_fn, sharding, x_in, t_in, select(cond, owner), model_dtype, it, describe)
+        # not checked for finiteness here: every prediction enters a residual whose norm the host reads below
+        eps = evaluate(eps_fn, sharding, x_in, t_in, select(cond, owner), model_dtype, it, describe, check=False)
         eps = eps.flatten(1)                                                                  # [N, D]
         for k, (b, lo, F) in enumerate(spans):
             if lo > 0:  # the window can still reach new states
@@ -207,7 +208,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             if noisy:  # eta > 0
                 e.addcmul_(c_col[lo:F], xi[b, lo:F])
             x = X[b]                                                                          # [T+1, D]
-            r1 = (a_col[lo:F] * x[lo + 1:F + 1]).add_(e).sub_(x[lo:F])                       # order-1 residual
+            xw = x[lo:F]                                                                      # [W, D] view
+            r1 = (a_col[lo:F] * x[lo + 1:F + 1]).add_(e).sub_(xw)                            # order-1 residual
             rms = torch.linalg.vector_norm(r1, dim=1) / r1.shape[1] ** 0.5                    # [W]
             # what the host needs, read in one transfer (one device sync per sample and iteration): the window
             # position of the highest unconverged state (-1: none), the largest residual, and when the window
@@ -216,6 +218,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             if lo == 0:
                 wanted += [(carry[:F] * rms).sum(), x[0].std() if x.shape[1] > 1 else one]
             read = torch.stack(wanted).tolist()
+            if not math.isfinite(read[1]):  # a non-finite prediction (or residuals past the float64 range)
+                check_finite(eps, it, describe)
             p, fallbacks = int(read[0]), 0
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
@@ -223,7 +227,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 stop = stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * last_estimate[b]
             last_estimate[b] = estimate if lo == 0 else math.inf
             if p < 0:  # every window state passed: one more plain update, no model call (as the
-                x[lo:F].add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen
+                xw.add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen
                 new_boundary = lo
             else:
                 R = eq.residual(x, e, r1, lo, F)               # [W, D] order-k residual
@@ -236,15 +240,15 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                         seen = memory[b].seen_mask(lo, lo + p)
                         if seen is not None:  # a state without a previous residual has not grown
                             grew &= seen
-                    memory[b].push(x, R, lo, F)
+                    memory[b].push(xw, R, lo, F)
                     if p > 0:
                         # the safeguard: where R grew, the plain step
                         step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
                         fallbacks = bad.sum()  # read at the end, not now: no sync
-                x[lo:lo + p].add_(step[:p] if step.shape[0] > p else step)
-                x[lo + p].add_(R[p])
+                xw[:p].add_(step[:p] if step.shape[0] > p else step)
+                xw[p].add_(R[p])
                 if quirks:  # the reference also updates the states above p, which passed, once more
-                    x[lo + p + 1:F].add_(R[p + 1:])
+                    xw[p + 1:].add_(R[p + 1:])
                 new_boundary = lo + p
             if stop:  # the stop rule: x_0 (just updated) is final
                 new_boundary = 0

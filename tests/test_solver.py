@@ -142,6 +142,25 @@ def test_non_finite_model_output_names_iteration_and_step():
         solve(broken, schedule, noise, model_dtype=torch.float64)
 
 
+def test_non_finite_output_of_a_later_sample_and_call_is_found():
+    """The solver checks predictions through the residuals it reads per sample: an inf in the second sample's
+    rows of the second call is named as such, whatever the first sample's rows hold."""
+    model, schedule, noise = gmm_problem(10, batch=2)
+    calls = []
+
+    def broken(x, t, cond):
+        calls.append(t.clone())
+        eps = model(x, t, cond)
+        if len(calls) == 2:
+            eps[-1] = float("inf")  # the last input of a call is the second sample's noisiest window state
+        return eps
+
+    with pytest.raises(NonFiniteModelOutput, match=r"iteration 2, sample 1, step \d+ \(model timestep") as info:
+        solve(broken, schedule, noise, window_size=4, model_dtype=torch.float64)
+    step = int(info.value.args[0].split("step ")[1].split(" ")[0])
+    assert int(schedule.timesteps[step]) == int(calls[1][-1])
+
+
 def test_unusable_anderson_problem_falls_back_to_plain_update(monkeypatch):
     model, schedule, noise = gmm_problem(20)
     ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
@@ -188,7 +207,7 @@ def test_taa_step_solves_each_states_least_squares_problem(m):
     for lo, F in [(8, 12), (6, 12), (6, 11), (3, 9), (1, 8), (0, 7), (0, 6), (0, 4)]:
         x = torch.randn(T + 1, D, dtype=torch.float64, generator=gen)
         R = torch.randn(F - lo, D, dtype=torch.float64, generator=gen)
-        memory.push(x, R, lo, F)
+        memory.push(x[lo:F], R, lo, F)
         for i, t in enumerate(range(lo, F)):
             pushed[t].append((x[t].clone(), R[i].clone()))
         for p in range(1, F - lo):

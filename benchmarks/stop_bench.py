@@ -12,6 +12,8 @@
       text-to-image     noise seed 100 + c, wordings the model was not trained on: "a digit <name>" (c even),
                         "handwritten digit <name>" (c odd)
       mixture           4x32x32, 10 components, std 0.1; mixture and noise seed 100 + s, s = 0..9
+   --seed_base N moves every held-out seed from 100 + c to N + c (N >= 10: the design used 0..9), for more samples
+   none of which was used in the design.
    --looser_tolerances adds the stop rule with looser per-state tolerances (tol1, tol2): they freeze states
    sooner, which saves iterations at small windows, and the table shows what they cost on these samples.
 2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
@@ -45,15 +47,16 @@ LOOSER = {"stop rule, tol1 1e-3, tol2 1e-3": dict(tol1=1e-3, tol2=1e-3),
 GMM_SAME = 0.01  # of the sequential x_0's std
 
 
-def problems(n):
+def problems(n, seed_base=100):
     """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype)."""
     dit = digits.load_embedded_dit()
     dit_decode = VAEDecoder(digits.load_embedded_vae(), torch.device("cpu"))
     pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = [f"a digit {NAMES[c]}" if c % 2 == 0 else f"handwritten digit {NAMES[c]}" for c in range(n)]
-    mixtures = [GaussianMixtureEps.random(dit_alphas_cumprod(), (4, 32, 32), components=10, std=0.1, seed=100 + s)
-                for s in range(n)]
+    seeds = range(seed_base, seed_base + n)
+    mixtures = [GaussianMixtureEps.random(dit_alphas_cumprod(), (4, 32, 32), components=10, std=0.1, seed=s)
+                for s in seeds]
 
     def images(decode):
         def distance(x0s, ref):
@@ -67,14 +70,13 @@ def problems(n):
     def latents(x0s, ref):
         return [latent_rms(x, ref) for x in x0s], GMM_SAME * float(ref.std())
     return {
-        "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule, lambda T: noise_from_seeds(range(100, 100 + n), T,
-                                                                                          (4, 4, 4)),
+        "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule, lambda T: noise_from_seeds(seeds, T, (4, 4, 4)),
                          torch.arange(n) % 10, images(dit_decode), torch.float32),
         "text-to-image": (SDDenoiser(pipe.unet, 5.0), lambda T, eta: pipeline_schedule(pipe, T, eta),
-                          lambda T: noise_from_seeds(range(100, 100 + n), T, latent_shape(pipe, size, size)),
+                          lambda T: noise_from_seeds(seeds, T, latent_shape(pipe, size, size)),
                           encode(pipe, prompts, "", torch.device("cpu")), images(VAEDecoder(pipe.vae, pipe.device)),
                           torch.float32),
-        "Gaussian mixture": (gmm_eps, dit_schedule, lambda T: noise_from_seeds(range(100, 100 + n), T, (4, 32, 32)),
+        "Gaussian mixture": (gmm_eps, dit_schedule, lambda T: noise_from_seeds(seeds, T, (4, 32, 32)),
                              torch.arange(n), latents, torch.float64),
     }
 
@@ -83,13 +85,13 @@ def row(cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-def stop_table(steps, etas, n, rules):
+def stop_table(steps, etas, n, rules, seed_base=100):
     out = {}
     row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)",
          "stop - same (median / max; samples that reach it)",
          "runs ending off", "max final difference (x threshold)"])
     row(["---"] * 9)
-    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n).items():
+    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, seed_base).items():
         for T in steps:
             for eta in etas:
                 sched, noise = schedule(T, eta), noise_of(T)
@@ -143,9 +145,13 @@ def main(args):
     torch.set_grad_enabled(False)
     steps, etas, n = ([25], [0.0], 3) if args.quick else ([25, 50, 100], [0.0, 0.5], 10)
     rules = {**RULES, **(LOOSER if args.looser_tolerances else {})}
-    flags = (" --quick" if args.quick else "") + (" --looser_tolerances" if args.looser_tolerances else "")
+    if args.seed_base < 10:
+        raise SystemExit(f"--seed_base must be at least 10 (seeds 0-9 designed the rule), got {args.seed_base}")
+    flags = ((" --quick" if args.quick else "") + (" --looser_tolerances" if args.looser_tolerances else "")
+             + (f" --seed_base {args.seed_base}" if args.seed_base != 100 else ""))
     report = {"command": "python benchmarks/stop_bench.py" + flags,
-              "machine": args.machine, "stop": stop_table(steps, etas, n, rules),
+              "machine": args.machine, "seed_base": args.seed_base,
+              "stop": stop_table(steps, etas, n, rules, args.seed_base),
               "forms": forms_table(steps, [0, 1] if args.quick else [0, 1, 2, 3, 4])}
     write_json(report, args.out)
 
@@ -155,6 +161,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples: the smoke test")
     parser.add_argument("--looser_tolerances", action="store_true",
                         help="also the stop rule with looser per-state tolerances (what they save and cost)")
+    parser.add_argument("--seed_base", type=int, default=100,
+                        help="first held-out seed (noise, and the mixtures'): 100 + c by default")
     parser.add_argument("--out", default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     main(parser.parse_args())

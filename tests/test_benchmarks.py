@@ -184,10 +184,19 @@ def test_sd_bench_folder_two_processes(tmp_path, tiny_sd):
     assert index["model"]["labels"] == ["a red cube", "a blue ball", "a red cube"]  # what a CLIP score reads
 
 
+def test_stop_benchmark_refuses_the_design_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stop_bench.py"), "--seed_base", "5",
+                           "--out", str(tmp_path / "stop.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert proc.returncode != 0 and "--seed_base" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "stop.json").exists()
+
+
 def test_stop_and_speed_benchmarks_quick(tmp_path):
     """The stop rule's benchmark (held-out samples) and the speed benchmark run and say what they promise."""
     bench("stop_bench.py", "--out", str(tmp_path / "stop.json"))
     stop = read(tmp_path / "stop.json")
+    assert stop["seed_base"] == 100 and "--seed_base" not in stop["command"]
     for model in ("embedded DiT", "text-to-image", "Gaussian mixture"):
         ours = stop["stop"][f"{model} T=25 eta=0.0 default (stop rule, tol 1e-4)"]
         before = stop["stop"][f"{model} T=25 eta=0.0 per-state, tol 3e-4 (before)"]

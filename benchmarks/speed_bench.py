@@ -63,7 +63,8 @@ def cpu_table(T, repeats, quick):
     print("|---|---|---|---|---|---|")
     for name, eps, schedule, noise, cond in problems(T, quick):
         config = SolverConfig()
-        t_plan, plan = timed(lambda: plan_window(eps, schedule, noise, cond, config, Sharding(), torch.float32))
+        t_plan, plan = timed(lambda: plan_window(eps, schedule, noise, cond, config, Sharding(), torch.float32,
+                                                 solve=solve))
         methods = {"sequential": None, "auto": plan.window, **{f"window {w}": w for w in candidate_windows(T)}}
         times = {k: [] for k in methods}
         iterations = {}

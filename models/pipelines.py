@@ -57,7 +57,8 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
         stop = min(start + B, num_images)
         noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
         if config.window_size == "auto" and start == 0:  # measured once, for the first batch
-            plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, sharding or Sharding(), dtype)
+            plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, sharding or Sharding(), dtype,
+                               solve=solve)
             config = replace(config, window_size=plan.window).resolve(num_inference_steps)
         t0 = time.perf_counter()
         res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, model_dtype=dtype, sharding=sharding,

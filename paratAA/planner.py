@@ -16,7 +16,7 @@ plan takes the W that minimises it, W = 1 being sequential sampling itself (K(1)
 """
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -105,11 +105,10 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
     return out
 
 
-def measure_solver_seconds(schedule, noise, config, windows, sharding):
+def measure_solver_seconds(solve, schedule, noise, config, windows, sharding):
     """o(w): the solver's seconds per iteration at each window, with a free model (two iterations, the second
-    with the TAA update), on this device."""
-    from .solver import solve
-    from dataclasses import replace
+    with the TAA update), on this device. solve: paratAA.solve, passed in by the caller (the solver plans its own
+    "auto" window, so this module does not import it)."""
     out = {}
     for w in windows:
         c = replace(config, window_size=w, order=min(config.order or w, w), tol1=0.0, tol2=0.0, max_steps=2)
@@ -160,10 +159,11 @@ def cached_curves(hit, B):
     return (calls, solver) if good else None
 
 
-def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, cache=None, key=None):
+def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None):
     """Measure (or read from cache[key]) the cost curves of this model on this device and process group, and
-    choose the window. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process
-    count and batch (the caller's; without one nothing is cached). Every process takes the main process's choice."""
+    choose the window. solve: paratAA.solve, whose own work per iteration is measured. cache: a dict the caller
+    may persist; key: what identifies the model, device, dtype, process count and batch (the caller's; without one
+    nothing is cached). Every process takes the main process's choice."""
     T, B = schedule.num_steps, noise.shape[0]
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
@@ -171,7 +171,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, ca
         plan = choose(T, B, calls, solver, measured=False)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
-        solver = measure_solver_seconds(schedule, noise, config, sorted({n // B for n in calls}), sharding)
+        solver = measure_solver_seconds(solve, schedule, noise, config, sorted({n // B for n in calls}), sharding)
         if cache is not None and key is not None:
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
                           "solver_seconds": {str(k): v for k, v in solver.items()}}

@@ -103,7 +103,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     config = replace(config or SolverConfig(), **overrides).resolve(T)
     plan = None
     if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
-        plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype)
+        plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype, solve=solve)
         config = replace(config, window_size=plan.window).resolve(T)
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
     lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from paratAA import solve
 from paratAA.planner import cached_curves, measure_call_seconds, plan_window, sync, window_call
 
 
@@ -81,7 +82,7 @@ def _plan(bundle, args, config, session, noise, cond):
     key = cache_key(bundle, args, config, session, B)
     if config.window_size == "auto":
         plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, session.sharding,
-                           session.model_dtype, cache=cache, key=key)
+                           session.model_dtype, solve=solve, cache=cache, key=key)
         if session.is_main and plan.measured:
             _save(cache)
         config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)

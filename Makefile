@@ -34,6 +34,8 @@ bench: $(VENV)/.installed
 		--summary benchmarks/results/sample_sets_sd.json
 	$(PY) benchmarks/sd_bench.py --model_path models/embedded/flow --timesteps 50 --out benchmarks/results/flow.json
 	$(PY) benchmarks/stop_bench.py
+	for b in 300 500 700; do $(PY) benchmarks/stop_bench.py --seed_base $$b --out benchmarks/results/stop_seed$$b.json; done
+	$(PY) benchmarks/tail_bench.py
 	$(PY) benchmarks/speed_bench.py
 
 bench-quick: $(VENV)/.installed

@@ -192,6 +192,24 @@ def test_stop_benchmark_refuses_the_design_seeds(tmp_path):
     assert not (tmp_path / "stop.json").exists()
 
 
+def test_tail_benchmark_quick(tmp_path):
+    """Every held-out sample reaches the sequential image under every variant, and the default's stop leaves none
+    of them off it."""
+    bench("tail_bench.py", "--seed_bases", "200", "--out", str(tmp_path / "tail.json"))
+    tail = read(tmp_path / "tail.json")
+    assert tail["command"].endswith("--quick --seed_bases 200")
+    for name, v in tail["variants"].items():
+        assert len(v["same"]) == 6 and None not in v["same"], name  # 3 DiT and 3 text-to-image samples
+    default = tail["variants"]["default (picard, m = 3)"]
+    assert default["off"] == 0
+    for bad in ("5", "a,b"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tail_bench.py"), "--seed_bases", bad,
+                               "--out", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env=ENV)
+        assert proc.returncode != 0 and "--seed_bases" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_stop_and_speed_benchmarks_quick(tmp_path):
     """The stop rule's benchmark (held-out samples) and the speed benchmark run and say what they promise."""
     bench("stop_bench.py", "--out", str(tmp_path / "stop.json"))

@@ -1,0 +1,80 @@
+"""The slow tail: iterations to the same image per held-out sample, for the default and a few variants of it.
+
+    python benchmarks/tail_bench.py [--quick] [--seed_bases 100,300,500,700] [--out benchmarks/results/tail.json]
+
+The held-out samples of stop_bench.py (embedded DiT and text-to-image, 10 per seed base), T = 100, eta 0, window =
+T. Per variant: same-image iteration of every sample (the first iterate within one gray level of the sequential
+sample's image), the stop, runs ending off. The medians hide the tail; this names the samples in it.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import write_json  # noqa: E402
+from benchmarks.stop_bench import problems  # noqa: E402
+from paratAA import sample_sequential, solve  # noqa: E402
+
+# name: SolverConfig overrides
+VARIANTS = {"default (picard, m = 3)": {}, "m = 2": dict(memory_size=2), "m = 1 (no TAA)": dict(memory_size=1),
+            "ddim form (the paper's)": dict(equations="ddim")}
+MODELS = ("embedded DiT", "text-to-image")
+
+
+def tail(bases, T, n):
+    out = {v: {"same": [], "stop": [], "off": 0, "samples": []} for v in VARIANTS}
+    for base in bases:
+        for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, base).items():
+            if name not in MODELS:
+                continue
+            sched, noise = schedule(T, 0.0), noise_of(T)
+            ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
+            for v, kw in VARIANTS.items():
+                res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
+                for b, h in enumerate(res.history):
+                    d, threshold = distance(h.x0, ref[b])
+                    same = next((k for k, x in enumerate(d) if x <= threshold), None)  # None: never
+                    out[v]["same"].append(same)
+                    out[v]["stop"].append(res.iterations[b])
+                    out[v]["off"] += d[-1] > threshold
+                    out[v]["samples"].append(f"{name}, seed {base + b}")
+    return out
+
+
+def main(args):
+    torch.set_grad_enabled(False)
+    try:
+        bases = [int(b) for b in args.seed_bases.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seed_bases must be integers separated by commas, got {args.seed_bases!r}")
+    if min(bases) < 10:
+        raise SystemExit(f"--seed_bases must be at least 10 (seeds 0-9 designed the solver), got {args.seed_bases}")
+    T, n = (25, 3) if args.quick else (100, 10)
+    result = tail(bases, T, n)
+    print(f"T = {T}, eta 0, window = T, seed bases {args.seed_bases}: same image (median / max / mean), the samples "
+          f"at the max, stop (mean / max), runs off\n")
+    print("| variant | same image | slowest | stop | runs off |")
+    print("|---|---|---|---|---|")
+    for v, r in result.items():
+        same = [s if s is not None else float("inf") for s in r["same"]]
+        worst = max(same)
+        slowest = "; ".join(s for s, x in zip(r["samples"], same) if x == worst)
+        r.update(median=statistics.median(same), max=worst, mean=statistics.mean(same))
+        print(f"| {v} | {r['median']:g} / {worst:g} / {r['mean']:.2f} | {slowest} | "
+              f"{statistics.mean(r['stop']):.2f} / {max(r['stop'])} | {r['off']} |", flush=True)
+    flags = (" --quick" if args.quick else "") + f" --seed_bases {args.seed_bases}"
+    write_json({"command": "python benchmarks/tail_bench.py" + flags, "machine": args.machine, "T": T,
+                "variants": result}, args.out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T = 25, 3 samples per seed base: the smoke test")
+    parser.add_argument("--seed_bases", default="100,300,500,700",
+                        help="held-out seed bases, as stop_bench.py --seed_base (comma-separated)")
+    parser.add_argument("--out", default="benchmarks/results/tail.json")
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    main(parser.parse_args())

@@ -85,6 +85,19 @@ def row(cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
+def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
+    """Solve with the overrides kw; per sample: the stop, the first iterate that is the sequential sample ref's
+    (None: never) and the final difference over the threshold (above 1: the run ended off)."""
+    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
+    stops, sames, finals = [], [], []
+    for b, h in enumerate(res.history):
+        d, threshold = distance(h.x0, ref[b])
+        stops.append(res.iterations[b])
+        sames.append(next((k for k, v in enumerate(d) if v <= threshold), None))
+        finals.append(d[-1] / threshold)
+    return stops, sames, finals
+
+
 def stop_table(steps, etas, n, rules, seed_base=100):
     out = {}
     row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)",
@@ -97,14 +110,7 @@ def stop_table(steps, etas, n, rules, seed_base=100):
                 sched, noise = schedule(T, eta), noise_of(T)
                 ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
                 for rule, kw in rules.items():
-                    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
-                    stops, sames, finals = [], [], []
-                    for b, h in enumerate(res.history):
-                        d, threshold = distance(h.x0, ref[b])
-                        same = next((k for k, v in enumerate(d) if v <= threshold), None)  # None: never
-                        stops.append(res.iterations[b])
-                        sames.append(same)
-                        finals.append(d[-1] / threshold)
+                    stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
                     lag = [a - b for a, b in zip(stops, sames) if b is not None]
                     reached = sorted(b for b in sames if b is not None)
                     s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),

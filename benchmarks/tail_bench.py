@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import write_json  # noqa: E402
-from benchmarks.stop_bench import problems  # noqa: E402
-from paratAA import sample_sequential, solve  # noqa: E402
+from benchmarks.stop_bench import measure, problems  # noqa: E402
+from paratAA import sample_sequential  # noqa: E402
 
 # name: SolverConfig overrides
 VARIANTS = {"default (picard, m = 3)": {}, "m = 2": dict(memory_size=2), "m = 1 (no TAA)": dict(memory_size=1),
@@ -33,14 +33,11 @@ def tail(bases, T, n):
             sched, noise = schedule(T, 0.0), noise_of(T)
             ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
             for v, kw in VARIANTS.items():
-                res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
-                for b, h in enumerate(res.history):
-                    d, threshold = distance(h.x0, ref[b])
-                    same = next((k for k, x in enumerate(d) if x <= threshold), None)  # None: never
-                    out[v]["same"].append(same)
-                    out[v]["stop"].append(res.iterations[b])
-                    out[v]["off"] += d[-1] > threshold
-                    out[v]["samples"].append(f"{name}, seed {base + b}")
+                stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
+                out[v]["same"] += sames
+                out[v]["stop"] += stops
+                out[v]["off"] += sum(f > 1 for f in finals)
+                out[v]["samples"] += [f"{name}, seed {base + b}" for b in range(len(stops))]
     return out
 
 

@@ -7,7 +7,8 @@
    DiT-XL/2 at 256x256 and the Stable Diffusion v1.5 UNet at 512x512, fp16.
 2. Wall-clock of ParaTAA (T = 100, m = 3, order = window, a fixed number K of iterations) against sequential
    DDIM (T = 100 calls of batch 1 x 2) with DiT-XL/2, for the iteration counts K measured on the embedded
-   models; the solver's own time per iteration beside the model's.
+   models, and with the SD v1.5 UNet for a range of K at window 8; the solver's own time per iteration beside
+   the model's.
 3. Peak GPU memory of the solver's state at T = 100, m = 3, 4x64x64 latents (a free model).
 4. Default flags end to end (window auto): for DiT-XL/2 and the SD v1.5 UNet the planner measures the model here
    and picks the window; ParaTAA then runs (a) with the default stop rule on these random weights, and (b) for
@@ -179,6 +180,44 @@ def default_flags(name, eps, schedule, latent, cond, device, dtype):
     return row
 
 
+@torch.no_grad()
+def fixed_runs(name, eps, schedule, noise, cond, runs, device, dtype):
+    """Sequential DDIM, then ParaTAA for fixed (window, K iterations) pairs (tolerance 0: exactly K iterations,
+    whatever these random weights do): wall-clock, speed-up, and the solver's and the model's time per iteration
+    (the model timed between device syncs)."""
+    model_time = [0.0]
+
+    def timed(x, tt, c):
+        sync(device)
+        t0 = time.perf_counter()
+        out = eps(x, tt, c)
+        sync(device)
+        model_time[0] += time.perf_counter() - t0
+        return out
+
+    seq = time_call(lambda: sample_sequential(eps, schedule, noise, cond, model_dtype=dtype), device, 1)
+    print(f"\n{name}: sequential DDIM, T = {schedule.num_steps}: {seq:.3f} s\n")
+    print("| window | iterations K | ParaTAA s | speed-up | solver s/iteration | model s/iteration |")
+    print("|---|---|---|---|---|---|")
+    solve(timed, schedule, noise, cond, memory_size=3, max_steps=2, model_dtype=dtype)  # warm-up
+    rows = {}
+    for W, K in runs:
+        model_time[0] = 0.0
+        sync(device)
+        t0 = time.perf_counter()
+        out = solve(timed, schedule, noise, cond, window_size=W, memory_size=3, tol1=0, tol2=0, max_steps=K,
+                    model_dtype=dtype)
+        sync(device)
+        total = time.perf_counter() - t0
+        k = out.iterations[0]
+        row = {"window": W, "iterations": k, "seconds": total, "speedup": seq / total,
+               "solver_per_iteration": (total - model_time[0]) / k, "model_per_iteration": model_time[0] / k}
+        rows[f"W={W} K={K}"] = row
+        print(f"| {W} | {k} | {total:.3f} | {row['speedup']:.2f}x | {row['solver_per_iteration']:.4f} | "
+              f"{row['model_per_iteration']:.4f} |", flush=True)
+    return seq, rows
+
+
 def save(report, path):
     if path:  # after every section: a run stopped by its time limit keeps what it measured
         write_json(report, path)
@@ -227,43 +266,17 @@ def main(args):
                                                               sd_latent, text, device, dtype)
     save(report, args.out)
 
-    # ParaTAA vs sequential with the real solver on the GPU, DiT-XL/2, fixed iteration counts
-    schedule = dit_schedule(T)
-    noise = noise_from_seeds([0], T, dit_latent).to(device)
-    label = torch.tensor([207], device=device)
-    model_time = [0.0]
-
-    def timed(x, tt, c):
-        sync(device)
-        t0 = time.perf_counter()
-        out = dit_eps(x, tt, c)
-        sync(device)
-        model_time[0] += time.perf_counter() - t0
-        return out
-
-    seq_seconds = time_call(lambda: sample_sequential(dit_eps, schedule, noise, label, model_dtype=dtype), device, 1)
-    report["sequential_seconds_T100"] = seq_seconds
-    report["paratAA"] = {}
-    print(f"\nsequential DDIM, T = {T}: {seq_seconds:.3f} s\n")
+    # ParaTAA vs sequential with the real solver on the GPU, fixed iteration counts: DiT-XL/2, then the SD UNet
     runs = [(T, K) for K in ([2, 4] if args.smoke else args.iterations)]
     runs += [tuple(int(v) for v in r.split(":")) for r in ([] if args.smoke else args.window_runs)]
-    print("| window | iterations K | ParaTAA s | speed-up | solver s/iteration | model s/iteration |")
-    print("|---|---|---|---|---|---|")
-    solve(timed, schedule, noise, label, memory_size=3, max_steps=2, model_dtype=dtype)  # warm-up
-    for W, K in runs:
-        model_time[0] = 0.0
-        sync(device)
-        t0 = time.perf_counter()
-        out = solve(timed, schedule, noise, label, window_size=W, memory_size=3, tol1=0, tol2=0, max_steps=K,
-                    model_dtype=dtype)
-        sync(device)
-        total = time.perf_counter() - t0
-        k = out.iterations[0]
-        row = {"window": W, "iterations": k, "seconds": total, "speedup": seq_seconds / total,
-               "solver_per_iteration": (total - model_time[0]) / k, "model_per_iteration": model_time[0] / k}
-        report["paratAA"][f"W={W} K={K}"] = row
-        print(f"| {W} | {k} | {total:.3f} | {row['speedup']:.2f}x | {row['solver_per_iteration']:.4f} | "
-              f"{row['model_per_iteration']:.4f} |", flush=True)
+    report["sequential_seconds_T100"], report["paratAA"] = fixed_runs(
+        "DiT-XL/2 256", dit_eps, dit_schedule(T), noise_from_seeds([0], T, dit_latent).to(device), y, runs,
+        device, dtype)
+    runs = [tuple(int(v) for v in r.split(":")) for r in (["4:3", "8:2"] if args.smoke else args.sd_window_runs)]
+    report["sd_sequential_seconds_T100"], report["sd_paratAA"] = fixed_runs(
+        "SD1.5 UNet 512", unet_eps, sd15_schedule(T), noise_from_seeds([0], T, sd_latent).to(device), text, runs,
+        device, dtype)
+    save(report, args.out)
 
     if device.type == "cuda":  # the solver's own memory at SD size
         del dit, unet
@@ -294,5 +307,9 @@ if __name__ == "__main__":
     parser.add_argument("--window_runs", nargs="*", default=["4:41", "8:24", "16:14", "32:10"],
                         help="WINDOW:ITERATIONS pairs: the iterations the embedded DiT needed at that window "
                              "(median stop, BENCHMARKS.md window table)")
+    parser.add_argument("--sd_window_runs", nargs="*",
+                        default=["4:41", "6:28", "8:18", "8:20", "8:22", "8:24", "12:16"],
+                        help="WINDOW:ITERATIONS pairs timed with the SD v1.5 UNet (a range of K at window 8: the "
+                             "speed-up for whichever count a trained model needs)")
     parser.add_argument("--out", default=None)
     main(parser.parse_args())

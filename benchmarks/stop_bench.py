@@ -16,6 +16,8 @@
    none of which was used in the design.
    --looser_tolerances adds the stop rule with looser per-state tolerances (tol1, tol2): they freeze states
    sooner, which saves iterations at small windows, and the table shows what they cost on these samples.
+   --windows W [W ...] instead: T = 100, eta 0, at those windows, the default against the opt-in --slide_tol
+   (docs/ALGORITHM.md, section 4): what the looser test while the window is short of x_0 saves, and what it costs.
 2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
    1e-3, per-state stop: the grid the form was judged on), the ratio of the worst iteration counts.
 """
@@ -124,6 +126,27 @@ def stop_table(steps, etas, n, rules, seed_base=100):
     return out
 
 
+def window_table(windows, n, slide_tol, seed_base):
+    """T = 100, eta 0, windows < T: the default against slide_tol, per model and window."""
+    out = {}
+    row(["model", "window", "rule", "stop (median / max / mean)", "same (median / max)", "runs ending off",
+         "max final difference (x threshold)"])
+    row(["---"] * 7)
+    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, seed_base).items():
+        sched, noise = schedule(100, 0.0), noise_of(100)
+        ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
+        for W in windows:
+            for rule, kw in {"default": {}, f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}.items():
+                stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, dict(kw, window_size=W))
+                s = {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals)}
+                out[f"{name} W={W} {rule}"] = s
+                reached = [b for b in sames if b is not None]
+                row([name, W, rule, f"{statistics.median(stops):g} / {max(stops)} / {statistics.mean(stops):.1f}",
+                     f"{statistics.median(reached):g} / {max(reached) if len(reached) == n else 'never'}",
+                     f"{s['off']} of {n}", f"{s['max_final']:.2f}"])
+    return out
+
+
 def forms_table(steps, seeds):
     out = {}
     print("\nThe default (picard) form against the paper's (ddim), Gaussian mixture, tolerance 1e-3, per-state stop, "
@@ -155,6 +178,12 @@ def main(args):
         raise SystemExit(f"--seed_base must be at least 10 (seeds 0-9 designed the rule), got {args.seed_base}")
     flags = ((" --quick" if args.quick else "") + (" --looser_tolerances" if args.looser_tolerances else "")
              + (f" --seed_base {args.seed_base}" if args.seed_base != 100 else ""))
+    if args.windows:
+        flags += " --windows " + " ".join(str(w) for w in args.windows) + f" --slide_tol {args.slide_tol:g}"
+        write_json({"command": "python benchmarks/stop_bench.py" + flags, "machine": args.machine,
+                    "seed_base": args.seed_base, "T": 100, "eta": 0.0,
+                    "windows": window_table(args.windows, n, args.slide_tol, args.seed_base)}, args.out)
+        return
     report = {"command": "python benchmarks/stop_bench.py" + flags,
               "machine": args.machine, "seed_base": args.seed_base,
               "stop": stop_table(steps, etas, n, rules, args.seed_base),
@@ -169,6 +198,9 @@ if __name__ == "__main__":
                         help="also the stop rule with looser per-state tolerances (what they save and cost)")
     parser.add_argument("--seed_base", type=int, default=100,
                         help="first held-out seed (noise, and the mixtures'): 100 + c by default")
+    parser.add_argument("--windows", type=int, nargs="*", default=None,
+                        help="T = 100 at these windows: the default against --slide_tol (no stop/forms tables)")
+    parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
     parser.add_argument("--out", default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     main(parser.parse_args())

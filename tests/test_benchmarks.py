@@ -210,6 +210,17 @@ def test_tail_benchmark_quick(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_slide_tolerance_benchmark_quick(tmp_path):
+    """The window table: the default against --slide_tol at a small window; the option never costs iterations."""
+    bench("stop_bench.py", "--seed_base", "200", "--windows", "8", "--out", str(tmp_path / "win.json"))
+    win = read(tmp_path / "win.json")
+    assert win["command"].endswith("--windows 8 --slide_tol 0.008")
+    for model in ("embedded DiT", "text-to-image", "Gaussian mixture"):
+        base, slide = win["windows"][f"{model} W=8 default"], win["windows"][f"{model} W=8 slide_tol 0.008"]
+        assert len(base["stop"]) == 3 and base["off"] == 0, model
+        assert max(slide["stop"]) <= max(base["stop"]), model
+
+
 def test_stop_and_speed_benchmarks_quick(tmp_path):
     """The stop rule's benchmark (held-out samples) and the speed benchmark run and say what they promise."""
     bench("stop_bench.py", "--out", str(tmp_path / "stop.json"))

@@ -104,6 +104,50 @@ def test_batch_equals_separate_solves(conditioned):
         assert len(set(together.iterations)) > 1, "samples should converge at different iterations here"
 
 
+@pytest.mark.parametrize("window", [4, 7])
+def test_slide_test_is_a_per_state_tolerance_until_the_window_reaches_x0(window):
+    """While the window is short of x_0 a state passes at slide_tol T / (100 W): the run is the one with that
+    per-state tolerance, iterate for iterate, until the first iteration whose window reaches x_0."""
+    T, slide_tol, tol1 = 40, 0.2, 1e-4
+    model, schedule, noise = gmm_problem(T, batch=2, eta=0.3)
+    cap = slide_tol * T / (100 * window)
+    a = solve(model, schedule, noise, window_size=window, tol1=tol1, tol2=0, slide_tol=slide_tol, max_steps=1,
+              model_dtype=torch.float64)
+    b = solve(model, schedule, noise, window_size=window, tol1=cap, tol2=0, slide_tol=0, max_steps=1,
+              model_dtype=torch.float64)
+    k = 1
+    while all(f > window for f in a.history[0].boundary[-1:] + a.history[1].boundary[-1:]):
+        k += 1  # both samples' windows stay above x_0 in iteration k
+        a = solve(model, schedule, noise, window_size=window, tol1=tol1, tol2=0, slide_tol=slide_tol, max_steps=k,
+                  model_dtype=torch.float64)
+        b = solve(model, schedule, noise, window_size=window, tol1=cap, tol2=0, slide_tol=0, max_steps=k,
+                  model_dtype=torch.float64)
+        assert [h.boundary for h in a.history] == [h.boundary for h in b.history]
+        assert torch.equal(a.trajectory, b.trajectory)
+    assert k > 2
+    # and it loosens the test: without it the window slides more slowly
+    slow = solve(model, schedule, noise, window_size=window, tol1=tol1, tol2=0, slide_tol=0, max_steps=k,
+                 model_dtype=torch.float64)
+    assert min(a.history[0].boundary[-1], a.history[1].boundary[-1]) < min(h.boundary[-1] for h in slow.history)
+
+
+def test_slide_test_is_off_once_the_window_reaches_x0():
+    # at window = T the window reaches x_0 from the first iteration: slide_tol changes nothing
+    T = 30
+    model, schedule, noise = gmm_problem(T, batch=2, eta=0.3)
+    runs = [solve(model, schedule, noise, slide_tol=v, model_dtype=torch.float64) for v in (0.0, 8e-3, 10.0)]
+    for r in runs[1:]:
+        assert r.iterations == runs[0].iterations and torch.equal(r.trajectory, runs[0].trajectory)
+    # a huge slide tolerance freezes a whole window per iteration until the window reaches x_0; from there the
+    # per-state tolerance decides, and x_0's window takes more than one iteration
+    W = 8
+    out = solve(model, schedule, noise, window_size=W, slide_tol=1e9, model_dtype=torch.float64)
+    for h in out.history:
+        assert h.boundary[:3] == [T - W, T - 2 * W, T - 3 * W]
+    assert out.max_iterations > 4  # x_0's window did not pass in one iteration
+    assert all(out.converged)
+
+
 def test_warm_start_equals_sequential_from_that_level():
     T, V = 20, 8
     model, schedule, noise = gmm_problem(T, batch=2, eta=0.4)

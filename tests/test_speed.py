@@ -28,6 +28,21 @@ def test_a_busy_device_gets_window_one_an_idle_one_a_large_window():
     assert plan.window >= 32 and plan.predicted_sequential_seconds / plan.predicted_seconds > 5
 
 
+def test_a_smaller_call_never_costs_more_than_a_larger_one():
+    # a slow first size (noise: a clock ramping up) must not inflate the sequential estimate T c(1)
+    import time
+    from paratAA.planner import measure_call_seconds
+    from paratAA.sharding import Sharding
+    _, schedule, noise = gmm_problem(8)
+
+    def model(x, t, cond):
+        time.sleep(0.03 if x.shape[0] == 1 else 0.002)
+        return torch.zeros_like(x)
+    calls = measure_call_seconds(model, schedule, noise, None, Sharding(), torch.float64, [1, 2, 4])
+    assert sorted(calls) == [1, 2, 4]
+    assert calls[1] <= calls[2] < 0.02 and calls[2] <= calls[4]
+
+
 def test_auto_window_solves_and_records_its_plan():
     model, schedule, noise = gmm_problem(30, batch=2)
     out = solve(model, schedule, noise, window_size="auto", model_dtype=torch.float64)

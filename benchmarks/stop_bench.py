@@ -179,6 +179,9 @@ def main(args):
     flags = ((" --quick" if args.quick else "") + (" --looser_tolerances" if args.looser_tolerances else "")
              + (f" --seed_base {args.seed_base}" if args.seed_base != 100 else ""))
     if args.windows:
+        if min(args.windows) < 1 or not 0 < args.slide_tol < float("inf"):
+            raise SystemExit(f"--windows must be >= 1 and --slide_tol a positive number, got {args.windows} and "
+                             f"{args.slide_tol}")
         flags += " --windows " + " ".join(str(w) for w in args.windows) + f" --slide_tol {args.slide_tol:g}"
         write_json({"command": "python benchmarks/stop_bench.py" + flags, "machine": args.machine,
                     "seed_base": args.seed_base, "T": 100, "eta": 0.0,

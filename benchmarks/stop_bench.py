@@ -100,6 +100,12 @@ def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
     return stops, sames, finals
 
 
+def same_cell(sames):
+    """'median / max' of the same-image iterations over the samples that reach it; max 'never' if one does not."""
+    reached = [b for b in sames if b is not None]
+    return f"{statistics.median(reached):g} / {max(reached) if len(reached) == len(sames) else 'never'}"
+
+
 def stop_table(steps, etas, n, rules, seed_base=100):
     out = {}
     row(["model", "T", "eta", "rule", "stop (median / max)", "same (median / max)",
@@ -114,14 +120,11 @@ def stop_table(steps, etas, n, rules, seed_base=100):
                 for rule, kw in rules.items():
                     stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
                     lag = [a - b for a, b in zip(stops, sames) if b is not None]
-                    reached = sorted(b for b in sames if b is not None)
                     s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),
                          "off": sum(f > 1 for f in finals), "max_final": max(finals)}
-                    same_cell = (f"{statistics.median(reached):g} / "
-                                 f"{max(reached) if len(reached) == len(sames) else 'never'}")
                     out[f"{name} T={T} eta={eta} {rule}"] = s
                     row([name, T, eta, rule, f"{statistics.median(stops):g} / {max(stops)}",
-                         same_cell, f"{s['lag_median']:g} / {s['lag_max']}",
+                         same_cell(sames), f"{s['lag_median']:g} / {s['lag_max']}",
                          f"{s['off']} of {n}", f"{s['max_final']:.2f}"])
     return out
 
@@ -140,9 +143,8 @@ def window_table(windows, n, slide_tol, seed_base):
                 stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, dict(kw, window_size=W))
                 s = {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals)}
                 out[f"{name} W={W} {rule}"] = s
-                reached = [b for b in sames if b is not None]
                 row([name, W, rule, f"{statistics.median(stops):g} / {max(stops)} / {statistics.mean(stops):.1f}",
-                     f"{statistics.median(reached):g} / {max(reached) if len(reached) == n else 'never'}",
+                     same_cell(sames),
                      f"{s['off']} of {n}", f"{s['max_final']:.2f}"])
     return out
 

@@ -1,6 +1,7 @@
 """The window chosen from the hardware (planner), and what every run says it gained (metrics.json, terminal, grid)."""
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import parallel_dit
 from paratAA import solve
-from paratAA.planner import ALPHA, BETA, choose, predicted_iterations
+from paratAA.planner import ALPHA, BETA, choose, measure_call_seconds, predicted_iterations
+from paratAA.sharding import Sharding
 from runner.writer import EMPTY, FINAL, STOP, draw_grid
 from tests.conftest import gmm_problem, read_metrics
 
@@ -30,9 +32,6 @@ def test_a_busy_device_gets_window_one_an_idle_one_a_large_window():
 
 def test_a_smaller_call_never_costs_more_than_a_larger_one():
     # a slow first size (noise: a clock ramping up) must not inflate the sequential estimate T c(1)
-    import time
-    from paratAA.planner import measure_call_seconds
-    from paratAA.sharding import Sharding
     _, schedule, noise = gmm_problem(8)
 
     def model(x, t, cond):

@@ -13,12 +13,25 @@ import signal
 import sys
 
 
+def quiet_elastic_logs():
+    """Silence torchelastic's own reports (this launcher prints one line instead).
+
+    Some of its modules give their logger an explicit WARNING level when imported, so a level set on the parent
+    "torch.distributed.elastic" does not reach them: e.g. the agent's "Received SIGTERM death signal" warning,
+    printed or not depending on where the signal lands. Import what a launch uses, then set every such logger.
+    """
+    import torch.distributed.run  # noqa: F401  (imports the agent, the launcher API and their loggers)
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv=None):
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     args = launch_command_parser().parse_args(argv)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-process reports
+    quiet_elastic_logs()
     prog = os.path.basename(args.training_script)
     try:
         launch_command(args)

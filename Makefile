@@ -34,8 +34,9 @@ bench: $(VENV)/.installed
 		--summary benchmarks/results/sample_sets_sd.json
 	$(PY) benchmarks/sd_bench.py --model_path models/embedded/flow --timesteps 50 --out benchmarks/results/flow.json
 	$(PY) benchmarks/stop_bench.py
-	for b in 300 500 700 1100; do $(PY) benchmarks/stop_bench.py --seed_base $$b --out benchmarks/results/stop_seed$$b.json; done
+	for b in 300 500 700 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --out benchmarks/results/stop_seed$$b.json; done
 	for b in 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --windows 4 8 16 32 100 --out benchmarks/results/slide_seed$$b.json; done
+	$(PY) benchmarks/settle_gpu.py --out benchmarks/results/settle_cpu.json
 	$(PY) benchmarks/tail_bench.py
 	$(PY) benchmarks/speed_bench.py
 

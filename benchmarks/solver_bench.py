@@ -26,7 +26,7 @@ from benchmarks.convergence import write_json  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
 
-TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md)
+TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md); its test: settle 1
 # name: (order (None: T), memory_size, form of the equations)
 METHODS = {"FP": (1, 1, "picard"), "FP+ (ddim)": (None, 1, "ddim"), "FP+ (picard)": (None, 1, "picard"),
            "ParaTAA m=2 (ddim)": (None, 2, "ddim"), "ParaTAA m=3 (ddim)": (None, 3, "ddim"),
@@ -45,7 +45,7 @@ def iteration_table(steps, seeds, latent):
                 model = GaussianMixtureEps.random(ac, latent, components=10, std=0.1, seed=seed)
                 noise = noise_from_seeds([seed], T, latent)
                 out = solve(model, schedule, noise, order=order or T, memory_size=m, equations=form,
-                            tol1=TOL, tol2=TOL, model_dtype=torch.float64)
+                            tol1=TOL, tol2=TOL, settle=1.0, model_dtype=torch.float64)
                 counts.append(out.iterations[0])
             row[name] = {"median": statistics.median(counts), "all": counts}
         rows.append(row)

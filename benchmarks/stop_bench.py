@@ -5,8 +5,9 @@
 1. Stop against "same image" (T = 25, 50, 100; eta 0 and 0.5; window = order = T; 10 samples each): iterations to
    the stop, to the first iterate that is the sequential sample's image (<= 1 gray level; the Gaussian mixture:
    latent RMS <= 0.01 of the sequential x_0's std), their difference, and runs ending off. The default rule (the
-   stop rule, tolerance 1e-4) against the per-state rule the project had before (--stop_tol 0, tolerance 3e-4) and
-   the reference's (--stop_tol 0, tolerance 1e-3). Held-out samples, none of them used while the rule was designed
+   stop rule, tolerance 1e-4, settle 0.1) against the same without settling at x_0 (--settle 1, the default before
+   it), the per-state rule the project had before that (--stop_tol 0, tolerance 3e-4) and the reference's
+   (--stop_tol 0, tolerance 1e-3). Held-out samples, none of them used while the rule was designed
    (the design used class/prompt c with noise seed c, and mixture seeds 0-9):
       embedded DiT      class c with noise seed 100 + c, c = 0..9
       text-to-image     noise seed 100 + c, wordings the model was not trained on: "a digit <name>" (c even),
@@ -16,8 +17,9 @@
    none of which was used in the design.
    --looser_tolerances adds the stop rule with looser per-state tolerances (tol1, tol2): they freeze states
    sooner, which saves iterations at small windows, and the table shows what they cost on these samples.
-   --windows W [W ...] instead: T = 100, eta 0, at those windows, the default against the opt-in --slide_tol
-   (docs/ALGORITHM.md, section 4): what the looser test while the window is short of x_0 saves, and what it costs.
+   --windows W [W ...] instead: T = 100, eta 0, at those windows, the default against --settle 1 and the opt-in
+   --slide_tol (docs/ALGORITHM.md, section 4): what the looser test while the window is short of x_0 saves, and what
+   it costs.
 2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
    1e-3, per-state stop: the grid the form was judged on), the ratio of the worst iteration counts.
 """
@@ -40,8 +42,9 @@ from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RULES = {"default (stop rule, tol 1e-4)": {},
-         "per-state, tol 3e-4 (before)": dict(stop_tol=0.0, tol1=3e-4, tol2=3e-4),
-         "per-state, tol 1e-3 (reference)": dict(stop_tol=0.0, tol1=1e-3, tol2=1e-3)}
+         "stop rule, settle 1 (before)": dict(settle=1.0),
+         "per-state, tol 3e-4 (before)": dict(stop_tol=0.0, tol1=3e-4, tol2=3e-4, settle=1.0),
+         "per-state, tol 1e-3 (reference)": dict(stop_tol=0.0, tol1=1e-3, tol2=1e-3, settle=1.0)}
 # the stop rule with looser per-state tolerances (--looser_tolerances)
 LOOSER = {"stop rule, tol1 1e-3, tol2 1e-3": dict(tol1=1e-3, tol2=1e-3),
           "stop rule, tol1 1e-4, tol2 3e-3": dict(tol1=1e-4, tol2=3e-3),
@@ -49,11 +52,14 @@ LOOSER = {"stop rule, tol1 1e-3, tol2 1e-3": dict(tol1=1e-3, tol2=1e-3),
 GMM_SAME = 0.01  # of the sequential x_0's std
 
 
-def problems(n, seed_base=100):
-    """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype)."""
-    dit = digits.load_embedded_dit()
-    dit_decode = VAEDecoder(digits.load_embedded_vae(), torch.device("cpu"))
-    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+def problems(n, seed_base=100, device=torch.device("cpu")):
+    """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype).
+    device: where the embedded denoisers run. Prompts are encoded and images decoded on the CPU whatever it is, so
+    that only the denoiser differs between devices (the mixture's exact float64 model stays on the CPU)."""
+    cpu = torch.device("cpu")
+    dit = digits.load_embedded_dit().to(device)
+    dit_decode = VAEDecoder(digits.load_embedded_vae(), cpu)
+    pipe = load_pipeline(EMBEDDED_SD, cpu, torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = [f"a digit {NAMES[c]}" if c % 2 == 0 else f"handwritten digit {NAMES[c]}" for c in range(n)]
     seeds = range(seed_base, seed_base + n)
@@ -72,12 +78,13 @@ def problems(n, seed_base=100):
     def latents(x0s, ref):
         return [latent_rms(x, ref) for x in x0s], GMM_SAME * float(ref.std())
     return {
-        "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule, lambda T: noise_from_seeds(seeds, T, (4, 4, 4)),
-                         torch.arange(n) % 10, images(dit_decode), torch.float32),
-        "text-to-image": (SDDenoiser(pipe.unet, 5.0), lambda T, eta: pipeline_schedule(pipe, T, eta),
-                          lambda T: noise_from_seeds(seeds, T, latent_shape(pipe, size, size)),
-                          encode(pipe, prompts, "", torch.device("cpu")), images(VAEDecoder(pipe.vae, pipe.device)),
-                          torch.float32),
+        "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule,
+                         lambda T: noise_from_seeds(seeds, T, (4, 4, 4)).to(device), (torch.arange(n) % 10).to(device),
+                         images(dit_decode), torch.float32),
+        "text-to-image": (SDDenoiser(pipe.unet.to(device), 5.0), lambda T, eta: pipeline_schedule(pipe, T, eta),
+                          lambda T: noise_from_seeds(seeds, T, latent_shape(pipe, size, size)).to(device),
+                          {k: v.to(device) for k, v in encode(pipe, prompts, "", cpu).items()},
+                          images(VAEDecoder(pipe.vae, cpu)), torch.float32),
         "Gaussian mixture": (gmm_eps, dit_schedule, lambda T: noise_from_seeds(seeds, T, (4, 32, 32)),
                              torch.arange(n), latents, torch.float64),
     }
@@ -89,7 +96,7 @@ def row(cells):
 
 def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
     """Solve with the overrides kw; per sample: the stop, the first iterate that is the sequential sample ref's
-    (None: never) and the final difference over the threshold (above 1: the run ended off)."""
+    (None: never), the final difference over the threshold (above 1: the run ended off) and the evaluations."""
     res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
     stops, sames, finals = [], [], []
     for b, h in enumerate(res.history):
@@ -97,7 +104,7 @@ def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
         stops.append(res.iterations[b])
         sames.append(next((k for k, v in enumerate(d) if v <= threshold), None))
         finals.append(d[-1] / threshold)
-    return stops, sames, finals
+    return stops, sames, finals, res.evaluations
 
 
 def same_cell(sames):
@@ -118,10 +125,10 @@ def stop_table(steps, etas, n, rules, seed_base=100):
                 sched, noise = schedule(T, eta), noise_of(T)
                 ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
                 for rule, kw in rules.items():
-                    stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
+                    stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
                     lag = [a - b for a, b in zip(stops, sames) if b is not None]
                     s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),
-                         "off": sum(f > 1 for f in finals), "max_final": max(finals)}
+                         "off": sum(f > 1 for f in finals), "max_final": max(finals), "evaluations": evals}
                     out[f"{name} T={T} eta={eta} {rule}"] = s
                     row([name, T, eta, rule, f"{statistics.median(stops):g} / {max(stops)}",
                          same_cell(sames), f"{s['lag_median']:g} / {s['lag_max']}",
@@ -130,7 +137,7 @@ def stop_table(steps, etas, n, rules, seed_base=100):
 
 
 def window_table(windows, n, slide_tol, seed_base):
-    """T = 100, eta 0, windows < T: the default against slide_tol, per model and window."""
+    """T = 100, eta 0, windows < T: the default against settle 1 and slide_tol, per model and window."""
     out = {}
     row(["model", "window", "rule", "stop (median / max / mean)", "same (median / max)", "runs ending off",
          "max final difference (x threshold)"])
@@ -139,9 +146,12 @@ def window_table(windows, n, slide_tol, seed_base):
         sched, noise = schedule(100, 0.0), noise_of(100)
         ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
         for W in windows:
-            for rule, kw in {"default": {}, f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}.items():
-                stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, dict(kw, window_size=W))
-                s = {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals)}
+            rules = {"default": {}, "settle 1": {"settle": 1.0}, f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}
+            for rule, kw in rules.items():
+                stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref,
+                                                      dict(kw, window_size=W))
+                s = {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals),
+                     "evaluations": evals}
                 out[f"{name} W={W} {rule}"] = s
                 row([name, W, rule, f"{statistics.median(stops):g} / {max(stops)} / {statistics.mean(stops):.1f}",
                      same_cell(sames),
@@ -151,7 +161,8 @@ def window_table(windows, n, slide_tol, seed_base):
 
 def forms_table(steps, seeds):
     out = {}
-    print("\nThe default (picard) form against the paper's (ddim), Gaussian mixture, tolerance 1e-3, per-state stop, "
+    print("\nThe default (picard) form against the paper's (ddim), Gaussian mixture, tolerance 1e-3, per-state stop "
+          "(settle 1), "
           f"seeds {seeds[0]}-{seeds[-1]}:\n")
     row(["T", "m", "picard (default): iterations", "ddim (paper): iterations", "max picard / max ddim"])
     row(["---"] * 5)
@@ -164,7 +175,8 @@ def forms_table(steps, seeds):
                     model = GaussianMixtureEps.random(dit_alphas_cumprod(), (4, 32, 32), components=10, std=0.1,
                                                       seed=s)
                     res = solve(model, dit_schedule(T), noise_from_seeds([1000 + s], T, (4, 32, 32)), memory_size=m,
-                                equations=form, tol1=1e-3, tol2=1e-3, stop_tol=0.0, model_dtype=torch.float64)
+                                equations=form, tol1=1e-3, tol2=1e-3, stop_tol=0.0, settle=1.0,
+                                model_dtype=torch.float64)
                     its[form].append(res.iterations[0])
             ratio = max(its["picard"]) / max(its["ddim"])
             out[f"T={T} m={m}"] = {**its, "ratio": ratio}
@@ -204,7 +216,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed_base", type=int, default=100,
                         help="first held-out seed (noise, and the mixtures'): 100 + c by default")
     parser.add_argument("--windows", type=int, nargs="*", default=None,
-                        help="T = 100 at these windows: the default against --slide_tol (no stop/forms tables)")
+                        help="T = 100 at these windows: the default against --settle 1 and --slide_tol (no stop/forms "
+                             "tables)")
     parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
     parser.add_argument("--out", default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")

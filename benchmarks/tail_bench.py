@@ -33,7 +33,7 @@ def tail(bases, T, n):
             sched, noise = schedule(T, 0.0), noise_of(T)
             ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
             for v, kw in VARIANTS.items():
-                stops, sames, finals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
+                stops, sames, finals, _ = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
                 out[v]["same"] += sames
                 out[v]["stop"] += stops
                 out[v]["off"] += sum(f > 1 for f in finals)

@@ -221,6 +221,17 @@ def test_slide_tolerance_benchmark_quick(tmp_path):
         assert max(slide["stop"]) <= max(base["stop"]), model
 
 
+def test_settle_benchmark_quick(tmp_path):
+    """settle_gpu.py on this CPU: seed 1300's "a digit zero" at window T ends on the sequential image with the
+    default and off it with --settle 1, after the same iterations."""
+    bench("settle_gpu.py", "--out", str(tmp_path / "settle.json"))
+    rows = {(r["model"], r["variant"]): r for r in read(tmp_path / "settle.json")["rows"]}
+    assert len(rows) == 4 and all(r["window"] == 100 and len(r["iterations"]) == 2 for r in rows.values())
+    default, plain = rows["text-to-image", "settle 0.1 (default)"], rows["text-to-image", "settle 1 (plain)"]
+    assert default["off"] == 0 < plain["off"] and default["iterations"] == plain["iterations"]
+    assert default["evaluations"] >= plain["evaluations"]  # the tighter test keeps states in the window longer
+
+
 def test_stop_and_speed_benchmarks_quick(tmp_path):
     """The stop rule's benchmark (held-out samples) and the speed benchmark run and say what they promise."""
     bench("stop_bench.py", "--out", str(tmp_path / "stop.json"))

@@ -81,6 +81,28 @@ def test_the_stop_comes_with_the_image(T, eta):
     assert sorted(lags)[len(lags) // 2] <= 1, lags
 
 
+def test_settle_keeps_a_mode_decision_on_the_sequential_image():
+    """Text-to-image, "a digit zero", noise seed 1300, T = 100, window T (found on held-out seeds, BENCHMARKS.md
+    section 1): defects frozen at the plain per-state tolerance grow ~100x on the way to x_0 and the image ends
+    2.1 gray levels off; the default (settle 0.1) ends it on the sequential image, after the same 12 iterations."""
+    from models.adapters import SDDenoiser, VAEDecoder
+    from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline
+    from paratAA import noise_from_seeds, pipeline_schedule
+    from runner.metrics import SAME_IMAGE, image_rms
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    eps, schedule = SDDenoiser(pipe.unet, 5.0), pipeline_schedule(pipe, 100, 0.0)
+    cond = encode(pipe, ["a digit zero"], "", torch.device("cpu"))
+    noise = noise_from_seeds([1300], 100, latent_shape(pipe, size, size))
+    ref = sample_sequential(eps, schedule, noise, cond)[:, 0]
+    decode = VAEDecoder(pipe.vae, torch.device("cpu"))
+    target = decode(ref.float())[0]
+    default, plain = solve(eps, schedule, noise, cond), solve(eps, schedule, noise, cond, settle=1.0)
+    diffs = [image_rms(decode(out.samples.float())[0], target) for out in (default, plain)]
+    assert diffs[0] <= SAME_IMAGE < diffs[1], diffs
+    assert default.iterations == plain.iterations == [12]
+
+
 def test_new_states_started_by_ddim_steps_save_iterations_at_small_windows():
     """A state the window reaches first starts from DDIM steps down from the lowest state in use (noise prediction
     held at the newest one) instead of a copy of it: fewer iterations when the window is much smaller than T."""

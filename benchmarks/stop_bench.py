@@ -107,6 +107,12 @@ def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
     return stops, sames, finals, res.evaluations
 
 
+def outcome(stops, sames, finals, evals):
+    """What both tables record per cell."""
+    return {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals),
+            "evaluations": evals}
+
+
 def same_cell(sames):
     """'median / max' of the same-image iterations over the samples that reach it; max 'never' if one does not."""
     reached = [b for b in sames if b is not None]
@@ -127,8 +133,8 @@ def stop_table(steps, etas, n, rules, seed_base=100):
                 for rule, kw in rules.items():
                     stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
                     lag = [a - b for a, b in zip(stops, sames) if b is not None]
-                    s = {"stop": stops, "same": sames, "lag_median": statistics.median(lag), "lag_max": max(lag),
-                         "off": sum(f > 1 for f in finals), "max_final": max(finals), "evaluations": evals}
+                    s = {**outcome(stops, sames, finals, evals), "lag_median": statistics.median(lag),
+                         "lag_max": max(lag)}
                     out[f"{name} T={T} eta={eta} {rule}"] = s
                     row([name, T, eta, rule, f"{statistics.median(stops):g} / {max(stops)}",
                          same_cell(sames), f"{s['lag_median']:g} / {s['lag_max']}",
@@ -139,6 +145,7 @@ def stop_table(steps, etas, n, rules, seed_base=100):
 def window_table(windows, n, slide_tol, seed_base):
     """T = 100, eta 0, windows < T: the default against settle 1 and slide_tol, per model and window."""
     out = {}
+    rules = {"default": {}, "settle 1": {"settle": 1.0}, f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}
     row(["model", "window", "rule", "stop (median / max / mean)", "same (median / max)", "runs ending off",
          "max final difference (x threshold)"])
     row(["---"] * 7)
@@ -146,13 +153,10 @@ def window_table(windows, n, slide_tol, seed_base):
         sched, noise = schedule(100, 0.0), noise_of(100)
         ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
         for W in windows:
-            rules = {"default": {}, "settle 1": {"settle": 1.0}, f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}
             for rule, kw in rules.items():
                 stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref,
                                                       dict(kw, window_size=W))
-                s = {"stop": stops, "same": sames, "off": sum(f > 1 for f in finals), "max_final": max(finals),
-                     "evaluations": evals}
-                out[f"{name} W={W} {rule}"] = s
+                out[f"{name} W={W} {rule}"] = s = outcome(stops, sames, finals, evals)
                 row([name, W, rule, f"{statistics.median(stops):g} / {max(stops)} / {statistics.mean(stops):.1f}",
                      same_cell(sames),
                      f"{s['off']} of {n}", f"{s['max_final']:.2f}"])

@@ -155,7 +155,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     # way to x_0 (at a mode decision, 100x: BENCHMARKS.md, section 1), so the test asks settle x the tolerance. A
     # state whose residual no longer halves has reached what the model's round-off allows (e.g. TF32 convolutions on
     # a GPU) and passes at the plain tolerance: asking more of it would cost an iteration per state.
-    settled = torch.clamp(threshold * config.settle, max=threshold) if config.settle < 1 else None  # [T]
+    settled = threshold * config.settle if config.settle < 1 else None  # [T]
     half_last = torch.full((B, T), math.inf, dtype=torch.float64, device=device) if settled is not None else None
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
     stopped = [False] * B

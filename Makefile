@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/stop_bench.py
 	for b in 300 500 700 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --out benchmarks/results/stop_seed$$b.json; done
 	for b in 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --windows 4 8 16 32 100 --out benchmarks/results/slide_seed$$b.json; done
+	for b in 2000 2010 2020 2030; do $(PY) benchmarks/stop_bench.py --seed_base $$b --windows 8 16 32 --out benchmarks/results/window_seed$$b.json; done
 	$(PY) benchmarks/settle_gpu.py --out benchmarks/results/settle_cpu.json
 	$(PY) benchmarks/tail_bench.py
 	$(PY) benchmarks/speed_bench.py

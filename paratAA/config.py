@@ -34,6 +34,10 @@ class SolverConfig:
                                    "window_size). 8e-3 saved 18-28% of the iterations at window 8, and ended 1 of 30 "
                                    "held-out text-to-image samples 5-7 gray levels off at every window tried "
                                    "(BENCHMARKS.md, section 1); 0: off", "float")
+    block_tol: float = _param(1.0, "while the window slides, the states one iteration freezes together may carry at "
+                                   "most block_tol x their tolerance in all (residual over tolerance, summed over the "
+                                   "block; states near the model's round-off floor do not count): their defects add "
+                                   "up; 0: each state alone", "float")
     settle: float = _param(0.1, "once the window reaches x_0, a state freezes only at an RMS residual <= settle x its "
                                 "tolerance, or at its tolerance once the residual stops halving between iterations "
                                 "(the model's round-off floor); 1: the plain per-state test", "float")
@@ -97,5 +101,6 @@ class SolverConfig:
         return asdict(self)
 
 
-PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, slide_tol=0.0, settle=1.0,
+PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, slide_tol=0.0, block_tol=0.0,
+             settle=1.0,
              taa_guard=0.0, init_states="copy", reference_quirks=True)

@@ -4,6 +4,10 @@ Each iteration evaluates the model once, in one batch, at the `window_size` nois
 sample, tests each state's order-1 residual, freezes what has converged and updates the rest. Solver state is
 float64; the model runs in its own dtype.
 
+The test (docs/ALGORITHM.md, section 4): a state converges at RMS(residual) <= its tolerance; while the window is
+short of x_0 the states that would freeze together must also pass as a block (block_tol), and once it reaches x_0
+a state must settle first (settle), and the stop rule may end the sample.
+
 Boundary rule. After the test, with p the highest (noisiest) unconverged state of the window:
   - states above p passed the test and are frozen at the values that passed it;
   - p takes the plain order-k update, computed from frozen values only, so it is final and is frozen too;
@@ -156,7 +160,16 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     # state whose residual no longer halves has reached what the model's round-off allows (e.g. TF32 convolutions on
     # a GPU) and passes at the plain tolerance: asking more of it would cost an iteration per state.
     settled = threshold * config.settle if config.settle < 1 else None  # [T]
-    half_last = torch.full((B, T), math.inf, dtype=torch.float64, device=device) if settled is not None else None
+    # block_tol: the states one iteration freezes while the window slides form a block whose defects point much the
+    # same way and add up (each under its tolerance, five tolerances in all in the sample that showed it), and at a
+    # mode decision their sum grows on its way to x_0 (BENCHMARKS.md, section 1). So the block freezes only as far
+    # down as its residuals, each over its tolerance, sum to at most block_tol; the rest stays in the window for one
+    # more iteration. Only states still converging fast (residual down 8x since the previous iteration) count: one
+    # near the model's round-off floor carries noise, which does not add up, and counting it would stall the slide.
+    block_tol = config.block_tol if tol1 > 0 or tol2 > 0 else 0.0
+    # half of each state's previous residual (inf: none yet), for both tests
+    half_last = torch.full((B, T), math.inf, dtype=torch.float64, device=device) \
+        if settled is not None or block_tol > 0 else None
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
     stopped = [False] * B
     reached = [top if init is None else 0] * B  # lowest state initialised so far
@@ -228,11 +241,18 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             # position of the highest unconverged state (-1: none), the largest residual, and when the window
             # reaches x_0 the stop rule's sum and x_0's scale
             test = slide[lo:F] if lo > 0 else threshold[lo:F]
-            if settled is not None:
-                if lo == 0:  # still halving: the tighter test (a state's first residual counts as halving)
-                    test = torch.where(rms < half_last[b, :F], settled[:F], test)
-                torch.mul(rms, 0.5, out=half_last[b, lo:F])
-            wanted = [torch.where(rms > test, positions[:F - lo], -1.0).max(), rms.max()]
+            fail = None
+            if half_last is not None:
+                last = half_last[b, lo:F]                                                     # [W] view
+                if lo == 0 and settled is not None:  # still halving: the tighter test (a first residual counts)
+                    test = torch.where(rms < last, settled[:F], test)
+                elif lo > 0 and block_tol > 0:
+                    share = torch.where(rms * 4 < last, rms / test, 0.0)                      # [W]
+                    # what the block from each position up to the window's top would carry
+                    fail = share.flip(0).cumsum(0).flip(0) > block_tol
+                torch.mul(rms, 0.5, out=last)
+            fail = rms > test if fail is None else fail.logical_or_(rms > test)
+            wanted = [torch.where(fail, positions[:F - lo], -1.0).max(), rms.max()]
             if lo == 0:
                 wanted += [(carry[:F] * rms).sum(), x[0].std() if x.shape[1] > 1 else one]
             read = torch.stack(wanted).tolist()

@@ -64,13 +64,13 @@ def add_solver_flags(parser):
     g = parser.add_argument_group("ParaTAA solver (paratAA.SolverConfig)")
     for f in fields(SolverConfig):
         default = SCRIPT_DEFAULTS.get(f.name, f.default)
+        # argparse formats help with %: a help text's own "18%" must reach it as "18%%"
+        text = f.metadata["help"].replace("%", "%%")
         if f.metadata["kind"] == "bool":
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
-                           help=f.metadata["help"])
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             g.add_argument(f"--{f.name}", type=_TYPES[f.metadata["kind"]], default=default,
-                           help=f.metadata["help"] + (f" (scripts' default: {default})" if f.name in SCRIPT_DEFAULTS
-                                                      else ""))
+                           help=text + (f" (scripts' default: {default})" if f.name in SCRIPT_DEFAULTS else ""))
     return g
 
 

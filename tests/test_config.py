@@ -23,6 +23,19 @@ def test_script_flags_are_the_config_fields_with_its_defaults(script):
                                                                              **SCRIPT_DEFAULTS}
 
 
+@pytest.mark.parametrize("script", [parallel_dit, parallel_sd, parallel_sd_winit])
+def test_help_prints_every_solver_flag(script, capsys):
+    """--help exits 0 and lists every solver flag with its help text (argparse formats help texts with %, which a
+    help text's own "18%" broke)."""
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--help"])
+    assert e.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # whitespace aside: argparse wraps lines, also at hyphens
+    for f in fields(SolverConfig):
+        assert f"--{f.name}" in text
+        assert "".join(f.metadata["help"].split()) in text, f.name
+
+
 def test_solve_uses_the_config_defaults():
     model, schedule, noise = gmm_problem(12)
     out = solve(model, schedule, noise, model_dtype=torch.float64)

@@ -102,5 +102,4 @@ class SolverConfig:
 
 
 PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, slide_tol=0.0, block_tol=0.0,
-             settle=1.0,
-             taa_guard=0.0, init_states="copy", reference_quirks=True)
+             settle=1.0, taa_guard=0.0, init_states="copy", reference_quirks=True)

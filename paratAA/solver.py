@@ -247,6 +247,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 if lo == 0 and settled is not None:  # still halving: the tighter test (a first residual counts)
                     test = torch.where(rms < last, settled[:F], test)
                 elif lo > 0 and block_tol > 0:
+                    # counted: residual below an eighth of the previous one (last holds half of it)
                     share = torch.where(rms * 4 < last, rms / test, 0.0)                      # [W]
                     # what the block from each position up to the window's top would carry
                     fail = share.flip(0).cumsum(0).flip(0) > block_tol

@@ -70,6 +70,19 @@ def _fail(message, code, every_rank=False):
     sys.exit(code)
 
 
+def _leave_interrupted(code):
+    """Exit after an interruption. In a launch of several processes Python's own exit would tear down the process
+    group, whose C++ threads the signal (or the peer it also stopped) can leave running: their destructor then
+    aborts with "terminate called without an active exception" on stderr (seen once in CI). By now the run writer
+    has closed the run folder on the way out, so a process in a group leaves without that teardown."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def exit_on_error(main, args):
     """Run main(args); turn every error into one line on stderr and an exit code (no traceback).
 
@@ -89,7 +102,7 @@ def exit_on_error(main, args):
     except KeyboardInterrupt as e:
         if _rank() == 0:  # the other processes of a launch write nothing and say nothing
             print(f"{_prog()}: interrupted ({_kept(e) or 'nothing written'})", file=sys.stderr, flush=True)
-        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+        _leave_interrupted(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # not one of ours: still one line, the traceback only on request
         if os.environ.get("PARATAA_DEBUG"):
             raise

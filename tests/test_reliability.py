@@ -197,6 +197,30 @@ def test_ctrl_c_to_a_launch_of_two_processes(tmp_path, sig):
     assert m["status"] == "interrupted" and len(m["finished_samples"]) >= 1
 
 
+def test_an_interrupted_process_in_a_group_leaves_without_the_teardown():
+    """A process of a launch (a process group is up) leaves after its interrupted line without Python's exit
+    teardown, where a group thread left running by the signal can abort with a C++ "terminate called" line; a
+    process on its own exits normally. The atexit hook stands for that teardown."""
+    code = f"""
+import atexit, os, sys
+sys.path.insert(0, {ROOT!r})
+import torch.distributed as dist
+from runner.errors import Interrupted, exit_on_error
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+atexit.register(lambda: print("teardown ran", file=sys.stderr, flush=True))
+def main(args):
+    raise Interrupted(2)
+exit_on_error(main, None)
+"""
+    for mode, teardown in (("group", False), ("alone", True)):
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 130, proc.stderr
+        assert lines[0].endswith("interrupted (nothing written)"), lines
+        assert ("teardown ran" in lines) == teardown and len(lines) == 1 + teardown, lines
+
+
 def test_a_bad_flag_in_a_launch_of_two_processes_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, *launcher(free_port()), SCRIPT, "--window_size", "0", "--output_path",
                            str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -145,17 +145,23 @@ def test_settle_on_an_exact_model_is_the_tighter_tolerance():
     assert [h.boundary for h in settled.history] != [h.boundary for h in plain.history]
 
 
+def with_round_off_floor(model, scale, seed=5):
+    """The model with Gaussian noise of std scale on every prediction: a stand-in for a GPU's round-off floor."""
+    g = torch.Generator().manual_seed(seed)
+
+    def noisy(x, t, cond=None):
+        e = model(x, t)
+        return e + scale * torch.randn(e.shape, generator=g, dtype=e.dtype)
+    return noisy
+
+
 def test_settle_passes_states_at_the_model_round_off_floor():
     """A model whose predictions carry noise (as TF32 convolutions do on a GPU) leaves residuals above settle x
     the tolerance that no iteration removes: such a state, no longer halving, passes at the plain tolerance. Held
     to the tighter test it would freeze one state per iteration (T iterations here)."""
     T = 30
     model, schedule, noise = gmm_problem(T, batch=2)
-    g = torch.Generator().manual_seed(5)
-
-    def noisy(x, t, cond=None):
-        e = model(x, t)
-        return e + 1e-3 * torch.randn(e.shape, generator=g, dtype=e.dtype)
+    noisy = with_round_off_floor(model, 1e-3)  # one noise stream for both runs
     kw = dict(window_size=T, tol1=1e-3, tol2=0, stop_tol=0, model_dtype=torch.float64)
     settled = solve(noisy, schedule, noise, settle=0.1, **kw)
     plain = solve(noisy, schedule, noise, settle=1.0, **kw)
@@ -190,12 +196,7 @@ def test_block_test_leaves_out_states_at_the_model_round_off_floor():
     model, schedule, noise = gmm_problem(T, batch=2)
     runs = []
     for budget in (1.0, 0.0):
-        g = torch.Generator().manual_seed(5)
-
-        def noisy(x, t, cond=None):
-            e = model(x, t)
-            return e + 5e-4 * torch.randn(e.shape, generator=g, dtype=e.dtype)
-        runs.append(solve(noisy, schedule, noise, window_size=W, tol1=1e-4, tol2=0, block_tol=budget,
+        runs.append(solve(with_round_off_floor(model, 5e-4), schedule, noise, window_size=W, tol1=1e-4, tol2=0, block_tol=budget,
                           model_dtype=torch.float64))
     default, alone = runs
     assert all(default.converged) and default.max_iterations <= alone.max_iterations + 1

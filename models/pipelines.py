@@ -9,8 +9,10 @@
 The pipeline's own scheduler is read as DDIM (docs/ALGORITHM.md); the result equals sequential DDIM sampling with
 the same noise, to the solver's tolerance (tolerance 0: to round-off).
 """
+import math
+import numbers
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from PIL import Image
@@ -19,7 +21,7 @@ from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.planner import plan_window, sync
 
 from .bundles import pipeline_bundles
-from .sd import network
+from .sd import network, pipeline_problem, wrong_size
 
 
 @dataclass
@@ -43,12 +45,18 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"]).
     """
+    problem = pipeline_problem(pipe)
+    if problem:
+        raise ValueError(f"pipe {problem}")
     net = network(pipe)
     device = net.device
-    size = net.config.sample_size * pipe.vae_scale_factor
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta, seed,
-                                 num_images, height or size, width or size, device)
+    cells = net.config.sample_size
+    size = (cells[0] if isinstance(cells, (list, tuple)) else cells) * pipe.vae_scale_factor  # some give (h, w)
+    height, width = size if height is None else height, size if width is None else width
+    prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width,
+                              batch_size, output_type, config, solver)
+    (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt or "", guidance_scale, num_inference_steps, eta,
+                                 seed, num_images, height, width, device)
     config = replace(config or SolverConfig(), **solver).resolve(num_inference_steps)
     dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
@@ -84,4 +92,38 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
                           results=results, config=config, speed=speed)
 
+
+def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width, batch_size,
+                    output_type, config, solver):
+    """parallel_sample's arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
+    TypeError naming the argument (as the scripts' flags are checked). The number of steps and eta are checked by
+    the schedule, the solver's parameters by SolverConfig."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
+        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:  # what a generator takes
+        raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
+    cfg = network(pipe).config
+    for name, value in (("height", height), ("width", width)):
+        problem = wrong_size(value, pipe.vae_scale_factor, cfg.get("patch_size") or 1, cfg.get("pos_embed_max_size"))
+        if problem:
+            raise ValueError(f"{name} must be {problem}")
+    if output_type not in ("pil", "np"):
+        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    if config is not None and not isinstance(config, SolverConfig):
+        raise TypeError(f"config must be a SolverConfig (or its fields as keywords), got {type(config).__name__}")
+    unknown = sorted(set(solver) - {f.name for f in fields(SolverConfig)})
+    if unknown:
+        raise TypeError(f"parallel_sample() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
+    return list(prompts)
 

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import numbers
 import os
 
 import torch
@@ -129,19 +130,46 @@ def check_scheduler(path, flag="--model_path"):
     sched = read_json(sched_path, flag)
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")
+    problem = scheduler_problem(sched)
+    if problem:
+        raise InputFileError(f"{flag}: {sched_path} {problem}")
+
+
+def scheduler_problem(sched):
+    """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None."""
     if "FlowMatch" in str(sched.get("_class_name")):  # Euler steps of a flow: the model predicts the velocity
         if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
-            raise InputFileError(f"{flag}: {sched_path} sets use_dynamic_shifting or stochastic_sampling: supported are "
-                                 f"flow-matching schedulers with a fixed shift and deterministic Euler steps (SD3)")
-        return
+            return ("sets use_dynamic_shifting or stochastic_sampling: supported are flow-matching schedulers with a "
+                    "fixed shift and deterministic Euler steps (SD3)")
+        return None
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
-        raise InputFileError(f"{flag}: {sched_path} has prediction_type {prediction!r}; supported: "
-                             f"{', '.join(PREDICTIONS)}")
+        return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
     for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
         if sched.get(key):
-            raise InputFileError(f"{flag}: {sched_path} sets {key}: the DDIM steps are then not the linear system "
-                                 f"the parallel solver needs (equation 1); set it to false to sample this model here")
+            return (f"sets {key}: the DDIM steps are then not the linear system the parallel solver needs "
+                    f"(equation 1); set it to false to sample this model here")
+    return None
+
+
+def pipeline_problem(pipe):
+    """What keeps a loaded pipeline from being sampled here (the checks check_folder makes on a folder), or None."""
+    kind = pipeline_kind(pipe)
+    if kind is None:
+        return f"is a {type(pipe).__name__}; supported are {SUPPORTED.replace(' folders', '')}"
+    problem = scheduler_problem(dict(pipe.scheduler.config))
+    if problem:
+        return f"has a scheduler that {problem}"
+    channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
+    if channels != latent:
+        return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "
+                f"inpainting or other variant?)")
+    return None
+
+
+def pipeline_kind(pipe):
+    """The supported pipeline class pipe is (or derives from), or None."""
+    return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in PIPELINES), None)
 
 
 def _scheduler_class(path):
@@ -175,15 +203,25 @@ def check_size(args, path):
     if not isinstance(patch, int) or patch < 1 or reach is not None and (not isinstance(reach, int) or reach < 1):
         raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
                              f"positive integers expected")
-    step = factor * patch
-    top = MAX_SIDE if reach is None else min(MAX_SIDE, reach * step)
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is None:
             setattr(args, name, default_size(path))
-        elif v < step or v % step or v > top:
-            what = f"the VAE factor {factor}" if patch == 1 else f"{step} (VAE factor {factor} x patch size {patch})"
-            raise UsageError(f"--{name} must be a multiple of {what} in {step}..{top}, got {v}")
+        else:
+            size_problem = wrong_size(v, factor, patch, reach)
+            if size_problem:
+                raise UsageError(f"--{name} must be {size_problem}")
+
+
+def wrong_size(v, factor, patch=1, reach=None):
+    """What an image side v of pixels must be, or None when it is that: a multiple of the VAE factor (times the
+    patch size of a transformer), no larger than the transformer's position embedding reaches (reach cells)."""
+    step = factor * patch
+    top = MAX_SIDE if reach is None else min(MAX_SIDE, reach * step)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < step or v % step or v > top:
+        what = f"the VAE factor {factor}" if patch == 1 else f"{step} (VAE factor {factor} x patch size {patch})"
+        return f"a multiple of {what} in {step}..{top}, got {v!r}"
+    return None
 
 
 @contextlib.contextmanager
@@ -247,7 +285,7 @@ def encode(pipe, prompts, negative_prompt, device, size=None):
                      f"({text[:40]!r}...)")
         # no negative prompt: None, so that each pipeline does what it does by default (SDXL: zero embeddings)
         negatives = [negative_prompt] * len(prompts) if negative_prompt else None
-        kind = type(pipe).__name__
+        kind = pipeline_kind(pipe)
         if kind == "StableDiffusionPipeline":
             cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=negatives)
             return {"cond": cond, "uncond": uncond}
@@ -271,7 +309,7 @@ def encode(pipe, prompts, negative_prompt, device, size=None):
 def denoiser(pipe, cfg_scale):
     """The pipeline's network as the solver's f (models/adapters.py)."""
     from .adapters import SD3Denoiser, SDDenoiser, SDXLDenoiser
-    kind = type(pipe).__name__
+    kind = pipeline_kind(pipe)
     if kind == "StableDiffusion3Pipeline":
         return SD3Denoiser(pipe.transformer, cfg_scale)
     make = SDXLDenoiser if kind == "StableDiffusionXLPipeline" else SDDenoiser

@@ -5,12 +5,49 @@
 x: [N, *latent] in the model's dtype, timesteps: [N] long model timesteps, cond: the per-input conditioning (a
 tensor or a dict of tensors with leading dimension N, or None), eps: [N, *latent] with guidance already applied.
 Adapters for DiT and Stable Diffusion live with the scripts and in models/, never here.
+
+The samplers call eps_fn under torch.no_grad(), as diffusers' pipelines and k-diffusion's samplers do: a plain
+module can be passed as it is (its output would otherwise carry an autograd graph through every iteration), and an
+eps_fn that needs gradients, e.g. for classifier guidance, turns them on inside with torch.enable_grad().
 """
 import torch
 
 
 class NonFiniteModelOutput(FloatingPointError):
     pass
+
+
+def check_problem(schedule, noise, cond, model_dtype):
+    """The arguments both samplers take, checked before any model call: noise [B >= 1, T+1, *latent] floating
+    point and finite, cond None or [B, ...] (a tensor or a dict of them), model_dtype a torch.dtype. Raises TypeError or
+    ValueError naming the argument (the rows of cond would otherwise be picked by index, and extra rows
+    silently ignored)."""
+    T = schedule.num_steps
+    if not torch.is_tensor(noise) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor [B, T+1={T + 1}, *latent], got "
+                        f"{noise.dtype if torch.is_tensor(noise) else type(noise).__name__}")
+    if noise.dim() < 2 or noise.shape[1] != T + 1 or noise.shape[0] == 0:
+        raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent], got {tuple(noise.shape)}")
+    finite = torch.isfinite(noise.flatten(2)).all(dim=2)                               # [B, T+1], one sync
+    if not bool(finite.all()):
+        b, s = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"noise has a non-finite value: sample {b}, index {s} (" +
+                         ("x_T" if s == T else f"the noise of step {s}") + ")")
+    if not isinstance(model_dtype, torch.dtype):
+        raise TypeError(f"model_dtype must be a torch.dtype, got {model_dtype!r}")
+    _check_rows(cond, noise.shape[0], "cond")
+
+
+def _check_rows(cond, B, name):
+    if cond is None:
+        return
+    if isinstance(cond, dict):
+        for k, v in cond.items():
+            _check_rows(v, B, f"{name}[{k!r}]")
+    elif not torch.is_tensor(cond):
+        raise TypeError(f"{name} must be a tensor, a dict of tensors or None, got {type(cond).__name__}")
+    elif cond.dim() == 0 or cond.shape[0] != B:
+        raise ValueError(f"{name} must have one row per sample (B = {B}), got shape {tuple(cond.shape)}")
 
 
 def select(cond, index):
@@ -37,10 +74,26 @@ def evaluate(eps_fn, sharding, x, timesteps, cond, model_dtype, iteration, descr
     describe(i) names input i (sample, step, timestep) for the error message. check=False leaves the check to
     the caller (the solver reads every prediction's residual anyway and calls check_finite only when one of them
     is not finite: one device sync fewer per call)."""
-    eps = sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, timesteps, cond)
+    eps = sharding.evaluate(model_call(eps_fn, model_dtype), x, timesteps, cond)
     # one check for the whole call: a sum is finite only if every entry is
     if check and not bool(torch.isfinite(eps.sum(dtype=torch.float64))):
         check_finite(eps, iteration, describe)
+    return eps
+
+
+def model_call(eps_fn, model_dtype):
+    """eps_fn on the samplers' float64 inputs, called in the model's dtype; its output checked (_checked)."""
+    return lambda xs, ts, cs: _checked(eps_fn(xs.to(model_dtype), ts, cs), xs)
+
+
+def _checked(eps, x):
+    """The model's output must be a prediction per input, shaped like the inputs (host-side: no sync)."""
+    if not torch.is_tensor(eps):
+        hint = " (a diffusers model returns an output object: take its .sample)" if hasattr(eps, "sample") else ""
+        raise TypeError(f"eps_fn must return a tensor, got {type(eps).__name__}{hint}")
+    if eps.shape != x.shape:
+        raise ValueError(f"eps_fn returned shape {tuple(eps.shape)} for inputs of shape {tuple(x.shape)}: it must "
+                         f"return one prediction per input, shaped like it")
     return eps
 
 

@@ -13,11 +13,16 @@ _BLOCK = 16  # torch's CPU normal sampler fills blocks of 16 values (and redraws
 
 def draw_noise(num_samples, T, latent, generator=None):
     """[num_samples, T+1, *latent] float64 standard normal from one generator (all samples in one draw)."""
+    if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__") or num_samples < 0:
+        raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
     return torch.randn((num_samples, T + 1) + tuple(latent), generator=generator, dtype=torch.float64)
 
 
 def noise_from_seeds(seeds, T, latent):
     """One generator per sample: sample i's noise depends only on seeds[i], whatever the others are."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: one seed per sample")
     return torch.stack([draw_noise(1, T, latent, torch.Generator().manual_seed(int(s)))[0] for s in seeds])
 
 

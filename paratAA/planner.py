@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .denoiser import select
+from .denoiser import model_call, select
 
 ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
 REPEATS = 2              # timed calls per size, after one warm-up call
@@ -87,7 +87,7 @@ def window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w):
     x = x_T.repeat_interleave(w, dim=0)                                                     # [B w, *latent]
     t = schedule.to(device).timesteps[steps].repeat(B)                                      # [B w]
     c = select(cond, torch.arange(B).repeat_interleave(w))
-    return lambda: sharding.evaluate(lambda xs, ts, cs: eps_fn(xs.to(model_dtype), ts, cs), x, t, c)
+    return lambda: sharding.evaluate(model_call(eps_fn, model_dtype), x, t, c)
 
 
 def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, windows):

@@ -1,10 +1,11 @@
 """Sequential DDIM sampling with the solver's own coefficients: the solution the parallel solver must reach."""
 import torch
 
-from .denoiser import evaluate
+from .denoiser import check_problem, evaluate
 from .sharding import Sharding
 
 
+@torch.no_grad()  # as solve: the model is called without autograd (denoiser.py)
 def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=None, steps=None,
                       model_dtype=torch.float32, sharding=None, callback=None):
     """x_{s} = a_s x_{s+1} + b_s eps(x_{s+1}) + c_s xi_s for s = start-1 .. 0, for B samples at once.
@@ -16,6 +17,7 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
     Returns the trajectory [B, T+1, *latent] float64 (x_0 = trajectory[:, 0]).
     """
     T = schedule.num_steps
+    check_problem(schedule, noise, cond, model_dtype)
     sharding = sharding or Sharding()
     sched = schedule.to(noise.device)
     xi = noise.to(torch.float64)

@@ -29,7 +29,7 @@ import torch
 
 from .anderson import AndersonMemory
 from .config import SolverConfig
-from .denoiser import check_finite, evaluate, select
+from .denoiser import check_finite, check_problem, evaluate, select
 from .equations import OrderKEquations
 from .planner import plan_window
 from .sequential import sample_sequential
@@ -82,6 +82,7 @@ def state_bytes(config, T, D, batch):
     return 8 * (batch * D * per_sample + matrices)
 
 
+@torch.no_grad()  # nothing here is differentiated; an eps_fn needing gradients enables them (denoiser.py)
 def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variation_steps=None,
           model_dtype=torch.float32, sharding=None, record_x0=False, callback=None, **overrides):
     """Solve the triangular DDIM system of B independent samples in parallel.
@@ -100,11 +101,14 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     if isinstance(cond, SolverConfig):
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
                         "pass the SolverConfig as config=...")
+    if config is not None and not isinstance(config, SolverConfig):
+        raise TypeError(f"config must be a SolverConfig (or its fields as keywords), got {type(config).__name__}")
     unknown = sorted(set(overrides) - {f.name for f in fields(SolverConfig)})
     if unknown:
         raise TypeError(f"solve() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
     T = schedule.num_steps
     config = replace(config or SolverConfig(), **overrides).resolve(T)
+    check_problem(schedule, noise, cond, model_dtype)
     plan = None
     if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
         plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype, solve=solve)
@@ -116,8 +120,6 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
     if variation_steps is not None:
         check_variation_steps(variation_steps, T)
-    if noise.dim() < 2 or noise.shape[1] != T + 1:
-        raise ValueError(f"noise must be [B, T+1={T + 1}, *latent], got {tuple(noise.shape)}")
     if (init is None) != (variation_steps is None):
         raise ValueError("a warm start needs both init and variation_steps")
     sharding = sharding or Sharding()
@@ -137,8 +139,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         X[:, T] = xi[:, T]
         top = T
     else:
-        if tuple(init.shape) != tuple(noise.shape):
-            raise ValueError(f"init must have the shape of noise {tuple(noise.shape)}, got {tuple(init.shape)}")
+        if not torch.is_tensor(init) or tuple(init.shape) != tuple(noise.shape):
+            raise ValueError(f"init must be a tensor shaped like noise {tuple(noise.shape)}, got "
+                         f"{tuple(init.shape) if torch.is_tensor(init) else type(init).__name__}")
         X = init.to(device, torch.float64).flatten(2).clone()
         top = variation_steps
     boundary = [top] * B      # states >= boundary are frozen

@@ -47,3 +47,69 @@ def test_sdxl_and_sd3_pipelines_in_python(tmp_path):
                               output_type="np")
         ref = diffusers_loop(folder, 8, 3.0, 2)
         np.testing.assert_allclose(out.latents.float().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_bad_arguments_are_refused_naming_them(tiny_sd):
+    """Each refused before anything is encoded or drawn, with the argument's name: before, an empty prompt list, a
+    zero or negative num_images or batch_size, a seed as text and a config as a dict ended in tracebacks from
+    inside, batch_size 0 meant all images, height 0 the model's size, and output_type "latent" gave arrays."""
+    import pytest
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    cases = [(dict(prompt=[]), TypeError, "prompt must be"), (dict(prompt=3), TypeError, "prompt must be"),
+             (dict(negative_prompt=["x"]), TypeError, "negative_prompt"),
+             (dict(num_images=0), ValueError, "num_images"), (dict(num_images=-1), ValueError, "num_images"),
+             (dict(batch_size=0), ValueError, "batch_size"), (dict(num_images=3, batch_size=-2), ValueError,
+                                                              "batch_size"),
+             (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+             (dict(seed="1"), ValueError, "seed"), (dict(seed=-1), ValueError, "seed"),
+             (dict(height=7), ValueError, r"height must be a multiple of the VAE factor \d+ in"),
+             (dict(height=0), ValueError, "height"), (dict(width=True), ValueError, "width"),
+             (dict(output_type="latent"), ValueError, "output_type"),
+             (dict(config={"window_size": 4}), TypeError, "config must be a SolverConfig"),
+             (dict(windowsize=4), TypeError, r"unknown solver parameters \['windowsize'\]"),
+             (dict(num_inference_steps=0), ValueError, "number of sampling steps"),
+             (dict(eta=2.0), ValueError, "eta"), (dict(window_size=0), ValueError, "window_size")]
+    for kwargs, error, text in cases:
+        args = dict(prompt="a handwritten digit four", num_inference_steps=8, output_type="np") | kwargs
+        with pytest.raises(error, match=text):
+            parallel_sample(pipe, **args)
+    assert not calls
+    out = parallel_sample(pipe, "a handwritten digit four", negative_prompt=None, num_inference_steps=8,
+                          output_type="np")
+    same = parallel_sample(pipe, "a handwritten digit four", negative_prompt="", num_inference_steps=8,
+                           output_type="np")
+    assert calls and torch.equal(out.latents, same.latents)  # None: no negative prompt, as in diffusers
+
+
+def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_path):
+    """The checks the scripts make on a folder, made on the loaded pipeline: before, a scheduler that clips or
+    thresholds was sampled as if it did not (a result that is not the pipeline's), and a DiT or inpainting pipeline
+    failed inside. A subclass of a supported pipeline is that pipeline."""
+    import pytest
+    from diffusers import DDIMScheduler, DiTPipeline, StableDiffusionPipeline
+    from tests.tiny_models import build_tiny_dit_pipeline
+
+    def load():
+        return StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+
+    clipping = load()
+    clipping.scheduler = DDIMScheduler.from_config(clipping.scheduler.config, clip_sample=True)
+    other_channels = load()
+    other_channels.vae.register_to_config(latent_channels=8)
+    dit = DiTPipeline.from_pretrained(build_tiny_dit_pipeline(str(tmp_path / "dit")))
+    for pipe, text in ((clipping, "pipe has a scheduler that sets clip_sample"),
+                       (other_channels, "pipe has a denoiser taking 4 channels but a VAE making 8-channel"),
+                       (dit, "pipe is a DiTPipeline; supported are StableDiffusionPipeline")):
+        with pytest.raises(ValueError, match=text):
+            parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, output_type="np")
+
+    class Mine(StableDiffusionPipeline):
+        pass
+
+    mine = Mine.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    ours = parallel_sample(mine, "a handwritten digit four", num_inference_steps=8, output_type="np")
+    theirs = parallel_sample(load(), "a handwritten digit four", num_inference_steps=8, output_type="np")
+    assert torch.equal(ours.latents, theirs.latents)

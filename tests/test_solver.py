@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from paratAA import NonFiniteModelOutput, SolverConfig, sample_sequential, solve
+from paratAA import NonFiniteModelOutput, SolverConfig, dit_schedule, sample_sequential, solve
 from tests.conftest import gmm_problem
 
 T_EXACT = 12
@@ -245,6 +245,38 @@ def test_history_records_the_x0_estimate():
     assert sum(h.evaluations) == out.evaluations[0] and max(h.evaluations) <= 4
 
 
+@pytest.mark.parametrize("window", [1, 5, 10])
+def test_a_module_with_parameters_is_sampled_without_autograd(window):
+    """A model passed as it is, with gradients on (a plain nn.Module called from a user's script): its output
+    requires grad, which the solver's in-place arithmetic refused before, and each iteration would otherwise have
+    carried the autograd graph of all the previous ones. The result is the plain model's, without a graph; an
+    eps_fn that needs gradients (guidance) still gets them by asking for them."""
+    T = 10
+    model, schedule, noise = gmm_problem(T, eta=0.5)
+    gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def module(x, t, cond):
+        return model(x, t, cond) * gain
+
+    def guided(x, t, cond):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            pull, = torch.autograd.grad((x * gain).square().sum(), x)
+        return model(x.detach(), t, cond) + 1e-3 * pull
+
+    plain = solve(model, schedule, noise, window_size=window, model_dtype=torch.float64)
+    with torch.enable_grad():  # as in a user's script (a test run before may have turned it off in this process)
+        out = solve(module, schedule, noise, window_size=window, model_dtype=torch.float64)
+        ref = sample_sequential(module, schedule, noise, model_dtype=torch.float64)
+    assert not out.trajectory.requires_grad and torch.equal(out.trajectory, plain.trajectory)
+    assert not ref.requires_grad
+    assert torch.equal(ref, sample_sequential(model, schedule, noise, model_dtype=torch.float64))
+    pulled = solve(guided, schedule, noise, window_size=window, tol1=0, tol2=0, model_dtype=torch.float64)
+    ref = sample_sequential(guided, schedule, noise, model_dtype=torch.float64)
+    assert torch.allclose(pulled.trajectory, ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(pulled.trajectory, plain.trajectory, atol=1e-6, rtol=0)  # the pull acted
+
+
 def test_non_finite_model_output_names_iteration_and_step():
     model, schedule, noise = gmm_problem(10)
 
@@ -301,6 +333,64 @@ def test_bad_configuration_raises_value_error_naming_it(kwargs, name):
     model, schedule, noise = gmm_problem(10)
     with pytest.raises(ValueError, match=name):
         solve(model, schedule, noise, **kwargs)
+
+
+def _wrong_arguments(what):
+    """solve's arguments after eps_fn (args, kwargs) with one thing wrong, the exception and its message."""
+    model, schedule, noise = gmm_problem(10, batch=2)
+    c = torch.tensor([0, 1])
+    return model, {
+        "extra cond rows": ((schedule, noise, torch.tensor([0, 1, 2])), {}, ValueError, r"cond .*B = 2.*\(3,\)"),
+        "missing dict rows": ((schedule, noise, {"y": c, "z": c[:1]}), {}, ValueError, r"cond\['z'\].*B = 2"),
+        "cond a list": ((schedule, noise, [0, 1]), {}, TypeError, "cond must be a tensor"),
+        "no samples": ((schedule, noise[:0]), {}, ValueError, r"noise must be \[B >= 1"),
+        "noise of another T": ((dit_schedule(12), noise), {}, ValueError, r"T\+1=13.*\(2, 11"),
+        "noise a list": ((schedule, noise.tolist()), {}, TypeError, "noise must be a floating-point tensor"),
+        "integer noise": ((schedule, noise.long()), {}, TypeError, "noise must be a floating-point.*int64"),
+        # at eta 0 the solver never reads a step's noise, the sequential sampler multiplies it by 0: NaN either way
+        "NaN in the noise": ((schedule, _poked(noise, 1, 3, float("nan"))), {}, ValueError,
+                             r"noise has a non-finite value: sample 1, index 3 \(the noise of step 3\)"),
+        "inf as x_T": ((schedule, _poked(noise, 0, 10, float("inf"))), {}, ValueError, r"sample 0, index 10 \(x_T\)"),
+        "dtype as text": ((schedule, noise), dict(model_dtype="float64"), TypeError, "model_dtype"),
+        "config a dict": ((schedule, noise, c, {"window_size": 4}), {}, TypeError, "config must be a SolverConfig"),
+    }[what]
+
+
+def _poked(noise, b, s, value):
+    noise = noise.clone()
+    noise[b, s, 0, 0, 0] = value
+    return noise
+
+
+WRONG = ["extra cond rows", "missing dict rows", "cond a list", "no samples", "noise of another T", "noise a list",
+         "integer noise", "NaN in the noise", "inf as x_T", "dtype as text"]
+
+
+@pytest.mark.parametrize("sampler, what", [("solve", w) for w in WRONG + ["config a dict"]]
+                         + [("sequential", w) for w in WRONG])
+def test_wrong_arguments_are_refused_before_any_model_call(sampler, what):
+    """Refused naming the argument, not picked by index: extra rows of cond were silently ignored before."""
+    model, (args, kwargs, error, text) = _wrong_arguments(what)
+    calls = []
+    with pytest.raises(error, match=text):
+        fn = solve if sampler == "solve" else sample_sequential
+        fn(lambda x, t, c: calls.append(1) or model(x, t, c), *args, **kwargs)
+    assert not calls
+
+
+@pytest.mark.parametrize("window", [1, 4, "auto"])  # auto: the planner's timed calls are checked too
+@pytest.mark.parametrize("wrong, error, text", [
+    (lambda eps: eps[:, :2], ValueError, r"eps_fn returned shape \(\d+, 2, 8, 8\) for inputs of shape \(\d+, 4, 8, 8\)"),
+    (lambda eps: eps[:1], ValueError, r"eps_fn returned shape \(1, 4, 8, 8\)"),
+    (lambda eps: (eps,), TypeError, "eps_fn must return a tensor, got tuple"),
+    (lambda eps: type("UNet2DConditionOutput", (), {"sample": eps})(), TypeError, r"take its \.sample"),
+], ids=["channels", "rows", "tuple", "output object"])
+def test_a_model_output_of_the_wrong_shape_is_refused_naming_it(wrong, error, text, window):
+    model, schedule, noise = gmm_problem(10, batch=2)
+    for fn in (solve, sample_sequential):
+        with pytest.raises(error, match=text):
+            kwargs = dict(window_size=window) if fn is solve else {}
+            fn(lambda x, t, c: wrong(model(x, t, c)), schedule, noise, model_dtype=torch.float64, **kwargs)
 
 
 @pytest.mark.parametrize("V", [0, 11, -1])

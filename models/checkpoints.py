@@ -1,6 +1,7 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
 import argparse
 import json
+import math
 import os
 import pickle
 import re
@@ -24,6 +25,8 @@ def require_file(path, flag, hint=""):
         raise InputFileError(f"{flag}: file not found: {path}" + (f" ({hint})" if hint else ""))
     if os.path.isdir(path):
         raise InputFileError(f"{flag}: expected a file but found a folder: {path}")
+    if not os.path.isfile(path):  # a FIFO or a device: reading it could wait forever
+        raise InputFileError(f"{flag}: {path} is not a regular file")
 
 
 def require_folder(path, flag, marker, hint=""):
@@ -66,8 +69,9 @@ def load_state_dict(path, flag="--model_path"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputFileError(f"{flag}: {path} holds no state dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputFileError(f"{flag}: {path} holds no state dict of named tensors")
     return state
 
 
@@ -107,7 +111,19 @@ def load_vae(path, device, dtype, flag="--vae_path"):
         raise InputFileError(f"{flag}: {path} holds a {kind}, not an AutoencoderKL ({VAE_SOURCE})")
     try:
         vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # whatever diffusers or safetensors make of a bad folder: said in one line
         raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]})") from None
+    problem = vae_problem(vae.config)
+    if problem:
+        raise InputFileError(f"{flag}: {os.path.join(path, 'config.json')} {problem}")
     return vae.to(device).eval()
+
+
+def vae_problem(config):
+    """What keeps a VAE config from decoding the sampled latents, or None: latents are divided by its
+    scaling_factor before decoding, so 0 makes every image black and a non-number fails after sampling."""
+    factor = config.get("scaling_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        return f"has scaling_factor {factor!r}; a positive number is needed"
+    return None

@@ -40,7 +40,9 @@ def add_dit_flags(parser, labels_help="labels of the samples, repeated cyclicall
                         "embedded model makes 8x8 images)")
     g.add_argument("--num_classes", type=int, default=None,
                    help="classes of a DiT checkpoint (default 1000; the embedded model has 10)")
-    g.add_argument("--class_labels", type=int, nargs="+", default=None, help=labels_help)
+    # extend: a repeated --class_labels adds its labels (as a repeated --prompt does), so that the count check sees
+    # every label the command line gives, not only the last flag's
+    g.add_argument("--class_labels", type=int, nargs="+", action="extend", default=None, help=labels_help)
 
 
 def check_dit_flags(args):
@@ -134,11 +136,11 @@ def load_dit_pipeline(path, device, dtype, flag="--model_path"):
     with quiet_loading():
         try:
             pipe = DiTPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
+        except Exception as e:  # whatever diffusers or safetensors make of a bad part: said in one line
             raise InputFileError(f"{flag}: cannot load {path} as a DiTPipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, silence_dtype_warnings=True)  # float16 on a CPU is slow but works (as for SD)
 
 
 class LoadedDiT:

@@ -19,11 +19,14 @@ import inspect
 import json
 import numbers
 import os
+import warnings
 
 import torch
 
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note
+
+from .checkpoints import vae_problem
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -44,6 +47,8 @@ PARTS = {
 }
 PIPELINES = tuple(PARTS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep spacings
+MAX_TRAIN_STEPS = 100_000
 LIBRARIES = ("diffusers", "transformers", None)  # components load from these only: never code from the folder
 MAX_SIDE = 8192  # pixels; the largest Stable Diffusion models make 1024-2048
 
@@ -137,11 +142,15 @@ def check_scheduler(path, flag="--model_path"):
 
 def scheduler_problem(sched):
     """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None."""
+    n_train = sched.get("num_train_timesteps", 1000)
+    if isinstance(n_train, int) and n_train > MAX_TRAIN_STEPS:  # one noise level per step is allocated
+        return f"has num_train_timesteps {n_train}; at most {MAX_TRAIN_STEPS} are supported"
     if "FlowMatch" in str(sched.get("_class_name")):  # Euler steps of a flow: the model predicts the velocity
         if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
             return ("sets use_dynamic_shifting or stochastic_sampling: supported are flow-matching schedulers with a "
                     "fixed shift and deterministic Euler steps (SD3)")
-        return None
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0)
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
@@ -149,6 +158,29 @@ def scheduler_problem(sched):
         if sched.get(key):
             return (f"sets {key}: the DDIM steps are then not the linear system the parallel solver needs "
                     f"(equation 1); set it to false to sample this model here")
+    spacing = sched.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        return f"has timestep_spacing {spacing!r}; supported: {', '.join(SPACINGS)}"
+    offset = sched.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:  # a negative one indexes from the end
+        return f"has steps_offset {offset!r}; a non-negative integer is needed"
+    from diffusers import DDIMScheduler
+    return _levels_problem(lambda: DDIMScheduler.from_config(sched).alphas_cumprod, "alphas_cumprod", n_train)
+
+
+def _levels_problem(make, name, count):
+    """Its noise levels (built from the config as the sampler will) must exist and lie in (0, 1] (a sigma of a
+    flow in [0, 1]); count: how many there must be (0: any)."""
+    try:
+        with quiet_loading():
+            levels = torch.as_tensor(make()).double()
+    except Exception as e:  # whatever diffusers makes of a config it cannot use (a bad beta_schedule, betas...)
+        return f"gives no usable noise levels ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    low_ok = levels >= 0 if name == "sigmas" else levels > 0
+    if count and len(levels) != count:
+        return f"gives {len(levels)} {name} for num_train_timesteps {count} (trained_betas of another length?)"
+    if not bool((torch.isfinite(levels) & low_ok & (levels <= 1)).all()):
+        return f"gives {name} outside {'[0' if name == 'sigmas' else '(0'}, 1] (its betas are not a noise schedule)"
     return None
 
 
@@ -160,6 +192,9 @@ def pipeline_problem(pipe):
     problem = scheduler_problem(dict(pipe.scheduler.config))
     if problem:
         return f"has a scheduler that {problem}"
+    problem = vae_problem(pipe.vae.config)
+    if problem:
+        return f"has a VAE that {problem}"
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
     if channels != latent:
         return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "
@@ -226,7 +261,8 @@ def wrong_size(v, factor, patch=1, reach=None):
 
 @contextlib.contextmanager
 def quiet_loading():
-    """diffusers' and transformers' loading bars and advice off while a pipeline loads: a run prints its own."""
+    """diffusers' and transformers' loading bars, advice and deprecation warnings off while a pipeline loads: a run
+    prints its own."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
@@ -236,7 +272,9 @@ def quiet_loading():
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # deprecation notes to the pipeline's authors (e.g. a steps_offset
+            warnings.simplefilter("ignore", FutureWarning)  # other than 1, which diffusers then sets to 1 itself)
+            yield
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
@@ -262,9 +300,12 @@ def load_pipeline(path, device, dtype):
     with quiet_loading():
         try:
             pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
+        except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        problem = vae_problem(pipe.vae.config)
+        if problem:
+            raise InputFileError(f"--model_path: {os.path.join(path, 'vae', 'config.json')} {problem}")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         return pipe.to(device, silence_dtype_warnings=True)
@@ -380,4 +421,7 @@ def check_timesteps(T, eta, path):
     try:
         from_ddim_scheduler(DDIMScheduler.from_config(config), T, eta)
     except ValueError as e:
-        raise UsageError(f"--{e}") from None
+        if str(e).startswith(("timesteps", "eta")):  # the flag's value
+            raise UsageError(f"--{e}") from None
+        raise InputFileError(f"--model_path: {os.path.join(path, 'scheduler', 'scheduler_config.json')}: {e}") \
+            from None

@@ -66,6 +66,11 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
     a = torch.sqrt(A_next) / torch.sqrt(A)
     # the root's argument is >= 0 for eta <= 1 (check_eta); the clamp only absorbs round-off at eta = 1
     b = torch.sqrt(torch.clamp(nxt - c ** 2, min=0)) - torch.sqrt(now) * a
+    if not bool(torch.isfinite(a + b + c + sigma).all()):  # e.g. a noise level 1 - A of 0, or above 1
+        bad = int((~torch.isfinite(a + b + c + sigma)).nonzero()[0])
+        raise ValueError(f"the scheduler's noise levels give no usable DDIM step {bad} (model timestep "
+                         f"{int(timesteps[bad])}: alphas_cumprod {float(1 - one_minus[bad]):.3g}, next "
+                         f"{float(1 - one_minus_next[bad]):.3g})")
     return Schedule(timesteps=timesteps, a=a, b=b, c=c, sigma=sigma, eta=float(eta),
                     num_train_timesteps=num_train_timesteps)
 
@@ -91,6 +96,9 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
                          f"spacing ({scheduler.config.timestep_spacing}, steps_offset "
                          f"{scheduler.config.steps_offset}) gives model timestep {int(timesteps.max())}, beyond its "
                          f"{n_train} training steps; use fewer")
+    if int(timesteps.min()) < 0:  # a negative steps_offset: the alphas would be read from the end of the list
+        raise ValueError(f"the scheduler's spacing (steps_offset {scheduler.config.steps_offset}) gives model "
+                         f"timestep {int(timesteps.min())}, below 0")
     alphas = torch.as_tensor(scheduler.alphas_cumprod)              # [n_train] as the scheduler keeps them
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas.dtype).reshape(1)
     alpha = alphas[timesteps]                                       # [T]  A  of step s

@@ -262,6 +262,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             read = torch.stack(wanted).tolist()
             if not math.isfinite(read[1]):  # a non-finite prediction (or residuals past the float64 range)
                 check_finite(eps, it, describe)
+                if math.isnan(read[1]):  # not the model's: a NaN residual would pass every test as converged
+                    raise FloatingPointError(f"the states of sample {b} became NaN at iteration {it} with finite "
+                                             f"model outputs: the schedule's coefficients or the noise are unusable")
             p, fallbacks = int(read[0]), 0
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)

@@ -83,11 +83,53 @@ def _leave_interrupted(code):
     sys.exit(code)
 
 
+class _Terminal:
+    """sys.stdout or sys.stderr for the length of a run: what the terminal is told is a courtesy, so a write that
+    fails (the reader of a pipe has gone, e.g. `2>&1 | head -1`; a full disk) sends the rest to /dev/null instead
+    of ending the run. The samples and metrics.json are written to the run folder all the same."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _dead(self):
+        try:  # later writes and the interpreter's own flush at exit then go nowhere, without another error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, AttributeError, ValueError):  # no file descriptor (a test's capture): drop the writes
+            self._stream = open(os.devnull, "w")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._dead()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            self._dead()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def exit_on_error(main, args):
     """Run main(args); turn every error into one line on stderr and an exit code (no traceback).
 
     SIGINT and SIGTERM stop the run: run folders keep every finished sample and metrics.json says which
     (status "interrupted"), and the process exits with 128 + the signal number (130, 143)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Terminal(sys.stdout), _Terminal(sys.stderr)
+    try:
+        return _run(main, args)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(main, args):
     from paratAA import NonFiniteModelOutput
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored

@@ -1,15 +1,17 @@
-"""`accelerate launch` with the scripts' conventions for several processes.
+"""`accelerate launch` with the scripts' conventions for the end of a launch, of one process or several.
 
     python -m runner.launcher --num_processes 8 parallel_dit.py --model DiT-XL/2 ...   # accelerate launch's flags
 
 Ctrl-C (SIGINT) or SIGTERM stops every process; the main process keeps its finished samples and says where, and
 the launch ends with exit code 130 (143) instead of the launcher's traceback. A process that fails has already
-printed its one line; the launch exits with that process's code, again without the launcher's report.
+printed its one line; the launch exits with that process's code, again without the launcher's report. Both hold
+for a launch of one process (accelerate's simple launcher) as for several (torchelastic's).
 `accelerate launch` itself works the same way except for those two endings.
 """
 import logging
 import os
 import signal
+import subprocess
 import sys
 
 
@@ -27,25 +29,59 @@ def quiet_elastic_logs():
 
 
 def main(argv=None):
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands import launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    args = launch_command_parser().parse_args(argv)
+    args = launch.launch_command_parser().parse_args(argv)
     quiet_elastic_logs()
     prog = os.path.basename(args.training_script)
+    # accelerate's one-process launcher ends a failed process with a CalledProcessError traceback and exit 1, and a
+    # Ctrl-C with a KeyboardInterrupt traceback: ours ends both as a launch of several processes does
+    # (launch_command looks the launcher up in its module when it runs)
+    launch.simple_launcher = lambda launch_args: launch_one_process(launch_args, prog)
     try:
-        launch_command(args)
+        launch.launch_command(args)
     except SignalException as e:
         print(f"{prog}: launch interrupted by {signal.Signals(e.sigval).name}", file=sys.stderr, flush=True)
         sys.exit(128 + int(e.sigval))
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values() if f.exitcode]
-        code = next((c for c in codes if c > 0), 1)
-        if any(c < 0 for c in codes) and code == 1:  # a process killed by a signal (e.g. SIGKILL, out of memory)
-            sig = -next(c for c in codes if c < 0)
-            print(f"{prog}: a process was killed by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
-            code = 128 + sig
-        sys.exit(code)
+        leave_failed(prog, [f.exitcode for f in e.failures.values() if f.exitcode])
+
+
+def launch_one_process(args, prog):
+    """accelerate's launch of one process (its simple_launcher: the same command and environment), ending as
+    torchelastic's launch of several does. The process has a session of its own, so that a Ctrl-C (sent to the
+    terminal's process group) reaches it once, passed on by the launcher: a second signal would cut short its
+    keeping of the finished samples. The launch exits with the process's code."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    process, early = [], []
+
+    def pass_on(signum, frame):
+        if process:
+            process[0].send_signal(signum)
+        else:  # it is being started: passed on once it is
+            early.append(signum)
+    signal.signal(signal.SIGINT, pass_on)
+    signal.signal(signal.SIGTERM, pass_on)
+    process.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+    for signum in early:
+        process[0].send_signal(signum)
+    code = process[0].wait()
+    if code:
+        leave_failed(prog, [code])
+
+
+def leave_failed(prog, codes):
+    """Exit after a launch whose processes ended with these (non-zero) codes. A process that failed has printed its
+    one line: the launch exits with its code. One killed by a signal (negative: e.g. SIGKILL, out of memory)
+    printed nothing: say so here, and exit with 128 + the signal."""
+    code = next((c for c in codes if c > 0), 1)
+    if any(c < 0 for c in codes) and code == 1:
+        sig = -next(c for c in codes if c < 0)
+        print(f"{prog}: a process was killed by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
+        code = 128 + sig
+    sys.exit(code)
 
 
 if __name__ == "__main__":

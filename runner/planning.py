@@ -16,19 +16,44 @@ import torch
 from paratAA import solve
 from paratAA.planner import cached_curves, measure_call_seconds, plan_window, sync, window_call
 
+from .flags import note
+
 
 def cache_path():
     root = os.environ.get("PARATAA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "paratAA")
     return os.path.join(root, "cost_curves.json")
 
 
+# The longest model call or solver iteration a cache entry may hold. Its times are read back as measurements, so
+# one that no run could have measured (a hand edit, a damaged file) must not reach the plan: 1e308 seconds made
+# the predicted times inf and metrics.json non-strict JSON ("Infinity").
+MAX_SECONDS = 3600.0
+
+
 def _load():
+    """The cache's entries whose times are all measurements; the others are left out, so measured again."""
     try:
         with open(cache_path()) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):  # no cache yet, or an unreadable one: measure again
+    except (OSError, ValueError, RecursionError):  # no cache yet, or unreadable (nested too deep too): measure again
         return {}
+    return {key: entry for key, entry in data.items() if _measured(entry)} if isinstance(data, dict) else {}
+
+
+def _measured(entry):
+    """Whether every time of a cache entry is one a measurement gives (see _seconds), a call's above 0 (the solver's
+    may be 0). cached_curves checks the rest of the entry's shape."""
+    try:
+        calls, solver = entry["call_seconds"].values(), entry["solver_seconds"].values()
+    except (TypeError, KeyError, AttributeError):
+        return False
+    return all(_seconds(t) and t > 0 for t in calls) and all(_seconds(t) for t in solver)
+
+
+def _seconds(value):
+    """An int or float (json.load makes only numbers into those: not a string such as "0.1", which float() would
+    take, nor a bool) in 0..MAX_SECONDS, so finite (nan fails every comparison)."""
+    return type(value) in (int, float) and 0 <= value <= MAX_SECONDS
 
 
 def _save(data):
@@ -85,6 +110,9 @@ def _plan(bundle, args, config, session, noise, cond):
                            session.model_dtype, solve=solve, cache=cache, key=key)
         if session.is_main and plan.measured:
             _save(cache)
+        if config.order is not None and config.order > plan.window:  # as with a fixed window, said, not silent
+            note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
+                 f"the window acts as the window: using {plan.window}")
         config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)
         return config, plan, plan.call_seconds[B]
     if args.compare_sequential:  # measured by running it

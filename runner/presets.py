@@ -26,11 +26,24 @@ def add_preset_flag(parser):
                              "per-state stop); flags given explicitly still win")
 
 
+def given_flags(argv):
+    """The names of the flags argv gives, in every form the scripts' parser takes: --flag, --flag=value and
+    --no-flag (a BooleanOptionalAction's negative form, e.g. --no-reference_quirks). FlagParser takes no
+    abbreviations, so there are no other forms; and a value that starts with "--" is one only in the --flag=value
+    form, since argparse reads a separate "--..." token as a flag."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            names.add(name[3:] if name.startswith("no-") else name)
+    return names
+
+
 def apply_preset(args, argv, script):
     """Fill the preset's values into args for every flag not given explicitly in argv."""
     if args.preset is None:
         return
-    given = {token.split("=", 1)[0][2:] for token in argv if token.startswith("--")}
+    given = given_flags(argv)
     values = PRESETS[args.preset].get(script)
     if values is None:
         raise UsageError(f"--preset {args.preset} has no values for {script}")

@@ -31,11 +31,28 @@ def check_output_path(path):
         raise UsageError(f"--output_path is not a folder: {path}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--output_path is not writable: {path}")
+    # the run folder's name adds ~30 characters; the file system's limits, checked here rather than after loading
+    name_max, path_max = _limit(probe, "PC_NAME_MAX", 255), _limit(probe, "PC_PATH_MAX", 4096)
+    full = os.path.join(os.path.abspath(path), "x" * 64)
+    if len(full.encode()) >= path_max or any(len(part.encode()) > name_max for part in full.split(os.sep)):
+        raise UsageError(f"--output_path is too long for the file system (a folder name over {name_max} bytes or "
+                         f"a path over {path_max}): {path[:60]}...")
+
+
+def _limit(path, name, default):
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
 
 
 def create_run_dir(output_path, prefix):
     """A new folder <prefix>-<date>-<time>-<random>: two runs started in the same second never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    missing, probe = [], os.path.abspath(output_path)  # the folders this call creates, the deepest first
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
     try:
         os.makedirs(output_path, exist_ok=True)
         while True:
@@ -46,6 +63,11 @@ def create_run_dir(output_path, prefix):
             except FileExistsError:
                 continue
     except OSError as e:  # checked before loading, but the file system can change (or fill up) meanwhile
+        for folder in missing:  # no empty folders left behind
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
         raise UsageError(f"--output_path {output_path}: cannot create a run folder ({e.strerror or e})") from None
 
 

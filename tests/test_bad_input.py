@@ -313,6 +313,26 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(block_out_channels=5))),
         "no_training_steps": variant("no_training_steps", lambda p: rewrite(
             p / "scheduler" / "scheduler_config.json", lambda c: c.update(num_train_timesteps=0))),
+        # the ones below ended in a NaN sample reported as converged, black images, tracebacks from diffusers, or a
+        # scheduler value reported as a flag
+        "betas_above_1": variant("betas_above_1", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(beta_schedule="linear", beta_end=5.0))),
+        "bogus_beta_schedule": variant("bogus_beta_schedule", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(beta_schedule="bogus"))),
+        "short_trained_betas": variant("short_trained_betas", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(trained_betas=[0.5] * 10))),
+        "huge_training_steps": variant("huge_training_steps", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(num_train_timesteps=10 ** 12))),
+        "bogus_spacing": variant("bogus_spacing", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(timestep_spacing="bogus"))),
+        "negative_offset": variant("negative_offset", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(steps_offset=-5))),
+        "vae_scale_0": variant("vae_scale_0", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(scaling_factor=0))),
+        "vae_scale_text": variant("vae_scale_text", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(scaling_factor="x"))),
+        "garbage_text_encoder": variant("garbage_text_encoder", lambda p: (
+            p / "text_encoder" / "model.safetensors").write_bytes(bytes(range(100)))),
     }
 
 
@@ -328,6 +348,15 @@ def bad_folders(tmp_path_factory):
     ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
     ("no_training_steps", ["scheduler_config.json", "num_train_timesteps", "positive integer"]),
+    ("betas_above_1", ["scheduler_config.json", "alphas_cumprod outside (0, 1]"]),
+    ("bogus_beta_schedule", ["scheduler_config.json", "no usable noise levels", "bogus"]),
+    ("short_trained_betas", ["scheduler_config.json", "gives 10 alphas_cumprod for num_train_timesteps 1000"]),
+    ("huge_training_steps", ["scheduler_config.json", "num_train_timesteps 1000000000000", "at most"]),
+    ("bogus_spacing", ["scheduler_config.json", "timestep_spacing 'bogus'", "leading"]),
+    ("negative_offset", ["scheduler_config.json", "steps_offset -5"]),
+    ("vae_scale_0", ["--model_path", "vae/config.json", "scaling_factor 0"]),
+    ("vae_scale_text", ["--model_path", "vae/config.json", "scaling_factor 'x'"]),
+    ("garbage_text_encoder", ["--model_path", "cannot load", "SafetensorError"]),
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)
@@ -443,3 +472,120 @@ def test_memory_size_above_T_is_capped_and_recorded(tmp_path):
 def test_a_folder_of_another_model_is_not_taken_for_a_vae(files, tmp_path, capsys):
     check(parallel_dit, ["--vae_path", str(files / "sd" / "unet")], 1, ["--vae_path", "UNet2DConditionModel",
                                                                          "not an AutoencoderKL"], tmp_path, capsys)
+
+
+# ------------------------------------------------------------------------- flags the parser took but a run lost
+def _run_dit(out, *flags):
+    """A run of parallel_dit.py in this process: (args.json, metrics.json) of its folder, metrics.json read as
+    strict JSON (no Infinity or NaN, which json.dump writes for floats that are not finite)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"metrics.json is not strict JSON: {name}")
+    run_dir = parallel_dit.main(parallel_dit.parse_args([*flags, "--output_path", str(out)]))
+    with open(os.path.join(run_dir, "args.json")) as f:
+        args = json.load(f)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return args, json.load(f, parse_constant=refuse)
+
+
+def test_a_flag_given_in_any_form_wins_over_the_preset(tmp_path):
+    """--no-reference_quirks (BooleanOptionalAction's negative form) and --window_size=5 (the = form) are given
+    explicitly, so the paper preset's reference_quirks true and window 100 do not replace them."""
+    for record in _run_dit(tmp_path, "--preset", "paper", "--timesteps", "10", "--num_samples", "1",
+                           "--no-reference_quirks", "--window_size=5"):
+        assert record["reference_quirks"] is False and record["window_size"] == 5, record
+    args, _ = _run_dit(tmp_path, "--preset", "paper", "--timesteps", "10", "--num_samples", "1")
+    assert args["reference_quirks"] is True and args["memory_size"] == 2  # the preset's own, where no flag is given
+
+
+def test_repeated_class_labels_add_up(tmp_path):
+    _, m = _run_dit(tmp_path, "--timesteps", "5", "--num_samples", "2", "--class_labels", "3", "--class_labels", "4")
+    assert [s["class_label"] for s in m["samples"]] == [3, 4]
+
+
+def test_repeated_class_labels_are_all_counted(tmp_path, capsys):
+    check(parallel_dit, ["--class_labels", "1", "2", "3", "--class_labels", "4", "--num_samples", "1"], 2,
+          ["--class_labels gives 4 labels", "--num_samples 1"], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("call_seconds", 1e308),          # made the predicted times inf, and metrics.json non-strict JSON (Infinity)
+    ("call_seconds", "0.1"),          # text float() takes: a window and a speed-up from a made-up time
+    ("call_seconds", True),
+    ("call_seconds", 7200.0),         # two hours for a call of a model that takes milliseconds
+    ("solver_seconds", "0.1"),
+])
+def test_a_cache_time_no_measurement_gives_is_measured_again(tmp_path, monkeypatch, field, value):
+    """The planner's cache (tests/test_speed.py: its damaged shapes) holds times a run measured: an int or float,
+    finite, positive and at most an hour. An entry with any other time is measured again, with a fixed window
+    (the one time a run needs) and with window auto (the whole curve, then cached anew)."""
+    import json
+    import math
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    flags = ["--timesteps", "8", "--num_samples", "1"]
+    _run_dit(tmp_path / "a", *flags, "--window_size", "auto")
+    path = tmp_path / "cache" / "cost_curves.json"
+    with open(path) as f:
+        (key, entry), = json.load(f).items()
+    with open(path, "w") as f:
+        json.dump({key: {**entry, field: dict.fromkeys(entry[field], value)}}, f)
+    _, fixed = _run_dit(tmp_path / "b", *flags, "--window_size", "4")  # first: it leaves the cache as it is
+    assert fixed["per_call_seconds"] != float(value) and fixed["per_call_seconds"] > 0
+    _, auto = _run_dit(tmp_path / "c", *flags, "--window_size", "auto")
+    assert auto["plan"]["measured"] and math.isfinite(auto["speed"]["speedup"]), auto["plan"]
+    with open(path) as f:
+        times = [t for e in json.load(f).values() for part in e.values() for t in part.values()]
+    assert all(type(t) is float for t in times), times
+
+
+def test_dit_unusable_files(bad_folders, tmp_path, capsys):
+    """A checkpoint with keys that are not names, a FIFO (reading it waited forever) and a VAE whose scaling factor
+    makes black images: each one line naming the flag and the file."""
+    torch.save({1: torch.zeros(2)}, tmp_path / "numbered.pt")
+    os.mkfifo(tmp_path / "fifo.pt")
+    vae = os.path.join(bad_folders["garbage_text_encoder"], "vae")  # a usable VAE
+    for name, words in (("numbered.pt", ["no state dict of named tensors"]), ("fifo.pt", ["not a regular file"])):
+        check(parallel_dit, ["--model", "DiT-XL/2", "--model_path", str(tmp_path / name), "--vae_path", vae],
+              1, ["--model_path", name] + words, tmp_path, capsys)
+    check(parallel_dit, ["--vae_path", os.path.join(bad_folders["vae_scale_0"], "vae")], 1,
+          ["--vae_path", "vae/config.json", "scaling_factor 0"], tmp_path, capsys)
+
+
+def test_an_output_path_too_long_for_the_file_system_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """A folder name over NAME_MAX failed only after the model had loaded and left its parent folder behind; one
+    3000 folders deep ended in a RecursionError."""
+    import runner.rundir as rundir
+    loaded = []
+    monkeypatch.setattr(parallel_dit, "start_session", lambda args: loaded.append(1))  # what loading starts with
+    for path in (tmp_path / "new" / ("b" * 300), tmp_path / "/".join(["d"] * 3000)):
+        with pytest.raises(SystemExit) as e:
+            exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--output_path", str(path)]))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert e.value.code == 2 and len(err) == 1 and "--output_path is too long" in err[0], err
+    assert not loaded and os.listdir(tmp_path) == []
+    # a run folder that cannot be made after all (the file system changed meanwhile) leaves no folder behind
+    real = os.makedirs
+
+    def fail_last(path, *a, **k):
+        if os.path.basename(path).startswith("DiT-"):
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(rundir.os, "makedirs", fail_last)
+    with pytest.raises(rundir.UsageError, match="cannot create a run folder"):
+        rundir.create_run_dir(str(tmp_path / "x" / "y"), "DiT")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_order_above_the_planned_window_is_said(tmp_path, capsys, monkeypatch):
+    """With a fixed window such an order is refused; with window auto the planner's window is known only at run
+    time, so the order is capped at it (an order above the window acts as the window) and a note says so. (The
+    planner is made to choose window 4 here: its choice depends on the machine.)"""
+    from dataclasses import replace
+    import runner.planning as planning
+    real = planning.plan_window
+    monkeypatch.setattr(planning, "plan_window", lambda *a, **k: replace(real(*a, **k), window=4))
+    _, metrics = _run_dit(tmp_path, "--timesteps", "10", "--num_samples", "1", "--order", "8")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note: --order 8" in line]
+    assert metrics["window_size"] == 4 and metrics["order"] == 4
+    assert len(notes) == 1 and "the planner chose (4)" in notes[0], notes

@@ -99,9 +99,12 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     clipping.scheduler = DDIMScheduler.from_config(clipping.scheduler.config, clip_sample=True)
     other_channels = load()
     other_channels.vae.register_to_config(latent_channels=8)
+    unscaled = load()
+    unscaled.vae.register_to_config(scaling_factor=0.0)  # every image would be black
     dit = DiTPipeline.from_pretrained(build_tiny_dit_pipeline(str(tmp_path / "dit")))
     for pipe, text in ((clipping, "pipe has a scheduler that sets clip_sample"),
                        (other_channels, "pipe has a denoiser taking 4 channels but a VAE making 8-channel"),
+                       (unscaled, "pipe has a VAE that has scaling_factor 0.0; a positive number is needed"),
                        (dit, "pipe is a DiTPipeline; supported are StableDiffusionPipeline")):
         with pytest.raises(ValueError, match=text):
             parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, output_type="np")

@@ -260,3 +260,55 @@ def test_the_heartbeat_is_rewritten_while_a_run_lives(tmp_path, monkeypatch):
                 pass
     assert read_metrics(str(tmp_path))["status"] == "complete"
     assert len(set(beats)) >= 3, beats
+
+
+def launcher_of_one():
+    """accelerate's simple launcher (one process, no process group), with every flag given so that accelerate
+    prints no note of its own defaults."""
+    return ["-m", "runner.launcher", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+def test_a_bad_flag_in_a_launch_of_one_process_is_one_line(tmp_path):
+    """accelerate's simple launcher followed the script's line with a CalledProcessError traceback and exit 1."""
+    proc = subprocess.run([sys.executable, *launcher_of_one(), SCRIPT, "--timesteps", "0", "--output_path",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and _lines(proc.stderr) == [
+        "parallel_dit.py: error: --timesteps (number of sampling steps T) must be an integer in 1..1000, got 0"], \
+        proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sig, to_the_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_ctrl_c_to_a_launch_of_one_process(tmp_path, sig, to_the_group):
+    """Ctrl-C reaches the launcher's process group (the terminal's); a SIGTERM from a job scheduler, the launcher
+    alone. Either way the process keeps its finished samples and says so once, and the launch exits with its code:
+    accelerate's simple launcher added a KeyboardInterrupt traceback, or (SIGTERM) died, leaving it running."""
+    flags = ["--timesteps", "50", "--num_samples", "40", "--batch_size", "1"]
+    proc = launch(tmp_path, launcher_of_one(), flags=flags, wait=False)  # its own session: a process group
+    wait_for_finished(tmp_path, 1, proc)
+    if to_the_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    lines = _lines(err)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("parallel_dit.py: interrupted (") and "kept in" in lines[0], lines
+    m = read_metrics(only_run(tmp_path))
+    assert m["status"] == "interrupted" and len(m["finished_samples"]) >= 1
+
+
+@pytest.mark.parametrize("closed", ["stderr", "stdout"])
+def test_a_terminal_that_goes_away_does_not_stop_the_run(tmp_path, closed):
+    """`... 2>&1 | head -1` closes the pipe after the first line: the progress bar's next write failed and the run
+    ended with no run folder and no message. What the terminal is told is a courtesy; the run folder is the
+    result, identical to an undisturbed run's."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *FLAGS, "--output_path", str(tmp_path / "cut")], cwd=ROOT,
+                            stdout=subprocess.PIPE if closed == "stdout" else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if closed == "stderr" else subprocess.DEVNULL)
+    getattr(proc, closed).close()  # the reader has gone before the first write
+    assert proc.wait(timeout=600) == 0
+    cut = only_run(tmp_path / "cut")
+    assert read_metrics(cut)["status"] == "complete"
+    assert np.array_equal(latents(cut), latents(launch(tmp_path / "whole")))

@@ -136,3 +136,17 @@ def test_bad_number_of_steps(bad, name):
 def test_bad_eta(eta):
     with pytest.raises(ValueError, match="eta"):
         dit_schedule(10, eta)
+
+
+@pytest.mark.parametrize("config", [dict(beta_schedule="linear", beta_end=5.0),   # 1 - beta < 0: alphas negative
+                                    dict(trained_betas=[0.0] * 1000)])             # no noise: 1 - A = 0
+def test_noise_levels_without_a_ddim_step_are_refused(config):
+    """Coefficients computed from them would be inf or NaN, and a NaN residual passes every convergence test."""
+    with pytest.raises(ValueError, match=r"no usable DDIM step \d+ \(model timestep"):
+        from_ddim_scheduler(DDIMScheduler(**config), 10)
+
+
+def test_a_spacing_below_timestep_0_is_refused():
+    """A negative steps_offset made the first step read alphas_cumprod[-5], the end of the list: silently wrong."""
+    with pytest.raises(ValueError, match="steps_offset -5.*model timestep -5, below 0"):
+        from_ddim_scheduler(DDIMScheduler(steps_offset=-5), 10)

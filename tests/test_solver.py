@@ -451,3 +451,13 @@ def test_huge_but_finite_model_output_is_not_refused():
 
     out = solve(huge, schedule, noise, model_dtype=torch.float64, max_steps=1)
     assert out.iterations == [1]
+
+
+def test_states_turning_nan_with_finite_model_outputs_are_an_error():
+    """A NaN residual passes every test (NaN > tolerance is false): the run ended 'converged' on a NaN sample when
+    the schedule's coefficients were unusable. It is an error, and the model is not blamed for it."""
+    from dataclasses import replace
+    model, schedule, noise = gmm_problem(10)
+    broken = replace(schedule, a=schedule.a.clone().index_fill_(0, torch.tensor([9]), float("nan")))
+    with pytest.raises(FloatingPointError, match="became NaN at iteration 1 with finite model outputs"):
+        solve(model, broken, noise, model_dtype=torch.float64)

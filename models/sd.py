@@ -19,6 +19,7 @@ import inspect
 import json
 import numbers
 import os
+import unicodedata
 import warnings
 
 import torch
@@ -394,7 +395,8 @@ def add_sd_flags(parser):
 def check_sd_flags(args, prompts):
     """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
     for flag, p in prompts:
-        if not p or not p.strip():
+        # blank also when made only of invisible characters (a zero-width space is neither space nor printed)
+        if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in p):
             raise UsageError(f"{flag} must not be empty")
     config = check_common_flags(args, 1000)
     if args.eta != 0 and args.model_path and os.path.isdir(args.model_path) and \

@@ -130,6 +130,10 @@ def check_common_flags(args, num_train_timesteps):
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")
     for name in ("num_samples", "batch_size"):
         _at_least(args, name, 1)
+    if args.batch_size > args.num_samples:  # recorded as used, so that args.json says what ran
+        note(f"--batch_size {args.batch_size} is more than --num_samples {args.num_samples}; using "
+             f"{args.num_samples}")
+        args.batch_size = args.num_samples
     if not 0 <= args.seed <= SEED_MAX:
         raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {args.seed}")
     _finite(args, "cfg_scale")

@@ -97,6 +97,7 @@ def test_dit_bad_file(files, flag, name, words, tmp_path, capsys):
 @pytest.mark.parametrize("argv, code, words", [
     (["--prompt", ""], 2, ["--prompt"]),
     (["--prompt", "a", "   "], 2, ["--prompt"]),
+    (["--prompt", "\u200b"], 2, ["--prompt", "empty"]),                  # a zero-width space: invisible
     (["--height", "13"], 2, ["--height", "13"]),
     (["--width", "0"], 2, ["--width", "0"]),
     (["--timesteps", "-3"], 2, ["--timesteps", "-3"]),
@@ -589,3 +590,9 @@ def test_an_order_above_the_planned_window_is_said(tmp_path, capsys, monkeypatch
     notes = [line for line in capsys.readouterr().err.splitlines() if "note: --order 8" in line]
     assert metrics["window_size"] == 4 and metrics["order"] == 4
     assert len(notes) == 1 and "the planner chose (4)" in notes[0], notes
+
+
+def test_a_batch_larger_than_the_samples_is_said_and_recorded_as_used(tmp_path, capsys):
+    args, metrics = _run_dit(tmp_path, "--timesteps", "5", "--num_samples", "2", "--batch_size", "5")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note: --batch_size 5" in line]
+    assert len(notes) == 1 and "using 2" in notes[0] and args["batch_size"] == 2

@@ -123,7 +123,9 @@ def load_vae(path, device, dtype, flag="--vae_path"):
 def vae_problem(config):
     """What keeps a VAE config from decoding the sampled latents, or None: latents are divided by its
     scaling_factor before decoding, so 0 makes every image black and a non-number fails after sampling."""
-    factor = config.get("scaling_factor")
+    if "scaling_factor" not in config:  # a hand-written config: the library's default applies
+        return None
+    factor = config["scaling_factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
         return f"has scaling_factor {factor!r}; a positive number is needed"
     return None

@@ -12,7 +12,7 @@ the same noise, to the solver's tolerance (tolerance 0: to round-off).
 import math
 import numbers
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -54,10 +54,11 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     size = (cells[0] if isinstance(cells, (list, tuple)) else cells) * pipe.vae_scale_factor  # some give (h, w)
     height, width = size if height is None else height, size if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width,
-                              batch_size, output_type, config, solver)
+                              batch_size, output_type)
+    config = SolverConfig.with_overrides(config, solver, "parallel_sample")
     (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt or "", guidance_scale, num_inference_steps, eta,
                                  seed, num_images, height, width, device)
-    config = replace(config or SolverConfig(), **solver).resolve(num_inference_steps)
+    config = config.resolve(num_inference_steps)
     dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
     latents, x_T, iterations, results, seconds, seq_seconds = [], [], [], [], 0.0, 0.0
@@ -94,8 +95,8 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width, batch_size,
-                    output_type, config, solver):
-    """parallel_sample's arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
+                    output_type):
+    """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). The number of steps and eta are checked by
     the schedule, the solver's parameters by SolverConfig."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -106,12 +107,11 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, s
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
+    if not _integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:  # what a generator takes
+    if not _integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                   or batch_size < 1):
+    if batch_size is not None and (not _integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
     cfg = network(pipe).config
     for name, value in (("height", height), ("width", width)):
@@ -120,10 +120,10 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, s
             raise ValueError(f"{name} must be {problem}")
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-    if config is not None and not isinstance(config, SolverConfig):
-        raise TypeError(f"config must be a SolverConfig (or its fields as keywords), got {type(config).__name__}")
-    unknown = sorted(set(solver) - {f.name for f in fields(SolverConfig)})
-    if unknown:
-        raise TypeError(f"parallel_sample() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
     return list(prompts)
+
+
+def _integer(value):
+    """An int, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -115,6 +115,9 @@ def check_folder(path, flag="--model_path"):
         raise InputFileError(f"{flag}: {path}: the denoiser takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents (an inpainting or other variant?); "
                              f"the SD scripts drive {SUPPORTED}")
+    problem = vae_problem(vae)
+    if problem:
+        raise InputFileError(f"{flag}: {vae_path} {problem}")
 
 
 def family(path):
@@ -151,7 +154,8 @@ def scheduler_problem(sched):
             return ("sets use_dynamic_shifting or stochastic_sampling: supported are flow-matching schedulers with a "
                     "fixed shift and deterministic Euler steps (SD3)")
         from diffusers import FlowMatchEulerDiscreteScheduler
-        return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0)
+        return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
+                               zero_ok=True)
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
@@ -169,19 +173,19 @@ def scheduler_problem(sched):
     return _levels_problem(lambda: DDIMScheduler.from_config(sched).alphas_cumprod, "alphas_cumprod", n_train)
 
 
-def _levels_problem(make, name, count):
-    """Its noise levels (built from the config as the sampler will) must exist and lie in (0, 1] (a sigma of a
-    flow in [0, 1]); count: how many there must be (0: any)."""
+def _levels_problem(make, name, count, zero_ok=False):
+    """Its noise levels (built from the config as the sampler will) must exist and lie in (0, 1] ([0, 1] with
+    zero_ok: a flow's sigmas end at 0); count: how many there must be (0: any)."""
     try:
         with quiet_loading():
             levels = torch.as_tensor(make()).double()
     except Exception as e:  # whatever diffusers makes of a config it cannot use (a bad beta_schedule, betas...)
         return f"gives no usable noise levels ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    low_ok = levels >= 0 if name == "sigmas" else levels > 0
+    low_ok = levels >= 0 if zero_ok else levels > 0
     if count and len(levels) != count:
         return f"gives {len(levels)} {name} for num_train_timesteps {count} (trained_betas of another length?)"
     if not bool((torch.isfinite(levels) & low_ok & (levels <= 1)).all()):
-        return f"gives {name} outside {'[0' if name == 'sigmas' else '(0'}, 1] (its betas are not a noise schedule)"
+        return f"gives {name} outside {'[0' if zero_ok else '(0'}, 1] (its betas are not a noise schedule)"
     return None
 
 
@@ -304,9 +308,6 @@ def load_pipeline(path, device, dtype):
         except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
-        problem = vae_problem(pipe.vae.config)
-        if problem:
-            raise InputFileError(f"--model_path: {os.path.join(path, 'vae', 'config.json')} {problem}")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         return pipe.to(device, silence_dtype_warnings=True)

@@ -100,6 +100,17 @@ class SolverConfig:
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def with_overrides(cls, config, overrides, caller):
+        """config (a SolverConfig, or None for the defaults) with keyword overrides of its fields: what `solve` and
+        the other entry points taking `config=..., **solver_fields` do; TypeError naming caller otherwise."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a SolverConfig (or its fields as keywords), got {type(config).__name__}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{caller}() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
+        return replace(config or cls(), **overrides)
+
 
 PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, slide_tol=0.0, block_tol=0.0,
              settle=1.0, taa_guard=0.0, init_states="copy", reference_quirks=True)

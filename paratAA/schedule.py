@@ -66,8 +66,9 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
     a = torch.sqrt(A_next) / torch.sqrt(A)
     # the root's argument is >= 0 for eta <= 1 (check_eta); the clamp only absorbs round-off at eta = 1
     b = torch.sqrt(torch.clamp(nxt - c ** 2, min=0)) - torch.sqrt(now) * a
-    if not bool(torch.isfinite(a + b + c + sigma).all()):  # e.g. a noise level 1 - A of 0, or above 1
-        bad = int((~torch.isfinite(a + b + c + sigma)).nonzero()[0])
+    usable = torch.isfinite(a + b + c + sigma)  # not, e.g., where a noise level 1 - A is 0 or above 1
+    if not bool(usable.all()):
+        bad = int((~usable).nonzero()[0])
         raise ValueError(f"the scheduler's noise levels give no usable DDIM step {bad} (model timestep "
                          f"{int(timesteps[bad])}: alphas_cumprod {float(1 - one_minus[bad]):.3g}, next "
                          f"{float(1 - one_minus_next[bad]):.3g})")

@@ -23,7 +23,7 @@ docs/ALGORITHM.md (section "Departures from the reference").
 import bisect
 import itertools
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -101,13 +101,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     if isinstance(cond, SolverConfig):
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
                         "pass the SolverConfig as config=...")
-    if config is not None and not isinstance(config, SolverConfig):
-        raise TypeError(f"config must be a SolverConfig (or its fields as keywords), got {type(config).__name__}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(SolverConfig)})
-    if unknown:
-        raise TypeError(f"solve() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
     T = schedule.num_steps
-    config = replace(config or SolverConfig(), **overrides).resolve(T)
+    config = SolverConfig.with_overrides(config, overrides, "solve").resolve(T)
     check_problem(schedule, noise, cond, model_dtype)
     plan = None
     if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
@@ -141,7 +136,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     else:
         if not torch.is_tensor(init) or tuple(init.shape) != tuple(noise.shape):
             raise ValueError(f"init must be a tensor shaped like noise {tuple(noise.shape)}, got "
-                         f"{tuple(init.shape) if torch.is_tensor(init) else type(init).__name__}")
+                             f"{tuple(init.shape) if torch.is_tensor(init) else type(init).__name__}")
         X = init.to(device, torch.float64).flatten(2).clone()
         top = variation_steps
     boundary = [top] * B      # states >= boundary are frozen

@@ -22,9 +22,7 @@ def check_output_path(path):
     """Fail before sampling if run folders cannot be created under path."""
     if not path or not path.strip():
         raise UsageError("--output_path must not be empty")
-    probe = os.path.abspath(path)
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
+    _, probe = _missing_folders(path)
     if os.path.islink(probe) and not os.path.exists(probe):
         raise UsageError(f"--output_path {path}: {probe} is a symbolic link to nothing (or a loop of links)")
     if not os.path.isdir(probe) or (os.path.lexists(path) and not os.path.isdir(path)):
@@ -39,6 +37,15 @@ def check_output_path(path):
                          f"a path over {path_max}): {path[:60]}...")
 
 
+def _missing_folders(path):
+    """(the folders of path that do not exist yet, the deepest first; the nearest one that does exist)."""
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    return missing, probe
+
+
 def _limit(path, name, default):
     try:
         return os.pathconf(path, name)
@@ -49,10 +56,7 @@ def _limit(path, name, default):
 def create_run_dir(output_path, prefix):
     """A new folder <prefix>-<date>-<time>-<random>: two runs started in the same second never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    missing, probe = [], os.path.abspath(output_path)  # the folders this call creates, the deepest first
-    while not os.path.lexists(probe):
-        missing.append(probe)
-        probe = os.path.dirname(probe)
+    missing, _ = _missing_folders(output_path)  # the folders this call creates
     try:
         os.makedirs(output_path, exist_ok=True)
         while True:

@@ -67,16 +67,31 @@ def _fail(message, code, every_rank=False):
         print(f"{_prog()}: error: {message}", file=sys.stderr, flush=True)
     elif every_rank:
         print(f"{_prog()}: error (process {_rank()}): {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    _leave(code)
 
 
-def _leave_interrupted(code):
-    """Exit after an interruption. In a launch of several processes Python's own exit would tear down the process
-    group, whose C++ threads the signal (or the peer it also stopped) can leave running: their destructor then
-    aborts with "terminate called without an active exception" on stderr (seen once in CI). By now the run writer
-    has closed the run folder on the way out, so a process in a group leaves without that teardown."""
+def _process_group():
+    """torch.distributed when this process is in a process group (a launch of several), else None."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _close_process_group():
+    """The end of a run that succeeded on every process. A process group left to Python's own exit is torn down
+    while gloo's C++ threads may still hold work: their destructor then aborts the process ("terminate called
+    without an active exception", exit -6 after a complete run: seen in CI with 3 CPU processes). Every process
+    got here, so they meet once more and close the group while the interpreter is whole (as torch asks)."""
+    dist = _process_group()
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _leave(code):
+    """Exit after a failure or an interruption. Closing the group would wait for peers that may be stuck or gone,
+    and Python's exit would tear it down with the abort above; by now the run writer has closed the run folder on
+    the way out, so a process in a group leaves without that teardown."""
+    if _process_group() is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -134,7 +149,9 @@ def _run(main, args):
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored
     try:
-        return main(args)
+        result = main(args)
+        _close_process_group()
+        return result
     except UsageError as e:
         _fail(e, EXIT_USAGE)
     except InputFileError as e:
@@ -144,7 +161,7 @@ def _run(main, args):
     except KeyboardInterrupt as e:
         if _rank() == 0:  # the other processes of a launch write nothing and say nothing
             print(f"{_prog()}: interrupted ({_kept(e) or 'nothing written'})", file=sys.stderr, flush=True)
-        _leave_interrupted(128 + getattr(e, "signum", signal.SIGINT))
+        _leave(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # not one of ours: still one line, the traceback only on request
         if os.environ.get("PARATAA_DEBUG"):
             raise

@@ -24,6 +24,10 @@ from .denoiser import model_call, select
 
 ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
 REPEATS = 2              # timed calls per size, after one warm-up call
+# A cached curve is checked against one size timed afresh, c(B): off by more than this factor either way, it was
+# measured under another load (a busy machine, other jobs on the GPU) and is measured again. c(B) is also what
+# the run's speed-up rests on (sequential sampling is T calls of it): a stale one reported 9x for window 1.
+STALE = 3.0
 
 
 @dataclass
@@ -35,12 +39,14 @@ class Plan:
     call_seconds: dict = field(default_factory=dict)      # c: inputs per call -> seconds
     solver_seconds: dict = field(default_factory=dict)    # o: window -> seconds per iteration
     measured: bool = True                # False: the curves came from a cache
+    checked_call_seconds: float = None   # c(B) timed by this run, against the cache's (None: nothing was cached)
 
     def to_dict(self):
         return {"window": self.window, "predicted_seconds": self.predicted_seconds,
                 "predicted_sequential_seconds": self.predicted_sequential_seconds,
                 "predicted_speedup": self.predicted_sequential_seconds / self.predicted_seconds,
                 "predicted_iterations": self.predicted_iterations, "measured": self.measured,
+                "checked_call_seconds": self.checked_call_seconds,
                 "call_seconds": {str(k): v for k, v in sorted(self.call_seconds.items())},
                 "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
@@ -166,13 +172,18 @@ def cached_curves(hit, B):
 
 
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None):
-    """Measure (or read from cache[key]) the cost curves of this model on this device and process group, and
-    choose the window. solve: paratAA.solve, whose own work per iteration is measured. cache: a dict the caller
+    """Measure (or read from cache[key], checked against c(B) timed now: STALE) the cost curves of this model on
+    this device and process group, and choose the window. solve: paratAA.solve, whose own work per iteration is measured. cache: a dict the caller
     may persist; key: what identifies the model, device, dtype, process count and batch (the caller's; without one
     nothing is cached). Every process takes the main process's choice."""
     T, B = schedule.num_steps, noise.shape[0]
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
+    fresh = None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
+        fresh = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, [1])[B]
+        if sharding.min(hit[0][B] / STALE <= fresh <= hit[0][B] * STALE) == 0:  # each process read its own file
+            hit = None
+    if hit is not None:
         calls, solver = hit
         plan = choose(T, B, calls, solver, measured=False)
     else:
@@ -182,5 +193,6 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
                           "solver_seconds": {str(k): v for k, v in solver.items()}}
         plan = choose(T, B, calls, solver)
+    plan.checked_call_seconds = fresh
     plan.window = int(sharding.from_main(plan.window))
     return plan

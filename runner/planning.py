@@ -3,8 +3,10 @@
 window_size auto: paratAA.planner measures the model on this device and process group and chooses the window; the
 curves are kept in a cache file (PARATAA_CACHE, default ~/.cache/paratAA/cost_curves.json) under a key naming the
 model, guidance, device, dtype, thread count, process count, batch, latent and T, so that a second run does not
-measure again. With a fixed window the run still needs one number from the model, the seconds of a call of one
-state per sample, to estimate what sequential sampling would have cost (unless --compare_sequential measures it).
+measure again; a cached curve is checked against one size timed afresh and measured again when the load it was
+measured under has changed (planner.STALE). Every run needs one number from the model, the seconds of a call of
+one state per sample, to estimate what sequential sampling would have cost (unless --compare_sequential measures
+it): it is always this run's own timing, never the cache's, which may come from a busier or an idler machine.
 """
 import json
 import os
@@ -14,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from paratAA import solve
-from paratAA.planner import cached_curves, measure_call_seconds, plan_window, sync, window_call
+from paratAA.planner import measure_call_seconds, plan_window, sync, window_call
 
 from .flags import note
 
@@ -103,9 +105,8 @@ def warm_up(bundle, session, noise, cond, windows):
 
 def _plan(bundle, args, config, session, noise, cond):
     B, T = noise.shape[0], bundle.schedule.num_steps
-    cache = _load()
-    key = cache_key(bundle, args, config, session, B)
     if config.window_size == "auto":
+        cache, key = _load(), cache_key(bundle, args, config, session, B)
         plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, session.sharding,
                            session.model_dtype, solve=solve, cache=cache, key=key)
         if session.is_main and plan.measured:
@@ -114,12 +115,9 @@ def _plan(bundle, args, config, session, noise, cond):
             note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
                  f"the window acts as the window: using {plan.window}")
         config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)
-        return config, plan, plan.call_seconds[B]
+        return config, plan, plan.checked_call_seconds or plan.call_seconds[B]
     if args.compare_sequential:  # measured by running it
         return config, None, None
-    hit = cached_curves(cache.get(key), B)
-    if session.sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
-        return config, None, hit[0][B]
     calls = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding,
                                  session.model_dtype, [1])
     return config, None, calls[B]

@@ -152,3 +152,55 @@ def test_a_damaged_cache_entry_is_measured_again(tmp_path, monkeypatch, damage):
         speed = m["speed"]
         assert math.isfinite(speed["speedup"]) and speed["sequential_seconds"] > 0, speed
     assert m["per_call_seconds"] > 0
+
+
+def test_a_cached_curve_from_another_load_is_measured_again_and_never_makes_the_speedup(tmp_path, monkeypatch):
+    """The cache holds what a run measured, under whatever load the machine had then. A curve 100x slower than the
+    model is now (measured while the machine was busy) made a run at window 1, sequential sampling itself, report
+    a speed-up of ~9x. Now every run times c(B) itself: window auto measures the curve again when the cached one
+    is off by more than planner.STALE, and the speed-up rests on this run's timing with any window."""
+    from paratAA.planner import STALE
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    flags = ["--timesteps", "16", "--num_samples", "1"]
+    run(tmp_path / "a", *flags, "--window_size", "auto")
+    path = tmp_path / "cache" / "cost_curves.json"
+    with open(path) as f:
+        cache = json.load(f)
+    (key, entry), = cache.items()
+    slow = {k: 100 * v for k, v in entry["call_seconds"].items()}
+    with open(path, "w") as f:
+        json.dump({key: {**entry, "call_seconds": slow}}, f)
+    _, auto = run(tmp_path / "b", *flags, "--window_size", "auto")
+    plan = auto["plan"]
+    assert plan["measured"] and plan["checked_call_seconds"] < slow["1"] / STALE, plan
+    assert auto["per_call_seconds"] == plan["checked_call_seconds"]
+    with open(path) as f:  # the entry measured again replaces the stale one
+        assert json.load(f)[key]["call_seconds"]["1"] < slow["1"] / STALE
+    with open(path, "w") as f:
+        json.dump({key: {**entry, "call_seconds": slow}}, f)
+    _, seq = run(tmp_path / "c", *flags, "--window_size", "1")
+    assert seq["per_call_seconds"] < slow["1"] / STALE and seq["speed"]["speedup"] < 3, seq["speed"]
+
+
+def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():
+    from paratAA import SolverConfig, dit_schedule, noise_from_seeds
+    from paratAA.planner import plan_window
+    schedule, noise = dit_schedule(16), noise_from_seeds([0], 16, (4, 4, 4))
+    sizes = []
+
+    def model(x, t, c):
+        sizes.append(x.shape[0])
+        time.sleep(0.01)
+        return torch.zeros_like(x)
+    curve = {"call_seconds": {"1": 0.01, "4": 0.012, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001}}
+    cache = {"k": dict(curve)}
+    plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
+                       cache=cache, key="k")
+    # one size timed (a warm-up and two timed calls), the cached curve kept: within STALE of the sleep
+    assert not plan.measured and set(sizes) == {1} and plan.checked_call_seconds >= 0.01
+    assert cache == {"k": curve}
+    sizes.clear()
+    cache = {"k": {**curve, "call_seconds": {"1": 1.0, "4": 1.2, "16": 2.0}}}  # 100x: another load
+    plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
+                       cache=cache, key="k")
+    assert plan.measured and max(sizes) > 1 and cache["k"]["call_seconds"]["1"] < 0.1

@@ -39,9 +39,11 @@ def main(args):
                          keep_trajectories=True)
         r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
                          init=r1["trajectory"], variation_steps=args.variation_steps)
-    if session.is_main:
-        print(f"wrote {run_dir}: iterations prompt1 {r1['iterations']}, "
-              f"prompt2 (warm, last {args.variation_steps} steps) {r2['iterations']}")
+    if session.is_main:  # what each pass gained, as the other scripts say it (prompt2's sequential: its last steps)
+        print(f"wrote {run_dir}")
+        print("\n".join(["prompt1, from scratch:", *("  " + line for line in r1["summary"]),
+                         f"prompt2, warm start from prompt1's trajectory (the last {args.variation_steps} of "
+                         f"{args.timesteps} steps):", *("  " + line for line in r2["summary"])]), flush=True)
     session.wait()
     return run_dir
 

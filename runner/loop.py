@@ -108,7 +108,8 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
     save_args(args, folder)
     writer = None
     try:
-        with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, bundle.info,
+        info = {**bundle.info, **({"variation_steps": variation_steps} if variation_steps else {})}  # a warm start
+        with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, info,
                        session.world_size) as writer:
             out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
     except BaseException:

@@ -170,3 +170,15 @@ def test_embedded_quality_bar_sequential_and_paratAA(tmp_path):
     seq = sample_sequential(SDDenoiser(pipe.unet, cfg), pipeline_schedule(pipe, 50), noise, cond)[:, 0]
     assert agreement(seq) >= 0.8
     assert agreement(latents(run_dir)) >= 0.8
+
+
+def test_a_warm_start_says_what_each_pass_gained(tiny_sd, tmp_path, capsys):
+    """Like every run, both passes end with their iterations, time against sequential sampling (prompt2's: its
+    last variation_steps steps) and same-image iteration; prompt2's metrics.json records the warm start."""
+    _, m = run_winit(tiny_sd, tmp_path, "--timesteps", "12", "--variation_steps", "5", "--num_samples", "1",
+                     "--compare_sequential")
+    out = capsys.readouterr().out
+    assert "prompt1, from scratch:" in out and "(the last 5 of 12 steps)" in out
+    assert out.count("speed-up") == 2 and out.count("same image as sequential sampling after") == 2, out
+    assert m["prompt2"]["variation_steps"] == 5 and "variation_steps" not in m["prompt1"]
+    assert m["prompt2"]["speed"]["sequential_measured"] and m["prompt2"]["speed"]["speedup"] > 0

@@ -192,8 +192,10 @@ def _now():
 
 
 def _row_label(i, label):
+    """One line (a prompt's newlines and tabs drawn as spaces), at most LABEL_CHARS characters."""
     text = label.get("prompt") or (f"class {label['class_label']}" if "class_label" in label else "")
-    return f"{i}: {text}"
+    text = " ".join(f"{i}: {text}".split())
+    return text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 3] + "..."
 
 
 def _tile(img):
@@ -206,6 +208,16 @@ def _tile(img):
     return im
 
 
+def _font():
+    """DejaVu Sans (matplotlib, a requirement, ships it): Pillow's own font has no accented or non-Latin letters
+    (a prompt's "é" drew as a box) and at its default size a space about a pixel wide ("digitseven")."""
+    try:
+        import matplotlib
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), 11)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=12)
+
+
 def draw_grid(rows, reference):
     """grid.png: one labelled row per sample, one column per iteration (column k: the x_0 estimate after iteration
     k; 0 is the initial state). A green frame marks the first image within 1 gray level of `reference`, a red one
@@ -213,20 +225,23 @@ def draw_grid(rows, reference):
 
     rows: [(images [K+1] uint8 [H, W, 3], label text, index of the first final image or None)].
     Returns a uint8 array [H, W, 3]."""
-    font = ImageFont.load_default()
+    font = _font()
     tiles = [[_tile(img) for img in imgs] for imgs, _, _ in rows]
     tw, th = tiles[0][0].size
     cols = max(len(r) for r in tiles)
-    pad, head, foot = 4, 14, 30
-    label_w = 10 + 6 * min(LABEL_CHARS, max(len(text) for _, text, _ in rows))
-    width = max(label_w + cols * (tw + pad) + pad, 6 * 100)
+    pad, head, foot = 4, 16, 34
+    notes = (f"column k: the x_0 estimate after iteration k (0: the initial state). green: the first image within 1 "
+             f"gray level of {reference}", "red: the iteration the sample stopped at")
+    label_w = 12 + math.ceil(max(font.getlength(text) for _, text, _ in rows))
+    width = max(label_w + cols * (tw + pad) + pad, 8 + math.ceil(max(font.getlength(n) for n in notes)))
     grid = Image.new("RGB", (width, head + len(rows) * (th + pad) + pad + foot), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for k in range(cols):
-        draw.text((label_w + k * (tw + pad) + pad + tw // 2 - 3 * len(str(k)), 1), str(k), fill=INK, font=font)
+        draw.text((label_w + k * (tw + pad) + pad + (tw - font.getlength(str(k))) // 2, 1), str(k), fill=INK,
+                  font=font)
     for i, (row, (_, text, final)) in enumerate(zip(tiles, rows)):
         y = head + i * (th + pad) + pad
-        draw.text((4, y + th // 2 - 5), text[:LABEL_CHARS], fill=INK, font=font)
+        draw.text((4, y + th // 2 - 6), text, fill=INK, font=font)
         for k in range(cols):
             x = label_w + k * (tw + pad) + pad
             if k < len(row):
@@ -238,7 +253,6 @@ def draw_grid(rows, reference):
                 x = label_w + k * (tw + pad) + pad
                 draw.rectangle([x + inset, y + inset, x + tw - 1 - inset, y + th - 1 - inset], outline=colour, width=2)
     y = grid.size[1] - foot + 3
-    draw.text((4, y), f"column k: the x_0 estimate after iteration k (0: the initial state). green: the first image "
-                      f"within 1 gray level of {reference}", fill=FINAL, font=font)
-    draw.text((4, y + 13), "red: the iteration the sample stopped at", fill=STOP, font=font)
+    draw.text((4, y), notes[0], fill=FINAL, font=font)
+    draw.text((4, y + 15), notes[1], fill=STOP, font=font)
     return np.asarray(grid)

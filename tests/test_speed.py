@@ -204,3 +204,17 @@ def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():
     plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
                        cache=cache, key="k")
     assert plan.measured and max(sizes) > 1 and cache["k"]["call_seconds"]["1"] < 0.1
+
+
+def test_grid_row_labels_are_one_readable_line():
+    """A prompt's newline is a space, a long one ends in "...", and the font draws a space and accented letters
+    (Pillow's default drew "a handwritten digit seven" as "...digitseven" and "é" as a box)."""
+    from runner.writer import LABEL_CHARS, _font, _row_label
+    assert _row_label(3, {"prompt": "a handwritten\ndigit\tseven"}) == "3: a handwritten digit seven"
+    long = _row_label(0, {"prompt": "x " * 100})
+    assert len(long) == LABEL_CHARS and long.endswith("...")
+    assert _row_label(1, {"class_label": 7}) == "1: class 7"
+    font = _font()
+    assert font.getlength("digit seven") - font.getlength("digitseven") >= 3
+    box = font.getmask("\uffff").getbbox()  # a character no font has: what a missing glyph draws
+    assert font.getmask("é").getbbox() != box

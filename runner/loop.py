@@ -62,10 +62,15 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
     free_device, free_host = session.free_memory()
     gb = 2 ** 30
     if free_device is not None and batch > 0.9 * free_device:
+        # the image size given sets the latent's: often the cause (SD at --height 8192), so named when given
+        sizes = [f"--{name} {getattr(args, name)}" for name in ("height", "width", "image_size")
+                 if getattr(args, name, None)]
+        latent = "x".join(map(str, bundle.latent))
         raise UsageError(f"--batch_size {B} needs about {batch / gb:.1f} GB for the solver's state at --timesteps {T} "
-                         f"and --memory_size {config.memory_size} ({free_device / gb:.1f} GB free on "
-                         f"{session.device}); "
-                         f"lower --batch_size, --memory_size or --timesteps")
+                         f"and --memory_size {config.memory_size} with latents of {latent}"
+                         f"{' (' + ', '.join(sizes) + ')' if sizes else ''} ({free_device / gb:.1f} GB free on "
+                         f"{session.device}); lower --batch_size, --memory_size, --timesteps"
+                         f"{' or the image size' if sizes else ''}")
     if free_host is not None and run > 0.9 * free_host:
         raise UsageError(f"--num_samples {S} needs about {run / gb:.1f} GB to hold the run's latents and records "
                          f"({free_host / gb:.1f} GB available); lower --num_samples (or split the run over seeds)")

@@ -369,6 +369,8 @@ def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     (["--negative_prompt", "blurry", "--cfg_scale", "1"], ["--negative_prompt", "--cfg_scale"]),
     (["--height", "100000"], ["--height", "100000"]),
     (["--eta", "2"], ["--eta"]),
+    # too large for memory because of the image size: said (the message named only the other flags)
+    (["--height", "8192", "--width", "8192", "--timesteps", "500"], ["GB", "--height 8192", "image size"]),
 ])
 def test_sd_more_bad_flags(files, argv, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)

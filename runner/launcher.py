@@ -33,8 +33,13 @@ def main(argv=None):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     args = launch.launch_command_parser().parse_args(argv)
-    quiet_elastic_logs()
     prog = os.path.basename(args.training_script)
+    for flag in ("num_processes", "num_machines"):  # accelerate runs one process for 0 or -1: refused, not guessed
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"{prog}: error: --{flag} must be an integer >= 1, got {value}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    quiet_elastic_logs()
     # accelerate's one-process launcher ends a failed process with a CalledProcessError traceback and exit 1, and a
     # Ctrl-C with a KeyboardInterrupt traceback: ours ends both as a launch of several processes does
     # (launch_command looks the launcher up in its module when it runs)

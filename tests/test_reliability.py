@@ -304,6 +304,20 @@ def launcher_of_one():
             "--dynamo_backend", "no"]
 
 
+@pytest.mark.parametrize("flag, value", [("--num_processes", "0"), ("--num_processes", "-1"),
+                                         ("--num_machines", "0")])
+def test_a_launch_of_no_processes_is_refused(tmp_path, flag, value):
+    """accelerate launches one process for --num_processes 0 or -1; the launcher refuses them, as the scripts
+    refuse a bad flag."""
+    argv = launcher_of_one()
+    argv[argv.index(flag) + 1] = value
+    proc = subprocess.run([sys.executable, *argv, SCRIPT, "--output_path", str(tmp_path / "o")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and _lines(proc.stderr) == [
+        f"parallel_dit.py: error: {flag} must be an integer >= 1, got {value}"], proc.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_a_bad_flag_in_a_launch_of_one_process_is_one_line(tmp_path):
     """accelerate's simple launcher followed the script's line with a CalledProcessError traceback and exit 1."""
     proc = subprocess.run([sys.executable, *launcher_of_one(), SCRIPT, "--timesteps", "0", "--output_path",

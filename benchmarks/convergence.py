@@ -26,9 +26,9 @@ from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.equations import FORMS
 from paratAA.planner import sync
 from runner.errors import UsageError
-from runner.flags import make_parser
+from runner.flags import DIST_TIMEOUT_MAX, SEED_MAX, finite_flag, make_parser
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
-from runner.rundir import REPO_ROOT
+from runner.rundir import REPO_ROOT, check_output_path
 
 EVOLUTION_ITERATIONS = 20  # figure (b) shows the estimates after iterations 0..20 at most
 NO_CLASSIFIER = "classifier agreement: skipped (the digit classifier exists only for the embedded digits models)"
@@ -300,10 +300,11 @@ def _agreement_cell(value):
     return "-" if value is None else f"{value:.2f}"
 
 
-def command_line(session):
-    """How this run was started, as a command a reader can repeat."""
+def command_line(session=None):
+    """How this run was started, every flag given, as a command a reader can repeat (session: a launch's)."""
     argv = [os.path.relpath(sys.argv[0], REPO_ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0], *sys.argv[1:]]
-    launch = f"accelerate launch --num_processes {session.world_size} " if session.world_size > 1 else "python "
+    several = session is not None and session.world_size > 1
+    launch = f"accelerate launch --num_processes {session.world_size} " if several else "python "
     return launch + shlex.join(argv)
 
 
@@ -363,7 +364,49 @@ def check_bench_flags(args):
     for T in args.timesteps or []:
         if not 2 <= T <= 1000:
             raise UsageError(f"--timesteps must be in 2..1000, got {T}")
+    check_distinct(args.timesteps or [], "--timesteps")
+    check_run_flags(args)
+    check_out_file(args.out)
     if args.num_samples is None:
         args.num_samples = 2 if args.quick else 10
     if args.num_samples < 1 or args.evolution_sample < 0:
         raise UsageError("--num_samples must be >= 1 and --evolution_sample >= 0")
+
+
+def check_run_flags(args):
+    """--cfg_scale and --dist_timeout checked as the scripts check them (runner/flags.py)."""
+    finite_flag(args, "cfg_scale")
+    finite_flag(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
+
+
+def check_distinct(values, flag):
+    """A value given twice would be computed twice and recorded once under its name: a typo, refused."""
+    if len(set(values)) < len(values):
+        raise UsageError(f"{flag} must not repeat a value, got {' '.join(str(v) for v in values)}")
+
+
+def check_seed_base(flag, base, n):
+    """Held-out seeds base .. base + n - 1: past 0..9 (they designed the rules) and all torch generator seeds."""
+    if not 10 <= base <= SEED_MAX - (n - 1):
+        raise UsageError(f"{flag} must be in 10..{SEED_MAX - (n - 1)} (seeds 0-9 designed the rules, and its {n} "
+                         f"seeds must be at most {SEED_MAX}), got {base}")
+
+
+def check_out_dir(path, flag):
+    """A folder this run creates or writes into, checked before any work as the scripts check --output_path."""
+    try:
+        check_output_path(path)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--output_path", flag)) from None
+
+
+def check_out_file(path, flag="--out"):
+    """A file this run writes at its end (the folders above it created), checked before any work: a long run
+    is never lost to an unusable path."""
+    if not path or not path.strip():
+        raise UsageError(f"{flag} must not be empty")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UsageError(f"{flag} must name a file, not a folder: {path}")
+    if os.path.lexists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} is not writable: {path}")
+    check_out_dir(os.path.dirname(path) or ".", f"the folder of {flag}")

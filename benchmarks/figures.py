@@ -3,7 +3,8 @@
     python benchmarks/figures.py [--dit benchmarks/results/dit.json] [--sd benchmarks/results/sd.json] [--quick]
     python benchmarks/figures.py --dit results/dit_xl2.json --sd results/sd15.json --out_dir results/figures
 
-Each JSON gets its panel (titled by the model it measured); a missing file is skipped.
+Each JSON gets its panel (titled by the model it measured); a missing file is skipped. Every JSON is checked by
+drawing its panels in memory first: a file they cannot be drawn from is named, and nothing is written.
 (a) distance to the sequential sample vs iteration, one curve per method      -> fig_a_distance.png
 (b) image evolution: decoded x_0 estimate per iteration, FP / FP+ / ParaTAA   -> fig_b_evolution.png
     (from <json>.evolution.npz, written beside the JSON)
@@ -15,10 +16,11 @@ Each JSON gets its panel (titled by the model it measured); a missing file is sk
     models); for other models, the fraction of samples whose estimate is already the sequential image (their
     FID, IS or CLIP score after k iterations comes from sample_sets.py's per-iteration sets)
 """
-import argparse
-import json
+import io
 import os
+import pathlib
 import sys
+import zipfile
 
 import matplotlib
 import numpy as np
@@ -27,8 +29,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import check_out_dir  # noqa: E402
+from models.sd import read_json  # noqa: E402
+from runner.errors import InputFileError, exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 from runner.metrics import SAME_IMAGE  # noqa: E402
-from runner.rundir import upscale  # noqa: E402
+from runner.rundir import write_atomic, upscale  # noqa: E402
 
 # curves drawn: both forms of the equations (see paratAA/equations.py) for FP+ and ParaTAA at m = 3
 METHODS = ["FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3 (ddim)", "ParaTAA m=3"]
@@ -195,52 +201,74 @@ def fig_ablation(results, path):
     plt.close(fig)
 
 
-def load(path, role):
+def load(path, flag, role):
     """(title, report) of one benchmark JSON, or None when the file is absent."""
-    if not path or not os.path.exists(path):
+    if not path or not os.path.lexists(path):
         print(f"{role}: {path} not found, skipped")
         return None
-    with open(path) as f:
-        report = json.load(f)
-    return report.get("model", {}).get("title", f"embedded {role}"), report
+    report = read_json(path, flag)
+    title = report.get("model", {}) if isinstance(report.get("model"), dict) else {}
+    return str(title.get("title", f"embedded {role}")), report
 
 
-def main(args):
-    os.makedirs(args.out_dir, exist_ok=True)
-    results, paths = {}, {}
-    for role, path in (("DiT", args.dit), ("text-to-image", args.sd)):
-        found = load(path, role)
-        if found:
-            title = found[0] if found[0] not in results else f"{found[0]} ({role})"
-            results[title], paths[title] = found[1], path
-    if not results:
-        sys.exit("figures.py: no benchmark JSON found (run dit_bench.py or sd_bench.py first)")
-    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+def draw(results, paths, quick, say=print):
+    """Every figure the reports allow, in memory: {file name: PNG bytes}."""
+    files = {}
+
+    def out(name):
+        files[name] = io.BytesIO()
+        return files[name]
     fig_curves(results, distance, out("fig_a_distance.png"))
     evolved = {t: r for t, r in results.items() if r.get("evolution", {}).get("file")}
     if evolved:
-        fig_evolution(evolved, paths, out("fig_b_evolution.png"), 12 if args.quick else 20)
+        fig_evolution(evolved, paths, out("fig_b_evolution.png"), 12 if quick else 20)
     else:
-        print("(b) skipped: no JSON has per-iteration images (written by the current dit_bench.py / sd_bench.py)")
+        say("(b) skipped: no JSON has per-iteration images (written by the current dit_bench.py / sd_bench.py)")
     fig_window(results, out("fig_c_window.png"))
     ablated = {t: r for t, r in results.items() if r.get("ablation")}
     if ablated:
         fig_ablation(ablated, out("fig_d_ablation.png"))
     else:
-        print("(d) skipped: no JSON has an ablation (dit_bench.py runs it; sd_bench.py with --ablation)")
+        say("(d) skipped: no JSON has an ablation (dit_bench.py runs it; sd_bench.py with --ablation)")
     warm = [r for r in results.values() if r.get("warm_start")]
     if warm:
         fig_warm(warm[0], out("fig_e_warm_start.png"))
     else:
-        print("(e) skipped: no JSON has a warm-start table (sd_bench.py with two prompts or more)")
+        say("(e) skipped: no JSON has a warm-start table (sd_bench.py with two prompts or more)")
     fig_curves(results, quality, out("fig_f_quality.png"))
+    return {name: f.getvalue() for name, f in files.items()}
+
+
+def main(args):
+    check_out_dir(args.out_dir, "--out_dir")
+    results, paths = {}, {}
+    for role, flag, path in (("DiT", "--dit", args.dit), ("text-to-image", "--sd", args.sd)):
+        found = load(path, flag, role)
+        if not found:
+            continue
+        title = found[0] if found[0] not in results else f"{found[0]} ({role})"
+        try:  # its panels alone, before anything is written: a report they cannot be drawn from is named
+            draw({title: found[1]}, {title: path}, args.quick, say=lambda text: None)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError, zipfile.BadZipFile) as e:
+            what = f"has no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise InputFileError(f"{flag}: {path} is not a report of dit_bench.py / sd_bench.py that figures.py can "
+                                 f"draw ({what})") from None
+        finally:
+            plt.close("all")
+        results[title], paths[title] = found[1], path
+    if not results:
+        raise InputFileError("no benchmark JSON found (run dit_bench.py or sd_bench.py first)")
+    files = draw(results, paths, args.quick)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(os.path.join(args.out_dir, name), lambda p, data=data: pathlib.Path(p).write_bytes(data))
     print(f"wrote figures to {args.out_dir}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="12 columns in figure (b) instead of 20")
     parser.add_argument("--dit", default="benchmarks/results/dit.json", help="dit_bench.py's JSON")
     parser.add_argument("--sd", default="benchmarks/results/sd.json", help="sd_bench.py's JSON")
     parser.add_argument("--out_dir", default="benchmarks/figures")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

@@ -19,7 +19,6 @@
 
     python benchmarks/gpu_bench.py --families --out gpu.json     # all four, < 8 minutes on one H100/H200
 """
-import argparse
 import math
 import os
 import sys
@@ -28,12 +27,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 from paratAA import (SolverConfig, dit_schedule, draw_noise, from_ddim_scheduler, noise_from_seeds,  # noqa: E402
                      sample_sequential, solve)
 from paratAA.planner import predicted_iterations, sync  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 # the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -225,6 +226,8 @@ def save(report, path):
 
 @torch.no_grad()
 def main(args):
+    if args.out is not None:
+        check_out_file(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -297,7 +300,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--families", action="store_true",
@@ -312,4 +315,4 @@ if __name__ == "__main__":
                         help="WINDOW:ITERATIONS pairs timed with the SD v1.5 UNet (a range of K at window 8: the "
                              "speed-up for whichever count a trained model needs)")
     parser.add_argument("--out", default=None)
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

@@ -16,12 +16,18 @@ NOT counted here, so that column is an upper bound (benchmarks/speed_bench.py's 
 counts are the embedded models' (real checkpoints could not be downloaded), so this assumes DiT-XL/2 and SD v1.5
 converge like them; the paper reports the same order of iterations for both.
 """
-import argparse
-import json
 import math
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from models.sd import read_json  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
+
 
 def call_seconds(per_call, W):
     ws = sorted(int(w) for w in per_call)
@@ -29,8 +35,8 @@ def call_seconds(per_call, W):
 
 
 def main(args):
-    with open(args.gpu) as f:
-        gpu = json.load(f)
+    check_out_file(args.out)
+    gpu = read_json(args.gpu, "--gpu")
     solver = float(np.median([r["solver_per_iteration"] for r in gpu["paratAA"].values()]))
     report = {"gpu": args.gpu, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "models": {}}
     print(f"{gpu['device']}, {gpu['dtype']}: solver {solver * 1e3:.1f} ms per iteration (median of the GPU runs)\n")
@@ -38,9 +44,8 @@ def main(args):
     print("| GPU model (iteration counts from) | T | window | iterations to the stop (median) | ParaTAA s | "
           f"sequential s | speed-up, 1 GPU | speed-up, {G} GPUs (no communication counted) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, path in {"DiT-XL/2 256": args.dit, "SD1.5 UNet 512": args.sd}.items():
-        with open(path) as f:
-            cpu = json.load(f)
+    for name, (flag, path) in {"DiT-XL/2 256": ("--dit", args.dit), "SD1.5 UNet 512": ("--sd", args.sd)}.items():
+        cpu = read_json(path, flag)
         T = max(int(t) for t in cpu["methods"] if str(t).isdigit())
         per_call = gpu["per_call"][name]
         seq = T * call_seconds(per_call, 1)
@@ -54,16 +59,15 @@ def main(args):
             print(f"| {name} ({os.path.basename(path)}) | {T} | {W} | {K:g} | {para:.3f} | {seq:.3f} | "
                   f"{seq / para:.2f}x | {seq / sharded:.2f}x |")
         report["models"][name] = {"iterations_from": path, "T": T, "windows": rows}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
+    print()
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--gpu", default="benchmarks/results/gpu_h200_windows.json")
     parser.add_argument("--dit", default="benchmarks/results/dit.json", help="iteration counts for DiT-XL/2")
     parser.add_argument("--sd", default="benchmarks/results/sd.json", help="iteration counts for the SD UNet")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs sharing each call in the last column")
     parser.add_argument("--out", default="benchmarks/results/gpu_estimate.json")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

@@ -15,7 +15,6 @@
 Writes each run's exit code, last printed lines, and from its metrics.json the window, the iterations and the
 speed block.
 """
-import argparse
 import glob
 import json
 import os
@@ -28,8 +27,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.convergence import write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 # stabilityai/sd-vae-ft-ema's config.json (the VAE of the public DiT checkpoints)
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -76,6 +77,8 @@ def run(name, argv, out_dir, env, timeout):
 
 
 def main(args):
+    if args.out is not None:
+        check_out_file(args.out)
     py = sys.executable
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "runs": {}}
@@ -104,8 +107,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny random checkpoint, on whatever device there is")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--out", default=None)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(exit_on_error(main, parser.parse_args()))

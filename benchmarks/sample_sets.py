@@ -22,6 +22,7 @@ Under `accelerate launch` every model call is split across the processes; the ma
 Each set is filled on disk batch by batch (a .npy memory map) and zipped into its .npz at the end, so no process
 holds a whole set in memory (10,000 images of 256x256 take 2 GB of disk per set).
 """
+import contextlib
 import json
 import os
 import re
@@ -34,15 +35,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import dit_bench, sd_bench  # noqa: E402
-from benchmarks.convergence import (NO_CLASSIFIER, add_launch_flags, command_line, inputs_per_process,  # noqa: E402
-                                    methods_for, solve_on)
+from benchmarks.convergence import (NO_CLASSIFIER, add_launch_flags, check_distinct, check_out_dir,  # noqa: E402
+                                    check_out_file, check_run_flags, command_line, inputs_per_process, methods_for,
+                                    solve_on)
 from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import SD_CFG_SCALE  # noqa: E402
 from paratAA import SolverConfig, sample_sequential  # noqa: E402
 from runner.errors import UsageError, exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import at_least_flag, make_parser  # noqa: E402
 from runner.launch import Session  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
+from runner.rundir import missing_folders  # noqa: E402
 
 FAMILIES = {"dit": (dit_bench, DIT_CFG_SCALE, lambda args, session: dit_bench.dit_bench(args, session)),
             "sd": (sd_bench, SD_CFG_SCALE, lambda args, session: sd_bench.sd_bench(args, session)[0])}
@@ -61,7 +64,7 @@ class ImageSet:
     def __init__(self, folder, name, num_samples):
         self.path = os.path.join(folder, name + ".npz")
         self.npy = os.path.join(folder, f".{name}.npy.part")
-        self.N, self.array = num_samples, None
+        self.N, self.array, self.closed = num_samples, None, False
         self.same, self.rms, self.agree = [], [], []
 
     def put(self, start, images, reference=None, predicted=None, labels=None):
@@ -84,18 +87,34 @@ class ImageSet:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
             z.write(self.npy, "arr_0.npy")
         os.replace(tmp, self.path)
+        self.closed = True
         os.remove(self.npy)
         return {"file": os.path.basename(self.path), "shape": shape,
                 "same_image": float(np.mean(self.same)) if self.same else None,
                 "mean_image_rms": float(np.mean(self.rms)) if self.rms else None,
                 "agreement": float(np.mean(self.agree)) if self.agree else None}
 
+    def discard(self):
+        """A run that does not finish leaves none of its files: its summary, which names them, is never written."""
+        self.array = None  # the memory map closes with its last reference
+        for path in [self.npy, self.path + ".part"] + [self.path] * self.closed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
 
 def check_flags(args, names):
-    N, B, T = (4, 2, 25) if args.quick else (100, 10, 100)
-    args.num_samples, args.batch_size, args.timesteps = args.num_samples or N, args.batch_size or B, args.timesteps or T
-    if args.num_samples < 1 or args.batch_size < 1 or not 2 <= args.timesteps <= 1000:
-        raise UsageError("--num_samples and --batch_size must be >= 1, --timesteps in 2..1000")
+    defaults = dict(zip(("num_samples", "batch_size", "timesteps"), (4, 2, 25) if args.quick else (100, 10, 100)))
+    for name, value in defaults.items():  # only a flag not given takes its default (0 is a bad value, not none)
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    at_least_flag(args, "num_samples", 1)
+    at_least_flag(args, "batch_size", 1)
+    if not 2 <= args.timesteps <= 1000:
+        raise UsageError(f"--timesteps must be in 2..1000, got {args.timesteps}")
+    check_run_flags(args)
+    check_out_dir(args.out_dir, "--out_dir")
+    if args.summary is not None:
+        check_out_file(args.summary, "--summary")
     args.methods = args.methods or [n for n in names if n != "FP"]  # FP takes T iterations: only on request
     for name in args.methods:
         if name not in names:
@@ -103,6 +122,8 @@ def check_flags(args, names):
     for k in args.iterations:
         if not 1 <= k <= args.timesteps:
             raise UsageError(f"--iterations must be in 1..{args.timesteps}, got {k}")
+    check_distinct(args.methods, "--methods")
+    check_distinct(args.iterations, "--iterations")
 
 
 def method_names():
@@ -115,6 +136,21 @@ def main(args):
     module, _, build = FAMILIES[args.family]
     check_flags(args, method_names())
     module.check_model_flags(args)
+    created, _ = missing_folders(args.out_dir)  # the folders this run creates, deepest first
+    sets = {}
+    try:
+        sample(args, build, sets)
+    except BaseException:  # failed or interrupted: remove what this run wrote, and only that
+        for image_set in sets.values():
+            image_set.discard()
+        for folder in created:
+            with contextlib.suppress(OSError):  # a folder that holds anything else stays
+                os.rmdir(folder)
+        raise
+
+
+def sample(args, build, sets):
+    """Every set into sets (name: ImageSet), then the summary."""
     session = Session(args.dist_timeout, args.fp16)
     bench = build(args, session)
     T, N, B = args.timesteps, bench.num_samples, args.batch_size
@@ -122,12 +158,12 @@ def main(args):
     table = methods_for(T, (d["memory_size"],), d["equations"])
     schedule = bench.schedule(T)
     main_process = session.is_main
-    sets, runs = {}, {name: {"iterations": [], "evaluations": []} for name in args.methods}
+    runs = {name: {"iterations": [], "evaluations": []} for name in args.methods}
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
         names = ["sequential"] + [slug(n) + suffix for n in args.methods
                                   for suffix in [""] + [f"_iter{k}" for k in args.iterations]]
-        sets = {name: ImageSet(args.out_dir, name, N) for name in names}
+        sets.update({name: ImageSet(args.out_dir, name, N) for name in names})
         if bench.classify is None:
             print(NO_CLASSIFIER, flush=True)
     for start in range(0, N, B):

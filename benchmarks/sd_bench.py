@@ -23,7 +23,7 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import VAEDecoder  # noqa: E402
 from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags,  # noqa: E402
-                       check_folder, check_size, denoiser, encode, latent_shape, load_pipeline)
+                       check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline)
 from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
@@ -56,10 +56,13 @@ def check_model_flags(args):
         raise UsageError("give --prompt or --prompt_file, not both")
     if args.prompt_file:
         try:
-            with open(args.prompt_file) as f:
+            with open(args.prompt_file, encoding="utf-8") as f:
                 args.prompt = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise InputFileError(f"--prompt_file: cannot read {args.prompt_file} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise InputFileError(f"--prompt_file: {args.prompt_file} is not UTF-8 text (byte {e.start}: "
+                                 f"{e.reason})") from None
         if not args.prompt:
             raise UsageError(f"--prompt_file {args.prompt_file} holds no prompt")
     embedded = args.model_path is None or os.path.abspath(args.model_path) in (EMBEDDED_SD, EMBEDDED_FLOW)
@@ -68,6 +71,7 @@ def check_model_flags(args):
     for p in args.prompt or []:
         if not p.strip():
             raise UsageError("--prompt must not be empty")
+    check_negative_prompt(args)
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)

@@ -10,7 +10,6 @@ is computed on the same device. Per row: iterations per sample, mean evaluations
 level off and the largest final difference (x the threshold). What it answers: whether the tighter test, which asks
 a residual that still halves to go below settle x the tolerance, costs iterations where residuals cannot go that low.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -19,14 +18,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 VARIANTS = {"settle 0.1 (default)": {}, "settle 1 (plain)": {"settle": 1.0}}
 
 
 def main(args):
+    if args.out is not None:
+        check_out_file(args.out)
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, bases, windows = (2, [1300], [100]) if args.quick else (10, [1300, 1900, 1910], [100, 32, 8])
@@ -55,7 +58,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="2 samples, one seed set, window 100")
     parser.add_argument("--out", default=None)
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

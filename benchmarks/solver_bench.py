@@ -11,7 +11,6 @@
 3. Memory: growth of peak RSS while solving T = 100, m = 3, 4x64x64 latents with a free model (a fresh
    process), and the bytes of the solver's persistent buffers.
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,9 +21,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
+from runner.errors import exit_on_error  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md); its test: settle 1
 # name: (order (None: T), memory_size, form of the equations)
@@ -138,6 +139,7 @@ def memory(T, m, latent):
 
 
 def main(args):
+    check_out_file(args.out)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     quick = args.quick
     result = {"machine": args.machine, "command": "python benchmarks/solver_bench.py" + (" --quick" if quick else "")}
@@ -149,8 +151,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
     parser.add_argument("--out", default="benchmarks/results/solver.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

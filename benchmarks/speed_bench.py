@@ -14,27 +14,32 @@
    end-to-end time of the same setting. Eight GPUs: each call split into shards of ceil(W / 8) inputs, plus an
    all-gather of the window's float64 outputs over NVLink (300 GB/s) or PCIe 4.0 (25 GB/s), 10 us per ring step.
 """
-import argparse
-import json
 import math
 import os
 import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from runner.errors import InputFileError, UsageError, exit_on_error, exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+import torch  # noqa: E402
+
+from benchmarks.convergence import check_out_file, command_line, write_json  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE  # noqa: E402
-from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline  # noqa: E402
+from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline, read_json  # noqa: E402
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
+GPU_MODELS = {"DiT-XL/2 256": 4 * 32 * 32, "SD1.5 UNet 512": 4 * 64 * 64}  # name: latent size D
 
 
 def problems(T, quick):
@@ -103,11 +108,30 @@ def allgather_seconds(n_inputs, D, G, bandwidth):
     return (G - 1) * HOP + total * (G - 1) / G / bandwidth
 
 
-def gpu_table(gpu_json):
+def read_gpu(path):
+    """benchmarks/gpu_bench.py's JSON, read before any work: (the report, the solver's seconds per iteration, the
+    per-call curves {model: {inputs: seconds}}), or InputFileError naming the file and what is wrong."""
+    gpu = read_json(path, "--gpu")
+    try:
+        solver = float(statistics.median(r["solver_per_iteration"] for r in gpu["paratAA"].values()))
+        # the planner's own curve where the GPU run has one (measured warm, right before its runs), else the table
+        curves = {name: {int(k): float(v) for k, v in (gpu.get("default_flags", {}).get(name, {}).get("plan", {})
+                                                       .get("call_seconds") or gpu["per_call"][name]).items()}
+                  for name in GPU_MODELS}
+        _ = gpu["device"], gpu["dtype"]  # named in the table
+    except KeyError as e:
+        raise InputFileError(f"--gpu: {path} has no {e} (not a report of benchmarks/gpu_bench.py)") from None
+    except (AttributeError, TypeError, ValueError, statistics.StatisticsError) as e:
+        raise InputFileError(f"--gpu: {path} is not a report of benchmarks/gpu_bench.py ({type(e).__name__}: "
+                             f"{e})") from None
+    times = [solver] + [v for c in curves.values() for v in c.values()]
+    if not all(c and min(c) >= 1 for c in curves.values()) or not all(0 <= t < math.inf for t in times):
+        raise InputFileError(f"--gpu: {path}: the per-call curves need window sizes >= 1 and finite seconds >= 0")
+    return gpu, solver, curves
+
+
+def gpu_table(gpu_json, gpu, solver, curves):
     """The planner's choice and predicted speed-up on 1 and 8 GPUs for the committed per-call curves."""
-    with open(gpu_json) as f:
-        gpu = json.load(f)
-    solver = float(statistics.median(r["solver_per_iteration"] for r in gpu["paratAA"].values()))
     T = 100
     out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "T": T,
            "interconnect": {"nvlink_bytes_per_s": NVLINK, "pcie_bytes_per_s": PCIE, "seconds_per_ring_step": HOP},
@@ -117,11 +141,8 @@ def gpu_table(gpu_json):
     print("| model | GPUs | interconnect | window chosen | iterations (equation 5) | seconds | sequential seconds | "
           "speed-up |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, D in (("DiT-XL/2 256", 4 * 32 * 32), ("SD1.5 UNet 512", 4 * 64 * 64)):
-        # the planner's own curve where the GPU run has one (measured warm, right before its runs), else the table
-        source = gpu.get("default_flags", {}).get(name, {}).get("plan", {}).get("call_seconds") \
-            or gpu["per_call"][name]
-        calls = {int(k): float(v) for k, v in source.items()}
+    for name, D in GPU_MODELS.items():
+        calls = curves[name]
         out["models"][name] = {}
         for G, link, bw in ((1, "-", NVLINK), (8, "NVLink", NVLINK), (8, "PCIe 4.0", PCIE)):
             # a call of n inputs split over G GPUs costs a call of ceil(n / G), plus the gather of all n outputs
@@ -138,20 +159,23 @@ def gpu_table(gpu_json):
 
 
 def main(args):
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    check_out_file(args.out)
+    gpu = read_gpu(args.gpu)  # before the CPU table: a bad file must not cost its minutes
     torch.set_grad_enabled(False)
     T = 25 if args.quick else 100
-    report = {"command": "python benchmarks/speed_bench.py" + (" --quick" if args.quick else ""),
-              "machine": args.machine, "threads": torch.get_num_threads(), "T": T,
+    report = {"command": command_line(), "machine": args.machine, "threads": torch.get_num_threads(), "T": T,
               "cpu": cpu_table(T, 1 if args.quick else args.repeats, args.quick)}
-    report["gpu_estimate"] = gpu_table(args.gpu)
+    report["gpu_estimate"] = gpu_table(args.gpu, *gpu)
     write_json(report, args.out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu", default="benchmarks/results/gpu_h100.json")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

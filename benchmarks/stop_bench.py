@@ -23,21 +23,27 @@
 2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
    1e-3, per-state stop: the grid the form was judged on), the ratio of the worst iteration counts.
 """
-import argparse
+import math
 import os
 import statistics
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+import torch  # noqa: E402
+
+from benchmarks.convergence import check_out_file, check_seed_base, write_json  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -189,18 +195,25 @@ def forms_table(steps, seeds):
     return out
 
 
+def check_flags(args, n):
+    """Every flag before any model is loaded: UsageError naming it."""
+    check_seed_base("--seed_base", args.seed_base, n)
+    if args.windows is not None:  # given: at least one window (an empty --windows is a slip, not the default tables)
+        if not args.windows or min(args.windows) < 1:
+            raise UsageError(f"--windows must be one or more sizes >= 1, got {args.windows}")
+    if not 0 < args.slide_tol < math.inf:
+        raise UsageError(f"--slide_tol must be a positive finite number, got {args.slide_tol:g}")
+    check_out_file(args.out)
+
+
 def main(args):
-    torch.set_grad_enabled(False)
     steps, etas, n = ([25], [0.0], 3) if args.quick else ([25, 50, 100], [0.0, 0.5], 10)
+    check_flags(args, n)
+    torch.set_grad_enabled(False)
     rules = {**RULES, **(LOOSER if args.looser_tolerances else {})}
-    if args.seed_base < 10:
-        raise SystemExit(f"--seed_base must be at least 10 (seeds 0-9 designed the rule), got {args.seed_base}")
     flags = ((" --quick" if args.quick else "") + (" --looser_tolerances" if args.looser_tolerances else "")
              + (f" --seed_base {args.seed_base}" if args.seed_base != 100 else ""))
     if args.windows:
-        if min(args.windows) < 1 or not 0 < args.slide_tol < float("inf"):
-            raise SystemExit(f"--windows must be >= 1 and --slide_tol a positive number, got {args.windows} and "
-                             f"{args.slide_tol}")
         flags += " --windows " + " ".join(str(w) for w in args.windows) + f" --slide_tol {args.slide_tol:g}"
         write_json({"command": "python benchmarks/stop_bench.py" + flags, "machine": args.machine,
                     "seed_base": args.seed_base, "T": 100, "eta": 0.0,
@@ -214,7 +227,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples: the smoke test")
     parser.add_argument("--looser_tolerances", action="store_true",
                         help="also the stop rule with looser per-state tolerances (what they save and cost)")
@@ -226,4 +239,4 @@ if __name__ == "__main__":
     parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
     parser.add_argument("--out", default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

@@ -6,17 +6,22 @@ The held-out samples of stop_bench.py (embedded DiT and text-to-image, 10 per se
 T. Per variant: same-image iteration of every sample (the first iterate within one gray level of the sequential
 sample's image), the stop, runs ending off. The medians hide the tail; this names the samples in it.
 """
-import argparse
 import os
 import statistics
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import write_json  # noqa: E402
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+import torch  # noqa: E402
+
+from benchmarks.convergence import check_distinct, check_out_file, check_seed_base, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
 
 # name: SolverConfig overrides
 VARIANTS = {"default (picard, m = 3)": {}, "m = 2": dict(memory_size=2), "m = 1 (no TAA)": dict(memory_size=1),
@@ -42,14 +47,16 @@ def tail(bases, T, n):
 
 
 def main(args):
-    torch.set_grad_enabled(False)
+    T, n = (25, 3) if args.quick else (100, 10)
     try:
         bases = [int(b) for b in args.seed_bases.split(",")]
     except ValueError:
-        raise SystemExit(f"--seed_bases must be integers separated by commas, got {args.seed_bases!r}")
-    if min(bases) < 10:
-        raise SystemExit(f"--seed_bases must be at least 10 (seeds 0-9 designed the solver), got {args.seed_bases}")
-    T, n = (25, 3) if args.quick else (100, 10)
+        raise UsageError(f"--seed_bases must be integers separated by commas, got {args.seed_bases!r}") from None
+    for base in bases:
+        check_seed_base("--seed_bases", base, n)
+    check_distinct(bases, "--seed_bases")
+    check_out_file(args.out)
+    torch.set_grad_enabled(False)
     result = tail(bases, T, n)
     print(f"T = {T}, eta 0, window = T, seed bases {args.seed_bases}: same image (median / max / mean), the samples "
           f"at the max, stop (mean / max), runs off\n")
@@ -68,10 +75,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700",
                         help="held-out seed bases, as stop_bench.py --seed_base (comma-separated)")
     parser.add_argument("--out", default="benchmarks/results/tail.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    main(parser.parse_args())
+    exit_on_error(main, parser.parse_args())

@@ -393,6 +393,12 @@ def add_sd_flags(parser):
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
 
+def check_negative_prompt(args):
+    """A negative prompt only enters the unconditional branch of guidance: without guidance it would be ignored."""
+    if args.negative_prompt and args.cfg_scale == 1:
+        raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
+
+
 def check_sd_flags(args, prompts):
     """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
     for flag, p in prompts:
@@ -404,8 +410,7 @@ def check_sd_flags(args, prompts):
             "FlowMatch" in str(_scheduler_class(args.model_path)):
         raise UsageError(f"--eta applies to DDIM; {args.model_path} samples a flow by Euler steps, which add no "
                          f"noise: --eta must be 0, got {args.eta:g}")
-    if args.negative_prompt and args.cfg_scale == 1:
-        raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
+    check_negative_prompt(args)
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)

@@ -101,13 +101,15 @@ def _flag_error(e):
     return UsageError(f"--{e}")
 
 
-def _at_least(args, name, low):
+def at_least_flag(args, name, low):
+    """UsageError unless the number args.<name> is at least low (also for the benchmarks' own flags)."""
     v = getattr(args, name)
     if v < low:
         raise UsageError(f"--{name} must be >= {low}, got {v}")
 
 
-def _finite(args, name, low=None, high=None):
+def finite_flag(args, name, low=None, high=None):
+    """UsageError unless args.<name> is a finite number in low..high (either bound optional)."""
     v = getattr(args, name)
     if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
         span = f" in {low:g}..{high:g}" if high is not None else f" >= {low:g}" if low is not None else ""
@@ -129,15 +131,15 @@ def check_common_flags(args, num_train_timesteps):
         # the solver takes such an order as the window; on the command line it is more likely a typo
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")
     for name in ("num_samples", "batch_size"):
-        _at_least(args, name, 1)
+        at_least_flag(args, name, 1)
     if args.batch_size > args.num_samples:  # recorded as used, so that args.json says what ran
         note(f"--batch_size {args.batch_size} is more than --num_samples {args.num_samples}; using "
              f"{args.num_samples}")
         args.batch_size = args.num_samples
     if not 0 <= args.seed <= SEED_MAX:
         raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {args.seed}")
-    _finite(args, "cfg_scale")
-    _finite(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
+    finite_flag(args, "cfg_scale")
+    finite_flag(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
     check_output_path(args.output_path)
     resolved = config.resolve(args.timesteps)
     if resolved.memory_size < config.memory_size != SolverConfig().memory_size:  # a value the user asked for

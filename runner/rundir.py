@@ -22,7 +22,7 @@ def check_output_path(path):
     """Fail before sampling if run folders cannot be created under path."""
     if not path or not path.strip():
         raise UsageError("--output_path must not be empty")
-    _, probe = _missing_folders(path)
+    _, probe = missing_folders(path)
     if os.path.islink(probe) and not os.path.exists(probe):
         raise UsageError(f"--output_path {path}: {probe} is a symbolic link to nothing (or a loop of links)")
     if not os.path.isdir(probe) or (os.path.lexists(path) and not os.path.isdir(path)):
@@ -37,7 +37,7 @@ def check_output_path(path):
                          f"a path over {path_max}): {path[:60]}...")
 
 
-def _missing_folders(path):
+def missing_folders(path):
     """(the folders of path that do not exist yet, the deepest first; the nearest one that does exist)."""
     missing, probe = [], os.path.abspath(path)
     while not os.path.lexists(probe):
@@ -56,7 +56,7 @@ def _limit(path, name, default):
 def create_run_dir(output_path, prefix):
     """A new folder <prefix>-<date>-<time>-<random>: two runs started in the same second never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    missing, _ = _missing_folders(output_path)  # the folders this call creates
+    missing, _ = missing_folders(output_path)  # the folders this call creates
     try:
         os.makedirs(output_path, exist_ok=True)
         while True:
@@ -81,7 +81,7 @@ def upscale(img, min_side=64):
     return img.repeat(k, 0).repeat(k, 1) if k > 1 else img
 
 
-def _atomic(path, write):
+def write_atomic(path, write):
     """write(tmp_path) then rename: an interrupted run never leaves a half-written file under the real name."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
@@ -95,14 +95,14 @@ def _atomic(path, write):
 
 
 def save_png(img, path):
-    _atomic(path, lambda p: Image.fromarray(upscale(img)).save(p))
+    write_atomic(path, lambda p: Image.fromarray(upscale(img)).save(p))
 
 
 def save_json(obj, path):
     def write(p):
         with open(p, "w") as f:
             json.dump(obj, f, indent=1)
-    _atomic(path, write)
+    write_atomic(path, write)
 
 
 def save_npz(path, **arrays):
@@ -113,7 +113,7 @@ def save_npz(path, **arrays):
                 buf = io.BytesIO()
                 np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
                 z.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
-    _atomic(path, write)
+    write_atomic(path, write)
 
 
 def portable(value):

@@ -1,0 +1,269 @@
+"""The benchmark scripts' bad input: one line on stderr naming the flag or file, exit 2 (flags) or 1 (files), no
+traceback, nothing written, and all of it before any model is loaded; an interrupted or failed run leaves nothing."""
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+TOP = str(2 ** 64 - 1)  # the largest torch generator seed
+# sizes that keep a run of the old, unchecked scripts short before they fail
+SETS = ["dit", "--num_samples", "1", "--batch_size", "1", "--timesteps", "2", "--methods", "ParaTAA m=3"]
+# a prompt of our own: no digit classifier to train (seconds) before sampling
+SD_SETS = ["sd", "--prompt", "a handwritten digit one", "--num_samples", "1", "--batch_size", "1", "--timesteps", "2",
+           "--methods", "ParaTAA m=3"]
+DIT = ["--quick", "--timesteps", "2", "--num_samples", "1", "--no-ablation"]
+
+
+def run(script, *argv, **kwargs):
+    options = {"capture_output": True, "text": True, "timeout": 60, **kwargs}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, argv)], cwd=ROOT,
+                          **options)
+
+
+def one_line(script, stderr):
+    """The single line on stderr, checked to be the script's error line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith(f"{script}: "), lines
+    return lines[0]
+
+
+def refused(tmp_path, script, argv, code, words):
+    """script argv exits with code and one error line holding words; nothing new appears in tmp_path."""
+    before = sorted(os.listdir(tmp_path))
+    proc = run(script, *argv)
+    line = one_line(script, proc.stderr)
+    assert proc.returncode == code and line.startswith(f"{script}: error: "), (proc.returncode, line)
+    for w in words:
+        assert str(w) in line, (w, line)
+    assert sorted(os.listdir(tmp_path)) == before, "nothing may be written"
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    return tmp_path
+
+
+# 0 is a bad size, not "the default"
+@pytest.mark.parametrize("flag", ["--num_samples", "--batch_size", "--timesteps"])
+def test_sample_sets_zero_sizes(files, flag):
+    refused(files, "sample_sets.py", SETS + [flag, "0", "--out_dir", files / "sets"], 2, [flag, "got 0"])
+
+
+# a repeated value would be sampled twice and named once
+@pytest.mark.parametrize("flag, values", [("--iterations", ["1", "1"]), ("--methods", ["ParaTAA m=3"] * 2)])
+def test_sample_sets_repeated_values(files, flag, values):
+    refused(files, "sample_sets.py", SETS + [flag, *values, "--out_dir", files / "sets"], 2, [flag, "repeat"])
+
+
+# every output path before any work
+@pytest.mark.parametrize("script, argv, flag", [
+    ("dit_bench.py", DIT + ["--out", "{a_folder}"], "--out"),
+    ("dit_bench.py", DIT + ["--out", "{a_file}/x.json"], "--out"),
+    ("solver_bench.py", ["--quick", "--out", "{a_folder}"], "--out"),
+    ("solver_bench.py", ["--quick", "--out", "{a_file}/x.json"], "--out"),
+    ("sample_sets.py", SETS + ["--summary", "{a_folder}", "--out_dir", "{new}"], "--summary"),
+    ("sample_sets.py", SETS + ["--out_dir", "{a_file}"], "--out_dir"),
+    ("sample_sets.py", SETS + ["--out_dir", ""], "--out_dir"),
+    ("speed_bench.py", ["--quick", "--out", "{a_folder}"], "--out"),
+    ("stop_bench.py", ["--quick", "--out", "{a_file}/x.json"], "--out"),
+    ("tail_bench.py", ["--quick", "--seed_bases", "200", "--out", "{a_folder}"], "--out"),
+    ("figures.py", ["--out_dir", "{a_file}"], "--out_dir"),
+    ("figures.py", ["--out_dir", ""], "--out_dir"),
+    ("gpu_estimate.py", ["--out", "{a_folder}"], "--out"),
+    ("gpu_bench.py", ["--smoke", "--out", "{a_folder}"], "--out"),
+    ("gpu_scripts.py", ["--smoke", "--out", "{a_file}/x.json"], "--out"),
+    ("settle_gpu.py", ["--quick", "--out", "{a_folder}"], "--out"),
+])
+def test_unusable_output_path(files, script, argv, flag):
+    paths = {"a_file": files / "a_file", "a_folder": files / "a_folder", "new": files / "new"}
+    refused(files, script, [a.format(**paths) for a in argv], 2, [flag])
+    assert not os.listdir(files / "a_folder")
+
+
+
+def test_speed_bench_repeats(files):
+    refused(files, "speed_bench.py", ["--repeats", "0", "--out", files / "speed.json"], 2, ["--repeats", "got 0"])
+
+
+@pytest.mark.parametrize("gpu, words", [
+    ("{tmp}/missing.json", ["missing.json"]),
+    ("{tmp}/a_folder", ["a_folder"]),
+    (os.path.join(ROOT, "benchmarks", "results", "solver.json"), ["solver.json", "paratAA"]),
+])
+def test_speed_bench_bad_gpu_file(files, gpu, words):
+    refused(files, "speed_bench.py", ["--quick", "--gpu", gpu.format(tmp=files), "--out", files / "speed.json"], 1,
+            ["--gpu", *words])
+
+
+
+@pytest.fixture
+def reports(tmp_path):
+    """Broken inputs of figures.py beside the good ones."""
+    (tmp_path / "garbage.json").write_text("not json {")
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "a_folder").mkdir()
+    with open(os.path.join(ROOT, "benchmarks", "results", "dit.json")) as f:
+        (tmp_path / "no_npz.json").write_text(f.read())  # its .evolution.npz is not beside it
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, words", [("garbage.json", ["JSON"]), ("empty.json", ["methods"]),
+                                         ("list.json", ["JSON object"]), ("a_folder", []),
+                                         ("no_npz.json", ["dit.evolution.npz"])])
+def test_figures_bad_report(reports, name, words):
+    out = reports / "figs"
+    refused(reports, "figures.py", ["--dit", reports / name, "--out_dir", out], 1, ["--dit", name, *words])
+
+
+def test_figures_without_any_report_creates_no_folder(tmp_path):
+    out = tmp_path / "figs"
+    refused(tmp_path, "figures.py", ["--dit", tmp_path / "none.json", "--sd", tmp_path / "none2.json", "--out_dir",
+                                     out], 1, ["no benchmark JSON"])
+
+
+def test_figures_to_a_full_terminal(tmp_path):
+    with open("/dev/full", "w") as full:
+        proc = run("figures.py", "--out_dir", tmp_path / "figs", "--quick", stdout=full, stderr=subprocess.PIPE,
+                   capture_output=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "figs")) == 6
+
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    ("stop_bench.py", ["--seed_base", TOP], "--seed_base"),
+    ("stop_bench.py", ["--seed_base", "5"], "--seed_base"),
+    ("stop_bench.py", ["--quick", "--windows", "0"], "--windows"),
+    ("stop_bench.py", ["--quick", "--windows", "--slide_tol", "-1"], "--windows"),
+    ("stop_bench.py", ["--quick", "--windows", "8", "--slide_tol", "nan"], "--slide_tol"),
+    ("tail_bench.py", ["--seed_bases", TOP], "--seed_bases"),
+    ("tail_bench.py", ["--seed_bases", f"100,{2 ** 64 - 5}"], "--seed_bases"),
+    ("tail_bench.py", ["--seed_bases", ""], "--seed_bases"),
+    ("tail_bench.py", ["--seed_bases", "5"], "--seed_bases"),
+])
+def test_stop_and_tail_bad_flags(files, script, argv, flag):
+    refused(files, script, argv + ["--out", files / "out.json"], 2, [flag])
+
+
+# interrupted runs are one line, exit 130, and leave nothing
+def interrupt(script, argv, ready):
+    """Start script, wait until ready(process) says it works, then Ctrl-C it: (exit code, its one line)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        ready(proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, one_line(script, err)
+
+
+def printed(text):
+    def ready(proc):
+        for line in proc.stdout:
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} never printed: {proc.stderr.read()[-3000:]}")
+    return ready
+
+
+def loaded(proc):
+    """torch is loaded and two seconds more have passed: the run is past its imports (a full tail_bench run takes
+    minutes, so it is still working)."""
+    for _ in range(600):
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.1)
+    time.sleep(2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+
+
+def test_interrupted_speed_bench(tmp_path):
+    code, line = interrupt("speed_bench.py", ["--quick", "--out", tmp_path / "speed.json"], printed("CPU,"))
+    assert code == 130 and line == "speed_bench.py: interrupted (nothing written)", (code, line)
+    assert not os.listdir(tmp_path)
+
+
+def test_interrupted_tail_bench(tmp_path):
+    # not --quick: it prints nothing until it has solved everything, and its quick run can end before the signal
+    code, line = interrupt("tail_bench.py", ["--seed_bases", "200", "--out", tmp_path / "tail.json"], loaded)
+    assert code == 130 and line == "tail_bench.py: interrupted (nothing written)", (code, line)
+    assert not os.listdir(tmp_path)
+
+
+def test_interrupted_sample_sets_leave_only_the_users_files(tmp_path):
+    out = tmp_path / "sets"
+    out.mkdir()
+    (out / "mine.npz").write_text("the user's")
+    argv = [*SD_SETS, "--num_samples", "40", "--timesteps", "4", "--iterations", "2", "--out_dir", out]
+    code, line = interrupt("sample_sets.py", argv, printed("samples 1 / 40"))
+    assert code == 130 and line == "sample_sets.py: interrupted (nothing written)", (code, line)
+    assert os.listdir(out) == ["mine.npz"] and (out / "mine.npz").read_text() == "the user's"
+
+
+def test_a_failed_sample_sets_run_removes_the_folders_it_created(tmp_path):
+    proc = run("sample_sets.py", *SD_SETS, "--cfg_scale", "1e38", "--out_dir", tmp_path / "new" / "sets")
+    assert proc.returncode == 1 and "non-finite" in one_line("sample_sets.py", proc.stderr)
+    assert not os.listdir(tmp_path)
+
+
+# the scripts' checks of --cfg_scale, --dist_timeout and --negative_prompt
+@pytest.mark.parametrize("script, argv, flag", [
+    ("dit_bench.py", DIT + ["--cfg_scale", "inf"], "--cfg_scale"),
+    ("dit_bench.py", DIT + ["--cfg_scale", "nan"], "--cfg_scale"),
+    ("dit_bench.py", DIT + ["--dist_timeout", "0"], "--dist_timeout"),
+    ("sd_bench.py", DIT + ["--cfg_scale", "1", "--negative_prompt", "x"], "--negative_prompt"),
+    ("sample_sets.py", SETS + ["--cfg_scale", "nan"], "--cfg_scale"),
+])
+def test_guidance_and_timeout_checked_as_the_scripts_do(files, script, argv, flag):
+    out = ["--out_dir", files / "sets"] if script == "sample_sets.py" else ["--out", files / "out.json"]
+    refused(files, script, argv + out, 2, [flag])
+
+
+
+def test_prompt_file_not_text(files):
+    (files / "prompts.txt").write_bytes(b"\xff\xfe a handwritten digit one\n")
+    refused(files, "sd_bench.py", DIT + ["--prompt_file", files / "prompts.txt", "--out", files / "sd.json"], 1,
+            ["--prompt_file", "prompts.txt", "UTF-8"])
+
+
+
+def test_dit_bench_repeated_timesteps(files):
+    refused(files, "dit_bench.py", DIT[:1] + ["--timesteps", "3", "3", "--num_samples", "1", "--no-ablation",
+                                              "--out", files / "dit.json"], 2, ["--timesteps", "repeat"])
+
+
+@pytest.fixture
+def global_torch_state():
+    """speed_bench.main turns gradients off for the process: back on for the other tests."""
+    yield
+    torch.set_grad_enabled(True)
+
+
+def test_speed_bench_records_the_flags_given(tmp_path, monkeypatch, global_torch_state):
+    from benchmarks import speed_bench
+    out = tmp_path / "speed.json"
+    gpu = os.path.join(ROOT, "benchmarks", "results", "gpu_h100.json")
+    argv = ["benchmarks/speed_bench.py", "--repeats", "3", "--gpu", gpu, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(speed_bench, "cpu_table", lambda *a: {})  # the minutes of CPU timing are not the point
+    speed_bench.main(argparse.Namespace(quick=False, repeats=3, gpu=gpu, out=str(out), machine="m"))
+    with open(out) as f:
+        assert json.load(f)["command"] == "python " + shlex.join(argv)

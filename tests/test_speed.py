@@ -179,7 +179,8 @@ def test_a_cached_curve_from_another_load_is_measured_again_and_never_makes_the_
     with open(path, "w") as f:
         json.dump({key: {**entry, "call_seconds": slow}}, f)
     _, seq = run(tmp_path / "c", *flags, "--window_size", "1")
-    assert seq["per_call_seconds"] < slow["1"] / STALE and seq["speed"]["speedup"] < 3, seq["speed"]
+    # about 1 (sequential sampling against itself); the stale curve gave about 100
+    assert seq["per_call_seconds"] < slow["1"] / STALE and seq["speed"]["speedup"] < 10, seq["speed"]
 
 
 def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():

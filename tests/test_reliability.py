@@ -234,15 +234,16 @@ def test_a_launch_that_succeeds_closes_its_process_group_before_exit(tmp_path):
     after a complete run ("terminate called without an active exception", exit -6; once in CI with 3 CPU
     processes, about one launch in hundreds). The atexit hook looks at the group when the teardown starts."""
     script = tmp_path / "ok.py"
+    # each process writes its own file: lines the three print to one pipe can interleave
     script.write_text(f"""
-import atexit, sys
+import atexit, os, sys
 sys.path.insert(0, {ROOT!r})
 import torch
 import torch.distributed as dist
 from runner.errors import exit_on_error
 dist.init_process_group("gloo")
-atexit.register(lambda: print(f"rank {{dist.get_rank() if dist.is_initialized() else '-'}} group open at exit: "
-                              f"{{dist.is_initialized()}}", flush=True))
+path = os.path.join({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.txt")
+atexit.register(lambda: open(path, "w").write(f"group open at exit: {{dist.is_initialized()}}"))
 def main(args):
     x = torch.ones(3) * (dist.get_rank() + 1)
     dist.all_reduce(x)
@@ -252,8 +253,8 @@ exit_on_error(main, None)
     proc = subprocess.run([sys.executable, *torchrun(3, free_port()), str(script)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    said = sorted(line for line in proc.stdout.splitlines() if "group open at exit" in line)
-    assert said == ["rank - group open at exit: False"] * 3, proc.stdout
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    assert said == ["group open at exit: False"] * 3, said
 
 
 def test_a_bad_flag_in_a_launch_of_two_processes_is_one_line(tmp_path):

@@ -250,7 +250,8 @@ def main(args):
         try:  # its panels alone, before anything is written: a report they cannot be drawn from is named
             draw({title: found[1]}, {title: path}, args.quick, say=lambda text: None)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError, zipfile.BadZipFile) as e:
-            what = f"has no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            first = (str(e).splitlines() or [""])[0]
+            what = f"has no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {first}"
             raise InputFileError(f"{flag}: {path} is not a report of dit_bench.py / sd_bench.py that figures.py can "
                                  f"draw ({what})") from None
         finally:

@@ -77,14 +77,20 @@ def _process_group():
 
 
 def _close_process_group():
-    """The end of a run that succeeded on every process. A process group left to Python's own exit is torn down
-    while gloo's C++ threads may still hold work: their destructor then aborts the process ("terminate called
-    without an active exception", exit -6 after a complete run: seen in CI with 3 CPU processes). Every process
-    got here, so they meet once more and close the group while the interpreter is whole (as torch asks)."""
+    """The end of a run that succeeded on every process of a launch; nothing to do for a process on its own.
+
+    Every process got here, so they meet once more and close the group while the interpreter is whole (as torch
+    asks), then leave without the interpreter's and the C++ runtime's teardown: a thread of torch.distributed still
+    running when the C++ destructors run aborts the process ("terminate called without an active exception", exit
+    -6 after a complete run: 2-3 launches of 3 CPU processes in 20 on one machine, with the group already
+    destroyed). Every file of the run is written and closed by now; only the terminal's buffers are left."""
     dist = _process_group()
     if dist is not None:
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _leave(code):
@@ -135,7 +141,9 @@ def exit_on_error(main, args):
     """Run main(args); turn every error into one line on stderr and an exit code (no traceback).
 
     SIGINT and SIGTERM stop the run: run folders keep every finished sample and metrics.json says which
-    (status "interrupted"), and the process exits with 128 + the signal number (130, 143)."""
+    (status "interrupted"), and the process exits with 128 + the signal number (130, 143). A process of a launch
+    of several (a process group is up) that succeeded ends here with exit 0 (_close_process_group); one on its own
+    returns main's result."""
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Terminal(sys.stdout), _Terminal(sys.stderr)
     try:
@@ -150,6 +158,10 @@ def _run(main, args):
     signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored
     try:
         result = main(args)
+        # the run is complete: a signal from here on ends the process by its default action, without a line that
+        # would call the run interrupted, a traceback, or "Exception ignored" while the interpreter exits
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         _close_process_group()
         return result
     except UsageError as e:

@@ -75,7 +75,10 @@ def test_one_and_two_processes_agree(folders, tmp_path, name):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
     assert read_metrics(two)["world_size"] == 2
-    assert np.abs(read_latents(one) - read_latents(two)).max() < 1e-5
+    # each process runs the model on half the batch: float32 kernels of another batch size round differently (on
+    # some CPUs), which the iteration carries to ~1e-6 of the latent's size (tiny SDXL's reach ~30)
+    a, b = read_latents(one), read_latents(two)
+    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
 
 
 def test_a_flow_model_refuses_eta(folders, tmp_path, capsys):

@@ -22,11 +22,12 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
                                     sequential_reference, solve_on, summarize, timed)
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import VAEDecoder  # noqa: E402
-from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags,  # noqa: E402
+from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags, blank,  # noqa: E402
                        check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline)
 from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
+from runner.flags import path_value  # noqa: E402
 from runner.launch import Session  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
 
@@ -46,7 +47,8 @@ def add_model_flags(parser):
     parser.add_argument("--prompt", type=str, nargs="+", action=PromptList, default=None,
                         help="prompt(s), each quoted, or --prompt repeated; cycled over the samples (default for the "
                              "embedded model: 'a handwritten digit <i>' for sample i)")
-    parser.add_argument("--prompt_file", default=None, help="prompts, one per line (instead of --prompt)")
+    parser.add_argument("--prompt_file", type=path_value, default=None,
+                        help="prompts, one per line (instead of --prompt)")
     add_sd_flags(parser)
 
 
@@ -56,8 +58,10 @@ def check_model_flags(args):
         raise UsageError("give --prompt or --prompt_file, not both")
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                args.prompt = [line.strip() for line in f if line.strip()]
+            # utf-8-sig: a byte-order mark some editors write is not part of the first prompt; lines that say
+            # nothing (blank, or only invisible characters) are skipped as blank lines are
+            with open(args.prompt_file, encoding="utf-8-sig") as f:
+                args.prompt = [line.strip() for line in f if not blank(line)]
         except OSError as e:
             raise InputFileError(f"--prompt_file: cannot read {args.prompt_file} ({e.strerror})") from None
         except UnicodeDecodeError as e:
@@ -69,7 +73,7 @@ def check_model_flags(args):
     if not args.prompt and not embedded:
         raise UsageError("--model_path other than the embedded model needs --prompt or --prompt_file")
     for p in args.prompt or []:
-        if not p.strip():
+        if blank(p):
             raise UsageError("--prompt must not be empty")
     check_negative_prompt(args)
     args.model_path = args.model_path or EMBEDDED_SD

@@ -13,6 +13,7 @@ import os
 import torch
 
 from runner.errors import InputFileError, UsageError
+from runner.flags import path_value
 
 from . import digits
 from .checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, load_into, load_state_dict, require_file
@@ -30,10 +31,10 @@ def add_dit_flags(parser, labels_help="labels of the samples, repeated cyclicall
     g = parser.add_argument_group("model")
     g.add_argument("--model", type=str, default=None,
                    help=f"DiT registry name for --model_path weights (default: the embedded {EMBEDDED_DIT})")
-    g.add_argument("--model_path", type=str, default=None,
+    g.add_argument("--model_path", type=path_value, default=None,
                    help="DiT weights: raw state dict .pt, training checkpoint with 'ema'/'model', .safetensors, or a "
                         "diffusers DiTPipeline folder (its own VAE, sizes and classes)")
-    g.add_argument("--vae_path", type=str, default=None,
+    g.add_argument("--vae_path", type=path_value, default=None,
                    help="local diffusers AutoencoderKL folder (default for a DiTPipeline folder: its vae/)")
     g.add_argument("--image_size", type=int, default=None,
                    help="image side in pixels of a checkpoint (default 256; the public ones are 256 and 512; the "
@@ -99,6 +100,18 @@ def load_dit(args, device, dtype):
         kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
         hint = "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(
             name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
+    if os.path.isdir(args.model_path):  # a folder, but not a DiTPipeline one (is_dit_folder): say what it is
+        index = os.path.join(args.model_path, "model_index.json")
+        try:
+            kind = str(read_json(index).get("_class_name")) if os.path.isfile(index) else None
+        except (InputFileError, AttributeError):  # unreadable, or not an object: the line below says enough
+            kind = None
+        names = ""
+        if kind:
+            names = f" (its model_index.json names {kind}" + ("; parallel_sd.py samples it)" if "Diffusion" in kind
+                                                               else ")")
+        raise InputFileError(f"--model_path: {args.model_path} is a folder but not a diffusers DiTPipeline folder"
+                             f"{names}; give DiT weights (.pt, .safetensors) or a DiTPipeline folder")
     require_file(args.model_path, "--model_path", hint)
     model = DiT_models[args.model](**kwargs)
     load_into(model, load_state_dict(args.model_path), args.model_path)

@@ -21,7 +21,7 @@ from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.planner import plan_window, sync
 
 from .bundles import pipeline_bundles
-from .sd import network, pipeline_problem, wrong_size
+from .sd import blank, network, pipeline_problem, wrong_size
 
 
 @dataclass
@@ -54,7 +54,10 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     size = (cells[0] if isinstance(cells, (list, tuple)) else cells) * pipe.vae_scale_factor  # some give (h, w)
     height, width = size if height is None else height, size if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width,
-                              batch_size, output_type)
+                              batch_size, output_type, compare_sequential)
+    # numpy integers pass the checks; the generator and the sizes want Python's
+    num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
+    batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
     (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt or "", guidance_scale, num_inference_steps, eta,
                                  seed, num_images, height, width, device)
@@ -95,20 +98,29 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width, batch_size,
-                    output_type):
+                    output_type, compare_sequential=False):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). The number of steps and eta are checked by
     the schedule, the solver's parameters by SolverConfig."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if any(blank(p) for p in prompts):
+        raise ValueError(f"prompt must not be empty, got {prompt!r}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if negative_prompt and guidance_scale == 1:  # it only enters guidance's unconditional branch
+        raise ValueError("negative_prompt has no effect without guidance (guidance_scale 1)")
     if not _integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+    if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled
+        raise ValueError(f"{len(prompts)} prompts for num_images = {num_images}: the last {len(prompts) - num_images} "
+                         f"would be ignored")
+    if not isinstance(compare_sequential, bool):
+        raise TypeError(f"compare_sequential must be True or False, got {compare_sequential!r}")
     if not _integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
     if batch_size is not None and (not _integer(batch_size) or batch_size < 1):

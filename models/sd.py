@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from runner.errors import InputFileError, UsageError
-from runner.flags import check_common_flags, note
+from runner.flags import check_common_flags, note, path_value
 
 from .checkpoints import vae_problem
 
@@ -377,16 +377,17 @@ class PromptList(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if len(values) > 1 and any(not any(c.isspace() for c in v) for v in values):
-            joined = " ".join(values)
-            parser.error(f"{option_string} got {len(values)} separate words ({joined}): quote a prompt that has "
-                         f"spaces ({option_string} \"{joined}\"); for several prompts quote each one or repeat "
-                         f"{option_string}")
+            # one line: a value holding a line break or another unprinted character is shown quoted
+            joined = " ".join(v if v.isprintable() else repr(v) for v in values)
+            parser.error(f"{option_string} got {len(values)} values, some of them single words ({joined}): quote a "
+                         f"prompt that has spaces ({option_string} \"{joined}\"); for several prompts quote each one "
+                         f"or repeat {option_string}")
         setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + list(values))
 
 
 def add_sd_flags(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--model_path", type=str, default=None,
+    g.add_argument("--model_path", type=path_value, default=None,
                    help="local diffusers Stable Diffusion folder (default: the embedded digits model)")
     g.add_argument("--negative_prompt", type=str, default="", help="prompt of the unconditional guidance branch")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -399,11 +400,16 @@ def check_negative_prompt(args):
         raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
 
 
+def blank(text):
+    """Whether a prompt says nothing: empty, spaces, or only invisible characters (a zero-width space is neither
+    space nor printed; control characters such as NUL)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
 def check_sd_flags(args, prompts):
     """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
     for flag, p in prompts:
-        # blank also when made only of invisible characters (a zero-width space is neither space nor printed)
-        if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in p):
+        if blank(p):
             raise UsageError(f"{flag} must not be empty")
     config = check_common_flags(args, 1000)
     if args.eta != 0 and args.model_path and os.path.isdir(args.model_path) and \

@@ -12,30 +12,55 @@ eps_fn that needs gradients, e.g. for classifier guidance, turns them on inside 
 """
 import torch
 
+from .schedule import Schedule
+
 
 class NonFiniteModelOutput(FloatingPointError):
     pass
 
 
-def check_problem(schedule, noise, cond, model_dtype):
-    """The arguments both samplers take, checked before any model call: noise [B >= 1, T+1, *latent] floating
-    point and finite, cond None or [B, ...] (a tensor or a dict of them), model_dtype a torch.dtype. Raises TypeError or
-    ValueError naming the argument (the rows of cond would otherwise be picked by index, and extra rows
-    silently ignored)."""
+def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, callback=None):
+    """The arguments both samplers take, checked before any model call: eps_fn callable, schedule a Schedule,
+    noise [B >= 1, T+1, *latent] (at least one latent dimension) floating point and finite, cond None or [B, ...]
+    (a tensor or a dict of them), model_dtype a floating-point torch.dtype (the states are cast to it for every
+    call), sharding None or a Sharding, callback None or callable. Raises TypeError or ValueError naming the
+    argument (the rows of cond would otherwise be picked by index, and extra rows silently ignored)."""
+    if not callable(eps_fn):
+        raise TypeError(f"eps_fn must be callable (x, timesteps, cond) -> eps, got {type(eps_fn).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a paratAA.Schedule (e.g. dit_schedule(T), from_ddim_scheduler(...)), "
+                        f"got {type(schedule).__name__}")
     T = schedule.num_steps
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor [B, T+1={T + 1}, *latent], got "
                         f"{noise.dtype if torch.is_tensor(noise) else type(noise).__name__}")
-    if noise.dim() < 2 or noise.shape[1] != T + 1 or noise.shape[0] == 0:
-        raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent], got {tuple(noise.shape)}")
+    if noise.dim() < 3 or noise.shape[1] != T + 1 or noise.shape[0] == 0:
+        raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension), got "
+                         f"{tuple(noise.shape)}")
     finite = torch.isfinite(noise.flatten(2)).all(dim=2)                               # [B, T+1], one sync
     if not bool(finite.all()):
         b, s = (int(i) for i in (~finite).nonzero()[0])
         raise ValueError(f"noise has a non-finite value: sample {b}, index {s} (" +
                          ("x_T" if s == T else f"the noise of step {s}") + ")")
-    if not isinstance(model_dtype, torch.dtype):
-        raise TypeError(f"model_dtype must be a torch.dtype, got {model_dtype!r}")
+    if not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point:
+        raise TypeError(f"model_dtype must be a floating-point torch.dtype, got {model_dtype!r}")
     _check_rows(cond, noise.shape[0], "cond")
+    if sharding is not None and not callable(getattr(sharding, "evaluate", None)):
+        raise TypeError(f"sharding must be a paratAA.Sharding or None, got {type(sharding).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+
+
+def check_init(init, noise):
+    """A warm start's trajectory: a floating-point tensor shaped like noise, finite (a NaN in it would otherwise be
+    reported as the model's)."""
+    if not torch.is_tensor(init) or not init.is_floating_point() or tuple(init.shape) != tuple(noise.shape):
+        got = (f"{tuple(init.shape)} {init.dtype}" if torch.is_tensor(init) else type(init).__name__)
+        raise ValueError(f"init must be a floating-point tensor shaped like noise {tuple(noise.shape)}, got {got}")
+    finite = torch.isfinite(init.flatten(2)).all(dim=2)                                # [B, T+1]
+    if not bool(finite.all()):
+        b, s = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"init has a non-finite value: sample {b}, state {s}")
 
 
 def _check_rows(cond, B, name):

@@ -1,7 +1,7 @@
 """Sequential DDIM sampling with the solver's own coefficients: the solution the parallel solver must reach."""
 import torch
 
-from .denoiser import check_problem, evaluate
+from .denoiser import check_init, check_problem, evaluate
 from .sharding import Sharding
 
 
@@ -16,8 +16,16 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
     callback(k, X): after the k-th step, with the trajectory so far [B, T+1, *latent].
     Returns the trajectory [B, T+1, *latent] float64 (x_0 = trajectory[:, 0]).
     """
+    check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding, callback)
     T = schedule.num_steps
-    check_problem(schedule, noise, cond, model_dtype)
+    if init is None and start is not None:
+        raise ValueError("start needs init (the trajectory whose state x_start the sampling starts from)")
+    if init is not None:
+        check_init(init, noise)
+        if start is not None and (not _integer(start) or not 1 <= start <= T):
+            raise ValueError(f"start must be an integer in 1..{T}, got {start!r}")
+    if steps is not None and (not _integer(steps) or steps < 0):
+        raise ValueError(f"steps must be an integer >= 0 or None (all), got {steps!r}")
     sharding = sharding or Sharding()
     sched = schedule.to(noise.device)
     xi = noise.to(torch.float64)
@@ -37,3 +45,7 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
         if callback is not None:
             callback(start - s, X)
     return X
+
+
+def _integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)

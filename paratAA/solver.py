@@ -29,7 +29,7 @@ import torch
 
 from .anderson import AndersonMemory
 from .config import SolverConfig
-from .denoiser import check_finite, check_problem, evaluate, select
+from .denoiser import check_finite, check_init, check_problem, evaluate, select
 from .equations import OrderKEquations
 from .planner import plan_window
 from .sequential import sample_sequential
@@ -101,9 +101,15 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     if isinstance(cond, SolverConfig):
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
                         "pass the SolverConfig as config=...")
+    check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding, callback)
     T = schedule.num_steps
     config = SolverConfig.with_overrides(config, overrides, "solve").resolve(T)
-    check_problem(schedule, noise, cond, model_dtype)
+    if variation_steps is not None:
+        check_variation_steps(variation_steps, T)
+    if (init is None) != (variation_steps is None):
+        raise ValueError("a warm start needs both init and variation_steps")
+    if init is not None:
+        check_init(init, noise)
     plan = None
     if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
         plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype, solve=solve)
@@ -113,10 +119,6 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     # the stop rule (docs/ALGORITHM.md): off with tolerance 0, so that tolerance 0 still solves exactly
     stop_tol = config.stop_tol if (tol1 > 0 or tol2 > 0) else 0.0
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
-    if variation_steps is not None:
-        check_variation_steps(variation_steps, T)
-    if (init is None) != (variation_steps is None):
-        raise ValueError("a warm start needs both init and variation_steps")
     sharding = sharding or Sharding()
     if window_size == 1:  # one state per iteration is sequential sampling itself: no solver work is needed
         return _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype,
@@ -134,9 +136,6 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         X[:, T] = xi[:, T]
         top = T
     else:
-        if not torch.is_tensor(init) or tuple(init.shape) != tuple(noise.shape):
-            raise ValueError(f"init must be a tensor shaped like noise {tuple(noise.shape)}, got "
-                             f"{tuple(init.shape) if torch.is_tensor(init) else type(init).__name__}")
         X = init.to(device, torch.float64).flatten(2).clone()
         top = variation_steps
     boundary = [top] * B      # states >= boundary are frozen

@@ -43,6 +43,14 @@ class FlagParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def path_value(text):
+    """argparse type of a file or folder flag: a blank value (e.g. an unset shell variable, --model_path "$MODEL") is
+    refused rather than read as the flag left out, which would quietly use the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave the flag out for its default)")
+    return text
+
+
 def make_parser(description):
     return FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 

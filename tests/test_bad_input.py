@@ -65,6 +65,9 @@ DIT_FLAGS = [
     (["--model", "DiT-Q/3"], ["--model", "DiT-Q/3"]),
     (["--model", "DiT-XL/2", "--image_size", "300", "--model_path", "x.pt", "--vae_path", "v"], ["--image_size"]),
     (["--model", "DiT-XL/2"], ["--model_path", "--vae_path"]),
+    # blank: an unset shell variable ("$MODEL") quietly sampled the embedded model before
+    (["--model_path", ""], ["--model_path", "must not be empty"]),
+    (["--vae_path", " "], ["--vae_path", "must not be empty"]),
 ]
 
 
@@ -83,6 +86,7 @@ def test_dit_unwritable_output_path(files, capsys):
 @pytest.mark.parametrize("flag, name, words", [
     ("--model_path", "missing.pt", ["--model_path", "not found", "missing.pt"]),
     ("--model_path", "empty_dir", ["--model_path", "folder"]),
+    ("--model_path", "sd", ["--model_path", "not a diffusers DiTPipeline", "StableDiffusionPipeline", "parallel_sd.py"]),
     ("--model_path", "truncated.safetensors", ["--model_path", "truncated.safetensors", "cannot read"]),
     ("--model_path", "notes.pt", ["--model_path", "notes.pt", "cannot read"]),
     ("--model_path", "other_arch.pt", ["--model_path", "other_arch.pt", "does not fit", "shape"]),
@@ -102,6 +106,7 @@ def test_dit_bad_file(files, flag, name, words, tmp_path, capsys):
     (["--width", "0"], 2, ["--width", "0"]),
     (["--timesteps", "-3"], 2, ["--timesteps", "-3"]),
     (["--memory_size", "0"], 2, ["--memory_size", "0"]),
+    (["--model_path", ""], 2, ["--model_path", "must not be empty"]),  # the last --model_path counts
 ])
 def test_sd_bad_flag(files, argv, code, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", str(files / "sd")] + argv, code, words, tmp_path, capsys)
@@ -122,6 +127,7 @@ def test_sd_bad_folder(files, name, words, tmp_path, capsys):
     (["--timesteps", "20", "--variation_steps", "21"], ["--variation_steps", "21"]),
     (["--prompt2", " "], ["--prompt2"]),
     (["--prompt1", ""], ["--prompt1"]),
+    (["--model_path", "  "], ["--model_path", "must not be empty"]),
 ])
 def test_winit_bad_flag(files, argv, words, tmp_path, capsys):
     check(parallel_sd_winit, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)
@@ -365,6 +371,7 @@ def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--prompt", "a", "handwritten", "digit", "seven"], ["--prompt", "quote", "a handwritten digit seven"]),
+    (["--prompt", "line one\nline two", "x"], ["--prompt", "quote", "'line one\\nline two' x"]),  # still one line
     (["--prompt", "a b", "c d", "e f", "--num_samples", "2"], ["--prompt", "--num_samples"]),
     (["--negative_prompt", "blurry", "--cfg_scale", "1"], ["--negative_prompt", "--cfg_scale"]),
     (["--height", "100000"], ["--height", "100000"]),

@@ -245,6 +245,19 @@ def test_prompt_file_not_text(files):
 
 
 
+def test_prompt_file_byte_order_mark_and_invisible_lines(files):
+    """A byte-order mark is not part of the first prompt, and a line made only of invisible characters is a blank
+    line (the scripts refuse such a --prompt); an empty --prompt_file is refused, not read as none given."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import sd_bench
+    (files / "prompts.txt").write_text("\ufeffa handwritten digit one\n\u200b\n\x00\x00\n  \nseven\n", encoding="utf-8")
+    args = sd_bench.parse_args(["--prompt_file", str(files / "prompts.txt"), "--out", str(files / "sd.json")])
+    sd_bench.check_model_flags(args)
+    assert args.prompts == ["a handwritten digit one", "seven"]
+    refused(files, "sd_bench.py", DIT + ["--prompt_file", "", "--out", files / "sd.json"], 2,
+            ["--prompt_file", "must not be empty"])
+
+
 def test_dit_bench_repeated_timesteps(files):
     refused(files, "dit_bench.py", DIT[:1] + ["--timesteps", "3", "3", "--num_samples", "1", "--no-ablation",
                                               "--out", files / "dit.json"], 2, ["--timesteps", "repeat"])

@@ -71,7 +71,14 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(config={"window_size": 4}), TypeError, "config must be a SolverConfig"),
              (dict(windowsize=4), TypeError, r"unknown solver parameters \['windowsize'\]"),
              (dict(num_inference_steps=0), ValueError, "number of sampling steps"),
-             (dict(eta=2.0), ValueError, "eta"), (dict(window_size=0), ValueError, "window_size")]
+             (dict(eta=2.0), ValueError, "eta"), (dict(window_size=0), ValueError, "window_size"),
+             # what the scripts refuse: a prompt never sampled, a negative prompt without guidance, a blank prompt
+             (dict(prompt=["a handwritten digit one", "a handwritten digit two"]), ValueError,
+              "2 prompts for num_images = 1"),
+             (dict(negative_prompt="blurry", guidance_scale=1), ValueError, "negative_prompt has no effect"),
+             (dict(prompt=" "), ValueError, "prompt must not be empty"),
+             (dict(prompt=["a handwritten digit one", "\u200b"], num_images=2), ValueError, "prompt must not be"),
+             (dict(compare_sequential="no"), TypeError, "compare_sequential must be True or False")]
     for kwargs, error, text in cases:
         args = dict(prompt="a handwritten digit four", num_inference_steps=8, output_type="np") | kwargs
         with pytest.raises(error, match=text):
@@ -82,6 +89,10 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
     same = parallel_sample(pipe, "a handwritten digit four", negative_prompt="", num_inference_steps=8,
                            output_type="np")
     assert calls and torch.equal(out.latents, same.latents)  # None: no negative prompt, as in diffusers
+    import numpy as np  # numpy integers are integers (the seed's failed inside before)
+    seeded = [parallel_sample(pipe, "a handwritten digit four", seed=s, num_images=n, num_inference_steps=8,
+                              output_type="np").latents for s, n in ((5, 1), (np.uint64(5), np.int64(1)))]
+    assert torch.equal(*seeded)
 
 
 def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_path):

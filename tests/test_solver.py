@@ -352,6 +352,13 @@ def _wrong_arguments(what):
                              r"noise has a non-finite value: sample 1, index 3 \(the noise of step 3\)"),
         "inf as x_T": ((schedule, _poked(noise, 0, 10, float("inf"))), {}, ValueError, r"sample 0, index 10 \(x_T\)"),
         "dtype as text": ((schedule, noise), dict(model_dtype="float64"), TypeError, "model_dtype"),
+        # the states are cast to it for every call: integers gave samples a hundred times too large
+        "integer model dtype": ((schedule, noise), dict(model_dtype=torch.int64), TypeError,
+                                "model_dtype must be a floating-point"),
+        "schedule as text": (("ddim", noise), {}, TypeError, "schedule must be a paratAA.Schedule"),
+        "no latent dimensions": ((schedule, noise[:, :, 0, 0, 0]), {}, ValueError, "at least one latent dimension"),
+        "sharding as text": ((schedule, noise), dict(sharding="x"), TypeError, "sharding must be"),
+        "callback not callable": ((schedule, noise), dict(callback=5), TypeError, "callback must be callable"),
         "config a dict": ((schedule, noise, c, {"window_size": 4}), {}, TypeError, "config must be a SolverConfig"),
     }[what]
 
@@ -363,7 +370,8 @@ def _poked(noise, b, s, value):
 
 
 WRONG = ["extra cond rows", "missing dict rows", "cond a list", "no samples", "noise of another T", "noise a list",
-         "integer noise", "NaN in the noise", "inf as x_T", "dtype as text"]
+         "integer noise", "NaN in the noise", "inf as x_T", "dtype as text", "integer model dtype", "schedule as text",
+         "no latent dimensions", "sharding as text", "callback not callable"]
 
 
 @pytest.mark.parametrize("sampler, what", [("solve", w) for w in WRONG + ["config a dict"]]
@@ -391,6 +399,41 @@ def test_a_model_output_of_the_wrong_shape_is_refused_naming_it(wrong, error, te
         with pytest.raises(error, match=text):
             kwargs = dict(window_size=window) if fn is solve else {}
             fn(lambda x, t, c: wrong(model(x, t, c)), schedule, noise, model_dtype=torch.float64, **kwargs)
+
+
+def test_an_eps_fn_that_is_not_callable_is_named():
+    model, schedule, noise = gmm_problem(10)
+    for fn in (solve, sample_sequential):
+        with pytest.raises(TypeError, match="eps_fn must be callable"):
+            fn(3, schedule, noise)
+
+
+@pytest.mark.parametrize("window", [1, 4])  # window 1 runs as sequential sampling: it skipped the check
+def test_a_bad_warm_start_trajectory_is_named(window):
+    model, schedule, noise = gmm_problem(10, batch=2)
+    nan = noise.clone()
+    nan[1, 4, 0, 0, 0] = float("nan")
+    for init, text in [(torch.zeros(2, 3), r"init must be a floating-point tensor shaped like noise \(2, 11"),
+                       (noise.tolist(), "init must be"), (noise.long(), "init must be"),
+                       (nan, "init has a non-finite value: sample 1, state 4")]:
+        with pytest.raises(ValueError, match=text):
+            solve(lambda *a: pytest.fail("no model call"), schedule, noise, init=init, variation_steps=3,
+                  window_size=window)
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(start=5), "start needs init"),
+    (dict(init="noise", start=16), r"start must be an integer in 1..10, got 16"),
+    (dict(init="noise", start=-2), "start must be"), (dict(init="noise", start=0), "start must be"),
+    (dict(steps=-3), r"steps must be an integer >= 0"), (dict(steps=2.5), "steps must be"),
+    (dict(init=torch.zeros(5), start=3), "init must be"),
+])
+def test_bad_sequential_start_steps_and_init_are_named(kwargs, text):
+    """Before: an IndexError from inside, or (start -2, steps -3) no step taken and no error."""
+    model, schedule, noise = gmm_problem(10)
+    kwargs = {k: noise if v == "noise" else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=text):
+        sample_sequential(lambda *a: pytest.fail("no model call"), schedule, noise, **kwargs)
 
 
 @pytest.mark.parametrize("V", [0, 11, -1])

@@ -37,9 +37,9 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
     if noise.dim() < 3 or noise.shape[1] != T + 1 or noise.shape[0] == 0:
         raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension), got "
                          f"{tuple(noise.shape)}")
-    finite = torch.isfinite(noise.flatten(2)).all(dim=2)                               # [B, T+1], one sync
-    if not bool(finite.all()):
-        b, s = (int(i) for i in (~finite).nonzero()[0])
+    bad = _first_non_finite(noise)
+    if bad:
+        b, s = bad
         raise ValueError(f"noise has a non-finite value: sample {b}, index {s} (" +
                          ("x_T" if s == T else f"the noise of step {s}") + ")")
     if not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point:
@@ -57,10 +57,17 @@ def check_init(init, noise):
     if not torch.is_tensor(init) or not init.is_floating_point() or tuple(init.shape) != tuple(noise.shape):
         got = (f"{tuple(init.shape)} {init.dtype}" if torch.is_tensor(init) else type(init).__name__)
         raise ValueError(f"init must be a floating-point tensor shaped like noise {tuple(noise.shape)}, got {got}")
-    finite = torch.isfinite(init.flatten(2)).all(dim=2)                                # [B, T+1]
-    if not bool(finite.all()):
-        b, s = (int(i) for i in (~finite).nonzero()[0])
-        raise ValueError(f"init has a non-finite value: sample {b}, state {s}")
+    bad = _first_non_finite(init)
+    if bad:
+        raise ValueError(f"init has a non-finite value: sample {bad[0]}, state {bad[1]}")
+
+
+def _first_non_finite(x):
+    """(sample, index) of the first entry of x [B, T+1, *latent] holding a non-finite value, or None (one sync)."""
+    finite = torch.isfinite(x.flatten(2)).all(dim=2)                                   # [B, T+1]
+    if bool(finite.all()):
+        return None
+    return tuple(int(i) for i in (~finite).nonzero()[0])
 
 
 def _check_rows(cond, B, name):

@@ -174,8 +174,8 @@ def cached_curves(hit, B):
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None):
     """Measure (or read from cache[key], checked against c(B) timed now: STALE) the cost curves of this model on
     this device and process group, and choose the window. solve: paratAA.solve, whose own work per iteration is
-    measured. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process count and batch (the caller's; without one
-    nothing is cached). Every process takes the main process's choice."""
+    measured. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process count
+    and batch (the caller's; without one nothing is cached). Every process takes the main process's choice."""
     T, B = schedule.num_steps, noise.shape[0]
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     fresh = None

@@ -88,9 +88,7 @@ def _close_process_group():
     if dist is not None:
         dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now(0)
 
 
 def _leave(code):
@@ -98,10 +96,15 @@ def _leave(code):
     and Python's exit would tear it down with the abort above; by now the run writer has closed the run folder on
     the way out, so a process in a group leaves without that teardown."""
     if _process_group() is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
     sys.exit(code)
+
+
+def _exit_now(code):
+    """Exit without the interpreter's and the C++ runtime's teardown, the terminal's buffers flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _Terminal:

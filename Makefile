@@ -37,6 +37,10 @@ bench: $(VENV)/.installed
 	for b in 300 500 700 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --out benchmarks/results/stop_seed$$b.json; done
 	for b in 1100 1300 1500; do $(PY) benchmarks/stop_bench.py --seed_base $$b --windows 4 8 16 32 100 --out benchmarks/results/slide_seed$$b.json; done
 	for b in 2000 2010 2020 2030; do $(PY) benchmarks/stop_bench.py --seed_base $$b --windows 8 16 32 --out benchmarks/results/window_seed$$b.json; done
+	$(PY) benchmarks/stop_sweep.py --seed_bases 100,300,500,700,1100,1300,1500,2040,2050,2060,2070,2080,2100,2120 \
+		--stop_tols 0.025,0.03,0.035,0.04 --stop_ratios 0.35,0.5
+	$(PY) benchmarks/stop_sweep.py --seed_bases 2140,2150,2160,2170,2180,2190 --stop_tols 0.03,0.035,0.04 \
+		--stop_ratios 0.35 --out benchmarks/results/stop_sweep_seed2140.json
 	$(PY) benchmarks/settle_gpu.py --out benchmarks/results/settle_cpu.json
 	$(PY) benchmarks/tail_bench.py
 	$(PY) benchmarks/speed_bench.py

@@ -392,6 +392,19 @@ def check_seed_base(flag, base, n):
                          f"seeds must be at most {SEED_MAX}), got {base}")
 
 
+def seed_bases(text, n, flag="--seed_bases"):
+    """A comma-separated list of held-out seed bases of n seeds each, distinct: the list, or UsageError naming
+    flag."""
+    try:
+        bases = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be integers separated by commas, got {text!r}") from None
+    for base in bases:
+        check_seed_base(flag, base, n)
+    check_distinct(bases, flag)
+    return bases
+
+
 def check_out_dir(path, flag):
     """A folder this run creates or writes into, checked before any work as the scripts check --output_path."""
     try:

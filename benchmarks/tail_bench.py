@@ -11,14 +11,14 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals  # noqa: E402
+from runner.errors import exit_on_error, exit_quietly_on_signals  # noqa: E402
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
     exit_quietly_on_signals()
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_distinct, check_out_file, check_seed_base, write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
 from runner.flags import make_parser  # noqa: E402
@@ -48,13 +48,7 @@ def tail(bases, T, n):
 
 def main(args):
     T, n = (25, 3) if args.quick else (100, 10)
-    try:
-        bases = [int(b) for b in args.seed_bases.split(",")]
-    except ValueError:
-        raise UsageError(f"--seed_bases must be integers separated by commas, got {args.seed_bases!r}") from None
-    for base in bases:
-        check_seed_base("--seed_bases", base, n)
-    check_distinct(bases, "--seed_bases")
+    bases = seed_bases(args.seed_bases, n)
     check_out_file(args.out)
     torch.set_grad_enabled(False)
     result = tail(bases, T, n)

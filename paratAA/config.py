@@ -41,9 +41,9 @@ class SolverConfig:
     settle: float = _param(0.1, "once the window reaches x_0, a state freezes only at an RMS residual <= settle x its "
                                 "tolerance, or at its tolerance once the residual stops halving between iterations "
                                 "(the model's round-off floor); 1: the plain per-state test", "float")
-    stop_tol: float = _param(0.04, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's remaining "
-                                   "error is <= stop_tol * std(x_0) (and contracting, stop_ratio); 0: off; off "
-                                   "also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
+    stop_tol: float = _param(0.035, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's "
+                                    "remaining error is <= stop_tol * std(x_0) (and contracting, stop_ratio); 0: off; "
+                                    "off also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
     stop_ratio: float = _param(0.35, "stop rule: E must also be <= stop_ratio * the previous iteration's E", "float")
     taa_guard: float = _param(1.5, "a state whose order-k residual grew by more than this factor since the previous "
                                    "iteration takes the plain step instead of the TAA step (0: off)", "float")

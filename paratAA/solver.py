@@ -64,6 +64,14 @@ class SolveResult:
         return max(self.iterations) if self.iterations else 0
 
 
+def stop_rule(estimate, previous, stop_tol, stop_ratio):
+    """The stop rule (docs/ALGORITHM.md, equation 6): x_0's estimated remaining error E is small (<= stop_tol of
+    its scale) and contracting (<= stop_ratio of the previous iteration's E; inf when the window did not reach x_0
+    then). It only ends a sample and never changes an iterate, so a run recorded with the rule off tells where any
+    (stop_tol, stop_ratio) would have stopped it (benchmarks/stop_sweep.py)."""
+    return stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * previous
+
+
 def check_variation_steps(variation_steps, T):
     """A warm start re-solves the last variation_steps of T steps."""
     V = variation_steps
@@ -263,7 +271,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
                 estimate = read[2] / max(read[3], 1e-12)
-                stop = stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * last_estimate[b]
+                stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio)
             last_estimate[b] = estimate if lo == 0 else math.inf
             if p < 0:  # every window state passed: one more plain update, no model call (as the
                 xw.add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen

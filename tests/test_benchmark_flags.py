@@ -79,6 +79,7 @@ def test_sample_sets_repeated_values(files, flag, values):
     ("speed_bench.py", ["--quick", "--out", "{a_folder}"], "--out"),
     ("stop_bench.py", ["--quick", "--out", "{a_file}/x.json"], "--out"),
     ("tail_bench.py", ["--quick", "--seed_bases", "200", "--out", "{a_folder}"], "--out"),
+    ("stop_sweep.py", ["--quick", "--seed_bases", "200", "--out", "{a_file}/x.json"], "--out"),
     ("figures.py", ["--out_dir", "{a_file}"], "--out_dir"),
     ("figures.py", ["--out_dir", ""], "--out_dir"),
     ("gpu_estimate.py", ["--out", "{a_folder}"], "--out"),
@@ -153,6 +154,11 @@ def test_figures_to_a_full_terminal(tmp_path):
     ("tail_bench.py", ["--seed_bases", f"100,{2 ** 64 - 5}"], "--seed_bases"),
     ("tail_bench.py", ["--seed_bases", ""], "--seed_bases"),
     ("tail_bench.py", ["--seed_bases", "5"], "--seed_bases"),
+    ("stop_sweep.py", ["--seed_bases", "100,100"], "--seed_bases"),
+    ("stop_sweep.py", ["--seed_bases", "a"], "--seed_bases"),
+    ("stop_sweep.py", ["--stop_tols", "0.03,x"], "--stop_tols"),
+    ("stop_sweep.py", ["--stop_tols", "0"], "--stop_tols"),
+    ("stop_sweep.py", ["--stop_ratios", "nan"], "--stop_ratios"),
 ])
 def test_stop_and_tail_bad_flags(files, script, argv, flag):
     refused(files, script, argv + ["--out", files / "out.json"], 2, [flag])

@@ -192,6 +192,34 @@ def test_stop_benchmark_refuses_the_design_seeds(tmp_path):
     assert not (tmp_path / "stop.json").exists()
 
 
+def test_stop_sweep_replays_what_the_solver_does(tmp_path):
+    """The sweep records each run once with the stop rule off and replays rules on the record: for rules that
+    stop at different iterations, the replayed stop and the image it ends on are what solve() gives with that rule."""
+    from benchmarks.stop_bench import problems
+    from benchmarks.stop_sweep import replay
+    from paratAA import solve
+    bench("stop_sweep.py", "--seed_bases", "200", "--stop_tols", "0.01,0.2", "--stop_ratios", "0.2,1",
+          "--out", str(tmp_path / "sweep.json"))
+    sweep = read(tmp_path / "sweep.json")
+    assert len(sweep["runs"]) == 9 and len(sweep["rules"]) == 4  # 3 models x 3 samples; 2 x 2 rules
+    rules = ((0.01, 0.2), (0.2, 1.0), (0.2, 0.2))  # the third stops later than the second: its ratio binds
+    stops = {rule: [] for rule in rules}
+    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(3, 200).items():
+        runs = [r for r in sweep["runs"] if r["model"] == name]
+        sched, noise = schedule(25, 0.0), noise_of(25)
+        ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
+        for tol, ratio in rules:
+            res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, stop_tol=tol, stop_ratio=ratio)
+            for b, r in enumerate(runs):
+                k = replay(r["estimate"], tol, ratio)
+                d, threshold = distance([res.samples[b]], ref[b])
+                assert res.iterations[b] == k, (name, b, tol)
+                assert d[0] / threshold == pytest.approx(r["distance"][k], rel=1e-6, abs=1e-9), (name, b, tol)
+                stops[tol, ratio].append(k)
+    # the rules stop at different iterations, or the check would prove little
+    assert len({tuple(v) for v in stops.values()}) == 3, stops
+
+
 def test_tail_benchmark_quick(tmp_path):
     """Every held-out sample reaches the sequential image under every variant, and the default's stop leaves none
     of them off it."""

@@ -86,7 +86,7 @@ def test_order_k_residual_matches_its_definition(order, equations):
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_batch_equals_separate_solves(conditioned):
     B, T = 4, 30
-    model, schedule, noise = gmm_problem(T, batch=B, eta=0.3)
+    model, schedule, noise = gmm_problem(T, batch=B, eta=0.3, seed=2)  # seed 2: iterations 14, 10, 10, 6
     # conditioned: each sample restricted to one mixture component (a linear model, so all converge together)
     cond = torch.tensor([3, 1, 4, 1]) if conditioned else None
     # the defaults (stop rule included): the unconditioned samples stop at different iterations here

@@ -1,0 +1,127 @@
+"""The stop rule's tolerance and ratio, swept over many held-out samples with one solve per run.
+
+    python benchmarks/stop_sweep.py [--quick] [--seed_bases 100,300,...] [--stop_tols 0.03,0.035,0.04]
+                                    [--stop_ratios 0.35] [--out benchmarks/results/stop_sweep.json]
+
+The runs of stop_bench.py (embedded DiT, text-to-image, Gaussian mixture; T = 25, 50, 100; eta 0 and 0.5; window =
+order = T; 10 samples per seed base, same classes, wordings and seeds) are solved once each with the stop rule off,
+recording per iteration the rule's estimate E and the distance of the x_0 estimate from the sequential sample. The
+rule only ends a sample and never changes an iterate (`paratAA.solver.stop_rule`), so where each (stop_tol,
+stop_ratio) would have stopped every run, and on what image, follows exactly from that record: a grid of rules costs
+one solve per run instead of one per rule. Per rule: the settings (10 samples each) whose median stop - same image
+is above 1, the runs ending more than one gray level off (the mixture: 0.01 of the sequential x_0's std), the
+largest final difference and the mean iterations. The JSON keeps every record, to replay other rules.
+"""
+import math
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
+    exit_quietly_on_signals()
+
+import torch  # noqa: E402
+
+from benchmarks.convergence import check_out_file, seed_bases, write_json  # noqa: E402
+from benchmarks.stop_bench import problems  # noqa: E402
+from paratAA import sample_sequential, solve  # noqa: E402
+from paratAA.solver import stop_rule  # noqa: E402
+from runner.flags import make_parser  # noqa: E402
+
+
+def record(bases, steps, etas, n):
+    """One solve per run with the stop rule off: per run its setting, E per iteration (nan while the window is
+    short of x_0) and the distance of the x_0 estimate before iteration 1 and after each one, over the threshold."""
+    runs = []
+    for base in bases:
+        for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, base).items():
+            for T in steps:
+                for eta in etas:
+                    sched, noise = schedule(T, eta), noise_of(T)
+                    ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
+                    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, stop_tol=0.0)
+                    for b, h in enumerate(res.history):
+                        d, threshold = distance(h.x0, ref[b])
+                        runs.append({"model": name, "T": T, "eta": eta, "seed_base": base, "seed": base + b,
+                                     "estimate": [float(e) for e in h.estimate],
+                                     "distance": [float(v / threshold) for v in d]})
+            print(f"recorded seed base {base}: {name}", flush=True)
+    return runs
+
+
+def replay(estimates, stop_tol, stop_ratio):
+    """The iteration the solver would have stopped at under this rule (the run's last one if it never fires)."""
+    previous = math.inf
+    for k, e in enumerate(estimates, 1):
+        if stop_rule(e, previous, stop_tol, stop_ratio):
+            return k
+        previous = math.inf if math.isnan(e) else e  # nan: the window was short of x_0
+    return len(estimates)
+
+
+def judge(runs, stop_tol, stop_ratio):
+    """Per setting (model, T, eta, seed base): stop - same image per run, runs off, largest final difference."""
+    settings = {}
+    for r in runs:
+        stop = replay(r["estimate"], stop_tol, stop_ratio)
+        same = next((k for k, v in enumerate(r["distance"]) if v <= 1), None)
+        s = settings.setdefault(f"{r['model']} T={r['T']} eta={r['eta']} seeds {r['seed_base']}+",
+                                {"lag": [], "stop": [], "off": 0, "max_final": 0.0})
+        s["stop"].append(stop)
+        if same is not None:
+            s["lag"].append(stop - same)
+        s["off"] += r["distance"][stop] > 1
+        s["max_final"] = max(s["max_final"], r["distance"][stop])
+    stops = [k for s in settings.values() for k in s["stop"]]
+    slow = {k: statistics.median(s["lag"]) for k, s in settings.items() if s["lag"] and statistics.median(s["lag"]) > 1}
+    return {"stop_tol": stop_tol, "stop_ratio": stop_ratio, "settings": len(settings), "lag_above_1": slow,
+            "runs": len(stops), "off": sum(s["off"] for s in settings.values()),
+            "max_final": max(s["max_final"] for s in settings.values()), "mean_iterations": statistics.mean(stops)}
+
+
+def number_list(text, flag, positive=True):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be numbers separated by commas, got {text!r}") from None
+    if not all(math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values):
+        raise UsageError(f"{flag} must be finite numbers > 0, got {text!r}")
+    return values
+
+
+def main(args):
+    steps, etas, n = ([25], [0.0], 3) if args.quick else ([25, 50, 100], [0.0, 0.5], 10)
+    bases = seed_bases(args.seed_bases, n)
+    tols, ratios = number_list(args.stop_tols, "--stop_tols"), number_list(args.stop_ratios, "--stop_ratios")
+    check_out_file(args.out)
+    torch.set_grad_enabled(False)
+    runs = record(bases, steps, etas, n)
+    rules = [judge(runs, t, q) for t in tols for q in ratios]
+    print(f"\n{len(runs)} runs (seed bases {args.seed_bases}), one solve each with the stop rule off; per rule:\n")
+    print("| stop_tol | stop_ratio | settings with median stop - same > 1 (largest) | runs off | largest final "
+          "difference | mean iterations |")
+    print("|---|---|---|---|---|---|")
+    for r in rules:
+        slow = f" ({max(r['lag_above_1'].values()):g})" if r["lag_above_1"] else ""
+        print(f"| {r['stop_tol']:g} | {r['stop_ratio']:g} | {len(r['lag_above_1'])} of {r['settings']}{slow} "
+              f"| {r['off']} of {r['runs']} | {r['max_final']:.2f} | {r['mean_iterations']:.3f} |", flush=True)
+    print("\n(the settings, and every run's record, are in the JSON)")
+    flags = (" --quick" if args.quick else "") + f" --seed_bases {args.seed_bases} --stop_tols {args.stop_tols}" \
+        f" --stop_ratios {args.stop_ratios}"
+    write_json({"command": "python benchmarks/stop_sweep.py" + flags, "machine": args.machine,
+                "rules": rules, "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    parser = make_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples per seed base: the smoke test")
+    parser.add_argument("--seed_bases", default="100,300,500,700,1100,1300,1500",
+                        help="first seeds of the sample sets, comma-separated (>= 10: the design used 0..9)")
+    parser.add_argument("--stop_tols", default="0.03,0.035,0.04", help="stop_tol values to replay, comma-separated")
+    parser.add_argument("--stop_ratios", default="0.35", help="stop_ratio values to replay, comma-separated")
+    parser.add_argument("--out", default="benchmarks/results/stop_sweep.json")
+    parser.add_argument("--machine", default="2-core CPU (development container)")
+    exit_on_error(main, parser.parse_args())

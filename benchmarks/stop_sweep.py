@@ -76,18 +76,20 @@ def judge(runs, stop_tol, stop_ratio):
         s["off"] += r["distance"][stop] > 1
         s["max_final"] = max(s["max_final"], r["distance"][stop])
     stops = [k for s in settings.values() for k in s["stop"]]
-    slow = {k: statistics.median(s["lag"]) for k, s in settings.items() if s["lag"] and statistics.median(s["lag"]) > 1}
+    lags = {k: statistics.median(s["lag"]) for k, s in settings.items() if s["lag"]}
+    slow = {k: lag for k, lag in lags.items() if lag > 1}
     return {"stop_tol": stop_tol, "stop_ratio": stop_ratio, "settings": len(settings), "lag_above_1": slow,
             "runs": len(stops), "off": sum(s["off"] for s in settings.values()),
             "max_final": max(s["max_final"] for s in settings.values()), "mean_iterations": statistics.mean(stops)}
 
 
-def number_list(text, flag, positive=True):
+def number_list(text, flag):
+    """A comma-separated list of finite positive numbers, or UsageError naming flag."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} must be numbers separated by commas, got {text!r}") from None
-    if not all(math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values):
+    if not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{flag} must be finite numbers > 0, got {text!r}")
     return values
 

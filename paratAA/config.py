@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .equations import FORMS
 
 
+def is_integer(value):
+    """A Python int that is not a bool (True would otherwise pass as 1): how every count of the package is checked."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _param(default, help, kind, choices=None):
     """kind: "int" (an integer >= 1), "count" (an integer >= 1 or None), "window" (a count or "auto"), "float" (a
     finite number >= 0), "choice" (one of choices), "bool"."""
@@ -74,7 +79,7 @@ class SolverConfig:
             if kind in ("count", "window") and value is None or kind == "window" and value == "auto":
                 continue
             if kind in ("int", "count", "window"):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                if not is_integer(value) or value < 1:
                     extra = " or auto" if kind == "window" else ""
                     raise ValueError(f"{f.name} must be an integer >= 1{extra}, got {value!r}")
             elif kind == "bool":

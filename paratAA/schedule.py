@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from .config import is_integer
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -47,7 +49,7 @@ def check_eta(eta):
 
 
 def check_num_steps(num_steps, num_train_timesteps):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+    if not is_integer(num_steps) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(
             f"timesteps (number of sampling steps T) must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
 

@@ -1,6 +1,7 @@
 """Sequential DDIM sampling with the solver's own coefficients: the solution the parallel solver must reach."""
 import torch
 
+from .config import is_integer
 from .denoiser import check_init, check_problem, evaluate
 from .sharding import Sharding
 
@@ -22,9 +23,9 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
         raise ValueError("start needs init (the trajectory whose state x_start the sampling starts from)")
     if init is not None:
         check_init(init, noise)
-        if start is not None and (not _integer(start) or not 1 <= start <= T):
+        if start is not None and (not is_integer(start) or not 1 <= start <= T):
             raise ValueError(f"start must be an integer in 1..{T}, got {start!r}")
-    if steps is not None and (not _integer(steps) or steps < 0):
+    if steps is not None and (not is_integer(steps) or steps < 0):
         raise ValueError(f"steps must be an integer >= 0 or None (all), got {steps!r}")
     sharding = sharding or Sharding()
     sched = schedule.to(noise.device)
@@ -45,7 +46,3 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
         if callback is not None:
             callback(start - s, X)
     return X
-
-
-def _integer(value):
-    return isinstance(value, int) and not isinstance(value, bool)

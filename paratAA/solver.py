@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .anderson import AndersonMemory
-from .config import SolverConfig
+from .config import SolverConfig, is_integer
 from .denoiser import check_finite, check_init, check_problem, evaluate, select
 from .equations import OrderKEquations
 from .planner import plan_window
@@ -75,7 +75,7 @@ def stop_rule(estimate, previous, stop_tol, stop_ratio):
 def check_variation_steps(variation_steps, T):
     """A warm start re-solves the last variation_steps of T steps."""
     V = variation_steps
-    if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= T:
+    if not is_integer(V) or not 1 <= V <= T:
         raise ValueError(f"variation_steps must be an integer in 1..{T}, got {V!r}")
 
 

@@ -18,7 +18,7 @@ from runner.flags import path_value
 from . import digits
 from .checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, load_into, load_state_dict, require_file
 from .dit import DiT_models
-from .sd import check_scheduler, config_value, quiet_loading, read_json
+from .sd import check_scheduler, config_value, note_scheduler, quiet_loading, read_json
 
 EMBEDDED_DIT = "DiT-Digits"
 DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
@@ -58,6 +58,7 @@ def check_dit_flags(args):
                 raise UsageError(f"--{flag}: {args.model_path} has {flag} {used}, got {getattr(args, flag)}")
             setattr(args, flag, used)  # recorded as used
         args.vae_path = args.vae_path or os.path.join(args.model_path, "vae")
+        note_scheduler(args.model_path)
     elif args.model is None or args.model == EMBEDDED_DIT:
         # its size and classes are fixed: a flag asking for others would be ignored, so it is refused
         args.model = EMBEDDED_DIT

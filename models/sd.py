@@ -144,6 +144,15 @@ def check_scheduler(path, flag="--model_path"):
         raise InputFileError(f"{flag}: {sched_path} {problem}")
 
 
+def note_scheduler(path):
+    """A folder whose scheduler is neither DDIM nor a flow's Euler steps (SDXL's Euler, DPM-Solver) is sampled as
+    DDIM: equation (1) keeps the folder's noise schedule, not its sampler's steps. Said once, by the flag check."""
+    kind = _scheduler_class(path)
+    if kind not in (None, "DDIMScheduler") and "FlowMatch" not in kind:
+        note(f"{path} comes with {kind}: sampled as DDIM on its noise schedule (the result equals sequential DDIM, "
+             f"not {kind}'s own steps)")
+
+
 def scheduler_problem(sched):
     """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None."""
     n_train = sched.get("num_train_timesteps", 1000)
@@ -421,6 +430,7 @@ def check_sd_flags(args, prompts):
     check_folder(args.model_path)
     check_size(args, args.model_path)
     check_timesteps(args.timesteps, args.eta, args.model_path)
+    note_scheduler(args.model_path)
     return config
 
 

@@ -4,14 +4,21 @@
 resolved config in metrics.json. A new knob is one field here and its use in the solver.
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .equations import FORMS
 
 
 def is_integer(value):
-    """A Python int that is not a bool (True would otherwise pass as 1): how every count of the package is checked."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python's or numpy's) that is not a bool (True would otherwise pass as 1): how every count of the
+    package is checked."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value):
+    """A real number (Python's or numpy's, integers included) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _param(default, help, kind, choices=None):
@@ -71,6 +78,12 @@ class SolverConfig:
 
     def __post_init__(self):
         self.check()
+        for f in fields(self):  # numpy numbers pass the check; stored as Python's, so that metrics.json can hold them
+            value, kind = getattr(self, f.name), f.metadata["kind"]
+            if kind in ("int", "count", "window") and is_integer(value):
+                object.__setattr__(self, f.name, int(value))
+            elif kind == "float":
+                object.__setattr__(self, f.name, float(value))
 
     def check(self):
         """ValueError naming the first bad parameter (its message starts with the parameter's name)."""
@@ -86,8 +99,7 @@ class SolverConfig:
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name} must be true or false, got {value!r}")
             elif kind == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                        or value < 0:
+                if not is_real(value) or not math.isfinite(value) or value < 0:
                     raise ValueError(f"{f.name} must be a finite number >= 0, got {value!r}")
             elif value not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")

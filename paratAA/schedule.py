@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from .config import is_integer
+from .config import is_integer, is_real
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Schedule:
 
 def check_eta(eta):
     """eta in 0..1: above 1 the DDIM noise would exceed the posterior's (1 - A' - c^2 < 0): no valid step."""
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 <= eta <= 1):
+    if not (is_real(eta) and math.isfinite(eta) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in 0..1, got {eta!r}")
 
 

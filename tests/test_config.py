@@ -1,6 +1,8 @@
 """SolverConfig owns every solver parameter: one default set, one check, the flags generated from it."""
+import json
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +77,23 @@ def test_resolve_records_the_values_used(T, window, order, used):
 def test_bad_values_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=f"^{name} must"):
         SolverConfig(**{name: value})
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_equal():
+    """A window or tolerance computed with numpy (a sweep over np.arange) is a number like any other; stored as
+    Python's, so that metrics.json can hold the config, and the solve equals the one with Python numbers."""
+    model, schedule, noise = gmm_problem(12)
+    given = SolverConfig(window_size=np.int64(5), memory_size=np.int32(2), lam=np.float32(0.5), tol1=np.float64(1e-4))
+    assert [type(getattr(given, n)) for n in ("window_size", "memory_size", "lam", "tol1")] == [int, int, float, float]
+    json.dumps(given.to_dict())
+    plain = SolverConfig(window_size=5, memory_size=2, lam=float(np.float32(0.5)), tol1=1e-4)
+    a = solve(model, schedule, noise, config=given, model_dtype=torch.float64)
+    b = solve(model, schedule, noise, config=plain, model_dtype=torch.float64)
+    assert a.iterations == b.iterations and torch.equal(a.trajectory, b.trajectory)
+    with pytest.raises(ValueError, match="^window_size must"):
+        SolverConfig(window_size=np.bool_(True))
+    with pytest.raises(ValueError, match="^lam must"):
+        SolverConfig(lam=np.float32("nan"))
 
 
 def test_flags_check_through_the_config_and_record_the_values_used(tmp_path):

@@ -51,7 +51,7 @@ def diffusers_loop(folder, T, cfg, num_samples, seed=0):
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3", "sd2_768"])
-def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name):
+def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name, capsys):
     T = 10
     run_dir, m = run_sd(folders[name], tmp_path, "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
                         "--num_samples", "2", "--batch_size", "2", "--prompt", PROMPT, "--cfg_scale", "3")
@@ -63,6 +63,9 @@ def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name):
     assert z["x_T"].shape == ours.shape  # the initial noise, to replay the run in diffusers
     assert m["scheduler"]["class"] == ("FlowMatchEulerDiscreteScheduler" if name == "sd3" else
                                        "EulerDiscreteScheduler" if name == "sdxl" else "DDIMScheduler")
+    # a scheduler other than DDIM (or a flow's Euler) is read as DDIM: the run says so once, the others say nothing
+    said = capsys.readouterr().err
+    assert said.count("sampled as DDIM") == (name == "sdxl")
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3"])

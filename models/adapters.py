@@ -1,6 +1,8 @@
 """Model adapters: wrap a network as the noise-prediction callable eps_fn(x, timesteps, cond) the solver takes."""
 import torch
 
+from paratAA import NonFiniteModelOutput
+
 
 class DiTDenoiser:
     """Class-conditional DiT with classifier-free guidance (docs/ALGORITHM.md, section 6).
@@ -136,5 +138,8 @@ class VAEDecoder:
             z = part.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
             z = z + (getattr(self.vae.config, "shift_factor", None) or 0.0)
             x = self.vae.decode(z).sample
+            if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
+                raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "
+                                           "weights are unusable (--vae_path, or the vae/ folder of --model_path)")
             imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         return torch.cat(imgs).numpy()

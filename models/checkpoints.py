@@ -1,10 +1,12 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
 import argparse
+import itertools
 import json
 import math
 import os
 import pickle
 import re
+import warnings
 
 import torch
 
@@ -51,7 +53,9 @@ def load_state_dict(path, flag="--model_path"):
             from safetensors.torch import load_file
             state = load_file(path)
         else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                # torch's advice on a pickle protocol it may not read: the failure, if any, is said below
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure (torch, zip, safetensors) is a bad file, said in one line
         msg = str(e)
@@ -103,21 +107,37 @@ def load_vae(path, device, dtype, flag="--vae_path"):
     require_folder(path, flag, "config.json", VAE_SOURCE)
     try:
         with open(os.path.join(path, "config.json")) as f:
-            kind = json.load(f).get("_class_name", "AutoencoderKL")
-    except (OSError, ValueError, AttributeError) as e:
-        raise InputFileError(f"{flag}: cannot read {os.path.join(path, 'config.json')} as a JSON object "
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputFileError(f"{flag}: cannot read {os.path.join(path, 'config.json')} as JSON "
                              f"({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise InputFileError(f"{flag}: {os.path.join(path, 'config.json')} holds a JSON {type(config).__name__}, "
+                             f"not an object (a model's settings by name)")
+    kind = config.get("_class_name", "AutoencoderKL")
     if kind != "AutoencoderKL":  # loading another model's config into a VAE would give random weights
         raise InputFileError(f"{flag}: {path} holds a {kind}, not an AutoencoderKL ({VAE_SOURCE})")
-    try:
-        vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
-    except Exception as e:  # whatever diffusers or safetensors make of a bad folder: said in one line
-        raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]})") from None
+    from .sd import quiet_loading  # imported here: sd.py imports this module
+    with quiet_loading():  # diffusers lists every weight it did not find over many lines: said below in one
+        try:
+            vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
+        except Exception as e:  # whatever diffusers or safetensors make of a bad folder: said in one line
+            raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0]})") from None
+    check_weights_loaded(vae, path, flag)
     problem = vae_problem(vae.config)
     if problem:
         raise InputFileError(f"{flag}: {os.path.join(path, 'config.json')} {problem}")
     return vae.to(device).eval()
+
+
+def check_weights_loaded(module, path, flag):
+    """diffusers leaves a weight its files do not hold (other tensor names than the config's model has) on the meta
+    device, without data, and only a later .to(device) fails, naming no file: said here, naming the folder."""
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_meta:
+            raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
+                                 f"(e.g. {name})")
 
 
 def vae_problem(config):

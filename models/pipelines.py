@@ -19,9 +19,10 @@ from PIL import Image
 
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.planner import plan_window, sync
+from runner.launch import host_memory_available
 
 from .bundles import pipeline_bundles
-from .sd import blank, network, pipeline_problem, wrong_size
+from .sd import blank, network, pipeline_problem, undecodable, wrong_size
 
 
 @dataclass
@@ -64,6 +65,12 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     config = config.resolve(num_inference_steps)
     dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
+    batch_bytes = min(B, num_images) * (num_inference_steps + 1) * math.prod(bundle.latent) * 8  # float64 noise
+    host = host_memory_available()
+    if host is not None and batch_bytes > host:  # torch's allocation error would name neither argument
+        raise ValueError(f"num_images {num_images} in batches of {min(B, num_images)} needs "
+                         f"{batch_bytes / 2 ** 30:.1f} GiB of noise per batch alone ({host / 2 ** 30:.1f} GiB "
+                         f"available); lower batch_size")
     latents, x_T, iterations, results, seconds, seq_seconds = [], [], [], [], 0.0, 0.0
     for start in range(0, num_images, B):
         stop = min(start + B, num_images)
@@ -109,6 +116,10 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, s
         raise ValueError(f"prompt must not be empty, got {prompt!r}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
+    for name, texts in (("prompt", prompts), ("negative_prompt", [negative_prompt or ""])):
+        if any(undecodable(p) for p in texts):
+            raise ValueError(f"{name} holds characters that are not text (lone surrogates, e.g. bytes decoded with "
+                             f"errors='surrogateescape'), got {texts!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")

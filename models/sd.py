@@ -27,7 +27,7 @@ import torch
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
-from .checkpoints import vae_problem
+from .checkpoints import check_weights_loaded, vae_problem
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -107,6 +107,10 @@ def check_folder(path, flag="--model_path"):
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
+        if part.startswith("tokenizer") and not (os.path.isfile(os.path.join(sub, "tokenizer.json")) or all(
+                os.path.isfile(os.path.join(sub, f)) for f in ("vocab.json", "merges.txt"))):
+            raise InputFileError(f"{flag}: {path} has no usable {part}/ folder (it needs tokenizer.json, or vocab.json "
+                                 f"and merges.txt)")
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
@@ -276,13 +280,13 @@ def wrong_size(v, factor, patch=1, reach=None):
 @contextlib.contextmanager
 def quiet_loading():
     """diffusers' and transformers' loading bars, advice and deprecation warnings off while a pipeline loads: a run
-    prints its own."""
+    prints its own. Their errors too: a part that cannot be loaded raises, and the run says so in one line."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
@@ -317,6 +321,9 @@ def load_pipeline(path, device, dtype):
         except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        for name, part in pipe.components.items():
+            if isinstance(part, torch.nn.Module):
+                check_weights_loaded(part, os.path.join(path, name), "--model_path")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         return pipe.to(device, silence_dtype_warnings=True)
@@ -415,8 +422,17 @@ def blank(text):
     return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
 
 
+def undecodable(text):
+    """Whether text holds bytes that were not UTF-8: Python keeps them as lone surrogates (a command line in another
+    encoding), which no tokenizer takes."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def check_sd_flags(args, prompts):
     """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
+    for flag, p in prompts + [("--negative_prompt", args.negative_prompt)]:
+        if undecodable(p):
+            raise UsageError(f"{flag} is not valid UTF-8 text (bytes of another encoding?)")
     for flag, p in prompts:
         if blank(p):
             raise UsageError(f"{flag} must not be empty")
@@ -441,9 +457,10 @@ def check_timesteps(T, eta, path):
         return  # Euler steps of a flow: its sigmas always fit (flow_schedule checks T against the training steps)
     from diffusers import DDIMScheduler
     from paratAA import from_ddim_scheduler
+    from paratAA.schedule import NONLINEAR
     config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    try:
-        from_ddim_scheduler(DDIMScheduler.from_config(config), T, eta)
+    try:  # the folder's clip_sample and the like were checked (check_scheduler): the DDIM copy takes none of them
+        from_ddim_scheduler(DDIMScheduler.from_config(config, **dict.fromkeys(NONLINEAR, False)), T, eta)
     except ValueError as e:
         if str(e).startswith(("timesteps", "eta")):  # the flag's value
             raise UsageError(f"--{e}") from None

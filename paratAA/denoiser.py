@@ -34,8 +34,9 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor [B, T+1={T + 1}, *latent], got "
                         f"{noise.dtype if torch.is_tensor(noise) else type(noise).__name__}")
-    if noise.dim() < 3 or noise.shape[1] != T + 1 or noise.shape[0] == 0:
-        raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension), got "
+    if noise.dim() < 3 or noise.shape[1] != T + 1 or noise.shape[0] == 0 or 0 in noise.shape[2:]:
+        raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension, none of size "
+                         f"0), got "
                          f"{tuple(noise.shape)}")
     bad = _first_non_finite(noise)
     if bad:
@@ -123,6 +124,8 @@ def _checked(eps, x):
     if not torch.is_tensor(eps):
         hint = " (a diffusers model returns an output object: take its .sample)" if hasattr(eps, "sample") else ""
         raise TypeError(f"eps_fn must return a tensor, got {type(eps).__name__}{hint}")
+    if not eps.is_floating_point():  # an integer, bool or complex tensor would be cast (and rounded) silently
+        raise TypeError(f"eps_fn must return a floating-point tensor, got {eps.dtype}")
     if eps.shape != x.shape:
         raise ValueError(f"eps_fn returned shape {tuple(eps.shape)} for inputs of shape {tuple(x.shape)}: it must "
                          f"return one prediction per input, shaped like it")

@@ -88,8 +88,11 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     them (float32), and 1 - A is taken in that dtype before float64, as the reference's SD script does.
     """
     check_eta(eta)
-    if not isinstance(scheduler, DDIMScheduler):
-        scheduler = DDIMScheduler.from_config(scheduler.config)
+    if not hasattr(scheduler, "config"):
+        raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+    check_linear(scheduler.config)
+    if not isinstance(scheduler, DDIMScheduler):  # its noise levels, read as DDIM (checked: none of NONLINEAR set)
+        scheduler = DDIMScheduler.from_config(scheduler.config, **dict.fromkeys(NONLINEAR, False))
     n_train = scheduler.config.num_train_timesteps
     check_num_steps(num_steps, n_train)
     scheduler.set_timesteps(num_steps)
@@ -107,6 +110,19 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     alpha = alphas[timesteps]                                       # [T]  A  of step s
     alpha_next = torch.cat([final, alpha[:-1]])                     # [T]  A' of step s (state x_s)
     return coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
+
+
+def check_linear(config):
+    """A scheduler config whose own steps are not equation (1): the solver would reach another result than its loop
+    (diffusers' DDIMScheduler() clips x_0 by default). Only what the config itself sets counts: a DDIM copy made
+    from another scheduler's config takes DDIM's defaults for keys that scheduler does not have."""
+    for key in NONLINEAR:
+        if config.get(key):
+            raise ValueError(f"scheduler sets {key}: its steps are then not the linear DDIM steps of equation (1) that "
+                             f"the solver solves, and the result would differ from its own loop; set {key}=False")
+
+
+NONLINEAR = ("clip_sample", "thresholding", "rescale_betas_zero_snr")
 
 
 def dit_respacing(T, num_train=1000):
@@ -131,6 +147,8 @@ def dit_schedule(num_steps, eta=0.0, num_train=1000):
     """DiT / ADM's diffusion respaced to num_steps, as its diffusion code does it; the model is fed the original
     timestep, as DiT's respaced wrapper does."""
     check_eta(eta)
+    if not is_integer(num_train) or num_train < 2:
+        raise ValueError(f"num_train (the diffusion's training steps) must be an integer >= 2, got {num_train!r}")
     check_num_steps(num_steps, num_train)
     base = dit_alphas_cumprod(num_train)
     kept = dit_respacing(num_steps, num_train)
@@ -153,6 +171,9 @@ def flow_schedule(scheduler, num_steps, eta=0.0):
     sigma_s the noise level the scheduler gives step s, sigma'_s the next one (0 after the last step), t_s the
     model timestep (sigma_s times num_train_timesteps, as a float). The convergence test's scale (the Schedule's
     sigma) is the step's drop of the noise level, sigma_s - sigma'_s. Flow sampling here is deterministic (eta 0)."""
+    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler, "config"):
+        raise TypeError(f"scheduler must be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
+                        f"{type(scheduler).__name__}")
     if eta != 0:
         raise ValueError(f"eta must be 0 for a flow-matching scheduler (its Euler steps add no noise), got {eta!r}")
     n_train = scheduler.config.num_train_timesteps
@@ -178,4 +199,6 @@ def pipeline_schedule(pipeline, num_steps, eta=0.0):
     uses alphas_cumprod[0] for SD v1.5)."""
     if is_flow(pipeline.scheduler):
         return flow_schedule(type(pipeline.scheduler).from_config(pipeline.scheduler.config), num_steps, eta)
-    return from_ddim_scheduler(DDIMScheduler.from_config(pipeline.scheduler.config), num_steps, eta)
+    check_linear(pipeline.scheduler.config)  # a copy, so that the pipeline's own scheduler keeps its state
+    return from_ddim_scheduler(DDIMScheduler.from_config(pipeline.scheduler.config, **dict.fromkeys(NONLINEAR, False)),
+                               num_steps, eta)

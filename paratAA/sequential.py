@@ -2,7 +2,7 @@
 import torch
 
 from .config import is_integer
-from .denoiser import check_init, check_problem, evaluate
+from .denoiser import check_finite, check_init, check_problem, evaluate
 from .sharding import Sharding
 
 
@@ -40,9 +40,17 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
     B = X.shape[0]
     for s in range(start - 1, -1 if steps is None else max(start - steps, 0) - 1, -1):
         t = sched.timesteps[s].repeat(B)
-        eps = evaluate(eps_fn, sharding, X[:, s + 1], t, cond, model_dtype, start - s,
-                       lambda i: f"sample {i}, step {s} (model timestep {int(sched.timesteps[s])})")
+        def describe(i, s=s):
+            return f"sample {i}, step {s} (model timestep {int(sched.timesteps[s])})"
+        eps = evaluate(eps_fn, sharding, X[:, s + 1], t, cond, model_dtype, start - s, describe, check=False)
         X[:, s] = sched.a[s] * X[:, s + 1] + sched.b[s] * eps + sched.c[s] * xi[:, s]
+        # one check per step, on the new state: non-finite if the prediction was, or if finite predictions near the
+        # top of the float range overflowed the step (the solver's residuals catch the same)
+        if not bool(torch.isfinite(X[:, s].sum())):
+            check_finite(eps, start - s, describe)
+            if not bool(torch.isfinite(X[:, s]).all()):
+                raise FloatingPointError(f"the states became non-finite at step {s} with finite model outputs: the "
+                                         f"predictions are too large for the schedule's coefficients")
         if callback is not None:
             callback(start - s, X)
     return X

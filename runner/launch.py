@@ -26,12 +26,7 @@ class Session:
 
     def free_memory(self):
         """(bytes free on this process's device, bytes of host memory available); None where unknown."""
-        host = None
-        try:
-            with open("/proc/meminfo") as f:
-                host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            pass
+        host = host_memory_available()
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0], host
         return host, host
@@ -39,6 +34,15 @@ class Session:
     def wait(self):
         """Every process reaches this point before any goes on."""
         self.accelerator.wait_for_everyone()
+
+
+def host_memory_available():
+    """Bytes of host memory available (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def start_session(args):

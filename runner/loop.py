@@ -23,7 +23,7 @@ from paratAA.solver import state_bytes
 from .errors import UsageError
 from .metrics import speed_summary
 from .planning import plan_run
-from .rundir import create_run_dir, save_args
+from .rundir import create_run_dir, missing_folders, save_args
 from .writer import RECORD_BYTES, RunWriter
 
 
@@ -79,13 +79,21 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
 @contextlib.contextmanager
 def open_run(args, session, prefix):
     """The run folder (main process; None elsewhere). sample_into removes what it wrote when no sample finished;
-    a run folder left empty by that (a warm start's prompt1/ and prompt2/ both removed) goes too."""
+    a run folder left empty by that (a warm start's prompt1/ and prompt2/ both removed) goes too, and so do the
+    folders of --output_path that this run created and that are left empty."""
+    created, _ = missing_folders(args.output_path)  # the deepest first
     run_dir = create_run_dir(args.output_path, prefix) if session.is_main else None
     try:
         yield run_dir
     except BaseException:
-        if run_dir and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)
+        if run_dir:
+            for folder in [run_dir] + created:
+                try:
+                    os.rmdir(folder)  # only an empty one: a folder with anything in it stays
+                except FileNotFoundError:  # sample_into removed the run folder with what it had written
+                    continue
+                except OSError:
+                    break
         raise
 
 

@@ -36,12 +36,14 @@ def check(module, argv, code, words, tmp_path, capsys):
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
         exit_on_error(module.main, module.parse_args(argv + ["--output_path", str(out)]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    # a failure during sampling comes after the progress bars: they are not messages
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and "%|" not in line and not line.endswith("\x1b[A")]
     assert e.value.code == code
     assert len(err) == 1 and "Traceback" not in err[0], err
     for w in words:
         assert w in err[0], (w, err[0])
-    assert not out.exists() or not os.listdir(out), "no run folder may be created"
+    assert not out.exists(), "no run folder may be created, nor the --output_path folder the run made for it"
 
 
 DIT_FLAGS = [
@@ -159,7 +161,7 @@ def test_non_finite_model_output_is_one_line_and_writes_no_image(files, tmp_path
     assert e.value.code == 1 and len(errors) == 1 and "Traceback" not in err
     assert "non-finite noise prediction at iteration 1, sample 0, step" in errors[0]
     # nothing finished: no run folder is left (one of only args.json and a failed metrics.json is half-written)
-    assert not out.exists() or not os.listdir(out), os.listdir(out)
+    assert not out.exists(), os.listdir(out)  # nor the --output_path folder the run made for it
 
 
 def test_a_failure_after_finished_samples_keeps_them(tmp_path, capsys):
@@ -340,7 +342,28 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(scaling_factor="x"))),
         "garbage_text_encoder": variant("garbage_text_encoder", lambda p: (
             p / "text_encoder" / "model.safetensors").write_bytes(bytes(range(100)))),
+        # these three ended in an internal error naming no file, or in black images reported as a success
+        "empty_tokenizer": variant("empty_tokenizer", lambda p: [f.unlink() for f in (p / "tokenizer").iterdir()]),
+        "unet_other_tensors": variant("unet_other_tensors", lambda p: _other_tensors(p / "unet")),
+        "vae_nan": variant("vae_nan", lambda p: _nan_weights(p / "vae")),
     }
+
+
+def _weights_file(folder):
+    return next(f for f in folder.iterdir() if f.suffix == ".safetensors")
+
+
+def _other_tensors(folder):
+    """Weights whose tensor names are none of the model's."""
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(3)}, str(_weights_file(folder)))
+
+
+def _nan_weights(folder):
+    from safetensors.torch import load_file, save_file
+    path = str(_weights_file(folder))
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in load_file(path).items()}, path)
 
 
 @pytest.mark.parametrize("name, words", [
@@ -364,6 +387,9 @@ def bad_folders(tmp_path_factory):
     ("vae_scale_0", ["--model_path", "vae/config.json", "scaling_factor 0"]),
     ("vae_scale_text", ["--model_path", "vae/config.json", "scaling_factor 'x'"]),
     ("garbage_text_encoder", ["--model_path", "cannot load", "SafetensorError"]),
+    ("empty_tokenizer", ["--model_path", "tokenizer/", "tokenizer.json", "vocab.json"]),
+    ("unet_other_tensors", ["--model_path", "unet", "do not hold the tensors", "conv_in.weight"]),
+    ("vae_nan", ["non-finite pixels", "--vae_path", "--model_path"]),
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)
@@ -378,6 +404,9 @@ def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     (["--eta", "2"], ["--eta"]),
     # too large for memory because of the image size: said (the message named only the other flags)
     (["--height", "8192", "--width", "8192", "--timesteps", "500"], ["GB", "--height 8192", "image size"]),
+    # bytes that are not UTF-8 (a terminal in another encoding): Python keeps them as lone surrogates
+    (["--prompt", "\udcff seven"], ["--prompt", "not valid UTF-8"]),
+    (["--negative_prompt", "\udcff"], ["--negative_prompt", "not valid UTF-8"]),
 ])
 def test_sd_more_bad_flags(files, argv, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)
@@ -560,6 +589,19 @@ def test_dit_unusable_files(bad_folders, tmp_path, capsys):
               1, ["--model_path", name] + words, tmp_path, capsys)
     check(parallel_dit, ["--vae_path", os.path.join(bad_folders["vae_scale_0"], "vae")], 1,
           ["--vae_path", "vae/config.json", "scaling_factor 0"], tmp_path, capsys)
+    check(parallel_dit, ["--vae_path", os.path.join(bad_folders["unet_other_tensors"], "unet")], 1,
+          ["--vae_path", "UNet2DConditionModel", "not an AutoencoderKL"], tmp_path, capsys)
+    other = tmp_path / "vae_other_tensors"
+    import shutil
+    shutil.copytree(vae, other)
+    _other_tensors(other)
+    check(parallel_dit, ["--vae_path", str(other)], 1, ["--vae_path", "do not hold the tensors"], tmp_path, capsys)
+    (other / "config.json").write_text("[1, 2]")
+    check(parallel_dit, ["--vae_path", str(other)], 1, ["--vae_path", "config.json", "JSON list, not an object"],
+          tmp_path, capsys)
+    check(parallel_dit, ["--vae_path", os.path.join(bad_folders["vae_nan"], "vae"), "--output_path",
+                         str(tmp_path / "made" / "by" / "the run")], 1, ["non-finite pixels"], tmp_path, capsys)
+    assert not (tmp_path / "made").exists()  # the folders of --output_path the run created are gone with it
 
 
 def test_an_output_path_too_long_for_the_file_system_is_refused_before_loading(tmp_path, capsys, monkeypatch):

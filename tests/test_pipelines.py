@@ -78,7 +78,11 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(negative_prompt="blurry", guidance_scale=1), ValueError, "negative_prompt has no effect"),
              (dict(prompt=" "), ValueError, "prompt must not be empty"),
              (dict(prompt=["a handwritten digit one", "\u200b"], num_images=2), ValueError, "prompt must not be"),
-             (dict(compare_sequential="no"), TypeError, "compare_sequential must be True or False")]
+             (dict(compare_sequential="no"), TypeError, "compare_sequential must be True or False"),
+             # bytes decoded with errors="surrogateescape": the tokenizer failed on them, naming nothing
+             (dict(prompt="\udcff seven"), ValueError, "prompt holds characters that are not text"),
+             (dict(negative_prompt="\udcff"), ValueError, "negative_prompt holds characters that are not text"),
+             (dict(num_images=10 ** 12), ValueError, "GiB of noise per batch alone .* lower batch_size")]
     for kwargs, error, text in cases:
         args = dict(prompt="a handwritten digit four", num_inference_steps=8, output_type="np") | kwargs
         with pytest.raises(error, match=text):

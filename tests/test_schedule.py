@@ -143,10 +143,35 @@ def test_bad_eta(eta):
 def test_noise_levels_without_a_ddim_step_are_refused(config):
     """Coefficients computed from them would be inf or NaN, and a NaN residual passes every convergence test."""
     with pytest.raises(ValueError, match=r"no usable DDIM step \d+ \(model timestep"):
-        from_ddim_scheduler(DDIMScheduler(**config), 10)
+        from_ddim_scheduler(DDIMScheduler(**config, clip_sample=False), 10)
 
 
 def test_a_spacing_below_timestep_0_is_refused():
     """A negative steps_offset made the first step read alphas_cumprod[-5], the end of the list: silently wrong."""
     with pytest.raises(ValueError, match="steps_offset -5.*model timestep -5, below 0"):
-        from_ddim_scheduler(DDIMScheduler(steps_offset=-5), 10)
+        from_ddim_scheduler(DDIMScheduler(steps_offset=-5, clip_sample=False), 10)
+
+
+@pytest.mark.parametrize("key", ["clip_sample", "thresholding", "rescale_betas_zero_snr"])
+def test_a_scheduler_whose_steps_are_not_linear_is_refused(key):
+    """diffusers' DDIMScheduler() clips x_0 by default: its loop then differs from equation (1), which pipeline_schedule
+    and from_ddim_scheduler built without a word (the scripts and parallel_sample refused such a folder)."""
+    with pytest.raises(ValueError, match=f"scheduler sets {key}"):
+        from_ddim_scheduler(DDIMScheduler.from_config(sd_like_scheduler().config, **{key: True}), 10)
+
+
+def test_helpers_name_a_bad_argument():
+    """Each raised a torch or attribute error that named nothing, or (seeds) gave two seeds one noise silently."""
+    from paratAA import draw_noise, flow_schedule, noise_from_seeds
+    cases = [(lambda: draw_noise(1, -5, (2,)), ValueError, "T must be"),
+             (lambda: draw_noise(1, 10, (-2,)), ValueError, "latent must be"),
+             (lambda: noise_from_seeds([-1], 5, (2,)), ValueError, "seeds must be integers in 0..2"),
+             (lambda: noise_from_seeds([1.7], 5, (2,)), ValueError, "seeds must be"),
+             (lambda: noise_from_seeds([2 ** 64], 5, (2,)), ValueError, "seeds must be"),
+             (lambda: from_ddim_scheduler("x", 10), TypeError, "scheduler must be a diffusers scheduler"),
+             (lambda: flow_schedule(DDIMScheduler(), 10), TypeError, "scheduler must be a flow-matching scheduler"),
+             (lambda: dit_schedule(10, num_train=0), ValueError, "num_train")]
+    for call, error, text in cases:
+        with pytest.raises(error, match=text):
+            call()
+    assert torch.equal(noise_from_seeds([np.uint64(5)], 5, (2,)), noise_from_seeds([5], 5, (2,)))

@@ -344,6 +344,7 @@ def _wrong_arguments(what):
         "missing dict rows": ((schedule, noise, {"y": c, "z": c[:1]}), {}, ValueError, r"cond\['z'\].*B = 2"),
         "cond a list": ((schedule, noise, [0, 1]), {}, TypeError, "cond must be a tensor"),
         "no samples": ((schedule, noise[:0]), {}, ValueError, r"noise must be \[B >= 1"),
+        "empty latent": ((schedule, noise[..., :0]), {}, ValueError, r"none of size 0"),
         "noise of another T": ((dit_schedule(12), noise), {}, ValueError, r"T\+1=13.*\(2, 11"),
         "noise a list": ((schedule, noise.tolist()), {}, TypeError, "noise must be a floating-point tensor"),
         "integer noise": ((schedule, noise.long()), {}, TypeError, "noise must be a floating-point.*int64"),
@@ -392,13 +393,25 @@ def test_wrong_arguments_are_refused_before_any_model_call(sampler, what):
     (lambda eps: eps[:1], ValueError, r"eps_fn returned shape \(1, 4, 8, 8\)"),
     (lambda eps: (eps,), TypeError, "eps_fn must return a tensor, got tuple"),
     (lambda eps: type("UNet2DConditionOutput", (), {"sample": eps})(), TypeError, r"take its \.sample"),
-], ids=["channels", "rows", "tuple", "output object"])
+    # an integer or complex prediction was cast (rounded, or its imaginary part dropped) and sampled silently
+    (lambda eps: (eps * 3).long(), TypeError, "eps_fn must return a floating-point tensor, got torch.int64"),
+    (lambda eps: eps.to(torch.complex128), TypeError, "floating-point tensor, got torch.complex128"),
+], ids=["channels", "rows", "tuple", "output object", "integer", "complex"])
 def test_a_model_output_of_the_wrong_shape_is_refused_naming_it(wrong, error, text, window):
     model, schedule, noise = gmm_problem(10, batch=2)
     for fn in (solve, sample_sequential):
         with pytest.raises(error, match=text):
             kwargs = dict(window_size=window) if fn is solve else {}
             fn(lambda x, t, c: wrong(model(x, t, c)), schedule, noise, model_dtype=torch.float64, **kwargs)
+
+
+def test_states_that_overflow_with_finite_predictions_are_refused_by_both_samplers():
+    """Predictions near the top of the float range are finite, the step they make is not: sample_sequential
+    returned a trajectory of -inf without a word (solve's residuals caught it)."""
+    _, schedule, noise = gmm_problem(10)
+    for fn in (solve, sample_sequential):
+        with pytest.raises(FloatingPointError, match="finite model outputs"):
+            fn(lambda x, t, c: torch.full_like(x, 1e308), schedule, noise, model_dtype=torch.float64)
 
 
 def test_an_eps_fn_that_is_not_callable_is_named():

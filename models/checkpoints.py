@@ -1,5 +1,6 @@
 """Loading weights from local files only; every failure is an InputFileError naming the file and the problem."""
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -117,7 +118,6 @@ def load_vae(path, device, dtype, flag="--vae_path"):
     kind = config.get("_class_name", "AutoencoderKL")
     if kind != "AutoencoderKL":  # loading another model's config into a VAE would give random weights
         raise InputFileError(f"{flag}: {path} holds a {kind}, not an AutoencoderKL ({VAE_SOURCE})")
-    from .sd import quiet_loading  # imported here: sd.py imports this module
     with quiet_loading():  # diffusers lists every weight it did not find over many lines: said below in one
         try:
             vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
@@ -129,6 +129,31 @@ def load_vae(path, device, dtype, flag="--vae_path"):
     if problem:
         raise InputFileError(f"{flag}: {os.path.join(path, 'config.json')} {problem}")
     return vae.to(device).eval()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading bars, advice and deprecation warnings off while a pipeline loads: a run
+    prints its own. Their errors too: a part that cannot be loaded raises, and the run says so in one line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # deprecation notes to the pipeline's authors (e.g. a steps_offset
+            warnings.simplefilter("ignore", FutureWarning)  # other than 1, which diffusers then sets to 1 itself)
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def check_weights_loaded(module, path, flag):

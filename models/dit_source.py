@@ -16,9 +16,10 @@ from runner.errors import InputFileError, UsageError
 from runner.flags import path_value
 
 from . import digits
-from .checkpoints import DIT_WEIGHTS_URL, VAE_SOURCE, check_weights_loaded, load_into, load_state_dict, require_file
+from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_weights_loaded, load_into, load_state_dict, quiet_loading,
+                          require_file)
 from .dit import DiT_models
-from .sd import check_scheduler, config_value, note_scheduler, quiet_loading, read_json
+from .sd import check_scheduler, config_value, note_scheduler, read_json
 
 EMBEDDED_DIT = "DiT-Digits"
 DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder

@@ -14,20 +14,18 @@ model as the solver's f, per family:
 Anything else is refused with one line naming what is supported.
 """
 import argparse
-import contextlib
 import inspect
 import json
 import numbers
 import os
 import unicodedata
-import warnings
 
 import torch
 
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
-from .checkpoints import check_weights_loaded, vae_problem
+from .checkpoints import check_weights_loaded, quiet_loading, vae_problem
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -275,31 +273,6 @@ def wrong_size(v, factor, patch=1, reach=None):
         what = f"the VAE factor {factor}" if patch == 1 else f"{step} (VAE factor {factor} x patch size {patch})"
         return f"a multiple of {what} in {step}..{top}, got {v!r}"
     return None
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """diffusers' and transformers' loading bars, advice and deprecation warnings off while a pipeline loads: a run
-    prints its own. Their errors too: a part that cannot be loaded raises, and the run says so in one line."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
-    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():  # deprecation notes to the pipeline's authors (e.g. a steps_offset
-            warnings.simplefilter("ignore", FutureWarning)  # other than 1, which diffusers then sets to 1 itself)
-            yield
-    finally:
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
-        if bars[0]:
-            diffusers_logging.enable_progress_bar()
-        if bars[1]:
-            transformers_logging.enable_progress_bar()
 
 
 def load_pipeline(path, device, dtype):

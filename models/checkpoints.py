@@ -165,6 +165,14 @@ def check_weights_loaded(module, path, flag):
                                  f"(e.g. {name})")
 
 
+def check_parts_loaded(pipe, path, flag):
+    """check_weights_loaded for every network of a diffusers pipeline loaded from folder path (each in its part's
+    subfolder)."""
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            check_weights_loaded(part, os.path.join(path, name), flag)
+
+
 def vae_problem(config):
     """What keeps a VAE config from decoding the sampled latents, or None: latents are divided by its
     scaling_factor before decoding, so 0 makes every image black and a non-number fails after sampling."""

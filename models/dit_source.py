@@ -16,7 +16,7 @@ from runner.errors import InputFileError, UsageError
 from runner.flags import path_value
 
 from . import digits
-from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_weights_loaded, load_into, load_state_dict, quiet_loading,
+from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_parts_loaded, load_into, load_state_dict, quiet_loading,
                           require_file)
 from .dit import DiT_models
 from .sd import check_scheduler, config_value, note_scheduler, read_json
@@ -154,9 +154,7 @@ def load_dit_pipeline(path, device, dtype, flag="--model_path"):
         except Exception as e:  # whatever diffusers or safetensors make of a bad part: said in one line
             raise InputFileError(f"{flag}: cannot load {path} as a DiTPipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
-    for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module):
-            check_weights_loaded(part, os.path.join(path, name), flag)
+    check_parts_loaded(pipe, path, flag)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, silence_dtype_warnings=True)  # float16 on a CPU is slow but works (as for SD)
 

@@ -22,10 +22,11 @@ import unicodedata
 
 import torch
 
+from paratAA.schedule import NONLINEAR, ddim_copy, from_ddim_scheduler
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
-from .checkpoints import check_weights_loaded, quiet_loading, vae_problem
+from .checkpoints import check_parts_loaded, quiet_loading, vae_problem
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -170,7 +171,7 @@ def scheduler_problem(sched):
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
-    for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+    for key in NONLINEAR:
         if sched.get(key):
             return (f"sets {key}: the DDIM steps are then not the linear system the parallel solver needs "
                     f"(equation 1); set it to false to sample this model here")
@@ -294,9 +295,7 @@ def load_pipeline(path, device, dtype):
         except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
-        for name, part in pipe.components.items():
-            if isinstance(part, torch.nn.Module):
-                check_weights_loaded(part, os.path.join(path, name), "--model_path")
+        check_parts_loaded(pipe, path, "--model_path")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         return pipe.to(device, silence_dtype_warnings=True)
@@ -428,12 +427,9 @@ def check_timesteps(T, eta, path):
     spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading")."""
     if "FlowMatch" in str(_scheduler_class(path)):
         return  # Euler steps of a flow: its sigmas always fit (flow_schedule checks T against the training steps)
-    from diffusers import DDIMScheduler
-    from paratAA import from_ddim_scheduler
-    from paratAA.schedule import NONLINEAR
     config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    try:  # the folder's clip_sample and the like were checked (check_scheduler): the DDIM copy takes none of them
-        from_ddim_scheduler(DDIMScheduler.from_config(config, **dict.fromkeys(NONLINEAR, False)), T, eta)
+    try:
+        from_ddim_scheduler(ddim_copy(config), T, eta)
     except ValueError as e:
         if str(e).startswith(("timesteps", "eta")):  # the flag's value
             raise UsageError(f"--{e}") from None

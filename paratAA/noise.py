@@ -11,13 +11,18 @@ import torch
 _BLOCK = 16  # torch's CPU normal sampler fills blocks of 16 values (and redraws the last 16 of a ragged tail)
 
 
+def _index(value):
+    """An integer torch can take as a size or a seed (anything with __index__), but not a bool."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")
+
+
 def draw_noise(num_samples, T, latent, generator=None):
     """[num_samples, T+1, *latent] float64 standard normal from one generator (all samples in one draw)."""
-    if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__") or num_samples < 0:
+    if not _index(num_samples) or num_samples < 0:
         raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
-    if isinstance(T, bool) or not hasattr(T, "__index__") or T < 1:
+    if not _index(T) or T < 1:
         raise ValueError(f"T must be an integer >= 1 (the number of steps), got {T!r}")
-    if any(isinstance(n, bool) or not hasattr(n, "__index__") or n < 1 for n in tuple(latent)):
+    if any(not _index(n) or n < 1 for n in tuple(latent)):
         raise ValueError(f"latent must be a shape of integers >= 1, got {tuple(latent)!r}")
     return torch.randn((num_samples, T + 1) + tuple(latent), generator=generator, dtype=torch.float64)
 
@@ -28,7 +33,7 @@ def noise_from_seeds(seeds, T, latent):
     if not seeds:
         raise ValueError("seeds is empty: one seed per sample")
     for s in seeds:  # torch takes a seed modulo 2^64 and a float's integer part: two seeds would give one noise
-        if isinstance(s, bool) or not hasattr(s, "__index__") or not 0 <= s < 2 ** 64:
+        if not _index(s) or not 0 <= s < 2 ** 64:
             raise ValueError(f"seeds must be integers in 0..2^64-1, got {s!r}")
     return torch.stack([draw_noise(1, T, latent, torch.Generator().manual_seed(int(s)))[0] for s in seeds])
 

@@ -90,9 +90,9 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     check_eta(eta)
     if not hasattr(scheduler, "config"):
         raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+    if not isinstance(scheduler, DDIMScheduler):  # its noise levels, read as DDIM
+        scheduler = ddim_copy(scheduler.config)
     check_linear(scheduler.config)
-    if not isinstance(scheduler, DDIMScheduler):  # its noise levels, read as DDIM (checked: none of NONLINEAR set)
-        scheduler = DDIMScheduler.from_config(scheduler.config, **dict.fromkeys(NONLINEAR, False))
     n_train = scheduler.config.num_train_timesteps
     check_num_steps(num_steps, n_train)
     scheduler.set_timesteps(num_steps)
@@ -123,6 +123,13 @@ def check_linear(config):
 
 
 NONLINEAR = ("clip_sample", "thresholding", "rescale_betas_zero_snr")
+
+
+def ddim_copy(config):
+    """A DDIMScheduler on a scheduler config's noise levels (any scheduler's), the config checked (check_linear)
+    first: the copy then sets none of NONLINEAR, whose DDIM defaults (clip_sample) the config may not have."""
+    check_linear(config)
+    return DDIMScheduler.from_config(config, **dict.fromkeys(NONLINEAR, False))
 
 
 def dit_respacing(T, num_train=1000):
@@ -199,6 +206,5 @@ def pipeline_schedule(pipeline, num_steps, eta=0.0):
     uses alphas_cumprod[0] for SD v1.5)."""
     if is_flow(pipeline.scheduler):
         return flow_schedule(type(pipeline.scheduler).from_config(pipeline.scheduler.config), num_steps, eta)
-    check_linear(pipeline.scheduler.config)  # a copy, so that the pipeline's own scheduler keeps its state
-    return from_ddim_scheduler(DDIMScheduler.from_config(pipeline.scheduler.config, **dict.fromkeys(NONLINEAR, False)),
-                               num_steps, eta)
+    # a copy, so that the pipeline's own scheduler keeps its state
+    return from_ddim_scheduler(ddim_copy(pipeline.scheduler.config), num_steps, eta)

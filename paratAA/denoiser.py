@@ -129,6 +129,9 @@ def _checked(eps, x):
     if eps.shape != x.shape:
         raise ValueError(f"eps_fn returned shape {tuple(eps.shape)} for inputs of shape {tuple(x.shape)}: it must "
                          f"return one prediction per input, shaped like it")
+    if eps.device != x.device:  # else torch fails later, naming neither the model nor the device it should use
+        raise ValueError(f"eps_fn returned a tensor on {eps.device} for inputs on {x.device}: it must return its "
+                         f"prediction on the inputs' device")
     return eps
 
 

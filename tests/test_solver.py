@@ -396,7 +396,9 @@ def test_wrong_arguments_are_refused_before_any_model_call(sampler, what):
     # an integer or complex prediction was cast (rounded, or its imaginary part dropped) and sampled silently
     (lambda eps: (eps * 3).long(), TypeError, "eps_fn must return a floating-point tensor, got torch.int64"),
     (lambda eps: eps.to(torch.complex128), TypeError, "floating-point tensor, got torch.complex128"),
-], ids=["channels", "rows", "tuple", "output object", "integer", "complex"])
+    # a prediction left on another device failed inside torch, naming neither eps_fn nor the device
+    (lambda eps: eps.to("meta"), ValueError, "eps_fn returned a tensor on meta for inputs on cpu"),
+], ids=["channels", "rows", "tuple", "output object", "integer", "complex", "device"])
 def test_a_model_output_of_the_wrong_shape_is_refused_naming_it(wrong, error, text, window):
     model, schedule, noise = gmm_problem(10, batch=2)
     for fn in (solve, sample_sequential):

@@ -43,8 +43,8 @@ class SolverConfig:
     tol2: float = _param(1e-4, "tolerance relative to the step's noise level sigma", "float")
     slide_tol: float = _param(0.0, "opt-in, trades exactness for speed at small windows: while the window is short "
                                    "of x_0, a state also freezes with an RMS residual up to slide_tol T / (100 "
-                                   "window_size). 8e-3 saved 18-28% of the iterations at window 8, and ended 1 of 30 "
-                                   "held-out text-to-image samples 5-7 gray levels off at every window tried "
+                                   "window_size). 8e-3 saves 14-18% of the iterations at window 8, and ended 1 of 30 "
+                                   "held-out text-to-image samples 2-8 gray levels off at every window tried "
                                    "(BENCHMARKS.md, section 1); 0: off", "float")
     block_tol: float = _param(1.0, "while the window slides, the states one iteration freezes together may carry at "
                                    "most block_tol x their tolerance in all (residual over tolerance, summed over the "

@@ -10,7 +10,8 @@ xi[T] = x_T. Three sources of the noise levels, each computed the way its refere
     dit_schedule        DiT's own diffusion: float64 linear betas, respaced by DiT's accumulate-and-round rule,
                         the cumulative products recomputed from the respaced betas, final alpha 1
     from_ddim_scheduler a diffusers scheduler read as DDIM (Stable Diffusion): its timestep list, its
-                        alphas_cumprod as it stores them (float32), its final_alpha_cumprod
+                        alphas_cumprod as it stores them (float32), its final_alpha_cumprod, and the steps
+                        DDIMScheduler.step takes between them
     flow_schedule       a flow-matching scheduler's Euler steps (SD3): a = 1, b = the drop of sigma, f = the velocity
 """
 import math
@@ -81,11 +82,14 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
 def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     """Schedule for `num_steps` DDIM steps of a diffusers scheduler (any scheduler config is read as DDIM).
 
-    The next (less noisy) alpha of a step is the alpha of the next timestep in the scheduler's own list, and after
-    the last step the scheduler's final_alpha_cumprod: DDIM on exactly the timesteps the scheduler chose.
-    (diffusers' DDIMScheduler.step instead assumes an even stride num_train // T, which is the same list for
-    "leading"/"trailing" spacing but not for "linspace".) The alphas are the scheduler's own, in the dtype it keeps
-    them (float32), and 1 - A is taken in that dtype before float64, as the reference's SD script does.
+    The model is called at the scheduler's timesteps t, and each step goes where diffusers' DDIMScheduler.step
+    takes it: to the alpha of t - num_train // T, or the scheduler's final_alpha_cumprod below 0. For "leading"
+    spacing (Stable Diffusion v1.x, 2.x, XL) that is the next timestep of the list and, after the last, the final
+    alpha, as the reference's SD script has it; for "trailing" spacing with num_train % T != 0 and for "linspace",
+    diffusers' own loop steps to a noise level the next model call is not told (e.g. trailing, T = 7: from 999 to
+    857, then called at 856), and the solver follows it, so that the result is that loop's. The alphas are the
+    scheduler's own, in the dtype it keeps them (float32), and 1 - A is taken in that dtype before float64, as the
+    reference's SD script does.
     """
     check_eta(eta)
     if not hasattr(scheduler, "config"):
@@ -108,7 +112,8 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     alphas = torch.as_tensor(scheduler.alphas_cumprod)              # [n_train] as the scheduler keeps them
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas.dtype).reshape(1)
     alpha = alphas[timesteps]                                       # [T]  A  of step s
-    alpha_next = torch.cat([final, alpha[:-1]])                     # [T]  A' of step s (state x_s)
+    prev = timesteps - n_train // num_steps                         # [T]  where DDIMScheduler.step goes from t
+    alpha_next = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)  # [T]  A' of step s (state x_s)
     return coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
 
 

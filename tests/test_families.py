@@ -50,9 +50,10 @@ def diffusers_loop(folder, T, cfg, num_samples, seed=0):
     return out.float().numpy()
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "sd2_768"])
-def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name, capsys):
-    T = 10
+# sd2_768 at T = 7: "trailing" spacing with 1000 % T != 0, where diffusers' DDIM step goes to t - 1000 // T and
+# not to the next timestep it calls the model at (the solver followed the list before and missed by 0.7 of 52)
+@pytest.mark.parametrize("name, T", [("sdxl", 10), ("sd3", 10), ("sd2_768", 10), ("sd2_768", 7)])
+def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name, T, capsys):
     run_dir, m = run_sd(folders[name], tmp_path, "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
                         "--num_samples", "2", "--batch_size", "2", "--prompt", PROMPT, "--cfg_scale", "3")
     ref = diffusers_loop(folders[name], T, 3.0, 2)

@@ -8,27 +8,36 @@ from models.gmm import GaussianMixtureEps
 from paratAA import dit_schedule, from_ddim_scheduler, sample_sequential
 
 
-def sd_like_scheduler():
-    # Stable Diffusion v1.5's scheduler config ("leading" spacing with offset 1, last step to alphas_cumprod[0])
+def sd_like_scheduler(spacing="leading", set_alpha_to_one=False):
+    # Stable Diffusion v1.5's scheduler config ("leading" spacing with offset 1, last step to alphas_cumprod[0]);
+    # "trailing" is SD 2.x 768's and the Turbo models' spacing
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         set_alpha_to_one=False, steps_offset=1, clip_sample=False, timestep_spacing="leading")
+                         set_alpha_to_one=set_alpha_to_one, steps_offset=1, clip_sample=False,
+                         timestep_spacing=spacing)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("T", [10, 50])
-def test_sequential_equals_diffusers_ddim_loop(T, eta):
+@pytest.mark.parametrize("T, spacing, set_alpha_to_one", [
+    (10, "leading", False), (50, "leading", False), (7, "leading", True),
+    # 1000 % T != 0: diffusers' step goes to t - 1000 // T, not to the next listed timestep (t = 856 after 999 at
+    # T = 7), and the last step of trailing T = 7 ends at alphas_cumprod[0], not at the final alpha; the solver
+    # followed the list before and missed diffusers' loop by up to 3.3 on a latent of size 15
+    (7, "trailing", False), (30, "trailing", True), (3, "trailing", True), (10, "linspace", False),
+    (7, "linspace", True)])
+def test_sequential_equals_diffusers_ddim_loop(T, spacing, set_alpha_to_one, eta):
     # diffusers keeps alphas_cumprod in float32; give both loops the float64 product so that they differ only in
     # how they are written, not in rounding of the table
-    patched = sd_like_scheduler()
+    patched = sd_like_scheduler(spacing, set_alpha_to_one)
     patched.alphas_cumprod = torch.cumprod(1 - patched.betas.double(), 0)
-    patched.final_alpha_cumprod = patched.alphas_cumprod[0]
+    patched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one \
+        else patched.alphas_cumprod[0]
     schedule = from_ddim_scheduler(patched, T, eta)
     model = GaussianMixtureEps.random(sd_like_scheduler().alphas_cumprod, (4, 8, 8), seed=3)
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(2, T + 1, 4, 8, 8, generator=g, dtype=torch.float64)
     ours = sample_sequential(model, schedule, noise, model_dtype=torch.float64)[:, 0]
 
-    ddim = sd_like_scheduler()
+    ddim = sd_like_scheduler(spacing, set_alpha_to_one)
     ddim.alphas_cumprod = patched.alphas_cumprod
     ddim.final_alpha_cumprod = patched.final_alpha_cumprod
     ddim.set_timesteps(T)

@@ -21,7 +21,7 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
                                     check_bench_flags, fmt, measure, repo_relative, run_benchmark, save_report,
                                     sequential_reference, solve_on, summarize, timed)
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
-from models.adapters import VAEDecoder  # noqa: E402
+from models.adapters import VAEDecoder, guides  # noqa: E402
 from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags, blank,  # noqa: E402
                        check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline)
 from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402
@@ -179,7 +179,7 @@ def paradigms_table(bench, pipe, args):
     d = bench.defaults
     cfg = d["cfg_scale"]
     solver_kw = {k: d[k] for k in ("tol1", "tol2", "memory_size", "equations")}
-    guided = 2 if cfg != 1 else 1  # a guided evaluation is two UNet inputs; ParaTAA counts it once
+    guided = 2 if guides(cfg) else 1  # a guided evaluation is two UNet inputs; ParaTAA counts it once
     S, prompts = bench.num_samples, bench.info["labels"]
     table = {}
     bench.say("\nParaDiGMS (diffusers StableDiffusionParadigmsPipeline, DDIMParallelScheduler, window = T), per "

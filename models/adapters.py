@@ -4,6 +4,13 @@ import torch
 from paratAA import NonFiniteModelOutput
 
 
+def guides(cfg_scale):
+    """Whether a scale turns classifier-free guidance on: only above 1, as diffusers' pipelines
+    (do_classifier_free_guidance) and DiT's sample.py decide; at or below 1 the conditional model alone is used
+    (SDXL-Turbo's guidance_scale 0 means no guidance, not the unconditional model)."""
+    return cfg_scale > 1
+
+
 class DiTDenoiser:
     """Class-conditional DiT with classifier-free guidance (docs/ALGORITHM.md, section 6).
 
@@ -20,7 +27,7 @@ class DiTDenoiser:
     @torch.no_grad()
     def __call__(self, x, timesteps, labels):
         C = x.shape[1]
-        if self.cfg_scale == 1.0:
+        if not guides(self.cfg_scale):
             return self.model(x, timesteps, labels)[:, :C]
         null = torch.full_like(labels, self.null_class)
         out = self.model.forward_with_cfg(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
@@ -57,7 +64,7 @@ class GuidedDenoiser:
 
     @torch.no_grad()
     def __call__(self, x, timesteps, cond):
-        if self.cfg_scale == 1.0:
+        if not guides(self.cfg_scale):
             out = self.forward(x, timesteps, **{k: cond[c] for k, (c, _) in self.inputs.items()})
         else:
             both = self.forward(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
@@ -116,7 +123,7 @@ class DiffusersDiTDenoiser:
     def __call__(self, x, timesteps, labels):
         C = self.transformer.config.in_channels
         x = x.to(self.transformer.dtype)
-        if self.cfg_scale == 1.0:
+        if not guides(self.cfg_scale):
             return self.transformer(x, timestep=timesteps, class_labels=labels).sample[:, :C]
         out = self.transformer(torch.cat([x, x]), timestep=torch.cat([timesteps, timesteps]),
                                class_labels=torch.cat([labels, torch.full_like(labels, self.null_class)])).sample

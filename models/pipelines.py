@@ -21,6 +21,7 @@ from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.planner import plan_window, sync
 from runner.launch import host_memory_available
 
+from .adapters import guides
 from .bundles import pipeline_bundles
 from .sd import blank, network, pipeline_problem, undecodable, wrong_size
 
@@ -45,6 +46,7 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     solver: SolverConfig fields (window_size="auto" chooses the window from this device; default: T, the
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"]).
+    guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
     """
     problem = pipeline_problem(pipe)
     if problem:
@@ -123,8 +125,8 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, s
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if negative_prompt and guidance_scale == 1:  # it only enters guidance's unconditional branch
-        raise ValueError("negative_prompt has no effect without guidance (guidance_scale 1)")
+    if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
+        raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
     if not _integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled

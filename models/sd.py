@@ -26,6 +26,7 @@ from paratAA.schedule import NONLINEAR, ddim_copy, from_ddim_scheduler
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
+from .adapters import guides
 from .checkpoints import check_parts_loaded, quiet_loading, vae_problem
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
@@ -384,8 +385,8 @@ def add_sd_flags(parser):
 
 def check_negative_prompt(args):
     """A negative prompt only enters the unconditional branch of guidance: without guidance it would be ignored."""
-    if args.negative_prompt and args.cfg_scale == 1:
-        raise UsageError("--negative_prompt has no effect without guidance (--cfg_scale 1)")
+    if args.negative_prompt and not guides(args.cfg_scale):
+        raise UsageError(f"--negative_prompt has no effect without guidance (--cfg_scale {args.cfg_scale:g} <= 1)")
 
 
 def blank(text):

@@ -85,7 +85,8 @@ def add_solver_flags(parser):
 def add_run_flags(parser, cfg_scale):
     g = parser.add_argument_group("sampling and output")
     g.add_argument("--timesteps", type=int, default=100, help="number of DDIM steps T")
-    g.add_argument("--cfg_scale", type=float, default=cfg_scale, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--cfg_scale", type=float, default=cfg_scale,
+                   help="classifier-free guidance scale; <= 1: none (the conditional model alone)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is the ODE sampler, > 0 the SDE sampler")
     g.add_argument("--seed", type=int, default=0, help="seed of the labels and the per-step noise")
     g.add_argument("--num_samples", type=int, default=10, help="number of samples to generate")
@@ -147,6 +148,9 @@ def check_common_flags(args, num_train_timesteps):
     if not 0 <= args.seed <= SEED_MAX:
         raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {args.seed}")
     finite_flag(args, "cfg_scale")
+    if args.cfg_scale < 1:  # diffusers' pipelines and DiT's sample.py guide only above 1; say so
+        note(f"--cfg_scale {args.cfg_scale:g} is below 1: guidance is off, as at 1 (the conditional model alone, as "
+             f"diffusers' pipelines and DiT's sample.py take such a scale)")
     finite_flag(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
     check_output_path(args.output_path)
     resolved = config.resolve(args.timesteps)

@@ -56,6 +56,22 @@ def test_tolerance_zero_equals_sequential(tmp_path):
         assert s["final_image_rms"] <= 1.0 and s["sequential_distance_history"][-1] < 1e-4
 
 
+def test_a_guidance_scale_below_1_is_no_guidance_and_said(tmp_path, capsys):
+    """As DiT's sample.py and diffusers' pipelines: guidance only above 1 (u + s (c - u) at 0.5 sampled halfway to the
+    unconditional model, without a word)."""
+    flags = ["--timesteps", "10", "--num_samples", "2", "--batch_size", "2", "--class_labels", "2", "6", "--tol1", "0",
+             "--tol2", "0"]
+    below, _ = run(tmp_path / "below", *flags, "--cfg_scale", "0.5")
+    assert "--cfg_scale 0.5 is below 1: guidance is off" in capsys.readouterr().err
+    off, _ = run(tmp_path / "off", *flags, "--cfg_scale", "1")
+    assert "guidance is off" not in capsys.readouterr().err
+    model = digits.load_embedded_dit()
+    ref = sample_sequential(DiTDenoiser(model, 1.0), dit_schedule(10), script_noise(0, 2, 10, (4, 4, 4)),
+                            torch.tensor([2, 6]))[:, 0]
+    np.testing.assert_array_equal(latents(below), latents(off))
+    assert np.abs(latents(below) - ref.float().numpy()).max() < 1e-4
+
+
 def test_one_and_two_processes_give_the_same_latents(tmp_path):
     flags = ["--timesteps", "30", "--window_size", "30", "--num_samples", "3", "--batch_size", "2", "--eta", "0.3",
              "--seed", "5"]

@@ -19,6 +19,22 @@ def test_tolerance_zero_equals_diffusers_own_ddim_loop(tiny_sd):
     assert all(len(h.x0) == k + 1 for h, k in zip(out.results[0].history, out.iterations))
 
 
+def test_guidance_at_or_below_1_is_off_as_in_diffusers(tiny_sd, tmp_path):
+    """diffusers guides only above 1 (SDXL-Turbo's guidance_scale 0 is no guidance); u + s (c - u) at s = 0 sampled
+    the unconditional model instead and missed the pipeline's own loop by 1.9 on this tiny model."""
+    import diffusers
+    from tests.test_families import PROMPT, diffusers_loop
+    from tests.tiny_models import build_tiny_sdxl
+    for folder, kind in ((tiny_sd, "StableDiffusionPipeline"),
+                         (build_tiny_sdxl(str(tmp_path / "sdxl")), "StableDiffusionXLPipeline")):
+        pipe = getattr(diffusers, kind).from_pretrained(folder)
+        for scale in (0.0, 0.5):
+            out = parallel_sample(pipe, PROMPT, num_inference_steps=8, guidance_scale=scale, num_images=2, tol1=0,
+                                  tol2=0, output_type="np")
+            ref = diffusers_loop(folder, 8, scale, 2)
+            np.testing.assert_allclose(out.latents.float().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_defaults_batches_and_auto_window(tiny_sd):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
@@ -76,6 +92,7 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(prompt=["a handwritten digit one", "a handwritten digit two"]), ValueError,
               "2 prompts for num_images = 1"),
              (dict(negative_prompt="blurry", guidance_scale=1), ValueError, "negative_prompt has no effect"),
+             (dict(negative_prompt="blurry", guidance_scale=0), ValueError, "negative_prompt has no effect"),
              (dict(prompt=" "), ValueError, "prompt must not be empty"),
              (dict(prompt=["a handwritten digit one", "\u200b"], num_images=2), ValueError, "prompt must not be"),
              (dict(compare_sequential="no"), TypeError, "compare_sequential must be True or False"),

@@ -12,6 +12,7 @@ the same noise, to the solver's tolerance (tolerance 0: to round-off).
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,7 +24,7 @@ from runner.launch import host_memory_available
 
 from .adapters import guides
 from .bundles import pipeline_bundles
-from .sd import blank, network, pipeline_problem, undecodable, wrong_size
+from .sd import blank, network, pipeline_problem, read_as_ddim, undecodable, wrong_size
 
 
 @dataclass
@@ -56,8 +57,11 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     cells = net.config.sample_size
     size = (cells[0] if isinstance(cells, (list, tuple)) else cells) * pipe.vae_scale_factor  # some give (h, w)
     height, width = size if height is None else height, size if width is None else width
-    prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width,
-                              batch_size, output_type, compare_sequential)
+    prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
+                              height, width, batch_size, output_type, compare_sequential)
+    said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
+    if said:  # the scripts say it on the terminal
+        warnings.warn(said, stacklevel=2)
     # numpy integers pass the checks; the generator and the sizes want Python's
     num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
     batch_size = None if batch_size is None else int(batch_size)
@@ -106,8 +110,8 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
                           results=results, config=config, speed=speed)
 
 
-def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, seed, height, width, batch_size,
-                    output_type, compare_sequential=False):
+def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
+                    width, batch_size, output_type, compare_sequential=False):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). The number of steps and eta are checked by
     the schedule, the solver's parameters by SolverConfig."""
@@ -127,6 +131,9 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_images, s
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
+    n_train = pipe.scheduler.config.num_train_timesteps
+    if not _integer(num_inference_steps) or not 1 <= num_inference_steps <= n_train:
+        raise ValueError(f"num_inference_steps must be an integer in 1..{n_train}, got {num_inference_steps!r}")
     if not _integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled

@@ -149,12 +149,19 @@ def check_scheduler(path, flag="--model_path"):
 
 
 def note_scheduler(path):
-    """A folder whose scheduler is neither DDIM nor a flow's Euler steps (SDXL's Euler, DPM-Solver) is sampled as
-    DDIM: equation (1) keeps the folder's noise schedule, not its sampler's steps. Said once, by the flag check."""
-    kind = _scheduler_class(path)
+    """Said once, by the flag check: a folder whose scheduler is sampled as DDIM (read_as_ddim)."""
+    said = read_as_ddim(_scheduler_class(path), path)
+    if said:
+        note(said)
+
+
+def read_as_ddim(kind, where):
+    """What to tell a user whose scheduler class `kind` is neither DDIM nor a flow's Euler steps (SDXL's Euler,
+    DPM-Solver): it is sampled as DDIM, equation (1) keeping its noise schedule, not its sampler's steps; or None."""
     if kind not in (None, "DDIMScheduler") and "FlowMatch" not in kind:
-        note(f"{path} comes with {kind}: sampled as DDIM on its noise schedule (the result equals sequential DDIM, "
-             f"not {kind}'s own steps)")
+        return (f"{where} comes with {kind}: sampled as DDIM on its noise schedule (the result equals sequential "
+                f"DDIM, not {kind}'s own steps)")
+    return None
 
 
 def scheduler_problem(sched):

@@ -38,6 +38,7 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
         raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension, none of size "
                          f"0), got "
                          f"{tuple(noise.shape)}")
+    _check_has_values(noise, "noise")
     bad = _first_non_finite(noise)
     if bad:
         b, s = bad
@@ -58,9 +59,16 @@ def check_init(init, noise):
     if not torch.is_tensor(init) or not init.is_floating_point() or tuple(init.shape) != tuple(noise.shape):
         got = (f"{tuple(init.shape)} {init.dtype}" if torch.is_tensor(init) else type(init).__name__)
         raise ValueError(f"init must be a floating-point tensor shaped like noise {tuple(noise.shape)}, got {got}")
+    _check_has_values(init, "init")
     bad = _first_non_finite(init)
     if bad:
         raise ValueError(f"init has a non-finite value: sample {bad[0]}, state {bad[1]}")
+
+
+def _check_has_values(x, name):
+    """A tensor on the meta device has a shape and no values (torch fails on the first read, naming nothing)."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it has a shape but no values")
 
 
 def _first_non_finite(x):

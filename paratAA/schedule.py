@@ -14,6 +14,7 @@ xi[T] = x_T. Three sources of the noise levels, each computed the way its refere
                         DDIMScheduler.step takes between them
     flow_schedule       a flow-matching scheduler's Euler steps (SD3): a = 1, b = the drop of sigma, f = the velocity
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -94,8 +95,8 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     check_eta(eta)
     if not hasattr(scheduler, "config"):
         raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
-    if not isinstance(scheduler, DDIMScheduler):  # its noise levels, read as DDIM
-        scheduler = ddim_copy(scheduler.config)
+    # set_timesteps below changes the scheduler it is called on: work on a copy, never on the caller's
+    scheduler = copy.deepcopy(scheduler) if isinstance(scheduler, DDIMScheduler) else ddim_copy(scheduler.config)
     check_linear(scheduler.config)
     n_train = scheduler.config.num_train_timesteps
     check_num_steps(num_steps, n_train)
@@ -192,6 +193,7 @@ def flow_schedule(scheduler, num_steps, eta=0.0):
     check_num_steps(num_steps, n_train)
     if getattr(scheduler.config, "use_dynamic_shifting", False):
         raise ValueError("schedulers with use_dynamic_shifting (Flux) need a resolution-dependent mu: not supported")
+    scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it: leave the caller's as it was
     scheduler.set_timesteps(num_steps)
     sig = scheduler.sigmas.to(torch.float32)                       # [T+1] descending, as the scheduler keeps them
     timesteps = scheduler.timesteps.flip(0).to(torch.float32)      # [T] ascending: step s uses timesteps[s]
@@ -211,5 +213,4 @@ def pipeline_schedule(pipeline, num_steps, eta=0.0):
     uses alphas_cumprod[0] for SD v1.5)."""
     if is_flow(pipeline.scheduler):
         return flow_schedule(type(pipeline.scheduler).from_config(pipeline.scheduler.config), num_steps, eta)
-    # a copy, so that the pipeline's own scheduler keeps its state
     return from_ddim_scheduler(ddim_copy(pipeline.scheduler.config), num_steps, eta)

@@ -35,6 +35,24 @@ def test_guidance_at_or_below_1_is_off_as_in_diffusers(tiny_sd, tmp_path):
             np.testing.assert_allclose(out.latents.float().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_a_scheduler_read_as_ddim_is_said_once_and_left_as_it_was(tiny_sd):
+    """The scripts say it on the terminal; in Python it was silent (a DPM-Solver pipeline's own __call__ differs)."""
+    import warnings
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        parallel_sample(pipe, "a handwritten digit one", num_inference_steps=4, output_type="np")
+    assert not [w for w in said if "sampled as DDIM" in str(w.message)]  # its own DDIM: nothing to say
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(50)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        parallel_sample(pipe, "a handwritten digit one", num_inference_steps=4, output_type="np")
+    assert len([w for w in said if "DPMSolverMultistepScheduler: sampled as DDIM" in str(w.message)]) == 1
+    assert len(pipe.scheduler.timesteps) == 50  # the pipeline's scheduler keeps its state
+
+
 def test_defaults_batches_and_auto_window(tiny_sd):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
@@ -86,7 +104,10 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(output_type="latent"), ValueError, "output_type"),
              (dict(config={"window_size": 4}), TypeError, "config must be a SolverConfig"),
              (dict(windowsize=4), TypeError, r"unknown solver parameters \['windowsize'\]"),
-             (dict(num_inference_steps=0), ValueError, "number of sampling steps"),
+             # named as the argument is called here (before: "timesteps (number of sampling steps T)")
+             (dict(num_inference_steps=0), ValueError, r"num_inference_steps must be an integer in 1\.\.1000"),
+             (dict(num_inference_steps=4.0), ValueError, "num_inference_steps"),
+             (dict(num_inference_steps=1001), ValueError, "num_inference_steps"),
              (dict(eta=2.0), ValueError, "eta"), (dict(window_size=0), ValueError, "window_size"),
              # what the scripts refuse: a prompt never sampled, a negative prompt without guidance, a blank prompt
              (dict(prompt=["a handwritten digit one", "a handwritten digit two"]), ValueError,

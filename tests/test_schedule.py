@@ -184,3 +184,16 @@ def test_helpers_name_a_bad_argument():
         with pytest.raises(error, match=text):
             call()
     assert torch.equal(noise_from_seeds([np.uint64(5)], 5, (2,)), noise_from_seeds([5], 5, (2,)))
+
+
+def test_the_callers_scheduler_keeps_its_timesteps():
+    """from_ddim_scheduler and flow_schedule called set_timesteps on the scheduler given: a user's scheduler set to
+    50 steps was left at 10."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from paratAA import flow_schedule
+    for sched, make in ((sd_like_scheduler(), from_ddim_scheduler), (FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                                                      flow_schedule)):
+        sched.set_timesteps(50)
+        before = sched.timesteps.clone()
+        assert make(sched, 10).num_steps == 10
+        assert torch.equal(sched.timesteps, before)

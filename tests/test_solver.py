@@ -416,6 +416,16 @@ def test_states_that_overflow_with_finite_predictions_are_refused_by_both_sample
             fn(lambda x, t, c: torch.full_like(x, 1e308), schedule, noise, model_dtype=torch.float64)
 
 
+def test_noise_or_init_without_values_is_named():
+    """A meta tensor has a shape and no values: the finiteness check failed inside torch, naming neither."""
+    model, schedule, noise = gmm_problem(10)
+    for fn in (solve, sample_sequential):
+        with pytest.raises(ValueError, match="noise is on the meta device"):
+            fn(model, schedule, noise.to("meta"))
+    with pytest.raises(ValueError, match="init is on the meta device"):
+        solve(model, schedule, noise, init=noise.to("meta"), variation_steps=5)
+
+
 def test_an_eps_fn_that_is_not_callable_is_named():
     model, schedule, noise = gmm_problem(10)
     for fn in (solve, sample_sequential):

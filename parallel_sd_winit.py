@@ -37,6 +37,7 @@ def main(args):
     with open_run(args, session, "SD-winit") as run_dir:
         r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit",
                          keep_trajectories=True)
+        check_finished(r1, args, run_dir)
         r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
                          init=r1["trajectory"], variation_steps=args.variation_steps)
     if session.is_main:  # what each pass gained, as the other scripts say it (prompt2's sequential: its last steps)
@@ -46,6 +47,18 @@ def main(args):
                          f"{args.timesteps} steps):", *("  " + line for line in r2["summary"])]), flush=True)
     session.wait()
     return run_dir
+
+
+def check_finished(r1, args, run_dir):
+    """prompt2 freezes prompt1's noisiest states and starts from the rest: a trajectory --max_steps cut short has
+    unconverged states there, and states the window never reached hold nothing (zeros), so prompt2 would solve
+    from them and call the result converged and equal to sequential sampling (which starts from them too)."""
+    unfinished = [i for i, done in enumerate(r1["converged"]) if not done]
+    if unfinished:
+        kept = f" (prompt1's samples are kept in {run_dir})" if run_dir else ""
+        raise UsageError(f"--max_steps {args.max_steps} stopped prompt1 before it converged (sample "
+                         f"{', '.join(map(str, unfinished))}): prompt2's warm start needs its finished trajectory; "
+                         f"raise --max_steps or leave it out{kept}")
 
 
 def parse_args(argv=None):

@@ -114,7 +114,7 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
                 keep_trajectories=False):
     """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
 
-    Returns {"iterations": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1, *latent] when
+    Returns {"iterations": [...], "converged": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1, *latent] when
     keep_trajectories (a warm start's first pass), "summary": lines saying what the run gained (main process)}."""
     if not session.is_main:
         return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
@@ -151,7 +151,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
     S, device = bundle.num_samples, session.device
     steps = variation_steps or bundle.schedule.num_steps  # sequential sampling's model calls per batch
     stream = bundle.noise()
-    out = {"trajectory": [], "iterations": [], "seconds": 0.0}
+    out = {"trajectory": [], "iterations": [], "converged": [], "seconds": 0.0}
     call_seconds = None
     progress = dict(disable=not session.is_main)
     with tqdm(total=S, desc="samples", leave=True, **progress) as bar:  # closed on errors too
@@ -189,6 +189,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             if keep_trajectories:
                 out["trajectory"].append(res.trajectory.cpu())
             out["iterations"] += res.iterations
+            out["converged"] += res.converged
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds,
                                  steps * call_seconds if call_seconds is not None else None, x_T=noise[:, -1])

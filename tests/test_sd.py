@@ -10,6 +10,7 @@ import torch
 
 import parallel_sd
 import parallel_sd_winit
+from runner.errors import UsageError
 from tests.conftest import ROOT, free_port, read_latents as latents
 
 
@@ -182,3 +183,17 @@ def test_a_warm_start_says_what_each_pass_gained(tiny_sd, tmp_path, capsys):
     assert out.count("speed-up") == 2 and out.count("same image as sequential sampling after") == 2, out
     assert m["prompt2"]["variation_steps"] == 5 and "variation_steps" not in m["prompt1"]
     assert m["prompt2"]["speed"]["sequential_measured"] and m["prompt2"]["speed"]["speedup"] > 0
+
+
+def test_a_warm_start_from_a_prompt1_cut_short_is_refused(tiny_sd, tmp_path, capsys):
+    """--max_steps cut prompt1 short, its unreached states held zeros, and prompt2, solved from them, reported
+    converged and 'same image as sequential' (its reference started from them too): 3.5 off the real warm start."""
+    flags = ["--model_path", tiny_sd, "--output_path", str(tmp_path), "--timesteps", "20", "--window_size", "2",
+             "--variation_steps", "3", "--num_samples", "1"]
+    with pytest.raises(UsageError, match=r"--max_steps 5 stopped prompt1 before it converged \(sample 0\)"):
+        parallel_sd_winit.main(parallel_sd_winit.parse_args(flags + ["--max_steps", "5"]))
+    (run,) = os.listdir(tmp_path)
+    assert os.listdir(tmp_path / run) == ["prompt1"]  # what finished is kept, prompt2 never started
+    # a cap that prompt1 meets converged is no reason to refuse
+    run_dir = parallel_sd_winit.main(parallel_sd_winit.parse_args(flags + ["--max_steps", "20"]))
+    assert sorted(os.listdir(run_dir)) == ["prompt1", "prompt2"]

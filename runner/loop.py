@@ -114,8 +114,9 @@ def sample_into(folder, bundle, args, config, session, script, init=None, variat
                 keep_trajectories=False):
     """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
 
-    Returns {"iterations": [...], "converged": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1, *latent] when
-    keep_trajectories (a warm start's first pass), "summary": lines saying what the run gained (main process)}."""
+    Returns {"iterations": [...], "converged": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1,
+    *latent] when keep_trajectories (a warm start's first pass), "summary": lines saying what the run gained (main
+    process)}."""
     if not session.is_main:
         return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
     save_args(args, folder)

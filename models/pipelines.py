@@ -61,7 +61,7 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
                               height, width, batch_size, output_type, compare_sequential)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
-        warnings.warn(said, stacklevel=2)
+        warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
     # numpy integers pass the checks; the generator and the sizes want Python's
     num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
     batch_size = None if batch_size is None else int(batch_size)

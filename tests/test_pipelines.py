@@ -1,5 +1,6 @@
 """parallel_sample on a diffusers pipeline loaded in Python: the notebook entry point."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -19,6 +20,8 @@ def test_tolerance_zero_equals_diffusers_own_ddim_loop(tiny_sd):
     assert all(len(h.x0) == k + 1 for h, k in zip(out.results[0].history, out.iterations))
 
 
+# SDXL comes with Euler, read as DDIM: the warning is the subject of its own test below
+@pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
 def test_guidance_at_or_below_1_is_off_as_in_diffusers(tiny_sd, tmp_path):
     """diffusers guides only above 1 (SDXL-Turbo's guidance_scale 0 is no guidance); u + s (c - u) at s = 0 sampled
     the unconditional model instead and missed the pipeline's own loop by 1.9 on this tiny model."""
@@ -49,7 +52,8 @@ def test_a_scheduler_read_as_ddim_is_said_once_and_left_as_it_was(tiny_sd):
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         parallel_sample(pipe, "a handwritten digit one", num_inference_steps=4, output_type="np")
-    assert len([w for w in said if "DPMSolverMultistepScheduler: sampled as DDIM" in str(w.message)]) == 1
+    (w,) = [w for w in said if "DPMSolverMultistepScheduler: sampled as DDIM" in str(w.message)]
+    assert w.filename == __file__  # it points at the caller's line
     assert len(pipe.scheduler.timesteps) == 50  # the pipeline's scheduler keeps its state
 
 
@@ -67,6 +71,8 @@ def test_defaults_batches_and_auto_window(tiny_sd):
     assert isinstance(auto.config.window_size, int) and 1 <= auto.config.window_size <= 16
 
 
+# SDXL comes with Euler, read as DDIM: the warning is the subject of its own test below
+@pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
 def test_sdxl_and_sd3_pipelines_in_python(tmp_path):
     import diffusers
     from tests.test_families import PROMPT, diffusers_loop
@@ -87,7 +93,6 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
     """Each refused before anything is encoded or drawn, with the argument's name: before, an empty prompt list, a
     zero or negative num_images or batch_size, a seed as text and a config as a dict ended in tracebacks from
     inside, batch_size 0 meant all images, height 0 the model's size, and output_type "latent" gave arrays."""
-    import pytest
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     calls = []
@@ -141,7 +146,6 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     """The checks the scripts make on a folder, made on the loaded pipeline: before, a scheduler that clips or
     thresholds was sampled as if it did not (a result that is not the pipeline's), and a DiT or inpainting pipeline
     failed inside. A subclass of a supported pipeline is that pipeline."""
-    import pytest
     from diffusers import DDIMScheduler, DiTPipeline, StableDiffusionPipeline
     from tests.tiny_models import build_tiny_dit_pipeline
 

@@ -171,12 +171,14 @@ def cached_curves(hit, B):
     return (calls, solver) if good else None
 
 
-def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None):
+def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None,
+                steps=None):
     """Measure (or read from cache[key], checked against c(B) timed now: STALE) the cost curves of this model on
     this device and process group, and choose the window. solve: paratAA.solve, whose own work per iteration is
     measured. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process count
-    and batch (the caller's; without one nothing is cached). Every process takes the main process's choice."""
-    T, B = schedule.num_steps, noise.shape[0]
+    and batch (the caller's; without one nothing is cached). steps: the steps the solve takes (a warm start
+    re-solves its variation_steps of the T; default T). Every process takes the main process's choice."""
+    T, B = steps or schedule.num_steps, noise.shape[0]
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     fresh = None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure

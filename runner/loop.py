@@ -161,7 +161,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
             first = init[start:stop] if init is not None else None
             if start == 0:  # the window (auto: measured here) and the per-call time of sequential sampling
-                config, plan, call_seconds = plan_run(bundle, args, config, session, noise, cond)
+                config, plan, call_seconds = plan_run(bundle, args, config, session, noise, cond, variation_steps)
                 if writer is not None:
                     writer.set_plan(config, plan, call_seconds)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,

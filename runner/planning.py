@@ -83,12 +83,13 @@ def cache_key(bundle, args, config, session, batch):
                        "memory_size": config.memory_size, "equations": config.equations}, sort_keys=True)
 
 
-def plan_run(bundle, args, config, session, noise, cond):
+def plan_run(bundle, args, config, session, noise, cond, steps=None):
     """(config with the window chosen, plan or None, seconds of one call of one state per sample), the model warmed
     up at the sizes the timed runs use.
 
-    noise, cond: the first batch's, on the device."""
-    config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond)
+    noise, cond: the first batch's, on the device. steps: the steps a solve takes (a warm start's variation_steps;
+    default T), which the window is chosen for."""
+    config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond, steps)
     warm_up(bundle, session, noise, cond, [config.window_size] + ([1] if args.compare_sequential else []))
     return config, plan, call_seconds
 
@@ -103,12 +104,12 @@ def warm_up(bundle, session, noise, cond, windows):
     sync(noise.device)
 
 
-def _plan(bundle, args, config, session, noise, cond):
+def _plan(bundle, args, config, session, noise, cond, steps):
     B, T = noise.shape[0], bundle.schedule.num_steps
     if config.window_size == "auto":
         cache, key = _load(), cache_key(bundle, args, config, session, B)
         plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, session.sharding,
-                           session.model_dtype, solve=solve, cache=cache, key=key)
+                           session.model_dtype, solve=solve, cache=cache, key=key, steps=steps)
         if session.is_main and plan.measured:
             _save(cache)
         if config.order is not None and config.order > plan.window:  # as with a fixed window, said, not silent

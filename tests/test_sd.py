@@ -197,3 +197,13 @@ def test_a_warm_start_from_a_prompt1_cut_short_is_refused(tiny_sd, tmp_path, cap
     # a cap that prompt1 meets converged is no reason to refuse
     run_dir = parallel_sd_winit.main(parallel_sd_winit.parse_args(flags + ["--max_steps", "20"]))
     assert sorted(os.listdir(run_dir)) == ["prompt1", "prompt2"]
+
+
+def test_a_warm_starts_window_is_chosen_for_the_steps_it_solves(tiny_sd, tmp_path):
+    """prompt2 re-solves variation_steps of the T steps: the planner chose its window, and predicted its time, for a
+    full T-step solve (a prediction 5x the time it took, for 10 of 100 steps)."""
+    _, m = run_winit(tiny_sd, tmp_path, "--timesteps", "60", "--variation_steps", "6", "--num_samples", "1")
+    plan = m["prompt2"]["plan"]
+    assert 1 <= plan["window"] <= 6 and plan["predicted_iterations"] <= 6
+    one_call = {int(k): v for k, v in plan["call_seconds"].items()}[1]  # one state of the one sample
+    assert plan["predicted_sequential_seconds"] == pytest.approx(6 * one_call)

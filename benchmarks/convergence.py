@@ -28,7 +28,7 @@ from paratAA.planner import sync
 from runner.errors import UsageError
 from runner.flags import DIST_TIMEOUT_MAX, SEED_MAX, finite_flag, make_parser
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
-from runner.rundir import REPO_ROOT, check_output_path
+from runner.rundir import REPO_ROOT, check_output_path, write_atomic
 
 EVOLUTION_ITERATIONS = 20  # figure (b) shows the estimates after iterations 0..20 at most
 NO_CLASSIFIER = "classifier agreement: skipped (the digit classifier exists only for the embedded digits models)"
@@ -179,7 +179,9 @@ def capped(values, T):
 
 
 def benchmark_steps(args):
-    return args.timesteps or ([25] if args.quick else [25, 50, 100])
+    """The T of the method tables, ascending: the sweeps and the ablation run at the last, the largest (what
+    gpu_estimate.py and figure (c) take them to be; given as --timesteps 8 4 they ran at 4)."""
+    return sorted(args.timesteps) if args.timesteps else ([25] if args.quick else [25, 50, 100])
 
 
 def run_benchmark(bench, args):
@@ -319,17 +321,21 @@ def save_report(report, bench, out_path):
     if evo and evo.get("images"):
         side = os.path.splitext(out_path)[0] + ".evolution.npz"
         keys = {name: f"m{i}" for i, name in enumerate(evo["images"])}
-        np.savez_compressed(side, **{keys[n]: imgs for n, imgs in evo["images"].items()})
+        write_atomic(side, lambda p: np.savez_compressed(p, **{keys[n]: imgs for n, imgs in evo["images"].items()}))
         report["evolution"] = {**{k: v for k, v in evo.items() if k != "images"},
                                "file": os.path.basename(side), "arrays": keys}
     write_json(report, out_path)
 
 
 def write_json(report, out_path):
-    """A benchmark's report, to the path its --out names (folders created)."""
+    """A benchmark's report, to the path its --out names (folders created), written whole or not at all: an
+    interrupt mid-write (reports reach megabytes) left a truncated file where the previous report was."""
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    write_atomic(out_path, write)
     print(f"wrote {out_path}", flush=True)
 
 

@@ -24,36 +24,55 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from benchmarks.speed_bench import read_gpu  # noqa: E402
 from models.sd import read_json  # noqa: E402
-from runner.errors import exit_on_error  # noqa: E402
+from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
 from runner.flags import make_parser  # noqa: E402
 
 
 def call_seconds(per_call, W):
-    ws = sorted(int(w) for w in per_call)
-    return float(np.interp(W, ws, [per_call[str(w)] for w in ws]))
+    """per_call {inputs: seconds} (one sample: inputs = window) at W, linear between the measured sizes."""
+    ws = sorted(per_call)
+    return float(np.interp(W, ws, [per_call[w] for w in ws]))
+
+
+def read_iterations(path, flag, script):
+    """(T, {window: stop median}) of a CPU benchmark's report (script: the benchmark that writes it), or one line
+    naming the flag and the file."""
+    cpu = read_json(path, flag)
+    if f"benchmarks/{script}" not in str(cpu.get("command", "")):  # python or accelerate launch
+        raise InputFileError(f"{flag}: {path} is not a report of benchmarks/{script}")
+    try:
+        T = max(int(t) for t in cpu["methods"] if str(t).isdigit())
+        sweep = {int(w): float(s["stop_median"]) for w, s in cpu["window_sweep"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputFileError(f"{flag}: {path} has no window sweep of benchmarks/{script} ({type(e).__name__}: "
+                             f"{e})") from None
+    if not sweep or not all(w >= 1 and 1 <= k <= T for w, k in sweep.items()):
+        raise InputFileError(f"{flag}: {path}: its window sweep needs windows >= 1 and iterations in 1..{T}")
+    return T, sweep
 
 
 def main(args):
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
     check_out_file(args.out)
-    gpu = read_json(args.gpu, "--gpu")
-    solver = float(np.median([r["solver_per_iteration"] for r in gpu["paratAA"].values()]))
+    gpu, solver, curves = read_gpu(args.gpu)
+    inputs = {"DiT-XL/2 256": ("--dit", args.dit, "dit_bench.py"), "SD1.5 UNet 512": ("--sd", args.sd, "sd_bench.py")}
+    sweeps = {name: read_iterations(path, flag, script) for name, (flag, path, script) in inputs.items()}
     report = {"gpu": args.gpu, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "models": {}}
     print(f"{gpu['device']}, {gpu['dtype']}: solver {solver * 1e3:.1f} ms per iteration (median of the GPU runs)\n")
     G = args.gpus
     print("| GPU model (iteration counts from) | T | window | iterations to the stop (median) | ParaTAA s | "
           f"sequential s | speed-up, 1 GPU | speed-up, {G} GPUs (no communication counted) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (flag, path) in {"DiT-XL/2 256": ("--dit", args.dit), "SD1.5 UNet 512": ("--sd", args.sd)}.items():
-        cpu = read_json(path, flag)
-        T = max(int(t) for t in cpu["methods"] if str(t).isdigit())
-        per_call = gpu["per_call"][name]
+    for name, (T, sweep) in sweeps.items():
+        path, per_call = inputs[name][1], curves[name]
         seq = T * call_seconds(per_call, 1)
         rows = {}
-        for W, s in sorted(cpu["window_sweep"].items(), key=lambda kv: int(kv[0])):
-            K = s["stop_median"]
-            para = K * (call_seconds(per_call, int(W)) + solver)
-            sharded = K * (call_seconds(per_call, math.ceil(int(W) / G)) + solver)
+        for W, K in sorted(sweep.items()):
+            para = K * (call_seconds(per_call, W) + solver)
+            sharded = K * (call_seconds(per_call, math.ceil(W / G)) + solver)
             rows[W] = {"iterations": K, "paratAA_seconds": para, "sequential_seconds": seq, "speedup": seq / para,
                        f"speedup_{G}_gpus_upper_bound": seq / sharded}
             print(f"| {name} ({os.path.basename(path)}) | {T} | {W} | {K:g} | {para:.3f} | {seq:.3f} | "

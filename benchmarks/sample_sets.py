@@ -23,7 +23,6 @@ Each set is filled on disk batch by batch (a .npy memory map) and zipped into it
 holds a whole set in memory (10,000 images of 256x256 take 2 GB of disk per set).
 """
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -45,7 +44,7 @@ from runner.errors import UsageError, exit_on_error  # noqa: E402
 from runner.flags import at_least_flag, make_parser  # noqa: E402
 from runner.launch import Session  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
-from runner.rundir import missing_folders  # noqa: E402
+from runner.rundir import missing_folders, save_json  # noqa: E402
 
 FAMILIES = {"dit": (dit_bench, DIT_CFG_SCALE, lambda args, session: dit_bench.dit_bench(args, session)),
             "sd": (sd_bench, SD_CFG_SCALE, lambda args, session: sd_bench.sd_bench(args, session)[0])}
@@ -216,8 +215,7 @@ def write_report(args, session, bench, sets, runs, inputs):
     report["out_dir"] = args.out_dir  # where the files it names are
     path = args.summary or os.path.join(args.out_dir, "sample_sets.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    save_json(report, path)  # whole or not at all
     cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     print(f"\nSample sets, T = {args.timesteps}, {bench.num_samples} samples ({bench.info['title']}):\n")
     print("| set | iterations (median / max) | evaluations / sample | at the sequential image | mean distance to "

@@ -125,8 +125,10 @@ def read_gpu(path):
         raise InputFileError(f"--gpu: {path} is not a report of benchmarks/gpu_bench.py ({type(e).__name__}: "
                              f"{e})") from None
     times = [solver] + [v for c in curves.values() for v in c.values()]
-    if not all(c and min(c) >= 1 for c in curves.values()) or not all(0 <= t < math.inf for t in times):
-        raise InputFileError(f"--gpu: {path}: the per-call curves need window sizes >= 1 and finite seconds >= 0")
+    if not all(c and min(c) >= 1 for c in curves.values()) or not all(0 <= t < math.inf for t in times) \
+            or not all(v > 0 for c in curves.values() for v in c.values()):
+        raise InputFileError(f"--gpu: {path}: the per-call curves need window sizes >= 1 and finite seconds > 0 (the "
+                             f"solver's >= 0)")
     return gpu, solver, curves
 
 

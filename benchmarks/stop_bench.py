@@ -36,7 +36,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_out_file, check_seed_base, write_json  # noqa: E402
+from benchmarks.convergence import check_distinct, check_out_file, check_seed_base, write_json  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
@@ -199,8 +199,9 @@ def check_flags(args, n):
     """Every flag before any model is loaded: UsageError naming it."""
     check_seed_base("--seed_base", args.seed_base, n)
     if args.windows is not None:  # given: at least one window (an empty --windows is a slip, not the default tables)
-        if not args.windows or min(args.windows) < 1:
-            raise UsageError(f"--windows must be one or more sizes >= 1, got {args.windows}")
+        if not args.windows or not 1 <= min(args.windows) <= max(args.windows) <= 100:  # the table's T is 100
+            raise UsageError(f"--windows must be one or more sizes in 1..100 (T), got {args.windows}")
+        check_distinct(args.windows, "--windows")
     if not 0 < args.slide_tol < math.inf:
         raise UsageError(f"--slide_tol must be a positive finite number, got {args.slide_tol:g}")
     check_out_file(args.out)

@@ -25,7 +25,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_out_file, seed_bases, write_json  # noqa: E402
+from benchmarks.convergence import check_distinct, check_out_file, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import problems  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.solver import stop_rule  # noqa: E402
@@ -91,6 +91,7 @@ def number_list(text, flag):
         raise UsageError(f"{flag} must be numbers separated by commas, got {text!r}") from None
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{flag} must be finite numbers > 0, got {text!r}")
+    check_distinct(values, flag)
     return values
 
 

@@ -109,6 +109,44 @@ def test_speed_bench_bad_gpu_file(files, gpu, words):
 
 
 
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    # -2 GPUs gave a column of speed-ups above 8 GPUs', 0 a ZeroDivisionError after the table's header
+    (["--gpus", "0"], 2, ["--gpus", "got 0"]), (["--gpus", "-2"], 2, ["--gpus"]),
+    # another benchmark's report ended in a KeyError, or (a swapped one) was taken without a word
+    (["--gpu", os.path.join(RESULTS, "dit.json")], 1, ["--gpu", "dit.json", "paratAA"]),
+    (["--dit", os.path.join(RESULTS, "stop.json")], 1, ["--dit", "stop.json", "dit_bench.py"]),
+    (["--dit", os.path.join(RESULTS, "sd.json")], 1, ["--dit", "sd.json", "dit_bench.py"]),
+    (["--sd", os.path.join(RESULTS, "dit.json")], 1, ["--sd", "dit.json", "sd_bench.py"]),
+])
+def test_gpu_estimate_bad_inputs(files, argv, code, words):
+    refused(files, "gpu_estimate.py", argv + ["--out", files / "estimate.json"], code, words)
+
+
+def test_the_sweeps_run_at_the_largest_timesteps():
+    """gpu_estimate.py and figure (c) take the window sweep to be at the largest T; given as --timesteps 8 4 it ran
+    at 4, and the estimate paired T = 8's sequential cost with T = 4's iterations."""
+    from benchmarks.convergence import benchmark_steps
+    assert benchmark_steps(argparse.Namespace(timesteps=[8, 4], quick=True)) == [4, 8]
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    """An interrupt (here: an error) in the middle of writing left a truncated report where the last one was."""
+    from benchmarks.convergence import write_json
+    out = tmp_path / "report.json"
+    write_json({"old": 1}, str(out))
+
+    class Unwritable:
+        def __str__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_json({"a": list(range(10000)), "b": Unwritable()}, str(out))
+    assert json.loads(out.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["report.json"]
+
+
 @pytest.fixture
 def reports(tmp_path):
     """Broken inputs of figures.py beside the good ones."""
@@ -159,6 +197,10 @@ def test_figures_to_a_full_terminal(tmp_path):
     ("stop_sweep.py", ["--stop_tols", "0.03,x"], "--stop_tols"),
     ("stop_sweep.py", ["--stop_tols", "0"], "--stop_tols"),
     ("stop_sweep.py", ["--stop_ratios", "nan"], "--stop_ratios"),
+    # a size given twice was computed twice and recorded once; one above T = 100 ran as T under its own name
+    ("stop_bench.py", ["--quick", "--windows", "8", "8"], "--windows"),
+    ("stop_bench.py", ["--quick", "--windows", "100", "150"], "--windows"),
+    ("stop_sweep.py", ["--stop_tols", "0.03,0.03"], "--stop_tols"),
 ])
 def test_stop_and_tail_bad_flags(files, script, argv, flag):
     refused(files, script, argv + ["--out", files / "out.json"], 2, [flag])

@@ -211,6 +211,10 @@ def load(path, flag, role):
     return str(title.get("title", f"embedded {role}")), report
 
 
+FIGURES = ("fig_a_distance.png", "fig_b_evolution.png", "fig_c_window.png", "fig_d_ablation.png",
+           "fig_e_warm_start.png", "fig_f_quality.png")  # every file draw() can write
+
+
 def draw(results, paths, quick, say=print):
     """Every figure the reports allow, in memory: {file name: PNG bytes}."""
     files = {}
@@ -260,9 +264,18 @@ def main(args):
     if not results:
         raise InputFileError("no benchmark JSON found (run dit_bench.py or sd_bench.py first)")
     files = draw(results, paths, args.quick)
+    for name in FIGURES:  # every target checked before the first is written: the set is written whole
+        target = os.path.join(args.out_dir, name)
+        if os.path.isdir(target) or (os.path.lexists(target) and not os.access(target, os.W_OK)):
+            raise InputFileError(f"--out_dir: {target} is a folder or not writable: no figure written")
     os.makedirs(args.out_dir, exist_ok=True)
     for name, data in files.items():
         write_atomic(os.path.join(args.out_dir, name), lambda p, data=data: pathlib.Path(p).write_bytes(data))
+    for name in FIGURES:  # a figure skipped this time: an older one of that name would pass for this run's
+        stale = os.path.join(args.out_dir, name)
+        if name not in files and os.path.lexists(stale):
+            os.remove(stale)
+            print(f"removed {stale}: an earlier run's, not drawn from these reports")
     print(f"wrote figures to {args.out_dir}")
 
 

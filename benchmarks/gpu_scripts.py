@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
-from runner.errors import exit_on_error  # noqa: E402
+from runner.errors import UsageError, exit_on_error  # noqa: E402
 from runner.flags import make_parser  # noqa: E402
 
 # stabilityai/sd-vae-ft-ema's config.json (the VAE of the public DiT checkpoints)
@@ -56,10 +56,14 @@ def build_checkpoint(folder, smoke):
 def run(name, argv, out_dir, env, timeout):
     """Run one command; its exit code, seconds, last lines and metrics.json summary."""
     t0 = time.perf_counter()
-    proc = subprocess.run(argv + ["--output_path", out_dir], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    row = {"command": " ".join(argv[1:] if argv[0] == sys.executable else argv), "exit_code": proc.returncode,
-           "seconds": time.perf_counter() - t0,
+    command = " ".join(argv[1:] if argv[0] == sys.executable else argv)
+    try:
+        proc = subprocess.run(argv + ["--output_path", out_dir], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:  # recorded as a failed run; the runs after it still run
+        print(f"{name}: timed out after {timeout} s (--timeout)")
+        return {"command": command, "exit_code": "timeout", "seconds": time.perf_counter() - t0, "last_lines": []}
+    row = {"command": command, "exit_code": proc.returncode, "seconds": time.perf_counter() - t0,
            "last_lines": [line for line in proc.stdout.splitlines() if line.strip()][-3:]}
     if proc.returncode:
         row["stderr"] = proc.stderr.splitlines()[-5:]
@@ -77,6 +81,8 @@ def run(name, argv, out_dir, env, timeout):
 
 
 def main(args):
+    if args.timeout < 1:
+        raise UsageError(f"--timeout must be >= 1 second, got {args.timeout}")
     if args.out is not None:
         check_out_file(args.out)
     py = sys.executable

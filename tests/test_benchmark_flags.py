@@ -125,6 +125,32 @@ def test_gpu_estimate_bad_inputs(files, argv, code, words):
     refused(files, "gpu_estimate.py", argv + ["--out", files / "estimate.json"], code, words)
 
 
+def test_gpu_scripts_timeout(files):
+    """--timeout 0 and below were taken, and a run past its time limit ended the script in a TimeoutExpired
+    traceback line with no report: now refused, and a timed-out run is recorded as one."""
+    refused(files, "gpu_scripts.py", ["--smoke", "--timeout", "0", "--out", files / "g.json"], 2, ["--timeout"])
+    from benchmarks.gpu_scripts import run as run_one
+    row = run_one("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], str(files / "runs"), None, 1)
+    assert row["exit_code"] == "timeout" and row["seconds"] < 20
+
+
+def test_figures_are_written_as_a_set(tmp_path):
+    """A figure skipped this time left an earlier run's file of its name beside the new ones, and a target that could
+    not be written (a folder of its name) ended the run with part of the set written."""
+    from benchmarks.figures import FIGURES
+    dit, sd, out = os.path.join(RESULTS, "dit.json"), os.path.join(RESULTS, "sd.json"), tmp_path / "figs"
+    assert run("figures.py", "--dit", dit, "--sd", sd, "--out_dir", out, "--quick").returncode == 0
+    assert sorted(os.listdir(out)) == sorted(FIGURES)
+    proc = run("figures.py", "--dit", dit, "--sd", tmp_path / "none.json", "--out_dir", out, "--quick")
+    assert proc.returncode == 0 and "removed" in proc.stdout and "fig_e_warm_start.png" in proc.stdout
+    assert "fig_e_warm_start.png" not in os.listdir(out)  # the DiT report has no warm start: (e) is not drawn
+    blocked = tmp_path / "blocked"
+    (blocked / "fig_c_window.png").mkdir(parents=True)
+    refused(tmp_path, "figures.py", ["--dit", dit, "--out_dir", blocked, "--quick"], 1,
+            ["--out_dir", "fig_c_window.png"])
+    assert os.listdir(blocked) == ["fig_c_window.png"]
+
+
 def test_the_sweeps_run_at_the_largest_timesteps():
     """gpu_estimate.py and figure (c) take the window sweep to be at the largest T; given as --timesteps 8 4 it ran
     at 4, and the estimate paired T = 8's sequential cost with T = 4's iterations."""

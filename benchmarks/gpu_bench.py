@@ -33,7 +33,7 @@ from models.dit import DiT_models  # noqa: E402
 from paratAA import (SolverConfig, dit_schedule, draw_noise, from_ddim_scheduler, noise_from_seeds,  # noqa: E402
                      sample_sequential, solve)
 from paratAA.planner import predicted_iterations, sync  # noqa: E402
-from runner.errors import exit_on_error  # noqa: E402
+from runner.errors import UsageError, exit_on_error  # noqa: E402
 from runner.flags import make_parser  # noqa: E402
 
 # the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
@@ -224,10 +224,33 @@ def save(report, path):
         write_json(report, path)
 
 
-@torch.no_grad()
-def main(args):
+def window_pairs(values, flag):
+    """WINDOW:ITERATIONS pairs, each in 1..100 (T), or UsageError naming the flag: read before minutes of GPU time,
+    not after them."""
+    try:
+        pairs = [tuple(int(v) for v in r.split(":")) for r in values]
+    except ValueError:
+        pairs = []
+    if len(pairs) != len(values) or not all(len(p) == 2 and 1 <= min(p) and max(p) <= 100 for p in pairs):
+        raise UsageError(f"{flag} must be WINDOW:ITERATIONS pairs of integers in 1..100, got {' '.join(values)}")
+    return pairs
+
+
+def check_flags(args):
+    """Every flag before any model is built (UsageError naming it); the pairs parsed into args."""
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if not all(1 <= k <= 100 for k in args.iterations):
+        raise UsageError(f"--iterations must be counts in 1..100 (T), got {' '.join(map(str, args.iterations))}")
+    args.window_runs = window_pairs(args.window_runs, "--window_runs")
+    args.sd_window_runs = window_pairs(args.sd_window_runs, "--sd_window_runs")
     if args.out is not None:
         check_out_file(args.out)
+
+
+@torch.no_grad()
+def main(args):
+    check_flags(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -271,11 +294,11 @@ def main(args):
 
     # ParaTAA vs sequential with the real solver on the GPU, fixed iteration counts: DiT-XL/2, then the SD UNet
     runs = [(T, K) for K in ([2, 4] if args.smoke else args.iterations)]
-    runs += [tuple(int(v) for v in r.split(":")) for r in ([] if args.smoke else args.window_runs)]
+    runs += [] if args.smoke else args.window_runs
     report["sequential_seconds_T100"], report["paratAA"] = fixed_runs(
         "DiT-XL/2 256", dit_eps, dit_schedule(T), noise_from_seeds([0], T, dit_latent).to(device), y, runs,
         device, dtype)
-    runs = [tuple(int(v) for v in r.split(":")) for r in (["4:3", "8:2"] if args.smoke else args.sd_window_runs)]
+    runs = [(4, 3), (8, 2)] if args.smoke else args.sd_window_runs
     report["sd_sequential_seconds_T100"], report["sd_paratAA"] = fixed_runs(
         "SD1.5 UNet 512", unet_eps, sd15_schedule(T), noise_from_seeds([0], T, sd_latent).to(device), text, runs,
         device, dtype)

@@ -125,6 +125,15 @@ def test_gpu_estimate_bad_inputs(files, argv, code, words):
     refused(files, "gpu_estimate.py", argv + ["--out", files / "estimate.json"], code, words)
 
 
+@pytest.mark.parametrize("argv, flag", [(["--window_runs", "a:b"], "--window_runs"),
+                                        (["--sd_window_runs", "8"], "--sd_window_runs"),
+                                        (["--window_runs", "8:0"], "--window_runs"),
+                                        (["--repeats", "0"], "--repeats"), (["--iterations", "0"], "--iterations")])
+def test_gpu_bench_flags_before_any_gpu_time(files, argv, flag):
+    """A malformed pair was parsed after the per-call timings and the default-flag runs: minutes of GPU time lost."""
+    refused(files, "gpu_bench.py", argv + ["--out", files / "gpu.json"], 2, [flag])
+
+
 def test_gpu_scripts_timeout(files):
     """--timeout 0 and below were taken, and a run past its time limit ended the script in a TimeoutExpired
     traceback line with no report: now refused, and a timed-out run is recorded as one."""

@@ -10,7 +10,6 @@ processes (session.sharding), every process gets the gathered result, and only t
 writes. Wall-clock is measured between barriers, so it spans the slowest process; the main process's is reported.
 """
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -28,7 +27,7 @@ from paratAA.planner import sync
 from runner.errors import UsageError
 from runner.flags import DIST_TIMEOUT_MAX, SEED_MAX, finite_flag, make_parser
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
-from runner.rundir import REPO_ROOT, check_output_path, write_atomic
+from runner.rundir import REPO_ROOT, check_output_path, save_json, write_atomic
 
 EVOLUTION_ITERATIONS = 20  # figure (b) shows the estimates after iterations 0..20 at most
 NO_CLASSIFIER = "classifier agreement: skipped (the digit classifier exists only for the embedded digits models)"
@@ -331,11 +330,7 @@ def write_json(report, out_path):
     """A benchmark's report, to the path its --out names (folders created), written whole or not at all: an
     interrupt mid-write (reports reach megabytes) left a truncated file where the previous report was."""
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-
-    def write(path):
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    write_atomic(out_path, write)
+    save_json(report, out_path, default=str)
     print(f"wrote {out_path}", flush=True)
 
 

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
+from paratAA.config import is_integer
 from paratAA.planner import plan_window, sync
+from paratAA.schedule import check_num_steps
 from runner.launch import host_memory_available
 
 from .adapters import guides
@@ -113,8 +115,8 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
                     width, batch_size, output_type, compare_sequential=False):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
-    TypeError naming the argument (as the scripts' flags are checked). The number of steps and eta are checked by
-    the schedule, the solver's parameters by SolverConfig."""
+    TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
+    parameters by SolverConfig."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -131,19 +133,17 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
-    n_train = pipe.scheduler.config.num_train_timesteps
-    if not _integer(num_inference_steps) or not 1 <= num_inference_steps <= n_train:
-        raise ValueError(f"num_inference_steps must be an integer in 1..{n_train}, got {num_inference_steps!r}")
-    if not _integer(num_images) or num_images < 1:
+    check_num_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps, "num_inference_steps")
+    if not is_integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled
         raise ValueError(f"{len(prompts)} prompts for num_images = {num_images}: the last {len(prompts) - num_images} "
                          f"would be ignored")
     if not isinstance(compare_sequential, bool):
         raise TypeError(f"compare_sequential must be True or False, got {compare_sequential!r}")
-    if not _integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
+    if not is_integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
-    if batch_size is not None and (not _integer(batch_size) or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
     cfg = network(pipe).config
     for name, value in (("height", height), ("width", width)):
@@ -153,9 +153,4 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     return list(prompts)
-
-
-def _integer(value):
-    """An int, numpy's included, but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

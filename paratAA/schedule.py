@@ -50,10 +50,10 @@ def check_eta(eta):
         raise ValueError(f"eta must be a number in 0..1, got {eta!r}")
 
 
-def check_num_steps(num_steps, num_train_timesteps):
+def check_num_steps(num_steps, num_train_timesteps, name="timesteps (number of sampling steps T)"):
+    """name: what the caller calls the number (the scripts' --timesteps, parallel_sample's num_inference_steps)."""
     if not is_integer(num_steps) or not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"timesteps (number of sampling steps T) must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
+        raise ValueError(f"{name} must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
 
 
 def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps):
@@ -211,6 +211,7 @@ def pipeline_schedule(pipeline, num_steps, eta=0.0):
     """Schedule of whatever scheduler a diffusers pipeline carries: a flow-matching scheduler's Euler steps
     (flow_schedule), anything else read as DDIM (Stable Diffusion: keeping its set_alpha_to_one, so the last step
     uses alphas_cumprod[0] for SD v1.5)."""
+    # both work on a copy: the pipeline's own scheduler keeps its state
     if is_flow(pipeline.scheduler):
-        return flow_schedule(type(pipeline.scheduler).from_config(pipeline.scheduler.config), num_steps, eta)
-    return from_ddim_scheduler(ddim_copy(pipeline.scheduler.config), num_steps, eta)
+        return flow_schedule(pipeline.scheduler, num_steps, eta)
+    return from_ddim_scheduler(pipeline.scheduler, num_steps, eta)

@@ -98,10 +98,11 @@ def save_png(img, path):
     write_atomic(path, lambda p: Image.fromarray(upscale(img)).save(p))
 
 
-def save_json(obj, path):
+def save_json(obj, path, default=None):
+    """obj as JSON, written whole or not at all (write_atomic); default: json.dump's, for values it cannot write."""
     def write(p):
         with open(p, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, default=default)
     write_atomic(path, write)
 
 

@@ -115,20 +115,24 @@ class DiffusersDiTDenoiser:
     (num_embeds_ada_norm, 1000 for the public models), guidance on all latent channels (as DiTPipeline does; the
     original DiT code guides 3), the noise half of a learned-sigma output."""
 
-    def __init__(self, transformer, cfg_scale=1.0):
+    def __init__(self, transformer, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
         self.transformer, self.cfg_scale = transformer, float(cfg_scale)
         self.null_class = transformer.config.num_embeds_ada_norm
+        # the scheduler's prediction_type says what the output is (DiTPipeline hands it to scheduler.step)
+        self.convert = _prediction_converter(prediction_type, alphas_cumprod)
 
     @torch.no_grad()
     def __call__(self, x, timesteps, labels):
         C = self.transformer.config.in_channels
-        x = x.to(self.transformer.dtype)
+        x_in = x.to(self.transformer.dtype)
         if not guides(self.cfg_scale):
-            return self.transformer(x, timestep=timesteps, class_labels=labels).sample[:, :C]
-        out = self.transformer(torch.cat([x, x]), timestep=torch.cat([timesteps, timesteps]),
-                               class_labels=torch.cat([labels, torch.full_like(labels, self.null_class)])).sample
-        cond, uncond = out[:, :C].chunk(2)
-        return uncond + self.cfg_scale * (cond - uncond)
+            out = self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :C]
+        else:
+            both = self.transformer(torch.cat([x_in, x_in]), timestep=torch.cat([timesteps, timesteps]),
+                                    class_labels=torch.cat([labels, torch.full_like(labels, self.null_class)])).sample
+            cond, uncond = both[:, :C].chunk(2)
+            out = uncond + self.cfg_scale * (cond - uncond)
+        return self.convert(out, x, timesteps) if self.convert is not None else out
 
 
 class VAEDecoder:

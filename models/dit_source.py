@@ -116,7 +116,13 @@ def load_dit(args, device, dtype):
                              f"{names}; give DiT weights (.pt, .safetensors) or a DiTPipeline folder")
     require_file(args.model_path, "--model_path", hint)
     model = DiT_models[args.model](**kwargs)
-    load_into(model, load_state_dict(args.model_path), args.model_path)
+    try:
+        load_into(model, load_state_dict(args.model_path), args.model_path)
+    except InputFileError as e:
+        if args.model == EMBEDDED_DIT and not hint:  # the reference's script has no --model: it is always DiT-XL/2
+            raise InputFileError(f"{e}; --model names the architecture, the embedded {EMBEDDED_DIT} by default "
+                                 f"(the public checkpoints: --model DiT-XL/2)") from None
+        raise
     return model.to(device=device, dtype=dtype).eval()
 
 PARTS = ("transformer", "vae", "scheduler")
@@ -142,8 +148,12 @@ def folder_sizes(path, flag="--model_path"):
             config_value(vae, "latent_channels", vae_path, flag, "count"):
         raise InputFileError(f"{flag}: {path}: the transformer takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents")
-    return (config_value(net, "sample_size", net_path, flag, "count") * factor,
-            config_value(net, "num_embeds_ada_norm", net_path, flag, "count"))
+    cells = config_value(net, "sample_size", net_path, flag, "count")
+    if isinstance(cells, list):  # DiTPipeline draws square latents of sample_size cells
+        if cells[0] != cells[1]:
+            raise InputFileError(f"{flag}: {net_path} has sample_size {cells}; DiTPipeline samples square latents")
+        cells = cells[0]
+    return cells * factor, config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
 
 
 def load_dit_pipeline(path, device, dtype, flag="--model_path"):
@@ -159,6 +169,14 @@ def load_dit_pipeline(path, device, dtype, flag="--model_path"):
     return pipe.to(device, silence_dtype_warnings=True)  # float16 on a CPU is slow but works (as for SD)
 
 
+def pipeline_denoiser(pipe, cfg_scale):
+    """A DiTPipeline's transformer as the solver's f: its output read as the scheduler's prediction_type says, as
+    DiTPipeline's loop hands it to scheduler.step (v- and sample-predicting models turned into noise predictions)."""
+    from .adapters import DiffusersDiTDenoiser
+    return DiffusersDiTDenoiser(pipe.transformer, cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                                pipe.scheduler.alphas_cumprod)
+
+
 class LoadedDiT:
     """A DiT from any of the three sources, as the solver and the decoder need it.
 
@@ -167,14 +185,16 @@ class LoadedDiT:
 
     def __init__(self, args, device, dtype):
         from paratAA import dit_schedule, pipeline_schedule
-        from .adapters import DiffusersDiTDenoiser, DiTDenoiser
+        from .adapters import DiTDenoiser
         from .checkpoints import load_vae
         if args.model == DIFFUSERS_DIT:
             pipe = load_dit_pipeline(args.model_path, device, dtype)
             net = pipe.transformer
-            self.eps_fn = DiffusersDiTDenoiser(net, args.cfg_scale)
+            self.eps_fn = pipeline_denoiser(pipe, args.cfg_scale)
             self.schedule = lambda T, eta=0.0: pipeline_schedule(pipe, T, eta)
-            self.latent = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+            cells = net.config.sample_size  # checked square by folder_sizes
+            cells = cells[0] if isinstance(cells, (list, tuple)) else cells
+            self.latent = (net.config.in_channels, cells, cells)
             self.scheduler = {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
                               "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}
         else:

@@ -26,7 +26,7 @@ from runner.launch import host_memory_available
 
 from .adapters import guides
 from .bundles import pipeline_bundles
-from .sd import blank, network, pipeline_problem, read_as_ddim, undecodable, wrong_size
+from .sd import blank, network, pipeline_problem, read_as_ddim, sample_pixels, undecodable, wrong_size
 
 
 @dataclass
@@ -41,7 +41,7 @@ class ParallelOutput:
 
 
 @torch.no_grad()
-def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, guidance_scale=7.5, eta=0.0,
+def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                     num_images=1, seed=0, height=None, width=None, batch_size=None, output_type="pil",
                     compare_sequential=False, sharding=None, config=None, **solver):
     """Sample `num_images` images of `prompt` (a string or a list, cycled) with ParaTAA on `pipe`.
@@ -50,15 +50,16 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"]).
     guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
+    negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
+    prompt encoded.
     """
     problem = pipeline_problem(pipe)
     if problem:
         raise ValueError(f"pipe {problem}")
     net = network(pipe)
     device = net.device
-    cells = net.config.sample_size
-    size = (cells[0] if isinstance(cells, (list, tuple)) else cells) * pipe.vae_scale_factor  # some give (h, w)
-    height, width = size if height is None else height, size if width is None else width
+    default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)  # as __call__
+    height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
                               height, width, batch_size, output_type, compare_sequential)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
@@ -68,7 +69,7 @@ def parallel_sample(pipe, prompt, negative_prompt="", num_inference_steps=50, gu
     num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
     batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
-    (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt or "", guidance_scale, num_inference_steps, eta,
+    (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta,
                                  seed, num_images, height, width, device)
     config = config.resolve(num_inference_steps)
     dtype = net.dtype

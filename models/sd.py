@@ -122,6 +122,19 @@ def check_folder(path, flag="--model_path"):
     problem = vae_problem(vae)
     if problem:
         raise InputFileError(f"{flag}: {vae_path} {problem}")
+    problem = network_problem(net)
+    if problem:
+        raise InputFileError(f"{flag}: {net_path} {problem}")
+
+
+def network_problem(config):
+    """What keeps a denoising network (its config dict) from being sampled here, or None. A UNet with
+    time_cond_proj_dim is guidance-distilled (LCM): diffusers' pipelines then skip classifier-free guidance and feed
+    the scale as timestep_cond, for a consistency sampler, not the DDIM steps the solver parallelises."""
+    if config.get("time_cond_proj_dim") is not None:
+        return ("has a UNet with time_cond_proj_dim (a guidance-distilled LCM model, sampled by its own consistency "
+                "steps); supported are UNets without it")
+    return None
 
 
 def family(path):
@@ -176,6 +189,9 @@ def scheduler_problem(sched):
         from diffusers import FlowMatchEulerDiscreteScheduler
         return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
                                zero_ok=True)
+    if "EDM" in str(sched.get("_class_name")) or "sigma_data" in sched:  # read as DDIM, DDIM's default betas
+        return ("is an EDM scheduler (Karras noise levels sigma_min .. sigma_max, no beta schedule): supported are "
+                "schedulers with betas, read as DDIM, and flow matching")
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
@@ -220,6 +236,12 @@ def pipeline_problem(pipe):
     problem = vae_problem(pipe.vae.config)
     if problem:
         return f"has a VAE that {problem}"
+    problem = network_problem(dict(network(pipe).config))
+    if problem:
+        return problem
+    if kind == "StableDiffusionXLPipeline" and (pipe.text_encoder is None or pipe.tokenizer is None):
+        return ("has no text_encoder or tokenizer (only the second encoder, as the SDXL refiner); supported are "
+                "SDXL pipelines with both text encoders")
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
     if channels != latent:
         return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "
@@ -246,11 +268,17 @@ def vae_scale_factor(path):
 
 
 def default_size(path):
+    """(height, width) in pixels the pipeline makes by default: the network's sample_size (one number, or
+    (height, width) in some configs) times the VAE factor."""
     net_path = _network_config(path)
-    size = config_value(read_json(net_path), "sample_size", net_path, kind="count")
-    if isinstance(size, (list, tuple)):  # some configs give (height, width)
-        size = size[0]
-    return int(size) * vae_scale_factor(path)
+    return sample_pixels(config_value(read_json(net_path), "sample_size", net_path, kind="count"),
+                         vae_scale_factor(path))
+
+
+def sample_pixels(cells, factor):
+    """A network config's sample_size (latent cells: a number or (height, width)) as (height, width) pixels."""
+    h, w = cells if isinstance(cells, (list, tuple)) else (cells, cells)
+    return int(h) * factor, int(w) * factor
 
 
 def check_size(args, path):
@@ -263,10 +291,10 @@ def check_size(args, path):
     if not isinstance(patch, int) or patch < 1 or reach is not None and (not isinstance(reach, int) or reach < 1):
         raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
                              f"positive integers expected")
-    for name in ("height", "width"):
+    for name, default in zip(("height", "width"), default_size(path)):
         v = getattr(args, name)
         if v is None:
-            setattr(args, name, default_size(path))
+            setattr(args, name, default)
         else:
             size_problem = wrong_size(v, factor, patch, reach)
             if size_problem:
@@ -317,13 +345,14 @@ def encode(pipe, prompts, negative_prompt, device, size=None):
     A prompt longer than the text encoder takes is cut, as the pipeline does; said once, in one line."""
     limit = pipe.tokenizer.model_max_length
     with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
-        for flag, text in [("--prompt", p) for p in prompts] + [("--negative_prompt", negative_prompt)]:
+        for flag, text in [("--prompt", p) for p in prompts] + [("--negative_prompt", negative_prompt or "")]:
             n = len(pipe.tokenizer(text).input_ids)
             if n > limit:
                 note(f"{flag} has {n} tokens; the text encoder reads the first {limit}: the rest is ignored "
                      f"({text[:40]!r}...)")
-        # no negative prompt: None, so that each pipeline does what it does by default (SDXL: zero embeddings)
-        negatives = [negative_prompt] * len(prompts) if negative_prompt else None
+        # no negative prompt (None): each pipeline does what its __call__ does by default (SDXL with
+        # force_zeros_for_empty_prompt: zero embeddings); "" is the empty prompt, encoded, as __call__ takes it
+        negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
         kind = pipeline_kind(pipe)
         if kind == "StableDiffusionPipeline":
             cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=negatives)
@@ -385,7 +414,9 @@ def add_sd_flags(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--model_path", type=path_value, default=None,
                    help="local diffusers Stable Diffusion folder (default: the embedded digits model)")
-    g.add_argument("--negative_prompt", type=str, default="", help="prompt of the unconditional guidance branch")
+    g.add_argument("--negative_prompt", type=str, default=None,
+                   help="prompt of the unconditional guidance branch (default: none, the pipeline's default: the "
+                        "empty prompt, or for SDXL zero embeddings; \"\" encodes the empty prompt)")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
@@ -410,7 +441,7 @@ def undecodable(text):
 
 def check_sd_flags(args, prompts):
     """prompts: [(flag, prompt)]. Every flag before anything is loaded; returns the resolved SolverConfig."""
-    for flag, p in prompts + [("--negative_prompt", args.negative_prompt)]:
+    for flag, p in prompts + [("--negative_prompt", args.negative_prompt or "")]:
         if undecodable(p):
             raise UsageError(f"{flag} is not valid UTF-8 text (bytes of another encoding?)")
     for flag, p in prompts:

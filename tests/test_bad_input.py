@@ -91,7 +91,7 @@ def test_dit_unwritable_output_path(files, capsys):
     ("--model_path", "sd", ["--model_path", "not a diffusers DiTPipeline", "StableDiffusionPipeline", "parallel_sd.py"]),
     ("--model_path", "truncated.safetensors", ["--model_path", "truncated.safetensors", "cannot read"]),
     ("--model_path", "notes.pt", ["--model_path", "notes.pt", "cannot read"]),
-    ("--model_path", "other_arch.pt", ["--model_path", "other_arch.pt", "does not fit", "shape"]),
+    ("--model_path", "other_arch.pt", ["--model_path", "other_arch.pt", "does not fit", "shape", "--model DiT-XL/2"]),
     ("--vae_path", "empty_dir", ["--vae_path", "empty_dir", "config.json"]),
     ("--vae_path", "a_file", ["--vae_path", "a_file", "file"]),
     ("--vae_path", "missing_vae", ["--vae_path", "not found"]),
@@ -346,6 +346,12 @@ def bad_folders(tmp_path_factory):
         "empty_tokenizer": variant("empty_tokenizer", lambda p: [f.unlink() for f in (p / "tokenizer").iterdir()]),
         "unet_other_tensors": variant("unet_other_tensors", lambda p: _other_tensors(p / "unet")),
         "vae_nan": variant("vae_nan", lambda p: _nan_weights(p / "vae")),
+        # these two were sampled as DDIM: an LCM UNet's guidance is an input, an EDM scheduler has no betas
+        "lcm_unet": variant("lcm_unet", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(time_cond_proj_dim=16))),
+        "edm_scheduler": variant("edm_scheduler", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(
+                _class_name="EDMEulerScheduler", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5))),
     }
 
 
@@ -390,6 +396,8 @@ def _nan_weights(folder):
     ("empty_tokenizer", ["--model_path", "tokenizer/", "tokenizer.json", "vocab.json"]),
     ("unet_other_tensors", ["--model_path", "unet", "do not hold the tensors", "conv_in.weight"]),
     ("vae_nan", ["non-finite pixels", "--vae_path", "--model_path"]),
+    ("lcm_unet", ["--model_path", "unet/config.json", "time_cond_proj_dim", "LCM"]),
+    ("edm_scheduler", ["--model_path", "scheduler_config.json", "EDM scheduler"]),
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)

@@ -123,6 +123,29 @@ def test_diffusers_dit_at_tolerance_zero_equals_ditpipelines_own_loop(dit_folder
     assert np.abs(ours - images).max() < 1e-4
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_a_ditpipeline_predicting_v_or_x0_equals_its_own_loop(tmp_path, prediction_type):
+    """The scheduler's prediction_type says what DiTPipeline's loop hands to scheduler.step; the transformer's output
+    was read as the noise whatever it said (291 off the pipeline's loop, latents of 7.6)."""
+    from diffusers import DiTPipeline
+    from models.dit_source import pipeline_denoiser
+    from paratAA import pipeline_schedule, solve
+    from tests.tiny_models import build_tiny_dit_pipeline
+    pipe = DiTPipeline.from_pretrained(build_tiny_dit_pipeline(str(tmp_path / "dit"), prediction_type=prediction_type))
+    pipe.set_progress_bar_config(disable=True)
+    T, labels, cfg = 8, [3, 917], 4.0
+    with torch.no_grad():
+        images = pipe(class_labels=labels, guidance_scale=cfg, generator=torch.Generator().manual_seed(5),
+                      num_inference_steps=T, output_type="np").images
+    noise = torch.zeros(2, T + 1, 4, 8, 8, dtype=torch.float64)
+    noise[:, T] = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))  # what the pipeline drew
+    out = solve(pipeline_denoiser(pipe, cfg), pipeline_schedule(pipe, T), noise, torch.tensor(labels), tol1=0, tol2=0)
+    with torch.no_grad():
+        ours = pipe.vae.decode(out.samples.float() / pipe.vae.config.scaling_factor).sample
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - images).max() < 1e-4
+
+
 def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
     import parallel_dit
     from diffusers import DiTPipeline

@@ -87,6 +87,39 @@ def test_sdxl_and_sd3_pipelines_in_python(tmp_path):
                               output_type="np")
         ref = diffusers_loop(folder, 8, 3.0, 2)
         np.testing.assert_allclose(out.latents.float().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # SDXL zeroes the negative embeddings only when no negative prompt is given: "" is encoded (it was taken for
+    # none, 5.3 off the pipeline's own negative_prompt=""); with one text encoder missing it is refused, not failed
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "StableDiffusionXLPipeline")
+    pipe.set_progress_bar_config(disable=True)
+    for negative in (None, ""):
+        out = parallel_sample(pipe, PROMPT, negative, num_inference_steps=4, guidance_scale=3.0, tol1=0, tol2=0,
+                              output_type="np")
+        with torch.no_grad():
+            ref = pipe(PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=3.0,
+                       latents=out.x_T.float(), output_type="latent").images
+        assert (out.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    pipe.text_encoder = pipe.tokenizer = None
+    with pytest.raises(ValueError, match="pipe has no text_encoder or tokenizer"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=4, output_type="np")
+
+
+def test_a_unet_sample_size_of_height_and_width_is_the_default_size(tiny_sd):
+    """A UNet config may give sample_size as (height, width): the pipeline's default image is then that shape (it
+    was made square from the height)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.register_to_config(sample_size=[8, 12])
+    pipe = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)  # __init__ reads the kind
+    pipe.set_progress_bar_config(disable=True)
+    out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0, tol1=0,
+                          tol2=0, output_type="np")
+    with torch.no_grad():
+        ref = pipe("a handwritten digit four", num_inference_steps=4, guidance_scale=3.0, latents=out.x_T.float(),
+                   output_type="latent").images
+    assert out.latents.shape == ref.shape == (1, 4, 8, 12)
+    assert (out.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_bad_arguments_are_refused_naming_them(tiny_sd):
@@ -146,7 +179,7 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     """The checks the scripts make on a folder, made on the loaded pipeline: before, a scheduler that clips or
     thresholds was sampled as if it did not (a result that is not the pipeline's), and a DiT or inpainting pipeline
     failed inside. A subclass of a supported pipeline is that pipeline."""
-    from diffusers import DDIMScheduler, DiTPipeline, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiTPipeline, EDMEulerScheduler, StableDiffusionPipeline
     from tests.tiny_models import build_tiny_dit_pipeline
 
     def load():
@@ -154,6 +187,10 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
 
     clipping = load()
     clipping.scheduler = DDIMScheduler.from_config(clipping.scheduler.config, clip_sample=True)
+    lcm = load()
+    lcm.unet.register_to_config(time_cond_proj_dim=16)  # diffusers then guides through timestep_cond, not CFG
+    edm = load()
+    edm.scheduler = EDMEulerScheduler()  # no betas: it was read with DDIM's default ones
     other_channels = load()
     other_channels.vae.register_to_config(latent_channels=8)
     unscaled = load()
@@ -162,7 +199,9 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     for pipe, text in ((clipping, "pipe has a scheduler that sets clip_sample"),
                        (other_channels, "pipe has a denoiser taking 4 channels but a VAE making 8-channel"),
                        (unscaled, "pipe has a VAE that has scaling_factor 0.0; a positive number is needed"),
-                       (dit, "pipe is a DiTPipeline; supported are StableDiffusionPipeline")):
+                       (dit, "pipe is a DiTPipeline; supported are StableDiffusionPipeline"),
+                       (lcm, "pipe has a UNet with time_cond_proj_dim"),
+                       (edm, "pipe has a scheduler that is an EDM scheduler")):
         with pytest.raises(ValueError, match=text):
             parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, output_type="np")
 

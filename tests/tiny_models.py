@@ -123,7 +123,7 @@ def build_tiny_sd3(folder, seed=0, shift=3.0):
     return folder
 
 
-def build_tiny_dit_pipeline(folder, seed=0):
+def build_tiny_dit_pipeline(folder, seed=0, **scheduler_config):
     """diffusers' DiT layout (DiTPipeline): a DiTTransformer2DModel with 1000 classes (the pipeline's null class is
     1000) and a learned-sigma output, a VAE, a DDIM scheduler."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -132,6 +132,7 @@ def build_tiny_dit_pipeline(folder, seed=0):
                                         num_attention_heads=2, in_channels=4, out_channels=8,
                                         num_embeds_ada_norm=1000)
     _randomise(transformer, seed)
-    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(clip_sample=False))
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(clip_sample=False,
+                                                                                   **scheduler_config))
     pipe.save_pretrained(folder)
     return folder

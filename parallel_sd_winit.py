@@ -9,7 +9,7 @@ cold start. Output: one run folder with prompt1/ and prompt2/, each in the paral
 """
 import sys
 
-from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
+from runner.errors import UsageError, add_kept, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
     exit_quietly_on_signals()
@@ -35,11 +35,16 @@ def main(args):
     first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
     check_fits(first, args, config, session, keep_trajectories=True)
     with open_run(args, session, "SD-winit") as run_dir:
-        r1 = sample_into(subfolder(run_dir, "prompt1"), first, args, config, session, "parallel_sd_winit",
-                         keep_trajectories=True)
+        prompt1 = subfolder(run_dir, "prompt1")
+        r1 = sample_into(prompt1, first, args, config, session, "parallel_sd_winit", keep_trajectories=True)
         check_finished(r1, args, run_dir)
-        r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
-                         init=r1["trajectory"], variation_steps=args.variation_steps)
+        try:
+            r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",
+                             init=r1["trajectory"], variation_steps=args.variation_steps)
+        except BaseException as e:  # prompt1's run is complete and stays: the one line says so
+            if prompt1:
+                add_kept(e, prompt1, len(r1["iterations"]))
+            raise
     if session.is_main:  # what each pass gained, as the other scripts say it (prompt2's sequential: its last steps)
         print(f"wrote {run_dir}")
         print("\n".join(["prompt1, from scratch:", *("  " + line for line in r1["summary"]),

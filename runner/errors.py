@@ -3,6 +3,7 @@
     UsageError              a bad flag value                             exit 2
     InputFileError          a missing or unusable file or folder        exit 1
     NonFiniteModelOutput    the model returned NaN or inf               exit 1
+    OutputError             an output file could not be written (a full disk)   exit 1
     anything else           one line naming it (PARATAA_DEBUG=1: the traceback too)   exit 1
     SIGINT / SIGTERM        the run stops, finished samples kept        exit 130 / 143 (128 + the signal)
 
@@ -11,9 +12,11 @@ to the exception's `kept` list, so that the one line can say where the finished 
 
 This module imports nothing heavy, so that a script can install the signal handlers before it imports torch.
 """
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -24,6 +27,37 @@ class UsageError(Exception):
 
 class InputFileError(Exception):
     """A missing or unusable file or folder: one line, exit code 1."""
+
+
+class OutputError(Exception):
+    """An output file that could not be written (a full disk, a folder made read-only meanwhile): one line naming
+    it, exit code 1."""
+
+
+def add_kept(exc, folder, finished):
+    """Say, on the exception passing through, that `finished` samples are complete in `folder`."""
+    try:
+        exc.kept = getattr(exc, "kept", []) + [(folder, finished)]
+    except AttributeError:  # an exception type that takes no attributes: the folder is marked all the same
+        pass
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM ignored while a run writes its last files: a second Ctrl-C there ended the run with
+    metrics.json still "running" and a line saying nothing was written. Main thread only (where handlers live)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:  # None: installed from C, cannot be put back from Python
+                signal.signal(s, handler)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -173,6 +207,8 @@ def _run(main, args):
         _fail(e, EXIT_FAILED)
     except NonFiniteModelOutput as e:
         _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)  # the gathered output: alike on all
+    except OutputError as e:  # only the main process writes
+        _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)
     except KeyboardInterrupt as e:
         if _rank() == 0:  # the other processes of a launch write nothing and say nothing
             print(f"{_prog()}: interrupted ({_kept(e) or 'nothing written'})", file=sys.stderr, flush=True)

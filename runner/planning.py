@@ -90,7 +90,8 @@ def plan_run(bundle, args, config, session, noise, cond, steps=None):
     noise, cond: the first batch's, on the device. steps: the steps a solve takes (a warm start's variation_steps;
     default T), which the window is chosen for."""
     config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond, steps)
-    warm_up(bundle, session, noise, cond, [config.window_size] + ([1] if args.compare_sequential else []))
+    window = min(config.window_size, bundle.schedule.num_steps)  # the paper mode keeps a window above T
+    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
     return config, plan, call_seconds
 
 

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,9 +88,13 @@ def write_atomic(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:  # a signal or an error mid-write leaves no temporary file behind
-        if os.path.exists(tmp):
+    except BaseException as e:  # a signal or an error mid-write leaves no temporary file behind
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # a full disk: one line naming the file, not an "unexpected" OSError
+            raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
         raise
 
 

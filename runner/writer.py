@@ -16,6 +16,7 @@ older than a few HEARTBEAT intervals was killed (SIGKILL, a lost machine): READM
 """
 import math
 import os
+import shutil
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import OutputError, add_kept, signals_held
 from .metrics import image_rms, latent_rms, same_image_at
 from .rundir import portable, save_json, save_npz, save_png, upscale
 
@@ -48,7 +50,9 @@ class RunWriter:
 
     def __init__(self, run_dir, decode, args, config, script, label, num_samples, info=None, world_size=1):
         self.run_dir, self.decode, self.label = run_dir, decode, label
-        self.samples, self.latents, self.rows, self.x_T = [], [], [], []
+        # one entry per finished sample, appended whole once its folder is written, so that metrics.json, latents.npz
+        # and grid.png always list the same samples: (record, latent, x_T or None, grid row or None)
+        self.finished = []
         self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
                         **config.to_dict(), "eta": args.eta, "cfg_scale": args.cfg_scale,
                         "wall_clock_seconds": 0.0, "num_samples": num_samples,
@@ -70,24 +74,40 @@ class RunWriter:
         self._beat.start()
         return self
 
+    @property
+    def samples(self):
+        """metrics.json's record of each finished sample."""
+        return [entry[0] for entry in self.finished]
+
     def __exit__(self, kind, exc, tb):
         self._stop.set()
         self._beat.join()
-        if exc is None:
-            self.flush("complete")
-            return False
-        self.flush("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        if self.samples:  # a folder that finished nothing is removed by the run layer (loop.sample_into)
+        status = "complete" if exc is None else "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        failure = None
+        with signals_held():  # the last files are written whatever the terminal does meanwhile
             try:
-                exc.kept = getattr(exc, "kept", []) + [(self.run_dir, len(self.samples))]
-            except AttributeError:  # an exception type that takes no attributes: the folder is marked all the same
-                pass
+                self.flush(status)
+            except OutputError as e:  # a full disk: the samples written before stay, metrics.json says it failed
+                failure = e
+                self.status = "failed"
+                try:
+                    self._write_metrics()
+                except OutputError:
+                    pass
+        error = exc if exc is not None else failure  # the first cause is the one said
+        if error is not None and self.samples:  # a folder that finished nothing is removed (loop.sample_into)
+            add_kept(error, self.run_dir, len(self.samples))
+        if exc is None and failure is not None:
+            raise failure
         return False
 
     def _heartbeat(self):
         while not self._stop.wait(HEARTBEAT):
             with self._lock:
-                self._write_metrics()
+                try:
+                    self._write_metrics()
+                except OutputError:  # a full disk: the main thread's next write says it
+                    pass
 
     def set_plan(self, config, plan, call_seconds):
         """The window used (chosen by the planner when --window_size auto) and the measured seconds of one model
@@ -107,10 +127,6 @@ class RunWriter:
             i = start + j
             x0 = torch.stack(h.x0)                                               # [K+1, *latent]
             imgs = self.decode(x0)                                               # [K+1, H, W, 3]
-            folder = os.path.join(self.run_dir, f"sample_{i}")
-            os.makedirs(folder, exist_ok=True)
-            for k, img in enumerate(imgs):
-                save_png(img, os.path.join(folder, f"step_{k}.png"))
             m = {"index": i, **self.label(i), "iterations": res.iterations[j],
                  "converged": bool(res.converged[j]), "model_evaluations": res.evaluations[j],
                  "residual_history": h.residual, "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks),
@@ -121,19 +137,14 @@ class RunWriter:
                 m["image_rms_history"] = [image_rms(img, seq_imgs[j]) for img in imgs]
                 m["iterations_to_same_image"] = same_image_at(m["image_rms_history"])
                 m["final_image_rms"] = m["image_rms_history"][-1]
-                save_png(seq_imgs[j], os.path.join(folder, "sequential.png"))
-            if seq is not None:
                 final = m["iterations_to_same_image"]
             else:  # without the sequential sample: the first image within 1 gray level of the sample's own last
                 final = same_image_at([image_rms(img, imgs[-1]) for img in imgs])
-            with self._lock:
-                self.samples.append(m)
-                if i < GRID_SAMPLES:
-                    self.rows.append((imgs, _row_label(i, self.label(i)), final))
-        with self._lock:
-            self.latents.append(res.samples.to(torch.float32).cpu().numpy())
-            if x_T is not None:
-                self.x_T.append(x_T.to(torch.float32).cpu().numpy())
+            self._write_folder(i, imgs, seq_imgs[j] if seq is not None else None)
+            self.finished.append((m, res.samples[j:j + 1].to(torch.float32).cpu().numpy(),      # one append: a
+                                  None if x_T is None else x_T[j:j + 1].to(torch.float32).cpu().numpy(),  # signal
+                                  (imgs, _row_label(i, self.label(i)), final) if i < GRID_SAMPLES else None))  # never
+        with self._lock:                                                              # splits a sample's entry
             self.metrics["wall_clock_seconds"] += seconds
             self.sequential_estimate += seq_estimate or 0.0
             self.batches += 1
@@ -141,22 +152,40 @@ class RunWriter:
                 self.metrics["sequential_wall_clock_seconds"] += seq_seconds
         self.flush("running")
 
+    def _write_folder(self, i, imgs, sequential):
+        """sample_<i>/: the x_0 estimate after every iteration, and the sequential sample. A sample interrupted
+        while its folder is written leaves no folder: it is not finished."""
+        folder = os.path.join(self.run_dir, f"sample_{i}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for k, img in enumerate(imgs):
+                save_png(img, os.path.join(folder, f"step_{k}.png"))
+            if sequential is not None:
+                save_png(sequential, os.path.join(folder, "sequential.png"))
+        except BaseException as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, OSError):  # makedirs on a full disk
+                raise OutputError(f"cannot write {folder} ({e.strerror or e})") from None
+            raise
+
     def flush(self, status):
         """status: running (more batches to come), complete, interrupted, or failed."""
         with self._lock:
             self.status = status
-            if self.latents:
-                arrays = {"latents": np.concatenate(self.latents)}
-                if self.x_T:
-                    arrays["x_T"] = np.concatenate(self.x_T)
+            done = list(self.finished)  # the samples finished now, the same in every file written below
+            if done:
+                arrays = {"latents": np.concatenate([latent for _, latent, _, _ in done])}
+                if all(x_T is not None for _, _, x_T, _ in done):
+                    arrays["x_T"] = np.concatenate([x_T for _, _, x_T, _ in done])
                 save_npz(os.path.join(self.run_dir, "latents.npz"), **arrays)
-            if status != "running" and self.rows:
+            rows = [row for _, _, _, row in done if row is not None]
+            if status != "running" and rows:
                 reference = "the sequential sample" if "sequential_wall_clock_seconds" in self.metrics else \
                     "the sample's last"
-                save_png(draw_grid(self.rows, reference), os.path.join(self.run_dir, "grid.png"))
-            self._write_metrics()
+                save_png(draw_grid(rows, reference), os.path.join(self.run_dir, "grid.png"))
+            self._write_metrics(done)
 
-    def speed(self):
+    def speed(self, samples=None):
         """What the run gained: sampling time against sequential sampling (measured or estimated)."""
         wall = self.metrics["wall_clock_seconds"]
         measured = self.metrics.get("sequential_wall_clock_seconds")
@@ -172,7 +201,8 @@ class RunWriter:
         plan = self.metrics.get("plan")
         if plan:
             out["predicted_seconds"] = plan["predicted_seconds"] * self.batches
-        same = [m["iterations_to_same_image"] for m in self.samples if "iterations_to_same_image" in m]
+        same = [m["iterations_to_same_image"] for m in (self.samples if samples is None else samples)
+                if "iterations_to_same_image" in m]
         if same:
             known = sorted(v for v in same if v is not None)
             out["same_image_at"] = {"median": float(np.median(known)) if known else None,
@@ -180,10 +210,11 @@ class RunWriter:
                                     "never": len(same) - len(known)}
         return out
 
-    def _write_metrics(self):
-        save_json({**self.metrics, "speed": self.speed(), "status": self.status,
+    def _write_metrics(self, done=None):
+        samples = [m for m, _, _, _ in (self.finished if done is None else done)]
+        save_json({**self.metrics, "speed": self.speed(samples), "status": self.status,
                    "heartbeat": round(time.time(), 3),
-                   "finished_samples": [m["index"] for m in self.samples], "samples": self.samples},
+                   "finished_samples": [m["index"] for m in samples], "samples": samples},
                   os.path.join(self.run_dir, "metrics.json"))
 
 

@@ -388,3 +388,116 @@ def test_a_terminal_that_goes_away_does_not_stop_the_run(tmp_path, closed):
     cut = only_run(tmp_path / "cut")
     assert read_metrics(cut)["status"] == "complete"
     assert np.array_equal(latents(cut), latents(launch(tmp_path / "whole")))
+
+
+def run_in_process(script, argv, out, monkeypatch, save=None, grid=None):
+    """script.main through exit_on_error in this process, with the writer's save_png (save(img, path, original))
+    or draw_grid (grid(rows, reference, original)) replaced: an interrupt or a full disk at a chosen file.
+    Returns the exit code (0: the run returned)."""
+    from runner import writer
+    from runner.errors import exit_on_error
+    if save is not None:
+        original_save = writer.save_png
+        monkeypatch.setattr(writer, "save_png", lambda img, path: save(img, path, original_save))
+    if grid is not None:
+        original_grid = writer.draw_grid
+        monkeypatch.setattr(writer, "draw_grid", lambda rows, reference: grid(rows, reference, original_grid))
+    try:
+        exit_on_error(script.main, script.parse_args([*argv, "--output_path", str(out)]))
+    except SystemExit as e:
+        return e.code
+    finally:  # the handlers exit_on_error installs for the run
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return 0
+
+
+def said(capsys):
+    """The lines exit_on_error wrote (progress bars aside)."""
+    return [line for line in capsys.readouterr().err.splitlines() if ": error" in line or ": interrupted" in line]
+
+
+DIT_BATCH = ["--timesteps", "6", "--window_size", "6", "--num_samples", "4", "--batch_size", "4"]
+
+
+def failing_at(part, step, error):
+    """A save_png that raises error() when it writes step_<step>.png of the folder named part."""
+    def save(img, path, original):
+        if os.path.basename(os.path.dirname(path)) == part and os.path.basename(path) == f"step_{step}.png":
+            fail(path, error())
+        original(img, path)
+    return save
+
+
+def fail(path, error):
+    """error raised while path is written: an OSError from inside the atomic write (a full disk), as the file
+    system raises it there."""
+    from runner.rundir import write_atomic
+    if not isinstance(error, OSError):
+        raise error
+
+    def write(tmp):
+        open(tmp, "wb").close()
+        raise error
+    write_atomic(path, write)
+
+
+@pytest.mark.parametrize("error, code, words, status", [
+    (lambda: __import__("runner.errors").errors.Interrupted(signal.SIGINT), 130, ["interrupted"], "interrupted"),
+    (lambda: OSError(28, "No space left on device"), 1, ["cannot write", "sample_2", "No space left on device"],
+     "failed")])
+def test_a_sample_cut_off_inside_a_batch_is_not_kept(tmp_path, monkeypatch, capsys, error, code, words, status):
+    """Samples of a batch finish one by one: one interrupted (or whose disk filled) while its folder was written
+    left that folder half-written and was listed in metrics.json while latents.npz had none of the batch (and a
+    full disk left the run "running", said as an unexpected OSError naming no file)."""
+    import parallel_dit
+    assert run_in_process(parallel_dit, DIT_BATCH, tmp_path, monkeypatch, save=failing_at("sample_2", 2, error)) \
+        == code
+    err = said(capsys)
+    assert len(err) == 1 and all(w in err[0] for w in words + ["2 finished samples kept"]), err
+    run = only_run(tmp_path)
+    m = read_metrics(run)
+    assert m["status"] == status and m["finished_samples"] == [0, 1] and latents(run).shape[0] == 2
+    assert sorted(f for f in os.listdir(run) if f.startswith("sample_")) == ["sample_0", "sample_1"]
+    assert not [f for _, _, fs in os.walk(run) for f in fs if ".tmp" in f]
+
+
+def test_the_last_writes_of_a_run(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the run writes its last files is held until they are written (it ended the run "running",
+    with a line saying nothing was written); a disk that fills then ends it "failed", keeping the samples."""
+    import parallel_dit
+
+    def ctrl_c(rows, reference, original):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(rows, reference)
+    assert run_in_process(parallel_dit, DIT_BATCH, tmp_path / "a", monkeypatch, grid=ctrl_c) == 0
+    m = read_metrics(only_run(tmp_path / "a"))
+    assert m["status"] == "complete" and m["finished_samples"] == [0, 1, 2, 3]
+    assert os.path.isfile(os.path.join(only_run(tmp_path / "a"), "grid.png"))
+
+    def full(img, path, original):
+        if os.path.basename(path) == "grid.png":
+            fail(path, OSError(28, "No space left on device"))
+        original(img, path)
+    capsys.readouterr()
+    assert run_in_process(parallel_dit, DIT_BATCH, tmp_path / "b", monkeypatch, save=full) == 1
+    (line,) = said(capsys)
+    assert "grid.png" in line and "No space left on device" in line and "4 finished samples kept" in line
+    assert read_metrics(only_run(tmp_path / "b"))["status"] == "failed"
+
+
+def test_a_warm_start_interrupted_in_prompt2_says_prompt1_is_kept(tmp_path, monkeypatch, capsys):
+    import parallel_sd_winit
+
+    def save(img, path, original):
+        if f"{os.sep}prompt2{os.sep}" in path:
+            raise __import__("runner.errors").errors.Interrupted(signal.SIGINT)
+        original(img, path)
+    argv = ["--timesteps", "8", "--variation_steps", "4", "--num_samples", "2", "--batch_size", "2",
+            "--window_size", "8"]
+    assert run_in_process(parallel_sd_winit, argv, tmp_path, monkeypatch, save=save) == 130
+    (line,) = said(capsys)
+    run = only_run(tmp_path)
+    assert f"2 finished samples kept in {os.path.join(run, 'prompt1')}" in line, line
+    assert read_metrics(os.path.join(run, "prompt1"))["status"] == "complete"
+    assert not os.path.exists(os.path.join(run, "prompt2"))

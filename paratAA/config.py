@@ -112,7 +112,13 @@ class SolverConfig:
         if self.window_size == "auto":     # chosen by the planner before solving; the order follows it
             return replace(self, order=None if self.order is None else min(self.order, T), memory_size=memory)
         window = min(self.window_size or T, T)
-        return replace(self, window_size=window, order=min(self.order or window, window), memory_size=memory)
+        order = min(self.order or window, window)
+        if self.reference_quirks and (self.window_size or T) > T:
+            # the reference's window above T starts every state at x_T in the first iteration, x_0 included (at
+            # window T x_0 starts at 0): a difference in the iterates, so the window given is kept; it evaluates
+            # the same states as window T
+            window = self.window_size
+        return replace(self, window_size=window, order=order, memory_size=memory)
 
     def to_dict(self):
         return asdict(self)

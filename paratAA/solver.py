@@ -83,7 +83,7 @@ def state_bytes(config, T, D, batch):
     """Bytes the solver allocates for `batch` samples of D latent values at T steps (config resolved for T):
     the states, the TAA memory (last iterate and residual, m - 1 difference columns of each per state), the
     per-iteration temporaries of the window, and the ddim form's product matrices. The noise is the caller's."""
-    per_sample = (T + 1) + 6 * config.window_size
+    per_sample = (T + 1) + 6 * min(config.window_size, T)
     if config.memory_size > 1:
         per_sample += 2 * config.memory_size * T
     matrices = 2 * (T + 1) ** 2 if config.equations == "ddim" and config.order > 1 else 0

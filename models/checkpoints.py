@@ -50,7 +50,7 @@ def load_state_dict(path, flag="--model_path"):
     checkpoints store under "args" (it holds plain values and runs nothing)."""
     require_file(path, flag)
     try:
-        if path.endswith(".safetensors"):
+        if is_safetensors(path):  # by its header, not its name (a .pt that is safetensors, a hub cache blob)
             from safetensors.torch import load_file
             state = load_file(path)
         else:
@@ -77,6 +77,27 @@ def load_state_dict(path, flag="--model_path"):
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise InputFileError(f"{flag}: {path} holds no state dict of named tensors")
+    return strip_wrappers(state)
+
+
+def is_safetensors(path):
+    """A safetensors file starts with the 8-byte length of its JSON header, and the header with "{"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+
+
+WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def strip_wrappers(state):
+    """A state dict saved from a wrapped model has every name prefixed by the wrapper: the model's own names."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPERS:
+            if all(k.startswith(prefix) for k in state):
+                state, changed = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 
@@ -120,7 +141,8 @@ def load_vae(path, device, dtype, flag="--vae_path"):
         raise InputFileError(f"{flag}: {path} holds a {kind}, not an AutoencoderKL ({VAE_SOURCE})")
     with quiet_loading():  # diffusers lists every weight it did not find over many lines: said below in one
         try:
-            vae = AutoencoderKL.from_pretrained(path, dtype=dtype)  # a .to(dtype) afterwards would warn on every run
+            vae = AutoencoderKL.from_pretrained(path, dtype=dtype,  # a .to(dtype) afterwards would warn each run
+                                                variant=weights_variant(path, [""]))
         except Exception as e:  # whatever diffusers or safetensors make of a bad folder: said in one line
             raise InputFileError(f"{flag}: {path} is not a usable AutoencoderKL folder ({type(e).__name__}: "
                                  f"{(str(e).splitlines() or [''])[0]})") from None
@@ -129,6 +151,23 @@ def load_vae(path, device, dtype, flag="--vae_path"):
     if problem:
         raise InputFileError(f"{flag}: {os.path.join(path, 'config.json')} {problem}")
     return vae.to(device).eval()
+
+
+def weights_variant(path, parts):
+    """The variant ("fp16") to load when a part of the folder holds its weights only as variant files
+    (unet/diffusion_pytorch_model.fp16.safetensors, as the hub's fp16 downloads), else None: diffusers looks for
+    the plain names unless told, and a folder holding both loads the plain ones, as diffusers does by default."""
+    found = set()
+    for part in parts:
+        sub = os.path.join(path, part)
+        names = os.listdir(sub) if os.path.isdir(sub) else []
+        # model[.variant][-00001-of-00002].safetensors, or the shard before the variant
+        weights = [re.fullmatch(r"(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?(?:\.(\w+))?(?:-\d+-of-\d+)?"
+                                r"\.(?:safetensors|bin)", n) for n in names]
+        weights = [w for w in weights if w]
+        if weights and all(w.group(1) for w in weights):  # only variant files
+            found |= {w.group(1) for w in weights}
+    return found.pop() if len(found) == 1 else None
 
 
 @contextlib.contextmanager
@@ -146,6 +185,7 @@ def quiet_loading():
     try:
         with warnings.catch_warnings():  # deprecation notes to the pipeline's authors (e.g. a steps_offset
             warnings.simplefilter("ignore", FutureWarning)  # other than 1, which diffusers then sets to 1 itself)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a .bin part: failure said below
             yield
     finally:
         diffusers_logging.set_verbosity(levels[0])

@@ -8,6 +8,7 @@ is loaded) and the loading, for three sources:
                                   scheduler's (read as DDIM), its null class the pipeline's (num_embeds_ada_norm,
                                   1000 for the public models), guidance on every latent channel as DiTPipeline does
 """
+import math
 import os
 
 import torch
@@ -17,7 +18,7 @@ from runner.flags import path_value
 
 from . import digits
 from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_parts_loaded, load_into, load_state_dict, quiet_loading,
-                          require_file)
+                          require_file, weights_variant)
 from .dit import DiT_models
 from .sd import check_scheduler, config_value, note_scheduler, read_json
 
@@ -116,14 +117,34 @@ def load_dit(args, device, dtype):
                              f"{names}; give DiT weights (.pt, .safetensors) or a DiTPipeline folder")
     require_file(args.model_path, "--model_path", hint)
     model = DiT_models[args.model](**kwargs)
+    state = load_state_dict(args.model_path)
     try:
-        load_into(model, load_state_dict(args.model_path), args.model_path)
+        load_into(model, state, args.model_path)
     except InputFileError as e:
         if args.model == EMBEDDED_DIT and not hint:  # the reference's script has no --model: it is always DiT-XL/2
             raise InputFileError(f"{e}; --model names the architecture, the embedded {EMBEDDED_DIT} by default "
                                  f"(the public checkpoints: --model DiT-XL/2)") from None
+        implied = implied_flags(state, model, args)
+        if implied:
+            raise InputFileError(f"{e}; the checkpoint's shapes say {implied}") from None
         raise
     return model.to(device=device, dtype=dtype).eval()
+
+
+def implied_flags(state, model, args):
+    """The --image_size / --num_classes a DiT state dict was trained with, where they differ from the flags (its
+    position embedding has one row per patch, its class table one per class and the null class)."""
+    said = []
+    pos = state.get("pos_embed")
+    patch = model.patch_size
+    if pos is not None and pos.dim() == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        size = math.isqrt(pos.shape[1]) * patch * 8  # patches per side x patch x the VAE's factor 8
+        if size != args.image_size:
+            said.append(f"--image_size {size}")
+    table = state.get("y_embedder.embedding_table.weight")
+    if table is not None and table.dim() == 2 and table.shape[0] - 1 != args.num_classes:
+        said.append(f"--num_classes {table.shape[0] - 1}")
+    return " ".join(said)
 
 PARTS = ("transformer", "vae", "scheduler")
 
@@ -160,7 +181,8 @@ def load_dit_pipeline(path, device, dtype, flag="--model_path"):
     from diffusers import DiTPipeline
     with quiet_loading():
         try:
-            pipe = DiTPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = DiTPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                               variant=weights_variant(path, ("transformer", "vae")))
         except Exception as e:  # whatever diffusers or safetensors make of a bad part: said in one line
             raise InputFileError(f"{flag}: cannot load {path} as a DiTPipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None

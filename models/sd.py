@@ -27,7 +27,7 @@ from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
 from .adapters import guides
-from .checkpoints import check_parts_loaded, quiet_loading, vae_problem
+from .checkpoints import check_parts_loaded, quiet_loading, vae_problem, weights_variant
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -47,6 +47,8 @@ PARTS = {
                                  "scheduler": "scheduler_config.json"},
 }
 PIPELINES = tuple(PARTS)
+T5_PARTS = ("text_encoder_3", "tokenizer_3")  # SD3's optional third text encoder
+FLAGS_OF_PIPELINES = ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep spacings
 MAX_TRAIN_STEPS = 100_000
@@ -99,7 +101,7 @@ def check_folder(path, flag="--model_path"):
         raise InputFileError(f"{flag}: {path} is a {kind or 'pipeline of unknown class'} folder; the SD scripts drive "
                              f"{SUPPORTED}")
     for name, entry in index.items():
-        if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] not in LIBRARIES:
+        if not name.startswith("_") and isinstance(entry, list) and entry and not own_library(entry[0]):
             raise InputFileError(f"{flag}: {index_path} loads {name} from {entry[0]!r}, code outside diffusers and "
                                  f"transformers, which is never run")
     for part, marker in PARTS[kind].items():
@@ -127,6 +129,17 @@ def check_folder(path, flag="--model_path"):
         raise InputFileError(f"{flag}: {net_path} {problem}")
 
 
+def own_library(name):
+    """Whether a model_index.json entry loads from diffusers or transformers: by name, or as one of diffusers' own
+    pipeline modules (SD v1.x names its safety checker ["stable_diffusion", "StableDiffusionSafetyChecker"])."""
+    if name in LIBRARIES:
+        return True
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    import importlib.util
+    return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
+
+
 def network_problem(config):
     """What keeps a denoising network (its config dict) from being sampled here, or None. A UNet with
     time_cond_proj_dim is guidance-distilled (LCM): diffusers' pipelines then skip classifier-free guidance and feed
@@ -139,7 +152,7 @@ def network_problem(config):
 
 def family(path):
     """The pipeline class named by the folder's model_index.json (checked by check_folder)."""
-    return read_json(os.path.join(path, "model_index.json"))["_class_name"]
+    return read_json(os.path.join(path, "model_index.json")).get("_class_name")
 
 
 def _network_config(path):
@@ -153,12 +166,23 @@ def _network_config(path):
 def check_scheduler(path, flag="--model_path"):
     """The scheduler settings the linear DDIM system (equation 1) can represent."""
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    sched = read_json(sched_path, flag)
+    sched = as_loaded(read_json(sched_path, flag), family(path))
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")
     problem = scheduler_problem(sched)
     if problem:
         raise InputFileError(f"{flag}: {sched_path} {problem}")
+
+
+def as_loaded(config, kind):
+    """A folder's scheduler config (a dict) as the loaded pipeline holds it: diffusers' StableDiffusionPipeline
+    resets an outdated steps_offset to 1 and clip_sample to false when it is built, so the checks made before
+    loading read those values (a folder with steps_offset 0 passed --timesteps 1000 and then failed after loading)."""
+    if kind == "StableDiffusionPipeline" and isinstance(config, dict):
+        config = {**config, "steps_offset": 1}
+        if config.get("clip_sample") is True:
+            config["clip_sample"] = False
+    return config
 
 
 def note_scheduler(path):
@@ -318,16 +342,20 @@ def load_pipeline(path, device, dtype):
     kind = family(path)
     cls = getattr(diffusers, kind)
     extra = dict(requires_safety_checker=False) if kind == "StableDiffusionPipeline" else {}
-    # the pipeline's parts that the folder does not have (safety checker, image encoder, SD3's T5): none
+    # parts the solver never uses are not loaded (safety checker, feature extractor, image encoder), nor an optional
+    # one the folder names but does not have (SD3's T5, used when both its folders are there)
     index = read_json(os.path.join(path, "model_index.json"))
+    t5 = all(os.path.isdir(os.path.join(path, name)) and index.get(name) not in ([None, None], None)
+             for name in T5_PARTS)
     for name in inspect.signature(cls.__init__).parameters:
-        absent = name not in index or index[name] in ([None, None], None)
-        if absent and name not in ("self", "requires_safety_checker", "force_zeros_for_empty_prompt",
-                                   "add_watermarker"):
-            extra[name] = None
+        if name in PARTS[kind] or name in FLAGS_OF_PIPELINES or name in T5_PARTS and t5:
+            continue
+        extra[name] = None
+    variant = weights_variant(path, [p for p in (*PARTS[kind], *(T5_PARTS if t5 else ())) if p not in
+                                     ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")])
     with quiet_loading():
         try:
-            pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+            pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant, **extra)
         except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
@@ -466,7 +494,7 @@ def check_timesteps(T, eta, path):
     spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading")."""
     if "FlowMatch" in str(_scheduler_class(path)):
         return  # Euler steps of a flow: its sigmas always fit (flow_schedule checks T against the training steps)
-    config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    config = as_loaded(read_json(os.path.join(path, "scheduler", "scheduler_config.json")), family(path))
     try:
         from_ddim_scheduler(ddim_copy(config), T, eta)
     except ValueError as e:

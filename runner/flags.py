@@ -48,7 +48,7 @@ def path_value(text):
     refused rather than read as the flag left out, which would quietly use the default."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (leave the flag out for its default)")
-    return text
+    return os.path.expanduser(text)  # --flag=~/x: the shell leaves a ~ after "=" as it is
 
 
 def make_parser(description):
@@ -93,7 +93,7 @@ def add_run_flags(parser, cfg_scale):
     g.add_argument("--batch_size", type=int, default=1, help="samples solved together (one model call each iteration)")
     g.add_argument("--compare_sequential", action="store_true",
                    help="also sample sequentially and record the distance to it after every iteration")
-    g.add_argument("--output_path", type=str, default="output", help="run folders are created under this folder")
+    g.add_argument("--output_path", type=os.path.expanduser, default="output", help="run folders are created under this folder")
     g.add_argument("--fp16", action="store_true", help="run the model in float16")
     g.add_argument("--dist_timeout", type=float, default=300.0,
                    help="seconds a process waits for the others in a collective before giving up")

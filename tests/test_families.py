@@ -189,3 +189,71 @@ def test_the_embedded_flow_model_out_of_the_box(tmp_path):
     predicted = digits.classify_images(digits.train_digit_classifier(),
                                        torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1)
     assert float((predicted == torch.arange(10)).float().mean()) >= 0.8
+
+
+def hub_layouts(clean, root):
+    """Copies of a tiny SD folder laid out as users have them: the hub's model_index.json of SD v1.5 (its safety
+    checker is named from diffusers' own "stable_diffusion" module; refused as code outside diffusers before),
+    weights only as fp16 variant files (unet/diffusion_pytorch_model.fp16.safetensors: refused by diffusers'
+    message about a missing .bin), an outdated steps_offset 0 (which the pipeline resets to 1). Also the clean
+    folder with the fp16-rounded UNet, which the variant folder must equal."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    def copy(name, index=None, scheduler=None):
+        folder = os.path.join(root, name)
+        shutil.copytree(clean, folder)
+        for file, change in (("model_index.json", index), (os.path.join("scheduler", "scheduler_config.json"),
+                                                            scheduler)):
+            if change:
+                with open(os.path.join(folder, file)) as f:
+                    config = json.load(f)
+                change(config)
+                with open(os.path.join(folder, file), "w") as f:
+                    json.dump(config, f)
+        return folder
+
+    hub = copy("hub", index=lambda c: c.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                                                feature_extractor=["transformers", "CLIPImageProcessor"]))
+    offset0 = copy("offset0", scheduler=lambda c: c.update(steps_offset=0))
+    rounded, variant = copy("rounded"), copy("variant")
+    weights = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+    half = {k: v.half() for k, v in load_file(os.path.join(clean, weights)).items()}
+    save_file(half, os.path.join(rounded, weights))
+    save_file(half, os.path.join(variant, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    os.remove(os.path.join(variant, weights))
+    return {"hub": hub, "offset0": offset0, "rounded": rounded, "variant": variant}
+
+
+def test_folders_laid_out_as_on_the_hub_sample_as_the_clean_one(tiny_sd, tmp_path, capsys):
+    from tests.test_bad_input import check
+    layouts = hub_layouts(tiny_sd, str(tmp_path / "layouts"))
+    flags = ["--timesteps", "4", "--window_size", "4", "--tol1", "0", "--tol2", "0", "--num_samples", "1"]
+    runs = {name: read_latents(run_sd(folder, tmp_path / name, *flags)[0])
+            for name, folder in [("clean", tiny_sd), *layouts.items()]}
+    assert np.array_equal(runs["hub"], runs["clean"]) and np.array_equal(runs["offset0"], runs["clean"])
+    assert np.array_equal(runs["variant"], runs["rounded"]) and not np.array_equal(runs["rounded"], runs["clean"])
+    # steps_offset 0 is checked as the pipeline holds it (1): T = 1000 is then one line before loading, exit 2
+    capsys.readouterr()
+    check(parallel_sd, ["--model_path", layouts["offset0"], "--timesteps", "1000"], 2,
+          ["--timesteps", "1000", "steps_offset 1"], tmp_path / "t1000", capsys)
+
+
+def test_sd3_with_its_t5_named_but_not_downloaded(folders, tmp_path):
+    """SD3's third text encoder (T5) is optional: a folder whose model_index.json names it without its folders
+    samples without it, as one whose index has no T5 (diffusers' message about a missing model.safetensors
+    before)."""
+    import json
+    import shutil
+    folder = str(tmp_path / "sd3_t5_named")
+    shutil.copytree(folders["sd3"], folder)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    flags = ["--timesteps", "4", "--window_size", "4", "--num_samples", "1"]
+    a, _ = run_sd(folders["sd3"], tmp_path / "a", *flags)
+    b, _ = run_sd(folder, tmp_path / "b", *flags)
+    assert np.array_equal(read_latents(a), read_latents(b))

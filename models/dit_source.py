@@ -144,6 +144,9 @@ def implied_flags(state, model, args):
     table = state.get("y_embedder.embedding_table.weight")
     if table is not None and table.dim() == 2 and table.shape[0] - 1 != args.num_classes:
         said.append(f"--num_classes {table.shape[0] - 1}")
+    final = state.get("final_layer.linear.weight")
+    if final is not None and final.dim() == 2 and final.shape[0] == patch * patch * model.in_channels:
+        said.append("no learned variance (learn_sigma=False), which the registry models, DiT's, do not take")
     return " ".join(said)
 
 PARTS = ("transformer", "vae", "scheduler")

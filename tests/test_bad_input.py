@@ -262,11 +262,14 @@ def test_a_checkpoint_of_another_size_or_class_count_names_the_flags():
     """A DiT checkpoint for another image size or class count was refused naming only a tensor's shape."""
     import argparse
     from models.dit_source import implied_flags
-    model = argparse.Namespace(patch_size=2)
-    state = {"pos_embed": torch.zeros(1, 256, 8), "y_embedder.embedding_table.weight": torch.zeros(1001, 8)}
+    model = argparse.Namespace(patch_size=2, in_channels=4)
+    state = {"pos_embed": torch.zeros(1, 256, 8), "y_embedder.embedding_table.weight": torch.zeros(1001, 8),
+             "final_layer.linear.weight": torch.zeros(32, 8)}  # 2 x 2 patches x 8: noise and variance
     assert implied_flags(state, model, argparse.Namespace(image_size=512, num_classes=10)) == \
         "--image_size 256 --num_classes 1000"
     assert implied_flags(state, model, argparse.Namespace(image_size=256, num_classes=1000)) == ""
+    state["final_layer.linear.weight"] = torch.zeros(16, 8)
+    assert "learn_sigma=False" in implied_flags(state, model, argparse.Namespace(image_size=256, num_classes=1000))
 
 
 def test_a_tilde_in_a_path_flag_is_the_home_folder(monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.config import is_integer
 from paratAA.planner import plan_window, sync
-from paratAA.schedule import check_num_steps
+from paratAA.schedule import pipeline_schedule
 from runner.launch import host_memory_available
 
 from .adapters import guides
@@ -61,7 +61,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)  # as __call__
     height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
-                              height, width, batch_size, output_type, compare_sequential)
+                              height, width, batch_size, output_type, compare_sequential, eta)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
@@ -114,7 +114,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
-                    width, batch_size, output_type, compare_sequential=False):
+                    width, batch_size, output_type, compare_sequential=False, eta=0.0):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
     parameters by SolverConfig."""
@@ -134,7 +134,8 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
-    check_num_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps, "num_inference_steps")
+    # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here
+    pipeline_schedule(pipe, num_inference_steps, eta, "num_inference_steps")
     if not is_integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled

@@ -50,7 +50,10 @@ def check_eta(eta):
         raise ValueError(f"eta must be a number in 0..1, got {eta!r}")
 
 
-def check_num_steps(num_steps, num_train_timesteps, name="timesteps (number of sampling steps T)"):
+STEPS = "timesteps (number of sampling steps T)"  # how the number of steps is named in errors (the scripts' flag)
+
+
+def check_num_steps(num_steps, num_train_timesteps, name=STEPS):
     """name: what the caller calls the number (the scripts' --timesteps, parallel_sample's num_inference_steps)."""
     if not is_integer(num_steps) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"{name} must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
@@ -80,7 +83,7 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
                     num_train_timesteps=num_train_timesteps)
 
 
-def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
+def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     """Schedule for `num_steps` DDIM steps of a diffusers scheduler (any scheduler config is read as DDIM).
 
     The model is called at the scheduler's timesteps t, and each step goes where diffusers' DDIMScheduler.step
@@ -99,11 +102,11 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0):
     scheduler = copy.deepcopy(scheduler) if isinstance(scheduler, DDIMScheduler) else ddim_copy(scheduler.config)
     check_linear(scheduler.config)
     n_train = scheduler.config.num_train_timesteps
-    check_num_steps(num_steps, n_train)
+    check_num_steps(num_steps, n_train, name)
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.flip(0).long()                  # [T] ascending: step s uses timesteps[s]
     if int(timesteps.max()) >= n_train:  # "leading" spacing with steps_offset, e.g. T = n_train: 1 .. n_train
-        raise ValueError(f"timesteps (number of sampling steps T) {num_steps} is too many for this scheduler: its "
+        raise ValueError(f"{name} {num_steps} is too many for this scheduler: its "
                          f"spacing ({scheduler.config.timestep_spacing}, steps_offset "
                          f"{scheduler.config.steps_offset}) gives model timestep {int(timesteps.max())}, beyond its "
                          f"{n_train} training steps; use fewer")
@@ -175,7 +178,7 @@ def dit_schedule(num_steps, eta=0.0, num_train=1000):
                         torch.from_numpy(1 - alphas_prev), eta, num_train)
 
 
-def flow_schedule(scheduler, num_steps, eta=0.0):
+def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS):
     """Euler steps of a flow-matching scheduler (diffusers' FlowMatchEulerDiscreteScheduler: SD3, its timestep
     shift included) as the triangular system with f = v, the model's velocity:
 
@@ -190,7 +193,7 @@ def flow_schedule(scheduler, num_steps, eta=0.0):
     if eta != 0:
         raise ValueError(f"eta must be 0 for a flow-matching scheduler (its Euler steps add no noise), got {eta!r}")
     n_train = scheduler.config.num_train_timesteps
-    check_num_steps(num_steps, n_train)
+    check_num_steps(num_steps, n_train, name)
     if getattr(scheduler.config, "use_dynamic_shifting", False):
         raise ValueError("schedulers with use_dynamic_shifting (Flux) need a resolution-dependent mu: not supported")
     scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it: leave the caller's as it was
@@ -207,11 +210,11 @@ def is_flow(scheduler):
     return "FlowMatch" in type(scheduler).__name__
 
 
-def pipeline_schedule(pipeline, num_steps, eta=0.0):
+def pipeline_schedule(pipeline, num_steps, eta=0.0, name=STEPS):
     """Schedule of whatever scheduler a diffusers pipeline carries: a flow-matching scheduler's Euler steps
     (flow_schedule), anything else read as DDIM (Stable Diffusion: keeping its set_alpha_to_one, so the last step
-    uses alphas_cumprod[0] for SD v1.5)."""
+    uses alphas_cumprod[0] for SD v1.5). name: the number of steps as the caller calls it, in errors."""
     # both work on a copy: the pipeline's own scheduler keeps its state
     if is_flow(pipeline.scheduler):
-        return flow_schedule(pipeline.scheduler, num_steps, eta)
-    return from_ddim_scheduler(pipeline.scheduler, num_steps, eta)
+        return flow_schedule(pipeline.scheduler, num_steps, eta, name)
+    return from_ddim_scheduler(pipeline.scheduler, num_steps, eta, name)

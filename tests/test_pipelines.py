@@ -146,6 +146,8 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(num_inference_steps=0), ValueError, r"num_inference_steps must be an integer in 1\.\.1000"),
              (dict(num_inference_steps=4.0), ValueError, "num_inference_steps"),
              (dict(num_inference_steps=1001), ValueError, "num_inference_steps"),
+             # SD v1.5's "leading" spacing with steps_offset 1 reaches timestep 1000 at 1000 steps
+             (dict(num_inference_steps=1000), ValueError, "num_inference_steps 1000 is too many for this scheduler"),
              (dict(eta=2.0), ValueError, "eta"), (dict(window_size=0), ValueError, "window_size"),
              # what the scripts refuse: a prompt never sampled, a negative prompt without guidance, a blank prompt
              (dict(prompt=["a handwritten digit one", "a handwritten digit two"]), ValueError,

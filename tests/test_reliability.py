@@ -501,3 +501,26 @@ def test_a_warm_start_interrupted_in_prompt2_says_prompt1_is_kept(tmp_path, monk
     assert f"2 finished samples kept in {os.path.join(run, 'prompt1')}" in line, line
     assert read_metrics(os.path.join(run, "prompt1"))["status"] == "complete"
     assert not os.path.exists(os.path.join(run, "prompt2"))
+
+
+def test_a_full_disk_met_by_the_heartbeat_is_left_to_the_run(tmp_path, monkeypatch):
+    """The heartbeat thread rewrites metrics.json every few seconds: a full disk there printed a traceback of the
+    thread; the run's own next write says it in one line."""
+    import argparse
+    import threading
+    from paratAA import SolverConfig
+    from runner import writer as writer_module
+    from runner.errors import OutputError
+    monkeypatch.setattr(writer_module, "HEARTBEAT", 0.02)
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: died.append(hook.exc_type))
+    args = argparse.Namespace(timesteps=5, eta=0.0, cfg_scale=1.0, compare_sequential=False)
+    original = writer_module.save_json
+
+    def full(*_, **__):
+        raise OutputError("cannot write metrics.json (No space left on device)")
+    with writer_module.RunWriter(str(tmp_path), None, args, SolverConfig().resolve(5), "test", dict, 0):
+        monkeypatch.setattr(writer_module, "save_json", full)
+        time.sleep(0.2)
+        monkeypatch.setattr(writer_module, "save_json", original)
+    assert died == [] and read_metrics(str(tmp_path))["status"] == "complete"

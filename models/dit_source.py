@@ -20,7 +20,7 @@ from . import digits
 from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_parts_loaded, load_into, load_state_dict, quiet_loading,
                           require_file, weights_variant)
 from .dit import DiT_models
-from .sd import check_scheduler, config_value, note_scheduler, read_json
+from .sd import check_scheduler, config_value, note_scheduler, read_json, sample_pixels
 
 EMBEDDED_DIT = "DiT-Digits"
 DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
@@ -173,11 +173,10 @@ def folder_sizes(path, flag="--model_path"):
         raise InputFileError(f"{flag}: {path}: the transformer takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents")
     cells = config_value(net, "sample_size", net_path, flag, "count")
-    if isinstance(cells, list):  # DiTPipeline draws square latents of sample_size cells
-        if cells[0] != cells[1]:
-            raise InputFileError(f"{flag}: {net_path} has sample_size {cells}; DiTPipeline samples square latents")
-        cells = cells[0]
-    return cells * factor, config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
+    height, width = sample_pixels(cells, factor)
+    if height != width:  # DiTPipeline draws square latents of sample_size cells
+        raise InputFileError(f"{flag}: {net_path} has sample_size {cells}; DiTPipeline samples square latents")
+    return height, config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
 
 
 def load_dit_pipeline(path, device, dtype, flag="--model_path"):
@@ -217,8 +216,7 @@ class LoadedDiT:
             net = pipe.transformer
             self.eps_fn = pipeline_denoiser(pipe, args.cfg_scale)
             self.schedule = lambda T, eta=0.0: pipeline_schedule(pipe, T, eta)
-            cells = net.config.sample_size  # checked square by folder_sizes
-            cells = cells[0] if isinstance(cells, (list, tuple)) else cells
+            cells, _ = sample_pixels(net.config.sample_size, 1)  # checked square by folder_sizes
             self.latent = (net.config.in_channels, cells, cells)
             self.scheduler = {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
                               "read_as": "DDIMScheduler (paratAA.from_ddim_scheduler)"}

@@ -351,8 +351,7 @@ def load_pipeline(path, device, dtype):
         if name in PARTS[kind] or name in FLAGS_OF_PIPELINES or name in T5_PARTS and t5:
             continue
         extra[name] = None
-    variant = weights_variant(path, [p for p in (*PARTS[kind], *(T5_PARTS if t5 else ())) if p not in
-                                     ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")])
+    variant = weights_variant(path, [*PARTS[kind], *(T5_PARTS if t5 else ())])  # weight files only are read
     with quiet_loading():
         try:
             pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant, **extra)

@@ -34,6 +34,11 @@ class OutputError(Exception):
     it, exit code 1."""
 
 
+def cannot_write(path, error):
+    """The OutputError for an OSError met while writing path."""
+    return OutputError(f"cannot write {path} ({error.strerror or error})")
+
+
 def add_kept(exc, folder, finished):
     """Say, on the exception passing through, that `finished` samples are complete in `folder`."""
     try:

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from .errors import OutputError, UsageError
+from .errors import UsageError, cannot_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def write_atomic(path, write):
         except OSError:
             pass
         if isinstance(e, OSError):  # a full disk: one line naming the file, not an "unexpected" OSError
-            raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
+            raise cannot_write(path, e) from None
         raise
 
 

@@ -17,6 +17,7 @@ older than a few HEARTBEAT intervals was killed (SIGKILL, a lost machine): READM
 import math
 import os
 import shutil
+from collections import namedtuple
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import OutputError, add_kept, signals_held
+from .errors import OutputError, add_kept, cannot_write, signals_held
 from .metrics import image_rms, latent_rms, same_image_at
 from .rundir import portable, save_json, save_npz, save_png, upscale
 
@@ -40,6 +41,9 @@ INDEXING = {  # how metrics.json's per-iteration lists are indexed
         "entry k is the x_0 estimate after iteration k; entry 0 is the initial state (before iteration 1)",
     "iterations_to_same_image": "the first k of image_rms_history within 1 gray level (0: already the initial state)",
 }
+# a finished sample, appended whole once its folder is written: its metrics.json record, latent [1, *latent],
+# x_T [1, *latent] or None, grid row or None
+Finished = namedtuple("Finished", "record latent x_T row")
 GRID_SAMPLES = 32    # grid.png shows the first samples only (every sample has its own folder of images)
 RECORD_BYTES = 4096  # what one sample's record in metrics.json holds in memory, at most (for the memory check)
 
@@ -50,8 +54,7 @@ class RunWriter:
 
     def __init__(self, run_dir, decode, args, config, script, label, num_samples, info=None, world_size=1):
         self.run_dir, self.decode, self.label = run_dir, decode, label
-        # one entry per finished sample, appended whole once its folder is written, so that metrics.json, latents.npz
-        # and grid.png always list the same samples: (record, latent, x_T or None, grid row or None)
+        # one Finished per sample, so that metrics.json, latents.npz and grid.png always list the same samples
         self.finished = []
         self.metrics = {"script": script, "world_size": world_size, "timesteps": args.timesteps,
                         **config.to_dict(), "eta": args.eta, "cfg_scale": args.cfg_scale,
@@ -77,7 +80,7 @@ class RunWriter:
     @property
     def samples(self):
         """metrics.json's record of each finished sample."""
-        return [entry[0] for entry in self.finished]
+        return [f.record for f in self.finished]
 
     def __exit__(self, kind, exc, tb):
         self._stop.set()
@@ -141,10 +144,11 @@ class RunWriter:
             else:  # without the sequential sample: the first image within 1 gray level of the sample's own last
                 final = same_image_at([image_rms(img, imgs[-1]) for img in imgs])
             self._write_folder(i, imgs, seq_imgs[j] if seq is not None else None)
-            self.finished.append((m, res.samples[j:j + 1].to(torch.float32).cpu().numpy(),      # one append: a
-                                  None if x_T is None else x_T[j:j + 1].to(torch.float32).cpu().numpy(),  # signal
-                                  (imgs, _row_label(i, self.label(i)), final) if i < GRID_SAMPLES else None))  # never
-        with self._lock:                                                              # splits a sample's entry
+            self.finished.append(Finished(  # one append: a signal never splits a sample's entry
+                m, res.samples[j:j + 1].to(torch.float32).cpu().numpy(),
+                None if x_T is None else x_T[j:j + 1].to(torch.float32).cpu().numpy(),
+                (imgs, _row_label(i, self.label(i)), final) if i < GRID_SAMPLES else None))
+        with self._lock:
             self.metrics["wall_clock_seconds"] += seconds
             self.sequential_estimate += seq_estimate or 0.0
             self.batches += 1
@@ -165,7 +169,7 @@ class RunWriter:
         except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(e, OSError):  # makedirs on a full disk
-                raise OutputError(f"cannot write {folder} ({e.strerror or e})") from None
+                raise cannot_write(folder, e) from None
             raise
 
     def flush(self, status):
@@ -174,11 +178,11 @@ class RunWriter:
             self.status = status
             done = list(self.finished)  # the samples finished now, the same in every file written below
             if done:
-                arrays = {"latents": np.concatenate([latent for _, latent, _, _ in done])}
-                if all(x_T is not None for _, _, x_T, _ in done):
-                    arrays["x_T"] = np.concatenate([x_T for _, _, x_T, _ in done])
+                arrays = {"latents": np.concatenate([f.latent for f in done])}
+                if all(f.x_T is not None for f in done):
+                    arrays["x_T"] = np.concatenate([f.x_T for f in done])
                 save_npz(os.path.join(self.run_dir, "latents.npz"), **arrays)
-            rows = [row for _, _, _, row in done if row is not None]
+            rows = [f.row for f in done if f.row is not None]
             if status != "running" and rows:
                 reference = "the sequential sample" if "sequential_wall_clock_seconds" in self.metrics else \
                     "the sample's last"
@@ -211,7 +215,7 @@ class RunWriter:
         return out
 
     def _write_metrics(self, done=None):
-        samples = [m for m, _, _, _ in (self.finished if done is None else done)]
+        samples = [f.record for f in (self.finished if done is None else done)]
         save_json({**self.metrics, "speed": self.speed(samples), "status": self.status,
                    "heartbeat": round(time.time(), 3),
                    "finished_samples": [m["index"] for m in samples], "samples": samples},

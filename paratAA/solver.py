@@ -178,6 +178,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     last_eps = [None] * B     # noise prediction of the lowest step evaluated last (initialises new states)
     stopped = [False] * B
     reached = [top if init is None else 0] * B  # lowest state initialised so far
+    # lowest state the window has reached: the x_0 estimate recorded (a warm start's states below its window hold
+    # the trajectory it started from, not estimates of this solve's x_0; window 1 records the same states)
+    lowest = [top] * B
     quirks = config.reference_quirks
     uninit = [top - 1 if init is None else -1] * B  # the reference's highest state it has not started yet
 
@@ -188,7 +191,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     iterations = [0] * B
     if record_x0:
         for b in range(B):
-            history[b].x0.append(X[b, reached[b]].reshape(latent).to("cpu", copy=True))
+            history[b].x0.append(X[b, lowest[b]].reshape(latent).to("cpu", copy=True))
 
     it = 0
     while any(f > 0 for f in boundary) and (max_steps is None or it < max_steps):
@@ -212,6 +215,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 else:
                     X[b, lo:reached[b]] = X[b, reached[b]]
                 reached[b] = lo
+            lowest[b] = min(lowest[b], lo)
             spans.append((b, lo, F))
 
         # one batched model call for every window of every sample: inputs x_{lo+1} .. x_F
@@ -312,14 +316,14 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             h.estimate.append(estimate)
             h.stopped = stopped[b]
             if record_x0:
-                h.x0.append(X[b, reached[b]].reshape(latent).to("cpu", copy=True))
+                h.x0.append(X[b, lowest[b]].reshape(latent).to("cpu", copy=True))
         if callback is not None:
             callback(it, list(boundary))
 
     for h in history:  # the fallback counts stayed on the device during the run
         h.fallbacks = [int(v) for v in h.fallbacks]
     # a sample stopped by max_steps before the window reached x_0: its estimate is the lowest state reached
-    samples = torch.stack([X[b, reached[b]] for b in range(B)]).reshape(B, *latent)
+    samples = torch.stack([X[b, lowest[b]] for b in range(B)]).reshape(B, *latent)
     return SolveResult(samples=samples, trajectory=X.reshape(B, T + 1, *latent),
                        iterations=iterations, converged=[f == 0 for f in boundary],
                        evaluations=[sum(h.evaluations) for h in history], history=history, config=config,

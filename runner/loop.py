@@ -22,7 +22,7 @@ from paratAA.solver import state_bytes
 
 from .errors import UsageError
 from .metrics import speed_summary
-from .planning import plan_run
+from .planning import batch_call_seconds, plan_run
 from .rundir import create_run_dir, missing_folders, save_args
 from .writer import RECORD_BYTES, RunWriter
 
@@ -164,6 +164,12 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                 config, plan, call_seconds = plan_run(bundle, args, config, session, noise, cond, variation_steps)
                 if writer is not None:
                     writer.set_plan(config, plan, call_seconds)
+                batch_call = call_seconds
+            elif stop - start != args.batch_size:  # the last batch, of fewer samples: timed at its own size
+                batch_call = batch_call_seconds(bundle, args, config, session, noise, cond,
+                                                estimate=call_seconds is not None and not args.compare_sequential)
+                if writer is not None and batch_call is not None:
+                    writer.set_last_batch_call(stop - start, batch_call)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,
                       **progress) as it_bar:
                 sync(device)
@@ -193,7 +199,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             out["converged"] += res.converged
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds,
-                                 steps * call_seconds if call_seconds is not None else None, x_T=noise[:, -1])
+                                 steps * batch_call if batch_call is not None else None, x_T=noise[:, -1])
                 _say_unconverged(start, res, config)
             bar.update(stop - start)
     if keep_trajectories:

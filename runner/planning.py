@@ -95,6 +95,19 @@ def plan_run(bundle, args, config, session, noise, cond, steps=None):
     return config, plan, call_seconds
 
 
+def batch_call_seconds(bundle, args, config, session, noise, cond, estimate):
+    """A batch of another size than the first (the last one, of fewer samples): warmed up at its own sizes, as the
+    first batch was by plan_run, and, when sequential sampling is estimated (estimate), the seconds of one call of
+    one state per sample at its size, timed now: sequential sampling of n samples costs T calls of n, not of the
+    first batch's B (on a CPU a call of 16 digits samples costs 6x one of 1)."""
+    window = min(config.window_size, bundle.schedule.num_steps)
+    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
+    if not estimate:
+        return None
+    return measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype,
+                                [1])[noise.shape[0]]
+
+
 def warm_up(bundle, session, noise, cond, windows):
     """One untimed call at each size a timed run uses (the window's; sequential sampling's one state per sample),
     so that neither the sampling time nor the sequential one includes the device's first-call costs (kernel

@@ -121,6 +121,11 @@ class RunWriter:
             self.metrics["plan"] = plan.to_dict() if plan is not None else None
             self.metrics["per_call_seconds"] = call_seconds
 
+    def set_last_batch_call(self, samples, call_seconds):
+        """The last batch holds fewer samples than the others: its per-call time, measured at its size."""
+        with self._lock:
+            self.metrics["last_batch_per_call_seconds"] = {"samples": samples, "seconds": call_seconds}
+
     def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None, x_T=None):
         """res: the batch's SolveResult (record_x0), seq: its sequential x_0 [B, *latent] or None;
         seq_estimate: what sequential sampling of the batch would take, from the measured per-call time;
@@ -199,7 +204,8 @@ class RunWriter:
                        sequential="measured (--compare_sequential)")
         elif self.sequential_estimate:
             out.update(sequential_seconds=self.sequential_estimate, sequential_measured=False,
-                       sequential="estimated: model calls x measured seconds per call (per_call_seconds)")
+                       sequential="estimated: model calls x measured seconds per call (per_call_seconds; a smaller last "
+                                 "batch: last_batch_per_call_seconds)")
         if out.get("sequential_seconds") and wall > 0:
             out["speedup"] = out["sequential_seconds"] / wall
         plan = self.metrics.get("plan")

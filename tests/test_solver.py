@@ -549,3 +549,21 @@ def test_states_turning_nan_with_finite_model_outputs_are_an_error():
     broken = replace(schedule, a=schedule.a.clone().index_fill_(0, torch.tensor([9]), float("nan")))
     with pytest.raises(FloatingPointError, match="became NaN at iteration 1 with finite model outputs"):
         solve(model, broken, noise, model_dtype=torch.float64)
+
+
+def test_a_warm_starts_x0_record_is_the_lowest_state_its_window_reached_at_every_window():
+    """step_<k>.png of a warm start (parallel_sd_winit.py's prompt2): window 1 recorded x_{variation_steps} as the
+    initial state and then the state just computed, a wider window recorded x_0 of the trajectory it started from
+    (prompt1's image) until the window reached it, so its first iterations showed prompt1's image unchanged."""
+    model, schedule, noise = gmm_problem(12)
+    init = solve(model, schedule, noise, window_size=12, tol1=0.0, tol2=0.0, model_dtype=torch.float64).trajectory
+    V = 8
+    one = solve(model, schedule, noise, window_size=1, init=init, variation_steps=V, record_x0=True,
+                model_dtype=torch.float64)
+    wide = solve(model, schedule, noise, window_size=3, init=init, variation_steps=V, record_x0=True,
+                 model_dtype=torch.float64)
+    assert torch.equal(one.history[0].x0[0], init[0, V]) and torch.equal(wide.history[0].x0[0], init[0, V])
+    assert not torch.equal(wide.history[0].x0[1], init[0, 0])  # iteration 1 updated states V-3 .. V-1
+    capped = solve(model, schedule, noise, window_size=3, init=init, variation_steps=V, max_steps=1,
+                   model_dtype=torch.float64)
+    assert torch.equal(capped.samples[0], capped.trajectory[0, V - 3])  # the lowest state reached, as at window 1

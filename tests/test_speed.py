@@ -219,3 +219,17 @@ def test_grid_row_labels_are_one_readable_line():
     assert font.getlength("digit seven") - font.getlength("digitseven") >= 3
     box = font.getmask("\uffff").getbbox()  # a character no font has: what a missing glyph draws
     assert font.getmask("é").getbbox() != box
+
+
+def test_a_smaller_last_batch_is_estimated_at_its_own_size(tmp_path, monkeypatch):
+    """--num_samples 3 --batch_size 2: the last batch holds one sample, and sequential sampling of it costs T calls
+    of one sample, not of two (on a CPU a call of 16 samples cost 6x one of 1: the estimate, and so the speed-up, of
+    --num_samples 17 --batch_size 16 came out about 1.7x too high)."""
+    from runner import planning
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(planning, "measure_call_seconds",
+                        lambda eps_fn, schedule, noise, *rest: {noise.shape[0]: 0.01 * noise.shape[0]})
+    _, m = run(tmp_path / "a", "--timesteps", "10", "--num_samples", "3", "--batch_size", "2", "--window_size", "4")
+    assert m["per_call_seconds"] == pytest.approx(0.02)
+    assert m["speed"]["sequential_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
+

@@ -169,7 +169,7 @@ def check_scheduler(path, flag="--model_path"):
     sched = as_loaded(read_json(sched_path, flag), family(path))
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")
-    problem = scheduler_problem(sched)
+    problem = scheduler_problem(sched, family(path))
     if problem:
         raise InputFileError(f"{flag}: {sched_path} {problem}")
 
@@ -201,12 +201,20 @@ def read_as_ddim(kind, where):
     return None
 
 
-def scheduler_problem(sched):
-    """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None."""
+def scheduler_problem(sched, kind=None):
+    """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None. kind: the
+    pipeline class it samples for (flow matching only with SD3's velocity-predicting transformer)."""
     n_train = sched.get("num_train_timesteps", 1000)
     if isinstance(n_train, int) and n_train > MAX_TRAIN_STEPS:  # one noise level per step is allocated
         return f"has num_train_timesteps {n_train}; at most {MAX_TRAIN_STEPS} are supported"
-    if "FlowMatch" in str(sched.get("_class_name")):  # Euler steps of a flow: the model predicts the velocity
+    name = str(sched.get("_class_name"))
+    if "FlowMatch" in name and kind not in (None, "StableDiffusion3Pipeline"):  # diffusers' own loop fails on it
+        return (f"is a flow-matching {name}, for a {kind} whose UNet predicts noise: supported are schedulers with "
+                f"betas (read as DDIM)")
+    if "FlowMatch" in name:  # Euler steps of a flow: the model predicts the velocity
+        if not is_flow_euler(name):  # Heun's two calls per step, LCM's re-noised consistency steps
+            return (f"is a {name}: of the flow-matching schedulers, FlowMatchEulerDiscreteScheduler's deterministic "
+                    f"Euler steps are supported (SD3)")
         if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
             return ("sets use_dynamic_shifting or stochastic_sampling: supported are flow-matching schedulers with a "
                     "fixed shift and deterministic Euler steps (SD3)")
@@ -219,10 +227,9 @@ def scheduler_problem(sched):
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
-    for key in NONLINEAR:
+    for key, why in NONLINEAR.items():
         if sched.get(key):
-            return (f"sets {key}: the DDIM steps are then not the linear system the parallel solver needs "
-                    f"(equation 1); set it to false to sample this model here")
+            return f"sets {key}: {why}; set it to false to sample this model here"
     spacing = sched.get("timestep_spacing", "leading")
     if spacing not in SPACINGS:
         return f"has timestep_spacing {spacing!r}; supported: {', '.join(SPACINGS)}"
@@ -231,6 +238,14 @@ def scheduler_problem(sched):
         return f"has steps_offset {offset!r}; a non-negative integer is needed"
     from diffusers import DDIMScheduler
     return _levels_problem(lambda: DDIMScheduler.from_config(sched).alphas_cumprod, "alphas_cumprod", n_train)
+
+
+def is_flow_euler(name):
+    """Whether a scheduler class name is FlowMatchEulerDiscreteScheduler (or a subclass: the same steps)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    return isinstance(cls, type) and issubclass(cls, FlowMatchEulerDiscreteScheduler)
 
 
 def _levels_problem(make, name, count, zero_ok=False):
@@ -254,7 +269,10 @@ def pipeline_problem(pipe):
     kind = pipeline_kind(pipe)
     if kind is None:
         return f"is a {type(pipe).__name__}; supported are {SUPPORTED.replace(' folders', '')}"
-    problem = scheduler_problem(dict(pipe.scheduler.config))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    own = "FlowMatchEulerDiscreteScheduler" if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) \
+        else type(pipe.scheduler).__name__  # the class that steps, whatever its config says
+    problem = scheduler_problem({**pipe.scheduler.config, "_class_name": own}, kind)
     if problem:
         return f"has a scheduler that {problem}"
     problem = vae_problem(pipe.vae.config)

@@ -125,13 +125,17 @@ def check_linear(config):
     """A scheduler config whose own steps are not equation (1): the solver would reach another result than its loop
     (diffusers' DDIMScheduler() clips x_0 by default). Only what the config itself sets counts: a DDIM copy made
     from another scheduler's config takes DDIM's defaults for keys that scheduler does not have."""
-    for key in NONLINEAR:
+    for key, why in NONLINEAR.items():
         if config.get(key):
-            raise ValueError(f"scheduler sets {key}: its steps are then not the linear DDIM steps of equation (1) that "
-                             f"the solver solves, and the result would differ from its own loop; set {key}=False")
+            raise ValueError(f"scheduler sets {key}: {why}, and the result would differ from its own loop; set "
+                             f"{key}=False")
 
 
-NONLINEAR = ("clip_sample", "thresholding", "rescale_betas_zero_snr")
+# the scheduler settings whose loop is not equation (1), each with why
+NONLINEAR = {"clip_sample": "its steps clip x_0, so they are not the linear DDIM steps of equation (1)",
+             "thresholding": "its steps threshold x_0, so they are not the linear DDIM steps of equation (1)",
+             "rescale_betas_zero_snr": "its last noise level has no signal left (alphas_cumprod 0), where equation "
+                                       "(1)'s coefficients in the noise prediction divide by it"}
 
 
 def ddim_copy(config):
@@ -187,7 +191,8 @@ def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS):
     sigma_s the noise level the scheduler gives step s, sigma'_s the next one (0 after the last step), t_s the
     model timestep (sigma_s times num_train_timesteps, as a float). The convergence test's scale (the Schedule's
     sigma) is the step's drop of the noise level, sigma_s - sigma'_s. Flow sampling here is deterministic (eta 0)."""
-    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler, "config"):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # Heun, LCM: other steps than Euler's
         raise TypeError(f"scheduler must be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
                         f"{type(scheduler).__name__}")
     if eta != 0:

@@ -214,3 +214,40 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     ours = parallel_sample(mine, "a handwritten digit four", num_inference_steps=8, output_type="np")
     theirs = parallel_sample(load(), "a handwritten digit four", num_inference_steps=8, output_type="np")
     assert torch.equal(ours.latents, theirs.latents)
+
+
+def test_flow_schedulers_other_than_euler_and_flow_on_a_unet_are_refused(tiny_sd, tmp_path):
+    """SD3 with FlowMatchHeunDiscreteScheduler failed on the noise's shape (its 2T - 1 timesteps; the scripts: an
+    'unexpected' IndexError), with FlowMatchLCMScheduler it was sampled as Euler steps without a word (3.1 off its own
+    loop), and an SD or SDXL pipeline given a flow-matching scheduler ended in an AttributeError traceback."""
+    import diffusers
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from models.sd import check_folder
+    from paratAA import flow_schedule
+    from runner.errors import InputFileError
+    from tests.tiny_models import build_tiny_sd3
+    sd3 = StableDiffusion3Pipeline.from_pretrained(build_tiny_sd3(str(tmp_path / "sd3")), text_encoder_3=None,
+                                                   tokenizer_3=None)
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    calls = []
+    for pipe in (sd3, sd):
+        network = pipe.transformer if pipe is sd3 else pipe.unet
+        network.register_forward_pre_hook(lambda *a: calls.append(1))
+    for pipe, cls, text in ((sd3, "FlowMatchHeunDiscreteScheduler", "is a FlowMatchHeunDiscreteScheduler: of the flow"),
+                            (sd3, "FlowMatchLCMScheduler", "is a FlowMatchLCMScheduler: of the flow"),
+                            (sd, "FlowMatchEulerDiscreteScheduler", "flow-matching FlowMatchEulerDiscreteScheduler, "
+                                                                    "for a StableDiffusionPipeline")):
+        own = pipe.scheduler
+        pipe.scheduler = getattr(diffusers, cls).from_config(sd3.scheduler.config)
+        with pytest.raises(ValueError, match=text):
+            parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, output_type="np")
+        if pipe is sd3:
+            with pytest.raises(TypeError, match=f"FlowMatchEulerDiscreteScheduler\\), got {cls}"):
+                flow_schedule(pipe.scheduler, 4)
+        # the scripts: the same, as one line naming the folder's scheduler, before anything is loaded
+        folder = str(tmp_path / cls)
+        pipe.save_pretrained(folder)
+        with pytest.raises(InputFileError, match=f"scheduler_config.json .*{text}"):
+            check_folder(folder)
+        pipe.scheduler = own
+    assert not calls

@@ -221,9 +221,12 @@ def scheduler_problem(sched, kind=None):
         from diffusers import FlowMatchEulerDiscreteScheduler
         return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
                                zero_ok=True)
-    if "EDM" in str(sched.get("_class_name")) or "sigma_data" in sched:  # read as DDIM, DDIM's default betas
+    if "EDM" in name or "sigma_data" in sched:  # read as DDIM, DDIM's default betas
         return ("is an EDM scheduler (Karras noise levels sigma_min .. sigma_max, no beta schedule): supported are "
                 "schedulers with betas, read as DDIM, and flow matching")
+    if not has_betas(name, sched):  # KarrasVe, ScoreSdeVe, ...: its config would be read with DDIM's default betas
+        return (f"is {name}, whose noise levels come from no beta schedule: supported are schedulers with betas, "
+                f"read as DDIM, and flow matching")
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
@@ -246,6 +249,20 @@ def is_flow_euler(name):
     from diffusers import FlowMatchEulerDiscreteScheduler
     cls = getattr(diffusers, name, None) if name.isidentifier() else None
     return isinstance(cls, type) and issubclass(cls, FlowMatchEulerDiscreteScheduler)
+
+
+def has_betas(name, sched):
+    """Whether a scheduler's noise levels come from betas (what DDIM reads): a diffusers class by its parameters,
+    another by its config's keys. A config that names no class is read as DDIM's, its defaults included."""
+    import inspect
+
+    import diffusers
+    if sched.get("_class_name") is None:
+        return True
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if isinstance(cls, type):  # IPNDM takes trained_betas but reads them as no DDPM schedule does
+        return "beta_schedule" in inspect.signature(cls.__init__).parameters
+    return any(k in sched for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))
 
 
 def _levels_problem(make, name, count, zero_ok=False):

@@ -251,3 +251,28 @@ def test_flow_schedulers_other_than_euler_and_flow_on_a_unet_are_refused(tiny_sd
             check_folder(folder)
         pipe.scheduler = own
     assert not calls
+
+
+@pytest.mark.parametrize("name", ["KarrasVeScheduler", "IPNDMScheduler", "ScoreSdeVeScheduler"])
+def test_a_scheduler_without_betas_is_refused(tiny_sd, tmp_path, name):
+    """Its noise levels are its own (sigmas, IPNDM's reading of trained_betas): read as DDIM it took DDIM's default
+    betas and sampled another model's noise levels without a word. Schedulers with betas are read as DDIM."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from models.sd import check_folder
+    from runner.errors import InputFileError
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    own = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, name)()
+    with pytest.raises(ValueError, match=f"is {name}, whose noise levels come from no beta schedule"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, output_type="np")
+    folder = str(tmp_path / name)
+    pipe.save_pretrained(folder)
+    with pytest.raises(InputFileError, match=f"scheduler_config.json .*is {name}, whose"):
+        check_folder(folder)
+    assert not calls
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(own.config)  # betas: read as DDIM
+    with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, output_type="np")

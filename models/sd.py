@@ -396,7 +396,12 @@ def load_pipeline(path, device, dtype):
         check_parts_loaded(pipe, path, "--model_path")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
-        return pipe.to(device, silence_dtype_warnings=True)
+        pipe = pipe.to(device, silence_dtype_warnings=True)
+        # --fp16 is the denoiser's precision: the VAE decodes in float32 where its config asks for it (force_upcast:
+        # SD 1.x/2.x, SDXL, whose VAE overflows in float16), as diffusers' pipelines and the reference's SD scripts do
+        if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", True):
+            pipe.vae.to(torch.float32)
+    return pipe
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ PRESETS = {
     "paper": {
         "parallel_dit": {**_REFERENCE, "timesteps": 100, "order": 100},
         "parallel_sd": {**_REFERENCE, "timesteps": 50, "order": 20},
-        "parallel_sd_winit": {**_REFERENCE, "timesteps": 50, "order": 20, "variation_steps": 10},
+        # the reference's parallel_sd_winit.py has no --num_samples: it solves one sample per prompt
+        "parallel_sd_winit": {**_REFERENCE, "timesteps": 50, "order": 20, "variation_steps": 10, "num_samples": 1},
     },
 }
 

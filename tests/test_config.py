@@ -154,3 +154,10 @@ def test_an_explicit_order_above_the_window_is_still_refused():
     args = parallel_sd.parse_args(["--preset", "paper", "--window_size", "10", "--order", "20"])
     with pytest.raises(UsageError, match="--order"):
         check_common_flags(args, 1000)
+
+
+def test_the_paper_preset_of_the_warm_start_solves_one_sample_per_prompt_as_the_reference():
+    """The reference's parallel_sd_winit.py has no --num_samples: it solves one sample for each prompt."""
+    assert parallel_sd_winit.parse_args(["--preset", "paper"]).num_samples == 1
+    assert parallel_sd_winit.parse_args(["--preset", "paper", "--num_samples", "4"]).num_samples == 4
+    assert parallel_sd.parse_args(["--preset", "paper"]).num_samples == 10  # the reference SD script's default

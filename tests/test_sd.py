@@ -207,3 +207,12 @@ def test_a_warm_starts_window_is_chosen_for_the_steps_it_solves(tiny_sd, tmp_pat
     assert 1 <= plan["window"] <= 6 and plan["predicted_iterations"] <= 6
     one_call = {int(k): v for k, v in plan["call_seconds"].items()}[1]  # one state of the one sample
     assert plan["predicted_sequential_seconds"] == pytest.approx(6 * one_call)
+
+
+def test_fp16_runs_the_denoiser_in_float16_and_decodes_in_float32():
+    """--fp16 is the model's precision; the VAE decodes in float32 where its config asks (force_upcast, as SD 1.x and
+    SDXL's do), as diffusers' pipelines and the reference's SD scripts decode: SDXL's VAE overflows in float16."""
+    from models.sd import EMBEDDED_SD, load_pipeline
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float16)
+    assert pipe.vae.config.force_upcast
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32

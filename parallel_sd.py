@@ -1,10 +1,11 @@
-"""Stable Diffusion (v1.5 layout, local diffusers folder) sampled in parallel with ParaTAA.
+"""A text-to-image model in a local diffusers folder (SD 1.x / 2.x, SDXL, SD3) sampled in parallel with ParaTAA.
 
     python parallel_sd.py --prompt "a handwritten digit seven"          # the embedded digits model
     accelerate launch --num_processes 8 parallel_sd.py --model_path stable-diffusion-v1-5 --fp16 \\
         --prompt "a photo of an astronaut riding a horse"
 
-The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step).
+The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step); SD3's
+flow-matching scheduler as its Euler steps.
 """
 import sys
 

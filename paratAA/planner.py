@@ -22,7 +22,7 @@ import torch
 
 from .denoiser import model_call, select
 
-ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 5)
+ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 3)
 REPEATS = 2              # timed calls per size, after one warm-up call
 # A cached curve is checked against one size timed afresh, c(B): off by more than this factor either way, it was
 # measured under another load (a busy machine, other jobs on the GPU) and is measured again. c(B) is also what

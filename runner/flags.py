@@ -88,7 +88,8 @@ def add_run_flags(parser, cfg_scale):
     g.add_argument("--cfg_scale", type=float, default=cfg_scale,
                    help="classifier-free guidance scale; <= 1: none (the conditional model alone)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is the ODE sampler, > 0 the SDE sampler")
-    g.add_argument("--seed", type=int, default=0, help="seed of the labels and the per-step noise")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the per-step noise (and of the class labels where drawn)")
     g.add_argument("--num_samples", type=int, default=10, help="number of samples to generate")
     g.add_argument("--batch_size", type=int, default=1, help="samples solved together (one model call each iteration)")
     g.add_argument("--compare_sequential", action="store_true",

@@ -412,11 +412,12 @@ def encode(pipe, prompts, negative_prompt, device, size=None):
     A prompt longer than the text encoder takes is cut, as the pipeline does; said once, in one line."""
     limit = pipe.tokenizer.model_max_length
     with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
-        for flag, text in [("--prompt", p) for p in prompts] + [("--negative_prompt", negative_prompt or "")]:
+        # named by its text, not by a flag: the scripts take prompts under three flags, parallel_sample as arguments
+        for what, text in [("prompt", p) for p in prompts] + [("negative prompt", negative_prompt or "")]:
             n = len(pipe.tokenizer(text).input_ids)
             if n > limit:
-                note(f"{flag} has {n} tokens; the text encoder reads the first {limit}: the rest is ignored "
-                     f"({text[:40]!r}...)")
+                note(f"the {what} {text[:40]!r}... has {n} tokens; the text encoder reads the first {limit}: the "
+                     f"rest is ignored")
         # no negative prompt (None): each pipeline does what its __call__ does by default (SDXL with
         # force_zeros_for_empty_prompt: zero embeddings); "" is the empty prompt, encoded, as __call__ takes it
         negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None

@@ -24,7 +24,9 @@ def add_preset_flag(parser):
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="paper: the reference implementation's defaults for every solver setting of this script "
                              "(T, cfg, eta, window, order, memory size, tolerances, max_steps, DDIM equations, "
-                             "per-state stop); flags given explicitly still win")
+                             "per-state stop, copies for new states, no guard, no block test or settling, "
+                             "reference_quirks; the warm start: one sample per prompt); flags given explicitly still "
+                             "win")
 
 
 def given_flags(argv):

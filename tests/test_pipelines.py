@@ -276,3 +276,14 @@ def test_a_scheduler_without_betas_is_refused(tiny_sd, tmp_path, name):
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(own.config)  # betas: read as DDIM
     with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler"):
         parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, output_type="np")
+
+
+def test_a_prompt_longer_than_the_text_encoder_takes_is_said_by_its_text(tiny_sd, capsys):
+    """Cut as the pipeline cuts it, and said in one line that names the prompt, not a script flag ("--prompt" was
+    said from Python and for parallel_sd_winit.py's --prompt1 / --prompt2 too)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    long = " ".join(["four"] * (pipe.tokenizer.model_max_length + 5))
+    parallel_sample(pipe, long, num_inference_steps=2, output_type="np")
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "tokens" in x]
+    assert f"the prompt {long[:40]!r}... has" in line and "--prompt" not in line

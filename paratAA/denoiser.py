@@ -30,6 +30,7 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a paratAA.Schedule (e.g. dit_schedule(T), from_ddim_scheduler(...)), "
                         f"got {type(schedule).__name__}")
+    _check_schedule(schedule)
     T = schedule.num_steps
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor [B, T+1={T + 1}, *latent], got "
@@ -51,6 +52,21 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
         raise TypeError(f"sharding must be a paratAA.Sharding or None, got {type(sharding).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+
+
+def _check_schedule(schedule):
+    """A Schedule built by hand (it is public) whose coefficients do not have one entry per step failed inside
+    torch (a size mismatch, an index out of range) or, with extra entries, ignored them without a word."""
+    t = schedule.timesteps
+    if not torch.is_tensor(t) or t.dim() != 1 or len(t) == 0:
+        raise ValueError(f"schedule.timesteps must be a 1-D tensor of the T >= 1 model timesteps, got "
+                         f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    for name in ("a", "b", "c", "sigma"):
+        v = getattr(schedule, name)
+        if not torch.is_tensor(v) or not v.is_floating_point() or tuple(v.shape) != (len(t),):
+            got = f"{tuple(v.shape)} {v.dtype}" if torch.is_tensor(v) else type(v).__name__
+            raise ValueError(f"schedule.{name} must be a floating-point tensor [T={len(t)}], one entry per step as "
+                             f"schedule.timesteps, got {got}")
 
 
 def check_init(init, noise):

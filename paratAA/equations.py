@@ -32,6 +32,7 @@ class OrderKEquations:
         """order in 1..T and form in FORMS (checked by SolverConfig)."""
         T = schedule.num_steps
         self.order, self.form = order, form
+        self.a = schedule.a.to(device=device, dtype=torch.float64)   # [T], for boundary_update
         if form == "picard":
             return
         a = schedule.a.to(torch.float64)
@@ -67,3 +68,18 @@ class OrderKEquations:
         u = torch.clamp(s + self.order, max=F)
         R = self.E[lo:F, lo:F] @ e                                     # [W, D]
         return R.addcmul_(self.P[s, u][:, None], x[u]).sub_(x[lo:F])
+
+    def boundary_update(self, x, e, r1, lo, F, s):
+        """x_s + R_s for the window state s whose inputs x_{s+1} .. x_F are frozen (the solver's boundary state),
+        computed without x_s: a_s x_{s+1} + e_s + sum_{r=s+1}^{u-1} W[s, r] r_r. Equal to x_s + R_s in exact
+        arithmetic; in floating point x_s + R_s = x_s + (target - x_s) keeps only the digits of target that the
+        current x_s leaves, and a state a diverging TAA iterate has pushed to 1e15 would be frozen 0.1 off
+        (and the picard R_s, a difference of cumulative sums, carries the rounding of every residual below s).
+        Returns [D]."""
+        i = s - lo
+        out = self.a[s] * x[s + 1] + e[i]
+        u = min(s + self.order, F)
+        if u - 1 > s:  # the residuals of the frozen states between s and the anchor, each with its weight
+            rest = r1[i + 1:u - lo]                                    # [u - s - 1, D]
+            out += rest.sum(0) if self.form == "picard" else self.P[s, s + 1:u] @ rest
+        return out

@@ -42,7 +42,9 @@ def sample_sequential(eps_fn, schedule, noise, cond=None, *, init=None, start=No
         t = sched.timesteps[s].repeat(B)
         def describe(i, s=s):
             return f"sample {i}, step {s} (model timestep {int(sched.timesteps[s])})"
-        eps = evaluate(eps_fn, sharding, X[:, s + 1], t, cond, model_dtype, start - s, describe, check=False)
+        # a copy: in the states' own dtype (model_dtype float64) the model would get a view of the trajectory, and
+        # an eps_fn scaling its input in place (x /= ...) changed x_{s+1} itself (the solver's inputs are a copy)
+        eps = evaluate(eps_fn, sharding, X[:, s + 1].clone(), t, cond, model_dtype, start - s, describe, check=False)
         X[:, s] = sched.a[s] * X[:, s + 1] + sched.b[s] * eps + sched.c[s] * xi[:, s]
         # one check per step, on the new state: non-finite if the prediction was, or if finite predictions near the
         # top of the float range overflowed the step (the solver's residuals catch the same)

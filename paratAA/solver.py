@@ -120,7 +120,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         check_init(init, noise)
     plan = None
     if config.window_size == "auto":  # measure the model on this hardware and choose (planner.py)
-        plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype, solve=solve)
+        plan = plan_window(eps_fn, schedule, noise, cond, config, sharding or Sharding(), model_dtype, solve=solve,
+                           steps=variation_steps)  # a warm start re-solves only its last variation_steps
         config = replace(config, window_size=plan.window).resolve(T)
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
     lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
@@ -297,7 +298,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                         step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
                         fallbacks = bad.sum()  # read at the end, not now: no sync
                 xw[:p].add_(step[:p] if step.shape[0] > p else step)
-                xw[p].add_(R[p])
+                xw[p].copy_(eq.boundary_update(x, e, r1, lo, F, lo + p))  # final: not from x_p (round-off)
                 if quirks:  # the reference also updates the states above p, which passed, once more
                     xw[p + 1:].add_(R[p + 1:])
                 new_boundary = lo + p

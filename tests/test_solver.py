@@ -567,3 +567,66 @@ def test_a_warm_starts_x0_record_is_the_lowest_state_its_window_reached_at_every
     capped = solve(model, schedule, noise, window_size=3, init=init, variation_steps=V, max_steps=1,
                    model_dtype=torch.float64)
     assert torch.equal(capped.samples[0], capped.trajectory[0, V - 3])  # the lowest state reached, as at window 1
+
+
+@pytest.mark.parametrize("equations, order", [("picard", 1), ("ddim", 2), ("picard", 2)])
+def test_the_boundary_state_is_final_even_after_taa_diverged(equations, order):
+    """With lam = 0 and more TAA columns than latent values the least-squares problems are near-singular and the
+    TAA iterates below the boundary reach 1e18. The boundary state's update was x_p + R_p = x_p + (target - x_p),
+    which keeps only the digits of the target that x_p leaves: frozen 0.98 off at tolerance 0. It is computed from
+    the frozen states alone now."""
+    model, schedule, noise = gmm_problem(20, batch=2, latent=(1,), seed=0)
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    out = solve(model, schedule, noise, memory_size=20, lam=0.0, taa_guard=0.0, tol1=0, tol2=0, equations=equations,
+                order=order, model_dtype=torch.float64)
+    assert max(max(h.residual) for h in out.history) > 1e6  # the TAA iterates did diverge
+    assert torch.allclose(out.trajectory, ref, atol=1e-10, rtol=0), float((out.trajectory - ref).abs().max())
+
+
+def test_an_eps_fn_changing_its_input_in_place_leaves_the_trajectory_alone():
+    """In the states' own dtype (model_dtype float64) sample_sequential handed the model a view of its trajectory:
+    an eps_fn scaling its input in place changed x_{s+1} itself, 100 off the solver's result (whose inputs are a
+    copy), and solve at window 1, which runs sample_sequential, off its own result at window 4."""
+    model, schedule, noise = gmm_problem(8, batch=2)
+
+    def scaling(x, t, c):
+        x.mul_(2.0)  # e.g. an input scaling written in place (by 2: exact)
+        return model(x / 2.0, t, c)
+
+    ref = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    assert torch.equal(sample_sequential(scaling, schedule, noise, model_dtype=torch.float64), ref)
+    for window in (1, 4):
+        out = solve(scaling, schedule, noise, window_size=window, tol1=0, tol2=0, model_dtype=torch.float64)
+        assert torch.allclose(out.trajectory, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("a", lambda s: s.a[:-1], r"schedule\.a must be a floating-point tensor \[T=10\].*\(9,\)"),
+    ("sigma", lambda s: torch.cat([s.sigma, s.sigma]), r"schedule\.sigma .*\(20,\)"),
+    ("b", lambda s: s.b.long(), r"schedule\.b .*int64"),
+    ("c", lambda s: s.c.tolist(), r"schedule\.c .*list"),
+    ("timesteps", lambda s: s.timesteps[:0], r"schedule\.timesteps must be a 1-D tensor of the T >= 1"),
+])
+def test_a_schedule_whose_coefficients_are_not_one_per_step_is_named(field, value, text):
+    """A Schedule built by hand: before, a size mismatch inside torch (solve), an IndexError (sample_sequential),
+    extra entries ignored without a word, or for no steps at all 'window_size must be an integer >= 1, got 0'."""
+    from dataclasses import replace
+    model, schedule, noise = gmm_problem(10)
+    broken = replace(schedule, **{field: value(schedule)})
+    for fn in (solve, sample_sequential):
+        with pytest.raises(ValueError, match=text):
+            fn(lambda *a: pytest.fail("no model call"), broken, noise)
+
+
+def test_an_auto_window_for_a_warm_start_is_planned_for_the_steps_it_re_solves(monkeypatch):
+    """The scripts plan a warm start's window for its variation_steps (runner/planning.py); solve() in Python
+    planned it for all T steps (equation (5)'s K(W) and the candidate windows up to T)."""
+    import paratAA.solver as solver_module
+    seen = []
+    real = solver_module.plan_window
+    monkeypatch.setattr(solver_module, "plan_window", lambda *a, **k: seen.append(k.get("steps")) or real(*a, **k))
+    model, schedule, noise = gmm_problem(12)
+    init = sample_sequential(model, schedule, noise, model_dtype=torch.float64)
+    solve(model, schedule, noise, init=init, variation_steps=5, window_size="auto", model_dtype=torch.float64)
+    solve(model, schedule, noise, window_size="auto", model_dtype=torch.float64)
+    assert seen == [5, None]

@@ -40,13 +40,14 @@ class Plan:
     solver_seconds: dict = field(default_factory=dict)    # o: window -> seconds per iteration
     measured: bool = True                # False: the curves came from a cache
     checked_call_seconds: float = None   # c(B) timed by this run, against the cache's (None: nothing was cached)
+    max_inputs: int = None               # the largest call that fit in memory, when a larger one did not (None: all did)
 
     def to_dict(self):
         return {"window": self.window, "predicted_seconds": self.predicted_seconds,
                 "predicted_sequential_seconds": self.predicted_sequential_seconds,
                 "predicted_speedup": self.predicted_sequential_seconds / self.predicted_seconds,
                 "predicted_iterations": self.predicted_iterations, "measured": self.measured,
-                "checked_call_seconds": self.checked_call_seconds,
+                "checked_call_seconds": self.checked_call_seconds, "max_inputs": self.max_inputs,
                 "call_seconds": {str(k): v for k, v in sorted(self.call_seconds.items())},
                 "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
@@ -63,8 +64,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device):
-    fn()  # warm-up: allocator, kernels, caches
+def _timed(fn, device, warm_up=True):
+    if warm_up:
+        fn()  # allocator, kernels, caches
     best = math.inf
     for _ in range(REPEATS):
         sync(device)
@@ -84,26 +86,47 @@ def candidate_windows(T):
     return out + [T]
 
 
-def window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w):
+def window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=False):
     """A callable making one sharded model call of w states per sample (spread over the T steps), as an iteration
-    at window w does."""
+    at window w does. spare: a process that runs out of memory returns NaN for its shard instead of raising, so that
+    every process sees it in the gathered output and none is left waiting in the gather (measure_call_seconds)."""
     B, T, device = noise.shape[0], schedule.num_steps, noise.device
     x_T = noise[:, T].to(torch.float64)                                                     # [B, *latent]
     steps = torch.linspace(T - 1, 0, w, device=device).round().long()                      # [w] spread over T
     x = x_T.repeat_interleave(w, dim=0)                                                     # [B w, *latent]
     t = schedule.to(device).timesteps[steps].repeat(B)                                      # [B w]
     c = select(cond, torch.arange(B).repeat_interleave(w))
-    return lambda: sharding.evaluate(model_call(eps_fn, model_dtype), x, t, c)
+    call = model_call(eps_fn, model_dtype)
+    return lambda: sharding.evaluate(_spared(call) if spare else call, x, t, c)
+
+
+def _spared(call):
+    """call, with running out of device memory answered by NaN (see window_call)."""
+    def spared(x, *args):
+        try:
+            return call(x, *args)
+        except torch.OutOfMemoryError:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed call held, for the run that follows
+            return torch.full_like(x, math.nan)
+    return spared
 
 
 def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, windows):
     """c(B w) for each window w: one sharded call of w inputs per sample, timed on every process; the slowest
     process's time counts (a call ends when every shard is gathered). Stops early once a call costs about twice
-    the one of half its size: the calls are then compute-bound and larger windows cannot win (equation (5))."""
+    the one of half its size: the calls are then compute-bound and larger windows cannot win (equation (5)). A
+    size that does not fit in a process's device memory ends the measurement too, recorded as inf (a GPU of less
+    memory than the model's largest window needs: the window is chosen among the sizes that fit); B states, one per
+    sample, must fit, as sequential sampling needs them."""
     B, device = noise.shape[0], noise.device
     out = {}
     for w in windows:
-        seconds = _timed(window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w), device)
+        call = window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=w > 1)
+        if w > 1 and not bool(torch.isfinite(call()).all()):  # the warm-up call, gathered: some process ran out
+            out[B * w] = math.inf
+            break
+        seconds = _timed(call, device, warm_up=w == 1)
         out[B * w] = sharding.max(seconds)
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:
@@ -144,31 +167,36 @@ def interpolate(curve, n):
     return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
 
 
-def choose(T, B, call_seconds, solver_seconds, measured=True):
-    """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T."""
+def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None):
+    """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T, or over the windows whose call of B W inputs fits
+    in memory (max_inputs: the largest measured that did)."""
     best = None
-    for W in range(1, T + 1):
+    for W in range(1, min(T, max_inputs // B) + 1 if max_inputs else T + 1):
         K = predicted_iterations(T, W)
         seconds = K * (interpolate(call_seconds, B * W) + interpolate(solver_seconds, W))
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
     W, seconds, K = best
     return Plan(window=W, predicted_seconds=seconds, predicted_sequential_seconds=T * interpolate(call_seconds, B),
-                predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured)
+                predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured,
+                max_inputs=max_inputs)
 
 
 def cached_curves(hit, B):
-    """(call seconds, solver seconds) of a cache entry as measured curves, or None when the entry is not one (an
-    edited or damaged cache file): it is then measured again. It must time B inputs, and every time must be a
-    finite positive number (the solver's may be 0)."""
+    """(call seconds, solver seconds, max_inputs) of a cache entry as measured curves, or None when the entry is not
+    one (an edited or damaged cache file): it is then measured again. It must time B inputs, every time must be a
+    finite positive number (the solver's may be 0), and max_inputs, the largest call that fit in memory, None or
+    an integer >= B."""
     try:
         calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
         solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
+        limit = hit.get("max_inputs")  # an int (json's), or None
     except (TypeError, ValueError, KeyError, AttributeError):
         return None
     good = B in calls and all(k >= 1 and math.isfinite(v) and v > 0 for k, v in calls.items()) and \
-        all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items())
-    return (calls, solver) if good else None
+        all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items()) and \
+        (limit is None or type(limit) is int and limit >= B)
+    return (calls, solver, limit) if good else None
 
 
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None,
@@ -186,15 +214,17 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
         if sharding.min(hit[0][B] / STALE <= fresh <= hit[0][B] * STALE) == 0:  # each process read its own file
             hit = None
     if hit is not None:
-        calls, solver = hit
-        plan = choose(T, B, calls, solver, measured=False)
+        calls, solver, limit = hit
+        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
+        limit = max(n for n, v in calls.items() if math.isfinite(v)) if math.inf in calls.values() else None
+        calls = {n: v for n, v in calls.items() if math.isfinite(v)}
         solver = measure_solver_seconds(solve, schedule, noise, config, sorted({n // B for n in calls}), sharding)
         if cache is not None and key is not None:
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
-                          "solver_seconds": {str(k): v for k, v in solver.items()}}
-        plan = choose(T, B, calls, solver)
+                          "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit}
+        plan = choose(T, B, calls, solver, max_inputs=limit)
     plan.checked_call_seconds = fresh
     plan.window = int(sharding.from_main(plan.window))
     return plan

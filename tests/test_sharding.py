@@ -62,3 +62,39 @@ def test_world_sizes_give_the_same_result(tmp_path, world, problem):
 def test_world_size_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         Sharding(0, 2)
+
+
+def _out_of_memory_worker(rank, world, port, out_dir):
+    import datetime
+    from paratAA import SolverConfig
+    from paratAA.planner import plan_window
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a process left waiting fails, not hangs
+    try:
+        model, schedule, noise = gmm_problem(20, batch=2)
+
+        def eps_fn(x, t, c):  # only rank 0's device is short of memory: a shard of more than 4 inputs
+            if rank == 0 and x.shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return model(x, t, c)
+        plan = plan_window(eps_fn, schedule, noise, None, SolverConfig(window_size="auto"), Sharding(rank, world),
+                           torch.float64, solve=solve)
+        out = solve(eps_fn, schedule, noise, window_size="auto", tol1=0, tol2=0, sharding=Sharding(rank, world),
+                    model_dtype=torch.float64)
+        torch.save({"window": plan.window, "max_inputs": plan.max_inputs, "samples": out.samples},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_out_of_memory_while_the_window_is_planned_leaves_none_waiting(tmp_path):
+    """One process's device runs out of memory at a size the others take: every process must see it (the others
+    were left in the gather) and choose among the sizes that fit on all."""
+    mp.spawn(_out_of_memory_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, schedule, noise = gmm_problem(20, batch=2)
+    seq = sample_sequential(model, schedule, noise, model_dtype=torch.float64)[:, 0]
+    assert results[0]["max_inputs"] == results[1]["max_inputs"] == 8  # 16 inputs: a shard of 8 on rank 0
+    assert results[0]["window"] == results[1]["window"] <= 4
+    for res in results:
+        assert torch.allclose(res["samples"], seq, atol=1e-10, rtol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import parallel_dit
-from paratAA import solve
+from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.planner import ALPHA, BETA, choose, measure_call_seconds, predicted_iterations
 from paratAA.sharding import Sharding
 from runner.writer import EMPTY, FINAL, STOP, draw_grid
@@ -233,3 +233,38 @@ def test_a_smaller_last_batch_is_estimated_at_its_own_size(tmp_path, monkeypatch
     assert m["per_call_seconds"] == pytest.approx(0.02)
     assert m["speed"]["sequential_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
 
+
+
+def _out_of_memory_above(model, limit):
+    """model, failing as CUDA does (torch.OutOfMemoryError) on a call of more than limit inputs."""
+    def eps_fn(x, t, c):
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: tried {x.shape[0]} inputs")
+        return model(x, t, c)
+    return eps_fn
+
+
+def test_an_auto_window_is_chosen_among_the_calls_that_fit_in_memory():
+    """A GPU with less memory than the largest window's call needs: measuring the cost curve ended the run with the
+    out-of-memory error where a smaller window would have sampled. Now the window is chosen among the sizes that
+    fit, the plan says the largest, and a cache entry keeps it."""
+    from paratAA.planner import plan_window
+    model, schedule, noise = gmm_problem(20, batch=2)
+    small = _out_of_memory_above(model, 8)
+    free = lambda x, t, c: model(x, t, c)  # noqa: E731
+    cache, key = {}, "gmm"
+    config = SolverConfig(window_size="auto")
+    plan = plan_window(small, schedule, noise, None, config, Sharding(), torch.float64, solve=solve, cache=cache,
+                       key=key)
+    assert plan.max_inputs == 8 and plan.window <= 4 and max(plan.call_seconds) == 8
+    assert cache[key]["max_inputs"] == 8
+    again = plan_window(small, schedule, noise, None, config, Sharding(), torch.float64, solve=solve, cache=cache,
+                        key=key)
+    assert not again.measured and again.max_inputs == 8 and again.window <= 4
+    assert plan_window(free, schedule, noise, None, config, Sharding(), torch.float64, solve=solve).max_inputs is None
+    out = solve(small, schedule, noise, window_size="auto", tol1=0, tol2=0, model_dtype=torch.float64)
+    assert torch.allclose(out.samples, sample_sequential(model, schedule, noise, model_dtype=torch.float64)[:, 0],
+                          atol=1e-10, rtol=0)
+    with pytest.raises(torch.OutOfMemoryError):  # one state per sample must fit: sequential sampling needs them
+        plan_window(_out_of_memory_above(model, 1), schedule, noise, None, config, Sharding(), torch.float64,
+                    solve=solve)

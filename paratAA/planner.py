@@ -40,7 +40,7 @@ class Plan:
     solver_seconds: dict = field(default_factory=dict)    # o: window -> seconds per iteration
     measured: bool = True                # False: the curves came from a cache
     checked_call_seconds: float = None   # c(B) timed by this run, against the cache's (None: nothing was cached)
-    max_inputs: int = None               # the largest call that fit in memory, when a larger one did not (None: all did)
+    max_inputs: int = None               # the largest call that fit in memory when a larger one did not, else None
 
     def to_dict(self):
         return {"window": self.window, "predicted_seconds": self.predicted_seconds,

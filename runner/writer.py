@@ -204,8 +204,8 @@ class RunWriter:
                        sequential="measured (--compare_sequential)")
         elif self.sequential_estimate:
             out.update(sequential_seconds=self.sequential_estimate, sequential_measured=False,
-                       sequential="estimated: model calls x measured seconds per call (per_call_seconds; a smaller last "
-                                 "batch: last_batch_per_call_seconds)")
+                       sequential="estimated: model calls x measured seconds per call (per_call_seconds; a "
+                                  "smaller last batch: last_batch_per_call_seconds)")
         if out.get("sequential_seconds") and wall > 0:
             out["speedup"] = out["sequential_seconds"] / wall
         plan = self.metrics.get("plan")

@@ -143,6 +143,18 @@ class VAEDecoder:
 
     @torch.no_grad()
     def __call__(self, latents):
+        # a float16 VAE whose config sets force_upcast decodes in float32, as SDXL's __call__ and the scripts'
+        # load_pipeline do (SDXL's VAE overflows in float16); it is given back in float16, as __call__ does
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True)
+        if upcast:
+            torch.nn.Module.to(self.vae, torch.float32)  # diffusers' own .to(dtype) warns about casting
+        try:
+            return self._decode(latents)
+        finally:
+            if upcast:
+                torch.nn.Module.to(self.vae, torch.float16)
+
+    def _decode(self, latents):
         imgs = []
         for part in latents.split(self.chunk):
             # latents = (z - shift) * scale; SD 1.x/2.x VAEs have no shift

@@ -260,6 +260,8 @@ def has_betas(name, sched):
     if sched.get("_class_name") is None:
         return True
     cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if isinstance(cls, type) and cls.__module__.startswith("diffusers.utils.dummy_"):
+        cls = None  # a placeholder for a class whose extra package is missing (DPMSolverSDE without torchsde)
     if isinstance(cls, type):  # IPNDM takes trained_betas but reads them as no DDPM schedule does
         return "beta_schedule" in inspect.signature(cls.__init__).parameters
     return any(k in sched for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))

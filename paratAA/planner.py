@@ -64,16 +64,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device, warm_up=True):
+def _timed(fn, device, warm_up=True, finite=None):
+    """The best of REPEATS timed calls of fn. finite: a list that gets, for each timed call, whether its output (a
+    tensor) was finite everywhere (read after the clock stopped)."""
     if warm_up:
         fn()  # allocator, kernels, caches
     best = math.inf
     for _ in range(REPEATS):
         sync(device)
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
+        if finite is not None:
+            finite.append(bool(torch.isfinite(out).all()))
     return best
 
 
@@ -126,7 +130,11 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
         if w > 1 and not bool(torch.isfinite(call()).all()):  # the warm-up call, gathered: some process ran out
             out[B * w] = math.inf
             break
-        seconds = _timed(call, device, warm_up=w == 1)
+        finite = []  # a timed repeat can run out of memory where the warm-up did not (fragmentation): its NaN
+        seconds = _timed(call, device, warm_up=w == 1, finite=finite if w > 1 else None)  # answer took no time
+        if not all(finite):  # the gathered output: every process sees it
+            out[B * w] = math.inf
+            break
         out[B * w] = sharding.max(seconds)
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:

@@ -167,7 +167,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                 batch_call = call_seconds
             elif stop - start != args.batch_size:  # the last batch, of fewer samples: timed at its own size
                 batch_call = batch_call_seconds(bundle, args, config, session, noise, cond,
-                                                estimate=call_seconds is not None and not args.compare_sequential)
+                                                estimate=call_seconds is not None and not args.compare_sequential,
+                                                steps=variation_steps)
                 if writer is not None and batch_call is not None:
                     writer.set_last_batch_call(stop - start, batch_call)
             with tqdm(total=args.timesteps if init is None else variation_steps, desc="iterations", leave=False,

@@ -90,17 +90,18 @@ def plan_run(bundle, args, config, session, noise, cond, steps=None):
     noise, cond: the first batch's, on the device. steps: the steps a solve takes (a warm start's variation_steps;
     default T), which the window is chosen for."""
     config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond, steps)
-    window = min(config.window_size, bundle.schedule.num_steps)  # the paper mode keeps a window above T
+    # the paper mode keeps a window above T; a warm start's calls hold at most its steps per sample
+    window = min(config.window_size, steps or bundle.schedule.num_steps)
     warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
     return config, plan, call_seconds
 
 
-def batch_call_seconds(bundle, args, config, session, noise, cond, estimate):
+def batch_call_seconds(bundle, args, config, session, noise, cond, estimate, steps=None):
     """A batch of another size than the first (the last one, of fewer samples): warmed up at its own sizes, as the
     first batch was by plan_run, and, when sequential sampling is estimated (estimate), the seconds of one call of
     one state per sample at its size, timed now: sequential sampling of n samples costs T calls of n, not of the
     first batch's B (on a CPU a call of 16 digits samples costs 6x one of 1)."""
-    window = min(config.window_size, bundle.schedule.num_steps)
+    window = min(config.window_size, steps or bundle.schedule.num_steps)  # steps: as plan_run's
     warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
     if not estimate:
         return None

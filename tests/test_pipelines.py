@@ -287,3 +287,22 @@ def test_a_prompt_longer_than_the_text_encoder_takes_is_said_by_its_text(tiny_sd
     parallel_sample(pipe, long, num_inference_steps=2, output_type="np")
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "tokens" in x]
     assert f"the prompt {long[:40]!r}... has" in line and "--prompt" not in line
+
+
+def test_a_float16_pipeline_decodes_in_float32_where_its_vae_asks(tiny_sd):
+    """A pipeline loaded in float16 whose VAE config sets force_upcast decodes in float32, as parallel_sd.py --fp16
+    and SDXL's own __call__ do (it decoded in float16: pixels 1 level off, and NonFiniteModelOutput where the
+    VAE's activations exceed float16's range, as SDXL's do); the VAE is given back in float16."""
+    from diffusers import StableDiffusionPipeline
+    from models.adapters import VAEDecoder
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, torch_dtype=torch.float16, safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert pipe.vae.config.force_upcast
+    with torch.no_grad():  # activations beyond float16's range, normalised again before the output
+        pipe.vae.decoder.conv_in.weight.mul_(1e5)
+        pipe.vae.decoder.conv_in.bias.mul_(1e5)
+    out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0,
+                          num_images=2, output_type="np")
+    assert pipe.vae.dtype == torch.float16
+    ref = VAEDecoder(pipe.vae.to(torch.float32), "cpu")(out.latents)
+    assert np.array_equal(np.stack(out.images), ref)

@@ -216,3 +216,13 @@ def test_fp16_runs_the_denoiser_in_float16_and_decodes_in_float32():
     pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float16)
     assert pipe.vae.config.force_upcast
     assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+
+
+def test_a_scheduler_whose_extra_package_is_missing_is_judged_by_its_config():
+    """Without torchsde diffusers' DPMSolverSDEScheduler is a placeholder taking (*args, **kwargs): its betas
+    (scaled_linear, SD 1.x / SDXL) were refused as 'noise levels from no beta schedule'."""
+    from models.sd import scheduler_problem
+    config = dict(_class_name="DPMSolverSDEScheduler", num_train_timesteps=1000, beta_start=0.00085,
+                  beta_end=0.012, beta_schedule="scaled_linear")
+    assert scheduler_problem(config, "StableDiffusionPipeline") is None
+    assert "no beta schedule" in scheduler_problem({"_class_name": "KarrasVeScheduler"}, "StableDiffusionPipeline")

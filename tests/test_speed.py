@@ -268,3 +268,23 @@ def test_an_auto_window_is_chosen_among_the_calls_that_fit_in_memory():
     with pytest.raises(torch.OutOfMemoryError):  # one state per sample must fit: sequential sampling needs them
         plan_window(_out_of_memory_above(model, 1), schedule, noise, None, config, Sharding(), torch.float64,
                     solve=solve)
+
+
+def test_a_call_size_out_of_memory_only_at_its_timed_repeats_does_not_fit():
+    """The warm-up call of a size fit and a timed repeat ran out of memory (the allocator fragmented): its NaN
+    answer, made without the model's work, was timed as the call, so the cost curve (c(B) too, a smaller call never
+    costing more) said near nothing, the window was chosen at that size and solve ran out of memory."""
+    from paratAA.planner import plan_window
+    model, schedule, noise = gmm_problem(20, batch=2)
+    seen = {}
+
+    def eps_fn(x, t, c):
+        n = seen[x.shape[0]] = seen.get(x.shape[0], 0) + 1
+        if x.shape[0] > 8 and n > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        time.sleep(0.003)  # batching nearly free, as on a GPU: the curve is measured up to the size that fails
+        return model(x, t, c)
+    plan = plan_window(eps_fn, schedule, noise, None, SolverConfig(window_size="auto"), Sharding(), torch.float64,
+                       solve=solve)
+    assert plan.max_inputs == 8 and max(plan.call_seconds) == 8 and plan.window <= 4
+    assert plan.call_seconds[2] > 0.002

@@ -135,6 +135,12 @@ class DiffusersDiTDenoiser:
         return self.convert(out, x, timesteps) if self.convert is not None else out
 
 
+def decodes_in_float32(vae):
+    """A float16 VAE whose config sets force_upcast (SD 1.x/2.x, SDXL: SDXL's overflows in float16) decodes in
+    float32, as SDXL's __call__ does and the reference's SD scripts keep it."""
+    return vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True)
+
+
 class VAEDecoder:
     """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks."""
 
@@ -143,9 +149,9 @@ class VAEDecoder:
 
     @torch.no_grad()
     def __call__(self, latents):
-        # a float16 VAE whose config sets force_upcast decodes in float32, as SDXL's __call__ and the scripts'
-        # load_pipeline do (SDXL's VAE overflows in float16); it is given back in float16, as __call__ does
-        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True)
+        # a user's float16 pipeline (parallel_sample; the scripts' load_pipeline keeps such a VAE in float32): cast
+        # for the decode and given back in float16, as SDXL's __call__ does
+        upcast = decodes_in_float32(self.vae)
         if upcast:
             torch.nn.Module.to(self.vae, torch.float32)  # diffusers' own .to(dtype) warns about casting
         try:

@@ -26,7 +26,7 @@ from paratAA.schedule import NONLINEAR, ddim_copy, from_ddim_scheduler
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
-from .adapters import guides
+from .adapters import decodes_in_float32, guides
 from .checkpoints import check_parts_loaded, quiet_loading, vae_problem, weights_variant
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
@@ -243,26 +243,30 @@ def scheduler_problem(sched, kind=None):
     return _levels_problem(lambda: DDIMScheduler.from_config(sched).alphas_cumprod, "alphas_cumprod", n_train)
 
 
+def _diffusers_class(name):
+    """diffusers' class of that name, or None: no such class, or a placeholder for one whose extra package is
+    missing (DPMSolverSDEScheduler without torchsde takes only *args, **kwargs)."""
+    import diffusers
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not isinstance(cls, type) or cls.__module__.startswith("diffusers.utils.dummy_"):
+        return None
+    return cls
+
+
 def is_flow_euler(name):
     """Whether a scheduler class name is FlowMatchEulerDiscreteScheduler (or a subclass: the same steps)."""
-    import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
-    cls = getattr(diffusers, name, None) if name.isidentifier() else None
-    return isinstance(cls, type) and issubclass(cls, FlowMatchEulerDiscreteScheduler)
+    cls = _diffusers_class(name)
+    return cls is not None and issubclass(cls, FlowMatchEulerDiscreteScheduler)
 
 
 def has_betas(name, sched):
     """Whether a scheduler's noise levels come from betas (what DDIM reads): a diffusers class by its parameters,
     another by its config's keys. A config that names no class is read as DDIM's, its defaults included."""
-    import inspect
-
-    import diffusers
     if sched.get("_class_name") is None:
         return True
-    cls = getattr(diffusers, name, None) if name.isidentifier() else None
-    if isinstance(cls, type) and cls.__module__.startswith("diffusers.utils.dummy_"):
-        cls = None  # a placeholder for a class whose extra package is missing (DPMSolverSDE without torchsde)
-    if isinstance(cls, type):  # IPNDM takes trained_betas but reads them as no DDPM schedule does
+    cls = _diffusers_class(name)
+    if cls is not None:  # IPNDM takes trained_betas but reads them as no DDPM schedule does
         return "beta_schedule" in inspect.signature(cls.__init__).parameters
     return any(k in sched for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))
 
@@ -399,9 +403,9 @@ def load_pipeline(path, device, dtype):
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         pipe = pipe.to(device, silence_dtype_warnings=True)
-        # --fp16 is the denoiser's precision: the VAE decodes in float32 where its config asks for it (force_upcast:
-        # SD 1.x/2.x, SDXL, whose VAE overflows in float16), as diffusers' pipelines and the reference's SD scripts do
-        if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", True):
+        # --fp16 is the denoiser's precision: the VAE is kept in float32 where it decodes in it (VAEDecoder would
+        # otherwise cast it at every decode), as the reference's SD scripts keep it
+        if decodes_in_float32(pipe.vae):
             pipe.vae.to(torch.float32)
     return pipe
 

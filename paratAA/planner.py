@@ -64,21 +64,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device, warm_up=True, finite=None):
-    """The best of REPEATS timed calls of fn. finite: a list that gets, for each timed call, whether its output (a
-    tensor) was finite everywhere (read after the clock stopped)."""
-    if warm_up:
-        fn()  # allocator, kernels, caches
+def _timed(fn, device, fits=None):
+    """The best of REPEATS timed calls of fn, after one untimed call (allocator, kernels, caches). fits: a test of a
+    call's output, read after the clock stopped: inf as soon as one output fails it, the warm-up's included."""
+    out = fn()
     best = math.inf
     for _ in range(REPEATS):
+        if fits is not None and not fits(out):
+            return math.inf
         sync(device)
         t0 = time.perf_counter()
         out = fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-        if finite is not None:
-            finite.append(bool(torch.isfinite(out).all()))
-    return best
+    return math.inf if fits is not None and not fits(out) else best
+
+
+def _finite(out):
+    return bool(torch.isfinite(out).all())
 
 
 def candidate_windows(T):
@@ -126,16 +129,12 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
     B, device = noise.shape[0], noise.device
     out = {}
     for w in windows:
+        # a NaN in the gathered output of any call, the warm-up's or a timed one's (the allocator fragments): some
+        # process ran out of memory (window_call's spare), and every process sees it; its answer took no model time
         call = window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=w > 1)
-        if w > 1 and not bool(torch.isfinite(call()).all()):  # the warm-up call, gathered: some process ran out
-            out[B * w] = math.inf
+        out[B * w] = sharding.max(_timed(call, device, fits=_finite if w > 1 else None))
+        if math.isinf(out[B * w]):
             break
-        finite = []  # a timed repeat can run out of memory where the warm-up did not (fragmentation): its NaN
-        seconds = _timed(call, device, warm_up=w == 1, finite=finite if w > 1 else None)  # answer took no time
-        if not all(finite):  # the gathered output: every process sees it
-            out[B * w] = math.inf
-            break
-        out[B * w] = sharding.max(seconds)
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:
             break

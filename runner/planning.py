@@ -90,9 +90,7 @@ def plan_run(bundle, args, config, session, noise, cond, steps=None):
     noise, cond: the first batch's, on the device. steps: the steps a solve takes (a warm start's variation_steps;
     default T), which the window is chosen for."""
     config, plan, call_seconds = _plan(bundle, args, config, session, noise, cond, steps)
-    # the paper mode keeps a window above T; a warm start's calls hold at most its steps per sample
-    window = min(config.window_size, steps or bundle.schedule.num_steps)
-    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
+    _warm_up_run(bundle, args, config, session, noise, cond, steps)
     return config, plan, call_seconds
 
 
@@ -101,12 +99,18 @@ def batch_call_seconds(bundle, args, config, session, noise, cond, estimate, ste
     first batch was by plan_run, and, when sequential sampling is estimated (estimate), the seconds of one call of
     one state per sample at its size, timed now: sequential sampling of n samples costs T calls of n, not of the
     first batch's B (on a CPU a call of 16 digits samples costs 6x one of 1)."""
-    window = min(config.window_size, steps or bundle.schedule.num_steps)  # steps: as plan_run's
-    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
+    _warm_up_run(bundle, args, config, session, noise, cond, steps)
     if not estimate:
         return None
     return measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype,
                                 [1])[noise.shape[0]]
+
+
+def _warm_up_run(bundle, args, config, session, noise, cond, steps):
+    """warm_up at the sizes a run of this batch calls: its window (the paper mode keeps one above T; a warm start's
+    calls hold at most its steps per sample) and, with --compare_sequential, one state per sample."""
+    window = min(config.window_size, steps or bundle.schedule.num_steps)
+    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
 
 
 def warm_up(bundle, session, noise, cond, windows):

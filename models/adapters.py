@@ -142,10 +142,15 @@ def decodes_in_float32(vae):
 
 
 class VAEDecoder:
-    """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks."""
+    """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks.
 
-    def __init__(self, vae, device, chunk=16):
+    whitened: the latents are normalised per channel by the VAE config's latents_mean / latents_std where it has
+    them, as SDXL's __call__ reads them (SD 1.x/2.x's ignores them, SD3 shifts by shift_factor instead)."""
+
+    def __init__(self, vae, device, chunk=16, whitened=False):
         self.vae, self.device, self.chunk = vae, device, chunk
+        mean, std = (getattr(vae.config, k, None) for k in ("latents_mean", "latents_std"))
+        self.stats = (mean, std) if whitened and mean is not None and std is not None else None
 
     @torch.no_grad()
     def __call__(self, latents):
@@ -163,9 +168,12 @@ class VAEDecoder:
     def _decode(self, latents):
         imgs = []
         for part in latents.split(self.chunk):
-            # latents = (z - shift) * scale; SD 1.x/2.x VAEs have no shift
             z = part.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
-            z = z + (getattr(self.vae.config, "shift_factor", None) or 0.0)
+            if self.stats is not None:  # latents = (z - mean) / std * scale, per channel
+                mean, std = (torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1) for v in self.stats)
+                z = z * std + mean
+            else:  # latents = (z - shift) * scale; SD 1.x/2.x VAEs have no shift
+                z = z + (getattr(self.vae.config, "shift_factor", None) or 0.0)
             x = self.vae.decode(z).sample
             if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
                 raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "

@@ -18,7 +18,7 @@ from runner.loop import Bundle
 
 from .adapters import VAEDecoder
 from .dit_source import LoadedDiT
-from .sd import denoiser, encode, latent_shape, load_pipeline
+from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind
 
 def _stream_after(generator):
     """A factory of noise streams that all start where `generator` stands now."""
@@ -60,7 +60,7 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
     prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`)."""
     eps_fn = denoiser(pipe, cfg_scale)
     schedule = pipeline_schedule(pipe, T, eta)
-    decode = VAEDecoder(pipe.vae, device)
+    decode = VAEDecoder(pipe.vae, device, whitened=pipeline_kind(pipe) == "StableDiffusionXLPipeline")
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
     info = {**(info or {}), "negative_prompt": negative_prompt,

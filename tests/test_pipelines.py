@@ -306,3 +306,25 @@ def test_a_float16_pipeline_decodes_in_float32_where_its_vae_asks(tiny_sd):
     assert pipe.vae.dtype == torch.float16
     ref = VAEDecoder(pipe.vae.to(torch.float32), "cpu")(out.latents)
     assert np.array_equal(np.stack(out.images), ref)
+
+
+@pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
+def test_a_vae_with_latent_statistics_decodes_as_each_pipelines_own_call(tiny_sd, tmp_path):
+    """A VAE config with latents_mean / latents_std: SDXL's __call__ un-normalises the latents per channel before
+    decoding, SD 1.x/2.x's does not (the images ignored them for SDXL: pixels up to 56 levels off here)."""
+    import diffusers
+    from tests.tiny_models import build_tiny_sdxl
+    stats = dict(latents_mean=[0.5, -0.5, 0.25, 0.0], latents_std=[2.0, 0.5, 1.5, 1.0])
+    for kind, folder in (("StableDiffusionXLPipeline", build_tiny_sdxl(str(tmp_path / "xl"))),
+                         ("StableDiffusionPipeline", tiny_sd)):
+        pipe = getattr(diffusers, kind).from_pretrained(folder)
+        pipe.vae.register_to_config(**stats)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        pipe.set_progress_bar_config(disable=True)
+        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0, tol1=0,
+                              tol2=0, output_type="np")
+        with torch.no_grad():
+            ref = pipe("a handwritten digit four", num_inference_steps=4, guidance_scale=3.0,
+                       latents=out.x_T.float(), output_type="np").images
+        ours = np.stack(out.images).astype(float)
+        assert np.abs(ours - np.round(ref * 255)).max() <= 1, kind

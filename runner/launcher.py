@@ -59,6 +59,10 @@ def launch_one_process(args, prog):
     terminal's process group) reaches it once, passed on by the launcher: a second signal would cut short its
     keeping of the finished samples. The launch exits with the process's code."""
     from accelerate.utils import prepare_simple_launcher_cmd_env
+    if (args.num_processes or 1) > 1:  # accelerate's choice, made without a word: the run shows it only in metrics
+        print(f"{prog}: note: --num_processes {args.num_processes} starts one process here; accelerate launch "
+              "starts several only with --multi_gpu and without --cpu (also on a CPU: README)", file=sys.stderr,
+              flush=True)
     cmd, env = prepare_simple_launcher_cmd_env(args)
     process, early = [], []
 

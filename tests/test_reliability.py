@@ -355,6 +355,18 @@ def test_a_bad_flag_in_a_launch_of_one_process_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_several_processes_asked_of_the_one_process_launcher_are_said(tmp_path):
+    """Without --multi_gpu (or with --cpu) accelerate starts one process for --num_processes 2, silently."""
+    argv = launcher_of_one()
+    argv[argv.index("--num_processes") + 1] = "2"
+    proc = subprocess.run([sys.executable, *argv, "--cpu", SCRIPT, "--timesteps", "0", "--output_path",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("parallel_dit.py: note: --num_processes 2 starts one process here")
+    assert lines[1].startswith("parallel_dit.py: error: --timesteps")
+
+
 @pytest.mark.parametrize("sig, to_the_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
 def test_ctrl_c_to_a_launch_of_one_process(tmp_path, sig, to_the_group):
     """Ctrl-C reaches the launcher's process group (the terminal's); a SIGTERM from a job scheduler, the launcher

@@ -38,6 +38,7 @@ class ParallelOutput:
     results: list             # per batch: paratAA.SolveResult (history: per-iteration residuals, boundary, x_0)
     config: SolverConfig      # the values used (the window chosen when window_size="auto")
     speed: dict = field(default_factory=dict)  # sampling seconds, and sequential seconds with compare_sequential
+    plan: object = None       # window_size="auto": the planner's paratAA.planner.Plan (curve, choice, prediction)
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         raise ValueError(f"num_images {num_images} in batches of {min(B, num_images)} needs "
                          f"{batch_bytes / 2 ** 30:.1f} GiB of noise per batch alone ({host / 2 ** 30:.1f} GiB "
                          f"available); lower batch_size")
-    latents, x_T, iterations, results, seconds, seq_seconds = [], [], [], [], 0.0, 0.0
+    latents, x_T, iterations, results, seconds, seq_seconds, plan = [], [], [], [], 0.0, 0.0, None
     for start in range(0, num_images, B):
         stop = min(start + B, num_images)
         noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
@@ -110,7 +111,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     if compare_sequential:
         speed.update(sequential_seconds=seq_seconds, speedup=seq_seconds / seconds)
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
-                          results=results, config=config, speed=speed)
+                          results=results, config=config, speed=speed, plan=plan)
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,

@@ -69,6 +69,8 @@ def test_defaults_batches_and_auto_window(tiny_sd):
     auto = parallel_sample(pipe, "a handwritten digit one", num_inference_steps=16, window_size="auto",
                            output_type="np")
     assert isinstance(auto.config.window_size, int) and 1 <= auto.config.window_size <= 16
+    # the planner's record, as the scripts keep it in metrics.json: its choice is the window sampled with
+    assert auto.plan.window == auto.config.window_size and auto.plan.call_seconds and together.plan is None
 
 
 # SDXL comes with Euler, read as DDIM: the warning is the subject of its own test below

@@ -53,9 +53,10 @@ class Plan:
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
 
 
-def predicted_iterations(T, W):
-    """Equation (5); K(1) = T exactly (one state freezes per iteration)."""
-    return float(T) if W <= 1 else min(float(T), ALPHA * T / W + BETA)
+def predicted_iterations(T, W, exact=False):
+    """Equation (5); K(1) = T exactly (one state freezes per iteration). exact: tolerance 0 (tol1 = tol2 = 0), where
+    no state passes before its inputs are final, so every window takes T: one boundary state per iteration."""
+    return float(T) if W <= 1 or exact else min(float(T), ALPHA * T / W + BETA)
 
 
 def sync(device):
@@ -174,12 +175,12 @@ def interpolate(curve, n):
     return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
 
 
-def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None):
+def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, exact=False):
     """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T, or over the windows whose call of B W inputs fits
-    in memory (max_inputs: the largest measured that did)."""
+    in memory (max_inputs: the largest measured that did). exact: the solve has tolerance 0 (predicted_iterations)."""
     best = None
     for W in range(1, min(T, max_inputs // B) + 1 if max_inputs else T + 1):
-        K = predicted_iterations(T, W)
+        K = predicted_iterations(T, W, exact)
         seconds = K * (interpolate(call_seconds, B * W) + interpolate(solver_seconds, W))
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
@@ -214,6 +215,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
     and batch (the caller's; without one nothing is cached). steps: the steps the solve takes (a warm start
     re-solves its variation_steps of the T; default T). Every process takes the main process's choice."""
     T, B = steps or schedule.num_steps, noise.shape[0]
+    exact = config.tol1 == 0 and config.tol2 == 0
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     fresh = None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
@@ -222,7 +224,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
             hit = None
     if hit is not None:
         calls, solver, limit = hit
-        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit)
+        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=exact)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
         limit = max(n for n, v in calls.items() if math.isfinite(v)) if math.inf in calls.values() else None
@@ -231,7 +233,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
         if cache is not None and key is not None:
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
                           "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit}
-        plan = choose(T, B, calls, solver, max_inputs=limit)
+        plan = choose(T, B, calls, solver, max_inputs=limit, exact=exact)
     plan.checked_call_seconds = fresh
     plan.window = int(sharding.from_main(plan.window))
     return plan

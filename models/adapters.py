@@ -84,7 +84,9 @@ def SDDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=No
     """Stable Diffusion 1.x/2.x UNet (docs/ALGORITHM.md, section 7); cond {"cond", "uncond"}: [N, L, E] prompt and
     negative-prompt embeddings. v- and sample-predicting models are turned into noise predictions."""
     def forward(x, t, emb):
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb).sample
+        # the embeddings in the network's dtype too: a pipeline whose unet alone was cast (pipe.unet.half()) has them
+        # in the text encoder's, which failed inside torch (a dtype mismatch naming neither)
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond")}, cfg_scale,
                           _prediction_converter(prediction_type, alphas_cumprod))
 
@@ -94,8 +96,8 @@ def SDXLDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=
     embedding and the size/crop time ids); cond {"cond", "uncond", "pooled", "uncond_pooled", "time_ids",
     "uncond_time_ids"}."""
     def forward(x, t, emb, pooled, time_ids):
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        added = {"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids.to(unet.dtype)}  # as SDDenoiser
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype), added_cond_kwargs=added).sample
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled"),
                                     "time_ids": ("time_ids", "uncond_time_ids")}, cfg_scale,
                           _prediction_converter(prediction_type, alphas_cumprod))
@@ -105,8 +107,9 @@ def SD3Denoiser(transformer, cfg_scale=1.0):
     """SD3's MMDiT: the flow velocity v from the joint prompt embeddings and the pooled ones; the timestep is the
     scheduler's float sigma * 1000; cond {"cond", "uncond", "pooled", "uncond_pooled"}."""
     def forward(x, t, emb, pooled):
-        return transformer(hidden_states=x.to(transformer.dtype), timestep=t, encoder_hidden_states=emb,
-                           pooled_projections=pooled).sample
+        return transformer(hidden_states=x.to(transformer.dtype), timestep=t,  # as SDDenoiser
+                           encoder_hidden_states=emb.to(transformer.dtype),
+                           pooled_projections=pooled.to(transformer.dtype)).sample
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled")}, cfg_scale)
 
 
@@ -141,16 +144,26 @@ def decodes_in_float32(vae):
     return vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True)
 
 
+def unscale_latents(z, config, family=None):
+    """Sampled latents z as the VAE decodes them, the way the pipeline `family` (a class name) unscales them in its
+    __call__: SDXL with the VAE's latents_mean and latents_std where its config has both, z * std / scaling_factor +
+    mean, else z / scaling_factor; SD 1.x/2.x z / scaling_factor (neither reads shift_factor nor the mean); SD3 and
+    the DiT scripts (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have no shift)."""
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if family == "StableDiffusionXLPipeline" and mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (z.dim() - 2)                                      # per channel
+        return z * torch.tensor(std).view(shape).to(z) / config.scaling_factor + torch.tensor(mean).view(shape).to(z)
+    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        return z / config.scaling_factor
+    return z / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+
+
 class VAEDecoder:
-    """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks.
+    """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks. family: the diffusers
+    pipeline class whose __call__ the latents are unscaled as (unscale_latents; None: the DiT scripts')."""
 
-    whitened: the latents are normalised per channel by the VAE config's latents_mean / latents_std where it has
-    them, as SDXL's __call__ reads them (SD 1.x/2.x's ignores them, SD3 shifts by shift_factor instead)."""
-
-    def __init__(self, vae, device, chunk=16, whitened=False):
-        self.vae, self.device, self.chunk = vae, device, chunk
-        mean, std = (getattr(vae.config, k, None) for k in ("latents_mean", "latents_std"))
-        self.stats = (mean, std) if whitened and mean is not None and std is not None else None
+    def __init__(self, vae, device, chunk=16, family=None):
+        self.vae, self.device, self.chunk, self.family = vae, device, chunk, family
 
     @torch.no_grad()
     def __call__(self, latents):
@@ -168,12 +181,7 @@ class VAEDecoder:
     def _decode(self, latents):
         imgs = []
         for part in latents.split(self.chunk):
-            z = part.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
-            if self.stats is not None:  # latents = (z - mean) / std * scale, per channel
-                mean, std = (torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1) for v in self.stats)
-                z = z * std + mean
-            else:  # latents = (z - shift) * scale; SD 1.x/2.x VAEs have no shift
-                z = z + (getattr(self.vae.config, "shift_factor", None) or 0.0)
+            z = unscale_latents(part.to(self.device, self.vae.dtype), self.vae.config, self.family)
             x = self.vae.decode(z).sample
             if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
                 raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "

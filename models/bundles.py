@@ -60,7 +60,7 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
     prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`)."""
     eps_fn = denoiser(pipe, cfg_scale)
     schedule = pipeline_schedule(pipe, T, eta)
-    decode = VAEDecoder(pipe.vae, device, whitened=pipeline_kind(pipe) == "StableDiffusionXLPipeline")
+    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))  # the latents unscaled as its __call__ does
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
     info = {**(info or {}), "negative_prompt": negative_prompt,

@@ -59,8 +59,12 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         raise ValueError(f"pipe {problem}")
     net = network(pipe)
     device = net.device
-    default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)  # as __call__
-    height, width = default_height if height is None else height, default_width if width is None else width
+    if height is None or width is None:  # the network's size, as __call__; a network may have none (given sizes do)
+        if net.config.get("sample_size") is None:
+            raise ValueError(f"height and width must be given: pipe's {type(net).__name__} config has no sample_size "
+                             f"(the default size)")
+        default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)
+        height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
                               height, width, batch_size, output_type, compare_sequential, eta)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")

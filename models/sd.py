@@ -292,6 +292,13 @@ def pipeline_problem(pipe):
     kind = pipeline_kind(pipe)
     if kind is None:
         return f"is a {type(pipe).__name__}; supported are {SUPPORTED.replace(' folders', '')}"
+    if kind == "StableDiffusionXLPipeline" and (pipe.text_encoder is None or pipe.tokenizer is None):
+        return ("has no text_encoder or tokenizer (only the second encoder, as the SDXL refiner); supported are "
+                "SDXL pipelines with both text encoders")
+    # a part set to None (pipe.vae = None) failed inside, an AttributeError on None naming no part
+    missing = [part for part in PARTS[kind] if getattr(pipe, part, None) is None]
+    if missing:
+        return f"has {', '.join(missing)} set to None; sampling needs its {', '.join(PARTS[kind])}"
     from diffusers import FlowMatchEulerDiscreteScheduler
     own = "FlowMatchEulerDiscreteScheduler" if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) \
         else type(pipe.scheduler).__name__  # the class that steps, whatever its config says
@@ -304,9 +311,6 @@ def pipeline_problem(pipe):
     problem = network_problem(dict(network(pipe).config))
     if problem:
         return problem
-    if kind == "StableDiffusionXLPipeline" and (pipe.text_encoder is None or pipe.tokenizer is None):
-        return ("has no text_encoder or tokenizer (only the second encoder, as the SDXL refiner); supported are "
-                "SDXL pipelines with both text encoders")
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
     if channels != latent:
         return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "

@@ -310,23 +310,75 @@ def test_a_float16_pipeline_decodes_in_float32_where_its_vae_asks(tiny_sd):
     assert np.array_equal(np.stack(out.images), ref)
 
 
-@pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
-def test_a_vae_with_latent_statistics_decodes_as_each_pipelines_own_call(tiny_sd, tmp_path):
-    """A VAE config with latents_mean / latents_std: SDXL's __call__ un-normalises the latents per channel before
-    decoding, SD 1.x/2.x's does not (the images ignored them for SDXL: pixels up to 56 levels off here)."""
+def test_a_part_set_to_none_is_refused_naming_it(tiny_sd, tmp_path):
+    """pipe.vae = None (or the unet, a text encoder, a tokenizer, the scheduler) failed inside with an
+    AttributeError on None that named no part; SDXL's and SD3's second text encoder and tokenizer alike."""
     import diffusers
+    from tests.tiny_models import build_tiny_sd3
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    sd3 = diffusers.StableDiffusion3Pipeline.from_pretrained(build_tiny_sd3(str(tmp_path / "sd3")),
+                                                             text_encoder_3=None, tokenizer_3=None)
+    for pipe, parts in ((sd, ("vae", "unet", "text_encoder", "tokenizer", "scheduler")),
+                        (sd3, ("transformer", "text_encoder_2", "tokenizer_2"))):
+        for part in parts:
+            own = getattr(pipe, part)
+            setattr(pipe, part, None)
+            with pytest.raises(ValueError, match=f"pipe has {part} set to None; sampling needs its"):
+                parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, output_type="np")
+            setattr(pipe, part, own)
+
+
+@pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
+def test_images_are_unscaled_as_the_pipelines_own_call(tiny_sd, tmp_path):
+    """The latents go to the VAE as each pipeline's __call__ unscales them: SDXL with the VAE's latents_mean and
+    latents_std where its config has both (ignored before: 25 pixel levels off the pipeline's own images), SD 1.x/2.x
+    and SDXL without the shift_factor that only SD3 adds (21 levels off with shift_factor 5)."""
+    import diffusers
+    from diffusers import DDIMScheduler
     from tests.tiny_models import build_tiny_sdxl
-    stats = dict(latents_mean=[0.5, -0.5, 0.25, 0.0], latents_std=[2.0, 0.5, 1.5, 1.0])
-    for kind, folder in (("StableDiffusionXLPipeline", build_tiny_sdxl(str(tmp_path / "xl"))),
-                         ("StableDiffusionPipeline", tiny_sd)):
-        pipe = getattr(diffusers, kind).from_pretrained(folder)
-        pipe.vae.register_to_config(**stats)
-        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    sdxl = diffusers.StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(str(tmp_path / "sdxl")))
+    sdxl.scheduler = DDIMScheduler.from_config(sdxl.scheduler.config, clip_sample=False)
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    for pipe, vae_config in ((sdxl, dict(latents_mean=[0.5, -0.3, 0.2, 0.1], latents_std=[0.8, 1.2, 0.9, 1.1])),
+                             (sd, dict(shift_factor=5.0))):
         pipe.set_progress_bar_config(disable=True)
-        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0, tol1=0,
+        pipe.vae.register_to_config(**vae_config)
+        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, guidance_scale=3.0, tol1=0,
                               tol2=0, output_type="np")
         with torch.no_grad():
-            ref = pipe("a handwritten digit four", num_inference_steps=4, guidance_scale=3.0,
+            ref = pipe("a handwritten digit four", num_inference_steps=2, guidance_scale=3.0,
                        latents=out.x_T.float(), output_type="np").images
-        ours = np.stack(out.images).astype(float)
-        assert np.abs(ours - np.round(ref * 255)).max() <= 1, kind
+        assert np.abs(np.stack(out.images).astype(int) - (ref * 255).round().astype(int)).max() <= 1
+
+
+def test_a_unet_or_text_encoder_cast_alone_samples(tiny_sd):
+    """pipe.unet.half() (or the text encoder alone): the embeddings reached the network in the text encoder's dtype
+    and sampling failed inside torch ("expected m1 and m2 to have the same dtype"); they are cast as the states are."""
+    from diffusers import StableDiffusionPipeline
+    ref = parallel_sample(StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None,
+                                                                  requires_safety_checker=False),
+                          "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    for part in ("unet", "text_encoder"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+        getattr(pipe, part).to(torch.bfloat16)
+        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, guidance_scale=3.0,
+                              output_type="np")
+        assert (out.latents - ref.latents).abs().max() < 0.05 * ref.latents.abs().max()  # bfloat16's round-off
+
+
+def test_a_unet_without_sample_size_takes_the_given_size(tiny_sd):
+    """A UNet config with sample_size None (UNet2DConditionModel's default): the default size was read even where
+    height and width were given (a TypeError from int(None)); without them it is one line saying to give them."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.register_to_config(sample_size=None)
+    out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, guidance_scale=3.0, height=16,
+                          width=24, tol1=0, tol2=0, output_type="np")
+    with torch.no_grad():
+        ref = pipe("a handwritten digit four", num_inference_steps=2, guidance_scale=3.0, latents=out.x_T.float(),
+                   height=16, width=24, output_type="latent").images
+    assert out.latents.shape == (1, 4, 8, 12) and (out.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    with pytest.raises(ValueError, match="height and width must be given: pipe's UNet2DConditionModel config has no "
+                                         "sample_size"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, height=12, output_type="np")

@@ -33,7 +33,7 @@ from .sd import blank, network, pipeline_problem, read_as_ddim, sample_pixels, u
 class ParallelOutput:
     images: list              # PIL images (output_type "pil"), or uint8 arrays [H, W, 3] ("np")
     latents: torch.Tensor     # [N, *latent] float64, the final x_0 of each sample
-    x_T: torch.Tensor         # [N, *latent], the initial noise (replays the run in diffusers)
+    x_T: torch.Tensor         # [N, *latent] float64, the initial noise: pipe(latents=x_T.to(pipe.dtype)) replays it
     iterations: list          # per sample
     results: list             # per batch: paratAA.SolveResult (history: per-iteration residuals, boundary, x_0)
     config: SolverConfig      # the values used (the window chosen when window_size="auto")

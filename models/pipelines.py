@@ -58,7 +58,10 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     if problem:
         raise ValueError(f"pipe {problem}")
     net = network(pipe)
-    device = net.device
+    # where the network runs. With CPU offload (enable_model_cpu_offload) its weights sit on the CPU between calls
+    # and the pipeline's hooks move them and the inputs to the GPU: ask the pipeline, as its __call__ does (the
+    # states on the CPU met predictions on the GPU)
+    device = pipe._execution_device if net.device.type in ("cpu", "meta") else net.device
     if height is None or width is None:  # the network's size, as __call__; a network may have none (given sizes do)
         if net.config.get("sample_size") is None:
             raise ValueError(f"height and width must be given: pipe's {type(net).__name__} config has no sample_size "

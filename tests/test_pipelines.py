@@ -382,3 +382,17 @@ def test_a_unet_without_sample_size_takes_the_given_size(tiny_sd):
     with pytest.raises(ValueError, match="height and width must be given: pipe's UNet2DConditionModel config has no "
                                          "sample_size"):
         parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, height=12, output_type="np")
+
+
+def test_a_pipeline_with_model_cpu_offload_samples_as_without(tiny_sd):
+    """enable_model_cpu_offload: the states go where the pipeline's hooks run the network (here the CPU; on a GPU
+    the weights rest on the CPU between calls, so the network's own device is not where it runs: not run here)."""
+    from diffusers import StableDiffusionPipeline
+
+    def load():
+        return StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    ref = parallel_sample(load(), "a handwritten digit four", num_inference_steps=4, output_type="np")
+    pipe = load()
+    pipe.enable_model_cpu_offload(device="cpu")
+    out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, output_type="np")
+    assert torch.equal(out.latents, ref.latents) and np.array_equal(np.stack(out.images), np.stack(ref.images))

@@ -52,6 +52,14 @@ class Plan:
                 "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
 
+    def predict(self, samples):
+        """Predicted seconds of a batch of `samples` at the chosen window: predicted_seconds is the first batch's,
+        and a smaller last batch calls the model at its own size (on a CPU a call of 1 costs far less than one of
+        16: the run's prediction was the first batch's times the batches, 1.9x the time of 16 + 1 samples)."""
+        W = self.window
+        return self.predicted_iterations * (interpolate(self.call_seconds, samples * W) +
+                                            interpolate(self.solver_seconds, W))
+
 
 def predicted_iterations(T, W, exact=False):
     """Equation (5); K(1) = T exactly (one state freezes per iteration). exact: tolerance 0 (tol1 = tol2 = 0), where
@@ -139,10 +147,14 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:
             break
-    # a call can always be padded up to a larger size, so a smaller one never costs more: a time above a larger
-    # size's is noise (an H200 timed one SD UNet state at 49.6 ms and two at 29.4 ms: the sequential time the run
-    # reports is T c(B)), and takes that size's time
-    least = math.inf
+    return _never_above_a_larger(out)
+
+
+def _never_above_a_larger(curve):
+    """curve with each time lowered to the least of the larger sizes': a call can always be padded up to a larger
+    size, so a smaller one never costs more, and a time above a larger size's is noise (an H200 timed one SD UNet
+    state at 49.6 ms and two at 29.4 ms: the sequential time the run reports is T c(B))."""
+    least, out = math.inf, dict(curve)
     for n in sorted(out, reverse=True):
         least = out[n] = min(out[n], least)
     return out
@@ -193,8 +205,12 @@ def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, e
 def cached_curves(hit, B):
     """(call seconds, solver seconds, max_inputs) of a cache entry as measured curves, or None when the entry is not
     one (an edited or damaged cache file): it is then measured again. It must time B inputs, every time must be a
-    finite positive number (the solver's may be 0), and max_inputs, the largest call that fit in memory, None or
-    an integer >= B."""
+    finite positive number (the solver's may be 0), the solver's curve must have a point (choose interpolates it:
+    an empty one ended the run with an IndexError), and max_inputs, the largest call that fit in memory, None or
+    an integer >= B. The call curve is read as measure_call_seconds leaves it, never above a larger size's: a
+    cache written before it did so, or edited, said a larger call costs less (c(8) below c(1) took window 8 for a
+    predicted 0.00 s; c(2) of 5e-324 predicted 0 s, and the plan's speed-up divided by it), and lowered so its
+    c(B) fails the check against this run's timing (plan_window) and the curve is measured again."""
     try:
         calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
         solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
@@ -202,9 +218,9 @@ def cached_curves(hit, B):
     except (TypeError, ValueError, KeyError, AttributeError):
         return None
     good = B in calls and all(k >= 1 and math.isfinite(v) and v > 0 for k, v in calls.items()) and \
-        all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items()) and \
+        len(solver) > 0 and all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items()) and \
         (limit is None or type(limit) is int and limit >= B)
-    return (calls, solver, limit) if good else None
+    return (_never_above_a_larger(calls), solver, limit) if good else None
 
 
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None,

@@ -153,7 +153,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
     steps = variation_steps or bundle.schedule.num_steps  # sequential sampling's model calls per batch
     stream = bundle.noise()
     out = {"trajectory": [], "iterations": [], "converged": [], "seconds": 0.0}
-    call_seconds = None
+    call_seconds, plan = None, None
     progress = dict(disable=not session.is_main)
     with tqdm(total=S, desc="samples", leave=True, **progress) as bar:  # closed on errors too
         for start in range(0, S, args.batch_size):
@@ -200,7 +200,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             out["converged"] += res.converged
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds,
-                                 steps * batch_call if batch_call is not None else None, x_T=noise[:, -1])
+                                 steps * batch_call if batch_call is not None else None, x_T=noise[:, -1],
+                                 predicted=plan.predict(stop - start) if plan is not None else None)
                 _say_unconverged(start, res, config)
             bar.update(stop - start)
     if keep_trajectories:

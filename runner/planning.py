@@ -58,15 +58,26 @@ def _seconds(value):
     return type(value) in (int, float) and 0 <= value <= MAX_SECONDS
 
 
-def _save(data):
+def _save(key, entry):
+    """Add one entry to the cache file as it is now: another run may have saved its own entry since this one
+    loaded the file (two runs started together each wrote back what they had loaded plus their own, and the
+    last one dropped the other's)."""
     path = cache_path()
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            json.dump({**_load(), key: entry}, f, indent=1)
         os.replace(tmp, path)
     except OSError:  # a read-only home is no reason to fail a run: the next one measures again
+        _remove(tmp)
+
+
+def _remove(path):
+    """A temporary file a failed save left (the cache file a folder, a full disk): one per run would pile up."""
+    try:
+        os.remove(path)
+    except OSError:
         pass
 
 
@@ -77,10 +88,18 @@ def device_name(device):
 
 
 def cache_key(bundle, args, config, session, batch):
-    return json.dumps({"model": bundle.info, "cfg_scale": args.cfg_scale, "device": device_name(session.device),
+    """What the cost curves depend on. model_path too: a diffusers DiT folder's bundle.info names no architecture
+    (its model is the generic DiTPipeline), so a folder of 8 layers read the curve measured for one of 2."""
+    return json.dumps({"model": bundle.info, "model_path": _path(getattr(args, "model_path", None)),
+                       "cfg_scale": args.cfg_scale, "device": device_name(session.device),
                        "dtype": str(session.model_dtype), "processes": session.world_size, "batch": batch,
                        "latent": list(bundle.latent), "T": bundle.schedule.num_steps,
                        "memory_size": config.memory_size, "equations": config.equations}, sort_keys=True)
+
+
+def _path(path):
+    """The same model whichever way the path was written (relative, absolute)."""
+    return os.path.abspath(path) if path else None
 
 
 def plan_run(bundle, args, config, session, noise, cond, steps=None):
@@ -130,7 +149,7 @@ def _plan(bundle, args, config, session, noise, cond, steps):
         plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, session.sharding,
                            session.model_dtype, solve=solve, cache=cache, key=key, steps=steps)
         if session.is_main and plan.measured:
-            _save(cache)
+            _save(key, cache[key])
         if config.order is not None and config.order > plan.window:  # as with a fixed window, said, not silent
             note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
                  f"the window acts as the window: using {plan.window}")

@@ -67,6 +67,7 @@ class RunWriter:
         self.metrics["indexing"] = INDEXING
         self.sequential_estimate = 0.0  # seconds sequential sampling would have taken (per-call time x calls)
         self.batches = 0
+        self.predicted = 0.0  # the plan's predicted seconds of the batches so far, each at its own size
         self.status = "running"
         self._lock = threading.RLock()  # the main thread may re-enter it when a signal interrupts a flush
         self._stop = threading.Event()
@@ -126,9 +127,10 @@ class RunWriter:
         with self._lock:
             self.metrics["last_batch_per_call_seconds"] = {"samples": samples, "seconds": call_seconds}
 
-    def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None, x_T=None):
+    def add_batch(self, start, res, seq, seconds, seq_seconds, seq_estimate=None, x_T=None, predicted=None):
         """res: the batch's SolveResult (record_x0), seq: its sequential x_0 [B, *latent] or None;
         seq_estimate: what sequential sampling of the batch would take, from the measured per-call time;
+        predicted: the plan's prediction of the batch's sampling time (Plan.predict), window auto;
         x_T: the batch's initial noise [B, *latent] (kept in latents.npz, to replay a run in diffusers)."""
         seq_imgs = self.decode(seq) if seq is not None else None
         for j, h in enumerate(res.history):
@@ -156,6 +158,7 @@ class RunWriter:
         with self._lock:
             self.metrics["wall_clock_seconds"] += seconds
             self.sequential_estimate += seq_estimate or 0.0
+            self.predicted += predicted or 0.0
             self.batches += 1
             if seq is not None:
                 self.metrics["sequential_wall_clock_seconds"] += seq_seconds
@@ -210,7 +213,7 @@ class RunWriter:
             out["speedup"] = out["sequential_seconds"] / wall
         plan = self.metrics.get("plan")
         if plan:
-            out["predicted_seconds"] = plan["predicted_seconds"] * self.batches
+            out["predicted_seconds"] = self.predicted
         same = [m["iterations_to_same_image"] for m in (self.samples if samples is None else samples)
                 if "iterations_to_same_image" in m]
         if same:

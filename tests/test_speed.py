@@ -1,6 +1,7 @@
 """The window chosen from the hardware (planner), and what every run says it gained (metrics.json, terminal, grid)."""
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -148,7 +149,8 @@ def test_timed_runs_are_warmed_up_at_the_sizes_they_time(tmp_path, monkeypatch):
     assert seen == [[8, 1], [4]]
 
 
-@pytest.mark.parametrize("damage", ["empty", "text", "negative", "nan", "missing_batch"])
+@pytest.mark.parametrize("damage", ["empty", "text", "negative", "nan", "missing_batch", "no_solver_curve",
+                                    "larger_calls_free"])
 def test_a_damaged_cache_entry_is_measured_again(tmp_path, monkeypatch, damage):
     """A cache file someone edited (or a crash cut short) is not trusted: its entry is measured again, and the run
     reports times that are times."""
@@ -163,7 +165,11 @@ def test_a_damaged_cache_entry_is_measured_again(tmp_path, monkeypatch, damage):
     cache[key] = {"empty": {}, "text": {**entry, "call_seconds": {k: "x" for k in calls}},
                   "negative": {**entry, "call_seconds": {k: -1.0 for k in calls}},
                   "nan": {**entry, "call_seconds": {k: float("nan") for k in calls}},
-                  "missing_batch": {**entry, "call_seconds": {"2": 0.1}}}[damage]
+                  "missing_batch": {**entry, "call_seconds": {"2": 0.1}},
+                  # an IndexError (choose interpolates the solver's curve), then a ZeroDivisionError (a predicted 0 s)
+                  "no_solver_curve": {**entry, "solver_seconds": {}},
+                  "larger_calls_free": {"call_seconds": {k: v if k == "1" else 5e-324 for k, v in calls.items()},
+                                        "solver_seconds": {k: 0.0 for k in entry["solver_seconds"]}}}[damage]
     with open(path, "w") as f:
         json.dump(cache, f)
     for name, window in (("b", "auto"), ("c", "4")):
@@ -224,6 +230,76 @@ def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():
     plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
                        cache=cache, key="k")
     assert plan.measured and max(sizes) > 1 and cache["k"]["call_seconds"]["1"] < 0.1
+
+
+def test_a_cached_curve_is_read_never_above_a_larger_size():
+    """A cache written before measure_call_seconds lowered a call's time to a larger size's (an H200 timed one SD
+    state at 49.6 ms and two at 29.4 ms) is read as that function now leaves a curve."""
+    from paratAA import SolverConfig, dit_schedule, noise_from_seeds
+    from paratAA.planner import plan_window
+    schedule, noise = dit_schedule(16), noise_from_seeds([0], 16, (4, 4, 4))
+
+    def model(x, t, c):
+        time.sleep(0.01)
+        return torch.zeros_like(x)
+    cache = {"k": {"call_seconds": {"1": 0.014, "4": 0.011, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001}}}
+    plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
+                       cache=cache, key="k")
+    assert not plan.measured and plan.call_seconds == {1: 0.011, 4: 0.011, 16: 0.02}
+
+
+def test_two_runs_saving_the_cache_together_keep_both_entries(tmp_path, monkeypatch):
+    """Each run wrote back the cache it had loaded plus its own entry: of two runs started together, the last to
+    save dropped the other's. And a save that fails (the cache file is a folder) leaves no temporary file."""
+    from runner import planning
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "cache" / "cost_curves.json"
+    other = {"call_seconds": {"1": 0.01}, "solver_seconds": {"1": 0.0}, "max_inputs": None}
+    real = planning.plan_window
+
+    def another_run_saves_meanwhile(*args, **kwargs):  # after this run loaded the file, before it saves
+        os.makedirs(path.parent, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"another run's key": other}, f)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(planning, "plan_window", another_run_saves_meanwhile)
+    run(tmp_path / "a", "--timesteps", "8", "--num_samples", "1", "--window_size", "auto")
+    with open(path) as f:
+        cache = json.load(f)
+    assert len(cache) == 2 and cache["another run's key"] == other
+    monkeypatch.setattr(planning, "plan_window", real)
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "folder"))
+    os.makedirs(tmp_path / "folder" / "cost_curves.json")
+    run(tmp_path / "b", "--timesteps", "8", "--num_samples", "1", "--window_size", "auto")
+    assert os.listdir(tmp_path / "folder") == ["cost_curves.json"]
+
+
+def test_the_cache_key_names_the_model_path():
+    """A diffusers DiT folder's bundle names no architecture (its model is "diffusers DiTPipeline"): a folder of 8
+    transformer layers read the curve measured for one of 2."""
+    from types import SimpleNamespace
+    from runner.planning import cache_key
+    bundle = SimpleNamespace(info={"model": "diffusers DiTPipeline", "scheduler": {}}, latent=(4, 4, 4),
+                             schedule=SimpleNamespace(num_steps=8))
+    config, session = SolverConfig(), SimpleNamespace(device=torch.device("cpu"), model_dtype=torch.float32,
+                                                      world_size=1)
+    key = lambda path: cache_key(bundle, SimpleNamespace(model_path=path, cfg_scale=4.0), config, session, 1)  # noqa
+    assert key("dit_small") != key("dit_big")
+    assert key("dit_small") == key(os.path.abspath("dit_small"))  # the same folder however it is written
+
+
+def test_the_prediction_of_a_smaller_last_batch_is_at_its_own_size(tmp_path, monkeypatch):
+    """--num_samples 3 --batch_size 2 at window auto: the predicted time was the first batch's times the batches,
+    as if the last one, of one sample, cost a call of two."""
+    from paratAA import planner
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    # a call of n inputs costs 0.01 n (window 1 wins), the solver's work nothing
+    monkeypatch.setattr(planner, "measure_call_seconds", lambda eps_fn, schedule, noise, cond, sharding, dtype,
+                        windows: {noise.shape[0] * w: 0.01 * noise.shape[0] * w for w in windows})
+    monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
+    _, m = run(tmp_path / "a", "--timesteps", "10", "--num_samples", "3", "--batch_size", "2", "--window_size", "auto")
+    assert m["plan"]["window"] == 1 and m["plan"]["predicted_seconds"] == pytest.approx(10 * 0.02)
+    assert m["speed"]["predicted_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
 
 
 def test_grid_row_labels_are_one_readable_line():

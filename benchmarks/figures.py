@@ -3,8 +3,10 @@
     python benchmarks/figures.py [--dit benchmarks/results/dit.json] [--sd benchmarks/results/sd.json] [--quick]
     python benchmarks/figures.py --dit results/dit_xl2.json --sd results/sd15.json --out_dir results/figures
 
-Each JSON gets its panel (titled by the model it measured); a missing file is skipped. Every JSON is checked by
-drawing its panels in memory first: a file they cannot be drawn from is named, and nothing is written.
+Each JSON gets its panel (titled by the model it measured). Without --dit and --sd the default pair is drawn (what
+`make bench` writes; a missing one is skipped); with either flag only the files the flags name, each of which must
+exist. Every JSON is checked by drawing its panels in memory first: a file they cannot be drawn from is named, and
+nothing is written.
 (a) distance to the sequential sample vs iteration, one curve per method      -> fig_a_distance.png
 (b) image evolution: decoded x_0 estimate per iteration, FP / FP+ / ParaTAA   -> fig_b_evolution.png
     (from <json>.evolution.npz, written beside the JSON)
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import check_out_dir  # noqa: E402
 from models.sd import read_json  # noqa: E402
 from runner.errors import InputFileError, exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import make_parser, path_value  # noqa: E402
 from runner.metrics import SAME_IMAGE  # noqa: E402
 from runner.rundir import write_atomic, upscale  # noqa: E402
 
@@ -40,6 +42,7 @@ from runner.rundir import write_atomic, upscale  # noqa: E402
 METHODS = ["FP", "FP+ (ddim)", "FP+ (picard)", "ParaTAA m=3 (ddim)", "ParaTAA m=3"]
 STYLE = {"FP": ("tab:gray", "-"), "FP+ (ddim)": ("tab:blue", "--"), "FP+ (picard)": ("tab:blue", "-"),
          "ParaTAA m=3 (ddim)": ("tab:red", "--"), "ParaTAA m=3": ("tab:red", "-")}
+DEFAULT_REPORTS = ("benchmarks/results/dit.json", "benchmarks/results/sd.json")  # drawn when no report is named
 EVOLUTION_ROWS = ["FP", "FP+ (ddim)", "ParaTAA m=3 (ddim)", "FP+ (picard)", "ParaTAA m=3"]
 
 
@@ -116,22 +119,28 @@ def fig_window(results, path):
     plt.close(fig)
 
 
-def fig_warm(sd, path):
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    pairs = {}
-    for key, s in sd["warm_start"].items():
-        name, v = key.rsplit(" V=", 1)
-        pairs.setdefault(name, []).append((int(v), s["stop_median"], s["cold_median"]))
-    for name, rows in pairs.items():
-        rows.sort()
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=f"warm: {name}")
-        ax.plot([r[0] for r in rows], [r[2] for r in rows], ls=":", label=f"cold start: {name}")
-    ax.set_xlabel("variation_steps")
-    ax.set_ylabel("prompt2 iterations (median)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+def fig_warm(results, path):
+    """One panel per JSON with a warm-start table, titled by its model and T; a pair's warm and cold start in one
+    colour (solid, dotted)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.6), squeeze=False)
+    for ax, (title, res) in zip(axes[0], results.items()):
+        pairs = {}
+        for key, s in res["warm_start"].items():
+            name, v = key.rsplit(" V=", 1)
+            pairs.setdefault(name, []).append((int(v), s["stop_median"], s["cold_median"]))
+        for n, (name, rows) in enumerate(pairs.items()):
+            rows.sort()
+            color = f"C{n % 10}"
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", color=color, label=f"warm: {name}")
+            ax.plot([r[0] for r in rows], [r[2] for r in rows], ls=":", color=color, label=f"cold start: {name}")
+        ax.set_title(f"{title}, T = {largest_T(res)}")  # the warm start runs at the largest T (sd_bench.py)
+        ax.set_xlabel("variation_steps")
+        ax.set_ylabel("prompt2 iterations (median)")
+        ax.grid(alpha=0.3)
+        # below the axes: a pair is named by its prompts, wider than the panel for real ones (section 10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -201,14 +210,28 @@ def fig_ablation(results, path):
     plt.close(fig)
 
 
-def load(path, flag, role):
-    """(title, report) of one benchmark JSON, or None when the file is absent."""
-    if not path or not os.path.lexists(path):
+def load(path, flag, role, given):
+    """(title, report) of one benchmark JSON, or None when it is not drawn: a default that is absent. A file a flag
+    names must exist: skipped, a mistyped path left the run's figures without its panels, with exit 0."""
+    if path is None:
+        return None
+    if not os.path.lexists(path):
+        if given:
+            raise InputFileError(f"{flag}: {path} not found")
         print(f"{role}: {path} not found, skipped")
         return None
     report = read_json(path, flag)
     title = report.get("model", {}) if isinstance(report.get("model"), dict) else {}
     return str(title.get("title", f"embedded {role}")), report
+
+
+def reports(args):
+    """(role, flag, path, given) of each report to draw. Without --dit and --sd, the default pair (make bench's);
+    with either, only what the flags name: the other's default beside it drew the committed embedded model's panels
+    into a checkpoint's figures, its warm start as figure (e)."""
+    given = args.dit is not None or args.sd is not None
+    paths = (args.dit, args.sd) if given else DEFAULT_REPORTS
+    return [("DiT", "--dit", paths[0], given), ("text-to-image", "--sd", paths[1], given)]
 
 
 FIGURES = ("fig_a_distance.png", "fig_b_evolution.png", "fig_c_window.png", "fig_d_ablation.png",
@@ -234,9 +257,9 @@ def draw(results, paths, quick, say=print):
         fig_ablation(ablated, out("fig_d_ablation.png"))
     else:
         say("(d) skipped: no JSON has an ablation (dit_bench.py runs it; sd_bench.py with --ablation)")
-    warm = [r for r in results.values() if r.get("warm_start")]
+    warm = {t: r for t, r in results.items() if r.get("warm_start")}
     if warm:
-        fig_warm(warm[0], out("fig_e_warm_start.png"))
+        fig_warm(warm, out("fig_e_warm_start.png"))
     else:
         say("(e) skipped: no JSON has a warm-start table (sd_bench.py with two prompts or more)")
     fig_curves(results, quality, out("fig_f_quality.png"))
@@ -246,8 +269,8 @@ def draw(results, paths, quick, say=print):
 def main(args):
     check_out_dir(args.out_dir, "--out_dir")
     results, paths = {}, {}
-    for role, flag, path in (("DiT", "--dit", args.dit), ("text-to-image", "--sd", args.sd)):
-        found = load(path, flag, role)
+    for role, flag, path, given in reports(args):
+        found = load(path, flag, role, given)
         if not found:
             continue
         title = found[0] if found[0] not in results else f"{found[0]} ({role})"
@@ -279,10 +302,15 @@ def main(args):
     print(f"wrote figures to {args.out_dir}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="12 columns in figure (b) instead of 20")
-    parser.add_argument("--dit", default="benchmarks/results/dit.json", help="dit_bench.py's JSON")
-    parser.add_argument("--sd", default="benchmarks/results/sd.json", help="sd_bench.py's JSON")
+    parser.add_argument("--dit", type=path_value, default=None,
+                        help=f"dit_bench.py's JSON (without --dit and --sd: {' and '.join(DEFAULT_REPORTS)})")
+    parser.add_argument("--sd", type=path_value, default=None, help="sd_bench.py's JSON")
     parser.add_argument("--out_dir", default="benchmarks/figures")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

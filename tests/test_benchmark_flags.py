@@ -24,9 +24,8 @@ DIT = ["--quick", "--timesteps", "2", "--num_samples", "1", "--no-ablation"]
 
 
 def run(script, *argv, **kwargs):
-    options = {"capture_output": True, "text": True, "timeout": 60, **kwargs}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, argv)], cwd=ROOT,
-                          **options)
+    options = {"capture_output": True, "text": True, "timeout": 60, "cwd": ROOT, **kwargs}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, argv)], **options)
 
 
 def one_line(script, stderr):
@@ -150,7 +149,7 @@ def test_figures_are_written_as_a_set(tmp_path):
     dit, sd, out = os.path.join(RESULTS, "dit.json"), os.path.join(RESULTS, "sd.json"), tmp_path / "figs"
     assert run("figures.py", "--dit", dit, "--sd", sd, "--out_dir", out, "--quick").returncode == 0
     assert sorted(os.listdir(out)) == sorted(FIGURES)
-    proc = run("figures.py", "--dit", dit, "--sd", tmp_path / "none.json", "--out_dir", out, "--quick")
+    proc = run("figures.py", "--dit", dit, "--out_dir", out, "--quick")  # the DiT's figures alone
     assert proc.returncode == 0 and "removed" in proc.stdout and "fig_e_warm_start.png" in proc.stdout
     assert "fig_e_warm_start.png" not in os.listdir(out)  # the DiT report has no warm start: (e) is not drawn
     blocked = tmp_path / "blocked"
@@ -203,9 +202,40 @@ def test_figures_bad_report(reports, name, words):
 
 
 def test_figures_without_any_report_creates_no_folder(tmp_path):
-    out = tmp_path / "figs"
-    refused(tmp_path, "figures.py", ["--dit", tmp_path / "none.json", "--sd", tmp_path / "none2.json", "--out_dir",
-                                     out], 1, ["no benchmark JSON"])
+    """Run where the default reports are not (another folder): named, and no folder created."""
+    proc = run("figures.py", "--out_dir", tmp_path / "figs", cwd=tmp_path)
+    line = one_line("figures.py", proc.stderr)
+    assert proc.returncode == 1 and "no benchmark JSON" in line and os.listdir(tmp_path) == []
+
+
+def test_figures_draw_only_the_reports_named(tmp_path):
+    """With --dit or --sd given, the other flag's default was drawn beside it (section 10's checkpoint figures got
+    the committed embedded model's panels, and its warm start as figure (e)); a file a flag names that is missing
+    was skipped with exit 0, and a blank flag read as a missing file."""
+    from benchmarks.figures import DEFAULT_REPORTS, parse_args, reports
+    named = reports(parse_args(["--dit", "results/dit_xl2.json"]))
+    assert [path for _, _, path, _ in named] == ["results/dit_xl2.json", None]
+    assert [path for _, _, path, _ in reports(parse_args([]))] == list(DEFAULT_REPORTS)
+    with pytest.raises(SystemExit):  # argparse's one line naming --dit, exit 2
+        parse_args(["--dit", "", "--sd", "sd.json"])
+    refused(tmp_path, "figures.py", ["--dit", tmp_path / "dit_xl2.jsn", "--sd", os.path.join(RESULTS, "sd.json"),
+                                     "--out_dir", tmp_path / "figs"], 1, ["--dit", "dit_xl2.jsn", "not found"])
+
+
+def test_the_warm_start_figure_names_each_model(monkeypatch):
+    """Figure (e) had no title, the only figure not saying which model it measured (from section 10's commands
+    with one flag it showed the embedded model's warm start unnamed), and drew only the first report with a
+    warm-start table."""
+    import io
+
+    import matplotlib.axes
+    from benchmarks.figures import fig_warm
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, text, *a, **k: titles.append(text))
+    with open(os.path.join(RESULTS, "sd.json")) as f:
+        sd = json.load(f)
+    fig_warm({"embedded text-to-image": sd, "SD stable-diffusion-v1-5 512x512": sd}, io.BytesIO())
+    assert titles == ["embedded text-to-image, T = 100", "SD stable-diffusion-v1-5 512x512, T = 100"]
 
 
 def test_figures_to_a_full_terminal(tmp_path):

@@ -40,8 +40,10 @@ def read(path):
         return json.load(f)
 
 
-def figures(tmp_path, dit="none.json", sd="none.json"):
-    bench("figures.py", "--dit", str(dit), "--sd", str(sd), "--out_dir", str(tmp_path / "fig"))
+def figures(tmp_path, dit=None, sd=None):
+    """The figures of the reports given (a flag left out: that report is not drawn)."""
+    named = [*(["--dit", str(dit)] if dit else []), *(["--sd", str(sd)] if sd else [])]
+    bench("figures.py", *named, "--out_dir", str(tmp_path / "fig"))
     return {name[4] for name in os.listdir(tmp_path / "fig")}  # fig_<letter>_...
 
 

@@ -11,6 +11,7 @@ prompt2 against variation_steps; the embedded model: a similar and a dissimilar 
 consecutive pairs of the prompts), then diffusers' ParaDiGMS on the same model, noise and prompts.
 """
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -144,7 +145,7 @@ def warm_start_table(bench, pipe, args, samples):
         for V in capped([5, 25] if args.quick else [10, 20, 40, 60, 80, 100], T):
             ref = sequential_reference(bench, schedule, noise, cb, init=first.trajectory, start=V)
             s = summarize(measure(bench, schedule, noise, cb, ref, init=first.trajectory, variation_steps=V, **kw))
-            s["cold_median"] = sorted(cold)[len(cold) // 2]
+            s["cold_median"] = statistics.median(cold)  # as stop_median (an even count: the mean of the middle two)
             table[f"{name} V={V}"] = s
             bench.row([name, V, f"{fmt(s['stop_median'])} / {fmt(s['stop_max'])}", fmt(s["cold_median"]),
                        f"{fmt(s['same_median'])} / {fmt(s['same_max'])}"])

@@ -52,7 +52,7 @@ class SolverConfig:
                                    "up; 0: each state alone", "float")
     settle: float = _param(0.1, "once the window reaches x_0, a state freezes only at an RMS residual <= settle x its "
                                 "tolerance, or at its tolerance once the residual stops halving between iterations "
-                                "(the model's round-off floor); 1: the plain per-state test", "float")
+                                "(the model's round-off floor); 1: the plain per-state test (at most 1)", "float")
     stop_tol: float = _param(0.035, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's "
                                     "remaining error is <= stop_tol * std(x_0) (and contracting, stop_ratio); 0: off; "
                                     "off also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
@@ -103,6 +103,8 @@ class SolverConfig:
                     raise ValueError(f"{f.name} must be a finite number >= 0, got {value!r}")
             elif value not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if self.settle > 1:  # the solver tests at settle x the tolerance only below 1: a larger value would run as 1
+            raise ValueError(f"settle must be in 0..1 (1: the plain per-state test), got {self.settle!r}")
 
     def resolve(self, T):
         """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window

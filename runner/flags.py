@@ -140,6 +140,12 @@ def check_common_flags(args, num_train_timesteps):
     if config.order is not None and isinstance(config.window_size, int) and config.order > config.window_size:
         # the solver takes such an order as the window; on the command line it is more likely a typo
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")
+    if config.reference_quirks and config.init_states != "copy" and getattr(args, "preset", None):
+        # the preset sets init_states copy, so ddim here was given explicitly; reference_quirks starts new states
+        # as the reference does whatever init_states says, so the flag would not win over the preset as promised
+        raise UsageError(f"--init_states {config.init_states} has no effect with --reference_quirks (on in --preset "
+                         f"{args.preset}), which starts new states as the reference does: add --no-reference_quirks "
+                         f"to use it")
     for name in ("num_samples", "batch_size"):
         at_least_flag(args, name, 1)
     if args.batch_size > args.num_samples:  # recorded as used, so that args.json says what ran

@@ -73,7 +73,7 @@ def test_resolve_records_the_values_used(T, window, order, used):
 @pytest.mark.parametrize("name, value", [("window_size", 0), ("order", -1), ("memory_size", 1.5),
                                          ("memory_size", True), ("tol1", float("nan")), ("tol2", -1e-3),
                                          ("lam", float("inf")), ("max_steps", 0), ("equations", "euler"),
-                                         ("block_tol", -1.0), ("block_tol", float("nan"))])
+                                         ("block_tol", -1.0), ("block_tol", float("nan")), ("settle", 1.5)])
 def test_bad_values_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=f"^{name} must"):
         SolverConfig(**{name: value})
@@ -154,6 +154,31 @@ def test_an_explicit_order_above_the_window_is_still_refused():
     args = parallel_sd.parse_args(["--preset", "paper", "--window_size", "10", "--order", "20"])
     with pytest.raises(UsageError, match="--order"):
         check_common_flags(args, 1000)
+
+
+def test_a_settle_above_1_is_refused_rather_than_run_as_1(tmp_path):
+    """The solver asks settle x the tolerance only for settle below 1; --settle 3 was accepted and recorded in
+    metrics.json, and ran exactly as --settle 1."""
+    args = parallel_dit.parse_args(["--settle", "3", "--output_path", str(tmp_path)])
+    with pytest.raises(UsageError, match=r"^--settle must be in 0\.\.1"):
+        check_common_flags(args, 1000)
+    args = parallel_dit.parse_args(["--settle", "1", "--output_path", str(tmp_path)])
+    assert check_common_flags(args, 1000).settle == 1.0
+
+
+@pytest.mark.parametrize("module", [parallel_dit, parallel_sd, parallel_sd_winit])
+def test_an_explicit_init_states_is_not_silently_replaced_by_the_presets_reference_quirks(module, tmp_path):
+    """reference_quirks starts new states as the reference does whatever init_states says: --preset paper
+    --init_states ddim ran exactly as the preset's copy, where explicit flags are to win over the preset."""
+    out = ["--output_path", str(tmp_path)]
+    args = module.parse_args(["--preset", "paper", "--init_states", "ddim"] + out)
+    with pytest.raises(UsageError, match="^--init_states ddim has no effect with --reference_quirks"):
+        check_common_flags(args, 1000)
+    args = module.parse_args(["--preset", "paper", "--init_states", "ddim", "--no-reference_quirks"] + out)
+    config = check_common_flags(args, 1000)
+    assert (config.init_states, config.reference_quirks) == ("ddim", False)
+    for argv in (["--preset", "paper"], ["--preset", "paper", "--init_states=copy"]):  # the preset's own value
+        assert check_common_flags(module.parse_args(argv + out), 1000).init_states == "copy"
 
 
 def test_the_paper_preset_of_the_warm_start_solves_one_sample_per_prompt_as_the_reference():

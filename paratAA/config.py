@@ -106,6 +106,12 @@ class SolverConfig:
         if self.settle > 1:  # the solver tests at settle x the tolerance only below 1: a larger value would run as 1
             raise ValueError(f"settle must be in 0..1 (1: the plain per-state test), got {self.settle!r}")
 
+    @property
+    def exact(self):
+        """Tolerance 0 (tol1 = tol2 = 0): the solve ends on the sequential result to round-off; the stop rule is off
+        and no state passes before its inputs are final."""
+        return self.tol1 == 0 and self.tol2 == 0
+
     def resolve(self, T):
         """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window
         and is capped at it (u = min(s + k, F) in equation (2) makes every order above the window the same);

@@ -56,9 +56,12 @@ class Plan:
         """Predicted seconds of a batch of `samples` at the chosen window: predicted_seconds is the first batch's,
         and a smaller last batch calls the model at its own size (on a CPU a call of 1 costs far less than one of
         16: the run's prediction was the first batch's times the batches, 1.9x the time of 16 + 1 samples)."""
-        W = self.window
-        return self.predicted_iterations * (interpolate(self.call_seconds, samples * W) +
-                                            interpolate(self.solver_seconds, W))
+        return batch_seconds(self.predicted_iterations, samples, self.window, self.call_seconds, self.solver_seconds)
+
+
+def batch_seconds(K, B, W, call_seconds, solver_seconds):
+    """K(W) (c(B W) + o(W)): K iterations of a batch of B samples at window W, by the measured curves."""
+    return K * (interpolate(call_seconds, B * W) + interpolate(solver_seconds, W))
 
 
 def predicted_iterations(T, W, exact=False):
@@ -193,7 +196,7 @@ def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, e
     best = None
     for W in range(1, min(T, max_inputs // B) + 1 if max_inputs else T + 1):
         K = predicted_iterations(T, W, exact)
-        seconds = K * (interpolate(call_seconds, B * W) + interpolate(solver_seconds, W))
+        seconds = batch_seconds(K, B, W, call_seconds, solver_seconds)
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
     W, seconds, K = best
@@ -231,7 +234,6 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
     and batch (the caller's; without one nothing is cached). steps: the steps the solve takes (a warm start
     re-solves its variation_steps of the T; default T). Every process takes the main process's choice."""
     T, B = steps or schedule.num_steps, noise.shape[0]
-    exact = config.tol1 == 0 and config.tol2 == 0
     hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
     fresh = None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
@@ -240,7 +242,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
             hit = None
     if hit is not None:
         calls, solver, limit = hit
-        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=exact)
+        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=config.exact)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
         limit = max(n for n, v in calls.items() if math.isfinite(v)) if math.inf in calls.values() else None
@@ -249,7 +251,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
         if cache is not None and key is not None:
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
                           "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit}
-        plan = choose(T, B, calls, solver, max_inputs=limit, exact=exact)
+        plan = choose(T, B, calls, solver, max_inputs=limit, exact=config.exact)
     plan.checked_call_seconds = fresh
     plan.window = int(sharding.from_main(plan.window))
     return plan

@@ -126,7 +126,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
     lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
     # the stop rule (docs/ALGORITHM.md): off with tolerance 0, so that tolerance 0 still solves exactly
-    stop_tol = config.stop_tol if (tol1 > 0 or tol2 > 0) else 0.0
+    stop_tol = 0.0 if config.exact else config.stop_tol
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
     sharding = sharding or Sharding()
     if window_size == 1:  # one state per iteration is sequential sampling itself: no solver work is needed

@@ -67,7 +67,9 @@ class SolverConfig:
                                            "columns and its extra update of passed states (docs/ALGORITHM.md, "
                                            "section 9); for comparisons: at windows < T they cost iterations",
                                     "bool")
-    max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice)", "count")
+    max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice); with "
+                                  "reference_quirks the reference's count, whose first step is the initial state: "
+                                  "max_steps - 1 iterations", "count")
 
     @classmethod
     def paper(cls, **overrides):
@@ -105,12 +107,25 @@ class SolverConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         if self.settle > 1:  # the solver tests at settle x the tolerance only below 1: a larger value would run as 1
             raise ValueError(f"settle must be in 0..1 (1: the plain per-state test), got {self.settle!r}")
+        if self.reference_quirks and self.max_steps == 1:  # the initial state is the first step: no model call
+            raise ValueError("max_steps must be at least 2 with reference_quirks, which counts as the reference does, "
+                             "the initial state as the first step (1 would make no model call), got 1")
 
     @property
     def exact(self):
         """Tolerance 0 (tol1 = tol2 = 0): the solve ends on the sequential result to round-off; the stop rule is off
         and no state passes before its inputs are final."""
         return self.tol1 == 0 and self.tol2 == 0
+
+    @property
+    def max_iterations(self):
+        """The model calls max_steps allows (None: no cap). The reference counts the samples its run keeps, the
+        initial state first (its output folders hold step_0 ... step_{max_steps - 1}), so it makes max_steps - 1
+        calls; reference_quirks counts as it does, so that the reference's example runs (--max_steps 10 and 20)
+        take the same iterations here and save as many per-iteration images."""
+        if self.max_steps is None:
+            return None
+        return self.max_steps - 1 if self.reference_quirks else self.max_steps
 
     def resolve(self, T):
         """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window

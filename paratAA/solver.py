@@ -124,7 +124,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                            steps=variation_steps)  # a warm start re-solves only its last variation_steps
         config = replace(config, window_size=plan.window).resolve(T)
     window_size, order, memory_size = config.window_size, config.order, config.memory_size
-    lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_steps
+    lam, tol1, tol2, max_steps = config.lam, config.tol1, config.tol2, config.max_iterations
     # the stop rule (docs/ALGORITHM.md): off with tolerance 0, so that tolerance 0 still solves exactly
     stop_tol = 0.0 if config.exact else config.stop_tol
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
@@ -343,7 +343,7 @@ def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variat
     iteration up to round-off, without its per-iteration work (what the planner relies on when it picks 1)."""
     T = schedule.num_steps
     top = T if init is None else variation_steps
-    steps = top if config.max_steps is None else min(top, config.max_steps)
+    steps = top if config.max_iterations is None else min(top, config.max_iterations)
     B = noise.shape[0]
     history = [SampleHistory() for _ in range(B)]
     start = (noise[:, T] if init is None else init[:, top]).to(torch.float64)            # [B, *latent]

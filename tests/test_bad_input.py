@@ -61,6 +61,7 @@ DIT_FLAGS = [
     (["--num_samples", "0"], ["--num_samples", "0"]),
     (["--batch_size", "0"], ["--batch_size", "0"]),
     (["--max_steps", "0"], ["--max_steps", "0"]),
+    (["--preset", "paper", "--max_steps", "1"], ["--max_steps", "reference_quirks", "no model call"]),
     (["--equations", "euler"], ["--equations", "euler"]),
     (["--class_labels", "3", "10"], ["--class_labels", "10"]),
     (["--class_labels", "-1"], ["--class_labels", "-1"]),

@@ -46,6 +46,28 @@ def test_the_paper_mode_keeps_a_window_above_T():
     assert torch.allclose(at_T.samples, above.samples, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("window", [1, 6, 20])
+def test_the_paper_mode_counts_max_steps_as_the_reference(window):
+    """The reference keeps samples while it has fewer than max_steps, the initial state first (its example runs,
+    --max_steps 10, saved step_0 ... step_9): max_steps - 1 model calls. The paper mode counts so, on the same
+    iterates as an uncapped run; the default counts model calls."""
+    model, schedule, noise = gmm_problem(20, batch=2)
+    full = solve(model, schedule, noise, config=SolverConfig.paper(window_size=window), record_x0=True,
+                 model_dtype=torch.float64)
+    with pytest.raises(ValueError, match="max_steps must be at least 2 with reference_quirks"):
+        SolverConfig.paper(window_size=window, max_steps=1)  # no model call at all
+    for k in (2, 3, 6):
+        capped = solve(model, schedule, noise, config=SolverConfig.paper(window_size=window, max_steps=k),
+                       record_x0=True, model_dtype=torch.float64)
+        assert capped.iterations == [k - 1] * 2 and not any(capped.converged)
+        for h, h_full in zip(capped.history, full.history):
+            assert len(h.x0) == k  # the reference's saved steps
+            assert all(torch.equal(a, b) for a, b in zip(h.x0, h_full.x0[:k]))
+        plain = solve(model, schedule, noise, window_size=window, max_steps=k, tol1=0, tol2=0,
+                      model_dtype=torch.float64)
+        assert plain.iterations == [k] * 2
+
+
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 30), window=st.integers(1, 34), order=st.integers(1, 34), memory=st.integers(1, 5),
        tol=st.sampled_from([0.0, 1e-6, 1e-3, 1e-1, 10.0]), eta=st.sampled_from([0.0, 0.5, 1.0]),

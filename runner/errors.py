@@ -95,6 +95,11 @@ def _kept(e):
     return "; ".join(f"{n} finished samples kept in {d}" for d, n in getattr(e, "kept", []))
 
 
+# What a collective raises when a peer process has gone (gloo's TCP transport; NCCL's): the process that failed
+# says why in its own line, and the transport's text (a C++ source path, "GLHF!") would only hide it.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote process exited")
+
+
 def _rank():
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -222,7 +227,10 @@ def _run(main, args):
         if os.environ.get("PARATAA_DEBUG"):
             raise
         text = (str(e).strip().splitlines() or [""])[0]
-        if isinstance(e, MemoryError) or "out of memory" in text.lower():
+        if any(p in text.lower() for p in _PEER_GONE):
+            text = ("lost the connection to another process of the run, which ended first (its own line, if any, "
+                    f"says why; {type(e).__name__})")
+        elif isinstance(e, MemoryError) or "out of memory" in text.lower():
             text = (f"out of memory ({text or type(e).__name__}); lower --batch_size, --window_size or "
                     f"--memory_size, or use more processes")
         else:

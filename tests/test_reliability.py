@@ -228,6 +228,25 @@ exit_on_error(main, None)
         assert ("teardown ran" in lines) == teardown and len(lines) == 1 + teardown, lines
 
 
+@pytest.mark.parametrize("rank, prefix", [("0", "error: "), ("1", "error (process 1): ")])
+def test_a_peer_gone_is_said_as_such(rank, prefix, monkeypatch, capsys):
+    """A process whose peer failed first (rank 0 out of disk, rank 1 killed) fails in its next collective; its line
+    was gloo's transport text ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer ... GLHF!"), which
+    read as a second failure. The text is the one torch 2.14's gloo raised in a 2-process launch of parallel_dit.py
+    whose rank 0 ran out of disk."""
+    from runner.errors import exit_on_error
+
+    def main(args):
+        raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
+                           "by peer [127.0.0.1]:5346. This is typically caused by a remote worker crashing.")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(main, None)
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and len(lines) == 1, lines
+    assert prefix + "lost the connection to another process of the run" in lines[0] and "gloo" not in lines[0]
+
+
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_signal_after_the_run_is_complete_ends_the_process_silently(name):
     """Once main has returned every file is written: a signal arriving then (while the streams are restored, or

@@ -151,15 +151,24 @@ def evolution_images(res, json_path):
         return {name: z[key] for name, key in evo["arrays"].items()}
 
 
-def fig_evolution(results, paths, path, columns):
-    """Rows: methods (for each JSON); columns: the decoded estimate after iteration k = 0 .. columns - 1."""
+def evolution_cells(lengths, columns=None):
+    """Figure (b)'s columns and, per row of stored images (iterations 0 .. K), the iterations drawn: every stored
+    one, at most `columns` (the first 20 of 21 were drawn, the last stored iteration left out), and nothing after a
+    row's last: a method that stopped early repeated its final image, which read as more iterations."""
+    n = max(lengths) if columns is None else min(columns, max(lengths))
+    return n, [range(min(length, n)) for length in lengths]
+
+
+def fig_evolution(results, paths, path, columns=None):
+    """Rows: methods (for each JSON); columns: the decoded estimate after iteration k = 0, 1, ... (every stored
+    iteration, or the first `columns`)."""
     rows = []
     for title, res in results.items():
         images = evolution_images(res, paths[title])
         evo = res["evolution"]
         rows.append((f"{title}: sample {evo['sample']} ({str(evo['label'])[:40]}), T = {evo['T']}", None))  # caption
         rows += [(label(name, res), images[name]) for name in EVOLUTION_ROWS if name in images]
-    columns = min(columns, max(len(imgs) for _, imgs in rows if imgs is not None))
+    columns, drawn = evolution_cells([0 if imgs is None else len(imgs) for _, imgs in rows], columns)
     fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.6 + 1.2, len(rows) * 0.7), squeeze=False)
     fig.subplots_adjust(left=1.1 / (columns * 0.6 + 1.2), right=0.98, top=0.93, bottom=0.02)
     for r, (name, imgs) in enumerate(rows):
@@ -167,10 +176,10 @@ def fig_evolution(results, paths, path, columns):
             ax = axes[r, k]
             ax.set_xticks([])
             ax.set_yticks([])
-            if imgs is None:
+            if imgs is None or k not in drawn[r]:
                 ax.axis("off")
                 continue
-            ax.imshow(upscale(imgs[min(k, len(imgs) - 1)]), interpolation="nearest")
+            ax.imshow(upscale(imgs[k]), interpolation="nearest")
             if k == 0:
                 ax.set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
             ax.set_title(str(k), fontsize=5, pad=1)  # the iteration
@@ -248,7 +257,7 @@ def draw(results, paths, quick, say=print):
     fig_curves(results, distance, out("fig_a_distance.png"))
     evolved = {t: r for t, r in results.items() if r.get("evolution", {}).get("file")}
     if evolved:
-        fig_evolution(evolved, paths, out("fig_b_evolution.png"), 12 if quick else 20)
+        fig_evolution(evolved, paths, out("fig_b_evolution.png"), 12 if quick else None)
     else:
         say("(b) skipped: no JSON has per-iteration images (written by the current dit_bench.py / sd_bench.py)")
     fig_window(results, out("fig_c_window.png"))
@@ -304,7 +313,7 @@ def main(args):
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--quick", action="store_true", help="12 columns in figure (b) instead of 20")
+    parser.add_argument("--quick", action="store_true", help="12 columns in figure (b) instead of every stored iteration")
     parser.add_argument("--dit", type=path_value, default=None,
                         help=f"dit_bench.py's JSON (without --dit and --sd: {' and '.join(DEFAULT_REPORTS)})")
     parser.add_argument("--sd", type=path_value, default=None, help="sd_bench.py's JSON")

@@ -299,3 +299,13 @@ def test_gpu_benchmarks_smoke(tmp_path):
                                        "DiT-XL/2 checkpoint, second run (cached cost curve)"))
     assert first["plan_measured"] is True and second["plan_measured"] is False
     assert first["window"] == second["window"] and first["iterations"] == second["iterations"]
+
+
+def test_figure_b_draws_every_stored_iteration_and_no_repeats():
+    """The benches store the estimate before iteration 1 and after iterations 1 .. 20 (21 images); figure (b)
+    drew the first 20, and a method that stopped at 6 repeated its last image in the columns after it."""
+    from benchmarks.figures import evolution_cells
+    columns, drawn = evolution_cells([21, 7, 0])
+    assert columns == 21 and [list(r) for r in drawn] == [list(range(21)), list(range(7)), []]
+    columns, drawn = evolution_cells([21, 7], 12)  # --quick
+    assert columns == 12 and [list(r) for r in drawn] == [list(range(12)), list(range(7))]

@@ -65,6 +65,10 @@ def note(message):
 # so they choose the window from the model's measured cost there (paratAA/planner.py); in Python, solve() keeps
 # window T unless asked (its iteration counts are the algorithm's, whatever the machine).
 SCRIPT_DEFAULTS = {"window_size": "auto"}
+# init_states is left unset until the flags are checked, so that a value given on the command line can be told from
+# the default: --reference_quirks starts new states as the reference does, and an explicit ddim beside it would be
+# ignored without a word (check_common_flags).
+UNSET_UNTIL_CHECKED = {"init_states": "ddim; copy with --reference_quirks, which replaces it"}
 
 
 def add_solver_flags(parser):
@@ -74,6 +78,8 @@ def add_solver_flags(parser):
         default = SCRIPT_DEFAULTS.get(f.name, f.default)
         # argparse formats help with %: a help text's own "18%" must reach it as "18%%"
         text = f.metadata["help"].replace("%", "%%")
+        if f.name in UNSET_UNTIL_CHECKED:
+            default, text = None, f"{text} (default: {UNSET_UNTIL_CHECKED[f.name]})"
         if f.metadata["kind"] == "bool":
             g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
@@ -131,6 +137,15 @@ def check_common_flags(args, num_train_timesteps):
 
     Returns the SolverConfig resolved for --timesteps and writes the values used back into args, so that
     args.json records them (window_size and order default to T and are capped at it)."""
+    if args.init_states is not None and args.init_states != "copy" and args.reference_quirks:
+        # set explicitly (the default is unset, a preset's is copy); reference_quirks starts new states as the
+        # reference does whatever init_states says, so the flag would change nothing
+        via = f" (on in --preset {args.preset})" if getattr(args, "preset", None) else ""
+        raise UsageError(f"--init_states {args.init_states} has no effect with --reference_quirks{via}, which starts "
+                         f"new states as the reference does: "
+                         + ("add --no-reference_quirks to use it" if via else "leave out one of the two"))
+    if args.init_states is None:  # recorded as what ran (args.json)
+        args.init_states = "copy" if args.reference_quirks else SolverConfig.init_states
     try:
         check_num_steps(args.timesteps, num_train_timesteps)
         check_eta(args.eta)
@@ -140,12 +155,6 @@ def check_common_flags(args, num_train_timesteps):
     if config.order is not None and isinstance(config.window_size, int) and config.order > config.window_size:
         # the solver takes such an order as the window; on the command line it is more likely a typo
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")
-    if config.reference_quirks and config.init_states != "copy" and getattr(args, "preset", None):
-        # the preset sets init_states copy, so ddim here was given explicitly; reference_quirks starts new states
-        # as the reference does whatever init_states says, so the flag would not win over the preset as promised
-        raise UsageError(f"--init_states {config.init_states} has no effect with --reference_quirks (on in --preset "
-                         f"{args.preset}), which starts new states as the reference does: add --no-reference_quirks "
-                         f"to use it")
     for name in ("num_samples", "batch_size"):
         at_least_flag(args, name, 1)
     if args.batch_size > args.num_samples:  # recorded as used, so that args.json says what ran

@@ -17,10 +17,12 @@ from tests.conftest import gmm_problem
 
 @pytest.mark.parametrize("script", [parallel_dit, parallel_sd, parallel_sd_winit])
 def test_script_flags_are_the_config_fields_with_its_defaults(script):
-    """The same defaults, except the one the scripts take from the hardware (runner.flags.SCRIPT_DEFAULTS)."""
+    """The same defaults, except the one the scripts take from the hardware (runner.flags.SCRIPT_DEFAULTS), once
+    the flags are checked (init_states is unset until then: runner.flags.UNSET_UNTIL_CHECKED)."""
     from runner.flags import SCRIPT_DEFAULTS
     args = script.parse_args([])
-    assert SCRIPT_DEFAULTS == {"window_size": "auto"}
+    assert SCRIPT_DEFAULTS == {"window_size": "auto"} and args.init_states is None
+    check_common_flags(args, 1000)
     assert {f.name: getattr(args, f.name) for f in fields(SolverConfig)} == {**SolverConfig().to_dict(),
                                                                              **SCRIPT_DEFAULTS}
 
@@ -179,6 +181,21 @@ def test_an_explicit_init_states_is_not_silently_replaced_by_the_presets_referen
     assert (config.init_states, config.reference_quirks) == ("ddim", False)
     for argv in (["--preset", "paper"], ["--preset", "paper", "--init_states=copy"]):  # the preset's own value
         assert check_common_flags(module.parse_args(argv + out), 1000).init_states == "copy"
+
+
+@pytest.mark.parametrize("module", [parallel_dit, parallel_sd, parallel_sd_winit])
+def test_an_explicit_init_states_is_not_silently_replaced_by_reference_quirks(module, tmp_path):
+    """Without the preset too: --reference_quirks --init_states ddim ran as the reference's start of new states
+    and recorded ddim. The flag alone is what it was; args.json records what ran."""
+    out = ["--output_path", str(tmp_path)]
+    for argv in (["--reference_quirks", "--init_states", "ddim"], ["--init_states=ddim", "--reference_quirks"]):
+        with pytest.raises(UsageError, match="^--init_states ddim has no effect with --reference_quirks, which"):
+            check_common_flags(module.parse_args(argv + out), 1000)
+    args = module.parse_args(["--reference_quirks"] + out)
+    assert check_common_flags(args, 1000).reference_quirks and args.init_states == "copy"
+    for argv, used in (([], "ddim"), (["--init_states", "copy"], "copy"), (["--init_states", "ddim"], "ddim")):
+        args = module.parse_args(argv + out)
+        assert check_common_flags(args, 1000).init_states == used == args.init_states
 
 
 def test_the_paper_preset_of_the_warm_start_solves_one_sample_per_prompt_as_the_reference():

@@ -137,14 +137,8 @@ def check_common_flags(args, num_train_timesteps):
 
     Returns the SolverConfig resolved for --timesteps and writes the values used back into args, so that
     args.json records them (window_size and order default to T and are capped at it)."""
-    if args.init_states is not None and args.init_states != "copy" and args.reference_quirks:
-        # set explicitly (the default is unset, a preset's is copy); reference_quirks starts new states as the
-        # reference does whatever init_states says, so the flag would change nothing
-        via = f" (on in --preset {args.preset})" if getattr(args, "preset", None) else ""
-        raise UsageError(f"--init_states {args.init_states} has no effect with --reference_quirks{via}, which starts "
-                         f"new states as the reference does: "
-                         + ("add --no-reference_quirks to use it" if via else "leave out one of the two"))
-    if args.init_states is None:  # recorded as what ran (args.json)
+    given_init = args.init_states  # None unless given (or set by a preset: copy)
+    if given_init is None:  # recorded as what ran (args.json)
         args.init_states = "copy" if args.reference_quirks else SolverConfig.init_states
     try:
         check_num_steps(args.timesteps, num_train_timesteps)
@@ -152,6 +146,13 @@ def check_common_flags(args, num_train_timesteps):
         config = SolverConfig(**{f.name: getattr(args, f.name) for f in fields(SolverConfig)})
     except ValueError as e:
         raise _flag_error(e) from None
+    if config.reference_quirks and given_init not in (None, "copy"):
+        # reference_quirks starts new states as the reference does whatever init_states says: the flag given would
+        # change nothing
+        via = f" (on in --preset {args.preset})" if getattr(args, "preset", None) else ""
+        raise UsageError(f"--init_states {given_init} has no effect with --reference_quirks{via}, which starts new "
+                         f"states as the reference does: "
+                         + ("add --no-reference_quirks to use it" if via else "leave out one of the two"))
     if config.order is not None and isinstance(config.window_size, int) and config.order > config.window_size:
         # the solver takes such an order as the window; on the command line it is more likely a typo
         raise UsageError(f"--order must be <= --window_size ({config.window_size}), got {config.order}")

@@ -41,13 +41,18 @@ class Plan:
     measured: bool = True                # False: the curves came from a cache
     checked_call_seconds: float = None   # c(B) timed by this run, against the cache's (None: nothing was cached)
     max_inputs: int = None               # the largest call that fit in memory when a larger one did not, else None
+    failed_inputs: int = None            # that larger call's size (None: not known, or every call fit)
+    # The predictions' unit: this run's c(B) over the curve's (1 unless the curves came from a cache). The curves
+    # are kept as measured; the predicted times are the curves' times this factor (see plan_window).
+    curve_scale: float = 1.0
 
     def to_dict(self):
         return {"window": self.window, "predicted_seconds": self.predicted_seconds,
                 "predicted_sequential_seconds": self.predicted_sequential_seconds,
                 "predicted_speedup": self.predicted_sequential_seconds / self.predicted_seconds,
                 "predicted_iterations": self.predicted_iterations, "measured": self.measured,
-                "checked_call_seconds": self.checked_call_seconds, "max_inputs": self.max_inputs,
+                "checked_call_seconds": self.checked_call_seconds, "curve_scale": self.curve_scale,
+                "max_inputs": self.max_inputs,
                 "call_seconds": {str(k): v for k, v in sorted(self.call_seconds.items())},
                 "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
@@ -56,7 +61,8 @@ class Plan:
         """Predicted seconds of a batch of `samples` at the chosen window: predicted_seconds is the first batch's,
         and a smaller last batch calls the model at its own size (on a CPU a call of 1 costs far less than one of
         16: the run's prediction was the first batch's times the batches, 1.9x the time of 16 + 1 samples)."""
-        return batch_seconds(self.predicted_iterations, samples, self.window, self.call_seconds, self.solver_seconds)
+        return self.curve_scale * batch_seconds(self.predicted_iterations, samples, self.window, self.call_seconds,
+                                                self.solver_seconds)
 
 
 def batch_seconds(K, B, W, call_seconds, solver_seconds):
@@ -192,9 +198,12 @@ def interpolate(curve, n):
     return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
 
 
-def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, exact=False):
+def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, exact=False, scale=1.0):
     """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T, or over the windows whose call of B W inputs fits
-    in memory (max_inputs: the largest measured that did). exact: the solve has tolerance 0 (predicted_iterations)."""
+    in memory (max_inputs: the largest measured that did). exact: the solve has tolerance 0 (predicted_iterations).
+    scale: the predicted times are the curves' times this (Plan.curve_scale). It multiplies every window's time
+    alike, and is applied after the choice, so the window is exactly the one the unscaled curves choose (rounding
+    could otherwise break a near tie the other way)."""
     best = None
     for W in range(1, min(T, max_inputs // B) + 1 if max_inputs else T + 1):
         K = predicted_iterations(T, W, exact)
@@ -202,30 +211,38 @@ def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, e
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
     W, seconds, K = best
-    return Plan(window=W, predicted_seconds=seconds, predicted_sequential_seconds=T * interpolate(call_seconds, B),
-                predicted_iterations=K, call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured,
-                max_inputs=max_inputs)
+    return Plan(window=W, predicted_seconds=scale * seconds,
+                predicted_sequential_seconds=scale * T * interpolate(call_seconds, B), predicted_iterations=K,
+                call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured, max_inputs=max_inputs,
+                curve_scale=scale)
 
 
-def cached_curves(hit, B):
-    """(call seconds, solver seconds, max_inputs) of a cache entry as measured curves, or None when the entry is not
-    one (an edited or damaged cache file): it is then measured again. It must time B inputs, every time must be a
-    finite positive number (the solver's may be 0), the solver's curve must have a point (choose interpolates it:
-    an empty one ended the run with an IndexError), and max_inputs, the largest call that fit in memory, None or
-    an integer >= B. The call curve is read as measure_call_seconds leaves it, never above a larger size's: a
-    cache written before it did so, or edited, said a larger call costs less (c(8) below c(1) took window 8 for a
-    predicted 0.00 s; c(2) of 5e-324 predicted 0 s, and the plan's speed-up divided by it), and lowered so its
-    c(B) fails the check against this run's timing (plan_window) and the curve is measured again."""
+def cached_curves(hit, B, steps):
+    """(call seconds, solver seconds, max_inputs, failed_inputs) of a cache entry as measured curves, or None when
+    the entry is not one (an edited or damaged cache file) or does not cover this run: it is then measured again.
+    It must time B inputs, every time must be a finite positive number (the solver's may be 0), the solver's curve
+    must have a point (choose interpolates it: an empty one ended the run with an IndexError), and max_inputs, the
+    largest call that fit in memory, None or an integer >= B. It must have been measured for at least this run's
+    steps (its "steps"): a warm start measures windows up to its variation_steps only, and a full solve of T steps
+    that read its curve chose among windows above any size measured, by extrapolation (an entry written before
+    "steps" was recorded is measured again once). The call curve is read as measure_call_seconds leaves it, never
+    above a larger size's: a cache written before it did so, or edited, said a larger call costs less (c(8) below
+    c(1) took window 8 for a predicted 0.00 s; c(2) of 5e-324 predicted 0 s, and the plan's speed-up divided by
+    it), and lowered so its c(B) fails the check against this run's timing (plan_window) and the curve is measured
+    again. failed_inputs, the call that did not fit, is only said on the terminal: one that is not an integer above
+    max_inputs is read as not known."""
     try:
         calls = {int(k): float(v) for k, v in hit["call_seconds"].items()}
         solver = {int(k): float(v) for k, v in hit["solver_seconds"].items()}
         limit = hit.get("max_inputs")  # an int (json's), or None
+        measured_for, failed = hit.get("steps"), hit.get("failed_inputs")
     except (TypeError, ValueError, KeyError, AttributeError):
         return None
     good = B in calls and all(k >= 1 and math.isfinite(v) and v > 0 for k, v in calls.items()) and \
         len(solver) > 0 and all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items()) and \
-        (limit is None or type(limit) is int and limit >= B)
-    return (_never_above_a_larger(calls), solver, limit) if good else None
+        (limit is None or type(limit) is int and limit >= B) and type(measured_for) is int and measured_for >= steps
+    failed = failed if limit is not None and type(failed) is int and failed > limit else None
+    return (_never_above_a_larger(calls), solver, limit, failed) if good else None
 
 
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None,
@@ -234,26 +251,36 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
     this device and process group, and choose the window. solve: paratAA.solve, whose own work per iteration is
     measured. cache: a dict the caller may persist; key: what identifies the model, device, dtype, process count
     and batch (the caller's; without one nothing is cached). steps: the steps the solve takes (a warm start
-    re-solves its variation_steps of the T; default T). Every process takes the main process's choice."""
+    re-solves its variation_steps of the T; default T), recorded with the curves it measures (cached_curves).
+    Every process takes the main process's choice."""
     T, B = steps or schedule.num_steps, noise.shape[0]
-    hit = cached_curves(cache.get(key), B) if cache is not None and key is not None else None
+    hit = cached_curves(cache.get(key), B, T) if cache is not None and key is not None else None
     fresh = None
     if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
         fresh = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, [1])[B]
         if sharding.min(hit[0][B] / STALE <= fresh <= hit[0][B] * STALE) == 0:  # each process read its own file
             hit = None
     if hit is not None:
-        calls, solver, limit = hit
-        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=config.exact)
+        calls, solver, limit, failed = hit
+        # The predictions are in this run's time: the cached curve scaled by fresh / cached c(B). The run's estimate
+        # of sequential sampling is T calls of fresh c(B) (runner.planning), so the plan's predicted_sequential_seconds,
+        # T c(B) from the unscaled curve, could differ from it in the same metrics.json by up to STALE. The one
+        # timing says how much the load has changed, not how the curve's shape has, so it scales the model's and the
+        # solver's curves alike (the solver runs on the same device under the same load): the window stays the one
+        # the cached curves choose and the predicted speed-up is unchanged, only its times follow this run's clock.
+        plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=config.exact,
+                      scale=fresh / calls[B])
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
-        limit = max(n for n, v in calls.items() if math.isfinite(v)) if math.inf in calls.values() else None
+        failed = min((n for n, v in calls.items() if math.isinf(v)), default=None)
+        limit = max(n for n, v in calls.items() if math.isfinite(v)) if failed is not None else None
         calls = {n: v for n, v in calls.items() if math.isfinite(v)}
         solver = measure_solver_seconds(solve, schedule, noise, config, sorted({n // B for n in calls}), sharding)
         if cache is not None and key is not None:
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
-                          "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit}
+                          "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit,
+                          "failed_inputs": failed, "steps": T}
         plan = choose(T, B, calls, solver, max_inputs=limit, exact=config.exact)
-    plan.checked_call_seconds = fresh
+    plan.checked_call_seconds, plan.failed_inputs = fresh, failed
     plan.window = int(sharding.from_main(plan.window))
     return plan

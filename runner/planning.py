@@ -3,10 +3,12 @@
 window_size auto: paratAA.planner measures the model on this device and process group and chooses the window; the
 curves are kept in a cache file (PARATAA_CACHE, default ~/.cache/paratAA/cost_curves.json) under a key naming the
 model, guidance, device, dtype, thread count, process count, batch, latent and T, so that a second run does not
-measure again; a cached curve is checked against one size timed afresh and measured again when the load it was
-measured under has changed (planner.STALE). Every run needs one number from the model, the seconds of a call of
-one state per sample, to estimate what sequential sampling would have cost (unless --compare_sequential measures
-it): it is always this run's own timing, never the cache's, which may come from a busier or an idler machine.
+measure again; a cached curve is reused only by a run of no more steps than it was measured for (a warm start's
+curve stops at its variation_steps), is checked against one size timed afresh and measured again when the load it
+was measured under has changed (planner.STALE), and otherwise predicts in this run's time (Plan.curve_scale). Every
+run needs one number from the model, the seconds of a call of one state per sample, to estimate what sequential
+sampling would have cost (unless --compare_sequential measures it): it is always this run's own timing, never the
+cache's, which may come from a busier or an idler machine.
 """
 import json
 import os
@@ -150,6 +152,8 @@ def _plan(bundle, args, config, session, noise, cond, steps):
                            session.model_dtype, solve=solve, cache=cache, key=key, steps=steps)
         if session.is_main and plan.measured:
             _save(key, cache[key])
+        if plan.max_inputs is not None:
+            _say_max_inputs(plan, B)
         if config.order is not None and config.order > plan.window:  # as with a fixed window, said, not silent
             note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
                  f"the window acts as the window: using {plan.window}")
@@ -160,3 +164,16 @@ def _plan(bundle, args, config, session, noise, cond, steps):
     calls = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding,
                                  session.model_dtype, [1])
     return config, None, calls[B]
+
+
+def _say_max_inputs(plan, B):
+    """A call size whose output was not finite limits the windows: said, not only recorded as max_inputs. The
+    planner cannot tell a process out of device memory (its shard answered with NaN on purpose, planner._spared)
+    from a model whose own output is NaN at that size (an overflow at large batch): both are a call that did not
+    work, so the windows that would make it are left out either way, and the user, who can tell, is told which
+    size it was."""
+    failed = f"a call of {plan.failed_inputs} inputs" if plan.failed_inputs else \
+        f"a call of more than {plan.max_inputs} inputs"
+    note(f"window auto: {failed} gave a non-finite output when the model was timed (out of device memory, or the "
+         f"model's own NaN at that size); windows above {plan.max_inputs // B} (more than {plan.max_inputs} inputs "
+         f"per call for {B} samples) are not considered")

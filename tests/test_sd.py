@@ -206,7 +206,9 @@ def test_a_warm_starts_window_is_chosen_for_the_steps_it_solves(tiny_sd, tmp_pat
     plan = m["prompt2"]["plan"]
     assert 1 <= plan["window"] <= 6 and plan["predicted_iterations"] <= 6
     one_call = {int(k): v for k, v in plan["call_seconds"].items()}[1]  # one state of the one sample
-    assert plan["predicted_sequential_seconds"] == pytest.approx(6 * one_call)
+    # 6 calls of one state, in this run's time when the curve came from prompt1's cache entry (curve_scale)
+    assert plan["predicted_sequential_seconds"] == pytest.approx(6 * one_call * plan["curve_scale"])
+    assert plan["predicted_sequential_seconds"] == pytest.approx(6 * m["prompt2"]["per_call_seconds"])
 
 
 def test_fp16_runs_the_denoiser_in_float16_and_decodes_in_float32():

@@ -218,7 +218,8 @@ def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():
         sizes.append(x.shape[0])
         time.sleep(0.01)
         return torch.zeros_like(x)
-    curve = {"call_seconds": {"1": 0.01, "4": 0.012, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001}}
+    curve = {"call_seconds": {"1": 0.01, "4": 0.012, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001},
+             "steps": 16}
     cache = {"k": dict(curve)}
     plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
                        cache=cache, key="k")
@@ -242,7 +243,8 @@ def test_a_cached_curve_is_read_never_above_a_larger_size():
     def model(x, t, c):
         time.sleep(0.01)
         return torch.zeros_like(x)
-    cache = {"k": {"call_seconds": {"1": 0.014, "4": 0.011, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001}}}
+    cache = {"k": {"call_seconds": {"1": 0.014, "4": 0.011, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001},
+                   "steps": 16}}
     plan = plan_window(model, schedule, noise, None, SolverConfig(), Sharding(), torch.float32, solve=solve,
                        cache=cache, key="k")
     assert not plan.measured and plan.call_seconds == {1: 0.011, 4: 0.011, 16: 0.02}
@@ -383,3 +385,86 @@ def test_a_call_size_out_of_memory_only_at_its_timed_repeats_does_not_fit():
                        solve=solve)
     assert plan.max_inputs == 8 and max(plan.call_seconds) == 8 and plan.window <= 4
     assert plan.call_seconds[2] > 0.002
+
+
+def _planning_run(eps_fn, T, B=1):
+    """What runner.planning.plan_run takes, for a model given as a function (no script, no writer)."""
+    from types import SimpleNamespace
+    from paratAA import dit_schedule, noise_from_seeds
+    bundle = SimpleNamespace(eps_fn=eps_fn, schedule=dit_schedule(T), info={"model": "test"}, latent=(4, 4, 4))
+    args = SimpleNamespace(model_path=None, cfg_scale=1.0, compare_sequential=False)
+    session = SimpleNamespace(sharding=Sharding(), model_dtype=torch.float32, device=torch.device("cpu"),
+                              world_size=1, is_main=True)
+    return bundle, args, SolverConfig(window_size="auto"), session, noise_from_seeds(list(range(B)), T, (4, 4, 4))
+
+
+def test_a_cached_curve_predicts_in_this_runs_time(tmp_path, monkeypatch):
+    """A run that read the cache times c(B) afresh and estimates sequential sampling from it, but the plan predicted
+    from the cached c(B): one metrics.json said sequential sampling takes T c(B) twice, with two c(B) up to
+    planner.STALE apart (here 2x). The plan's times now follow the fresh c(B); its window and speed-up are the
+    cached curves'."""
+    from paratAA import planner
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    # a call of B w inputs costs 0.01 (1 + w / 8): batching nearly free, so a window above 1 wins
+    monkeypatch.setattr(planner, "measure_call_seconds", lambda eps_fn, schedule, noise, cond, sharding, dtype,
+                        windows: {noise.shape[0] * w: 0.01 * (1 + w / 8) for w in windows})
+    monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
+    flags = ["--timesteps", "16", "--num_samples", "1", "--window_size", "auto"]
+    _, first = run(tmp_path / "a", *flags)
+    path = tmp_path / "cache" / "cost_curves.json"
+    with open(path) as f:
+        cache = json.load(f)
+    (key, entry), = cache.items()
+    with open(path, "w") as f:  # measured under twice the load: within STALE, so read
+        json.dump({key: {**entry, "call_seconds": {k: 2 * v for k, v in entry["call_seconds"].items()}}}, f)
+    _, m = run(tmp_path / "b", *flags)
+    plan, speed = m["plan"], m["speed"]
+    assert not plan["measured"] and plan["predicted_sequential_seconds"] == pytest.approx(speed["sequential_seconds"])
+    assert speed["sequential_seconds"] == pytest.approx(16 * m["per_call_seconds"])
+    assert speed["predicted_seconds"] == pytest.approx(plan["predicted_seconds"])  # one batch: the plan's
+    # the cached curve twice the measured one, the solver's work nothing: the same window and speed-up
+    assert plan["window"] == first["plan"]["window"] > 1 and plan["curve_scale"] == pytest.approx(0.5)
+    assert plan["predicted_speedup"] == pytest.approx(first["plan"]["predicted_speedup"])
+    # the scale multiplies every window's time alike: the window is the one the curves choose, whatever it is
+    idle, solver = {n: 0.01 + 1e-4 * n for n in (1, 2, 4, 8, 16)}, {1: 1e-4, 16: 1e-3}
+    plain, scaled = choose(16, 1, idle, solver), choose(16, 1, idle, solver, scale=0.37)
+    assert scaled.window == plain.window and scaled.predict(1) == pytest.approx(scaled.predicted_seconds)
+    assert scaled.predicted_seconds == pytest.approx(0.37 * plain.predicted_seconds)
+
+
+def test_a_warm_starts_curve_is_not_read_by_a_longer_solve(tmp_path, monkeypatch):
+    """A warm start (parallel_sd_winit.py's prompt2) measures windows up to its variation_steps only, and cached the
+    curve under the key of the whole T: a solve of all T steps then read it and chose among windows above any size
+    measured. A cached curve is now read only by a solve of no more steps than it was measured for."""
+    from paratAA import planner
+    from runner import planning
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(planner, "measure_call_seconds", lambda eps_fn, schedule, noise, cond, sharding, dtype,
+                        windows: {noise.shape[0] * w: 0.01 for w in windows})
+    monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
+    problem = _planning_run(lambda x, t, c: torch.zeros_like(x), 16)
+    _, warm, _ = planning.plan_run(*problem, None, steps=4)
+    assert warm.measured and max(warm.call_seconds) == 4
+    _, full, _ = planning.plan_run(*problem, None)
+    assert full.measured and max(full.call_seconds) == 16
+    _, again, _ = planning.plan_run(*problem, None, steps=4)  # the whole T's curve covers a warm start's
+    assert not again.measured and max(again.call_seconds) == 16
+
+
+def test_a_call_size_with_a_non_finite_output_is_said(tmp_path, monkeypatch, capsys):
+    """A model whose output is NaN only at large batches is, to the planner, a call that did not fit in memory (it
+    cannot tell the model's NaN from an out-of-memory shard's): max_inputs, as before, but said on the terminal with
+    the size that failed, where before the windows above were left out silently."""
+    from runner import planning
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+
+    def eps_fn(x, t, c):
+        time.sleep(0.002)  # batching nearly free: the curve is measured up to the size that fails
+        return torch.full_like(x, math.nan) if x.shape[0] > 4 else torch.zeros_like(x)
+    problem = _planning_run(eps_fn, 16)
+    for measured in (True, False):  # measured, then read from the cache
+        _, plan, _ = planning.plan_run(*problem, None)
+        assert plan.measured == measured and plan.max_inputs == 4 and plan.window <= 4
+        err = capsys.readouterr().err
+        assert err.count("note:") == 1 and "a call of 8 inputs gave a non-finite output" in err, err
+        assert "windows above 4 (more than 4 inputs per call" in err

@@ -61,11 +61,14 @@ class SolverConfig:
                                    "iteration takes the plain step instead of the TAA step (0: off)", "float")
     init_states: str = _param("ddim", "how a state the window reaches first starts: ddim (DDIM steps down from the "
                                       "lowest state in use, noise prediction held at the newest one) or copy (a "
-                                      "copy of the lowest state in use)", "choice", ("ddim", "copy"))
+                                      "copy of the lowest state in use); not used with reference_quirks, which "
+                                      "refuses an explicit ddim", "choice", ("ddim", "copy"))
     reference_quirks: bool = _param(False, "reproduce the reference implementation's iterates: its start of new states "
                                            "(the lowest at 0, the previous lowest copied over), its oldest TAA "
                                            "columns and its extra update of passed states (docs/ALGORITHM.md, "
-                                           "section 9); for comparisons: at windows < T they cost iterations",
+                                           "section 9); for comparisons: at windows < T they cost iterations; "
+                                           "replaces init_states (an explicit init_states ddim beside it is "
+                                           "refused)",
                                     "bool")
     max_steps: int = _param(None, "maximum number of iterations (default: none; T always suffice); with "
                                   "reference_quirks the reference's count, whose first step is the initial state: "
@@ -76,7 +79,7 @@ class SolverConfig:
         """The reference implementation's algorithm and defaults: the DDIM form, m = 2, tolerances 1e-3, its
         per-state stop, its start of new states, TAA columns and update of passed states, no TAA guard
         (docs/ALGORITHM.md lists what still differs)."""
-        return cls(**{**PAPER, **overrides})
+        return cls._explicit(cls(**{**PAPER, **overrides}), overrides)
 
     def __post_init__(self):
         self.check()
@@ -155,7 +158,20 @@ class SolverConfig:
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"{caller}() got unknown solver parameters {unknown} (see paratAA.SolverConfig)")
-        return replace(config or cls(), **overrides)
+        return cls._explicit(replace(config or cls(), **overrides), overrides)
+
+    @staticmethod
+    def _explicit(config, overrides):
+        """config, or ValueError for a field given in overrides that another field would override without a word:
+        reference_quirks starts new states as the reference does whatever init_states says, so an explicit
+        init_states="ddim" beside it ran as if it were left out. Only the keywords tell an explicit value from the
+        default (the same "ddim"), so SolverConfig(reference_quirks=True) itself is accepted, as before; copy is let
+        through (the reference's start copies states too, and paper() sets it)."""
+        if "init_states" in overrides and config.reference_quirks and config.init_states != "copy":
+            raise ValueError(f"init_states {config.init_states!r} has no effect with reference_quirks=True, which "
+                             f"starts new states as the reference does whatever init_states says: leave out one of "
+                             f"the two")
+        return config
 
 
 PAPER = dict(equations="ddim", memory_size=2, tol1=1e-3, tol2=1e-3, stop_tol=0.0, slide_tol=0.0, block_tol=0.0,

@@ -198,6 +198,28 @@ def test_an_explicit_init_states_is_not_silently_replaced_by_reference_quirks(mo
         assert check_common_flags(args, 1000).init_states == used == args.init_states
 
 
+def test_an_explicit_init_states_ddim_beside_reference_quirks_is_refused_in_python():
+    """solve(..., init_states="ddim", reference_quirks=True) ran exactly as without init_states: the keywords (what
+    solve and parallel_sample take on top of config) tell an explicit value, so it is refused, naming both."""
+    model, schedule, noise = gmm_problem(5)
+    for kw in ({"init_states": "ddim", "reference_quirks": True},
+               {"init_states": "ddim", "config": SolverConfig.paper()},
+               {"init_states": "ddim", "config": SolverConfig(reference_quirks=True)}):
+        with pytest.raises(ValueError, match="^init_states 'ddim' has no effect with reference_quirks=True"):
+            solve(model, schedule, noise, model_dtype=torch.float64, **kw)
+    with pytest.raises(ValueError, match="^init_states 'ddim' has no effect with reference_quirks"):
+        SolverConfig.paper(init_states="ddim")
+    with pytest.raises(ValueError, match="^init_states 'ddim'"):  # parallel_sample's path to its config
+        SolverConfig.with_overrides(None, {"init_states": "ddim", "reference_quirks": True}, "parallel_sample")
+    # as before: reference_quirks with init_states at its default, an explicit copy, or a config built whole (which
+    # cannot tell its default ddim from an explicit one)
+    for kw in ({"reference_quirks": True}, {"reference_quirks": True, "init_states": "copy"},
+               {"config": SolverConfig(init_states="ddim", reference_quirks=True)},
+               {"config": SolverConfig.paper(), "init_states": "copy"}, {"init_states": "ddim"}):
+        assert all(solve(model, schedule, noise, model_dtype=torch.float64, **kw).converged), kw
+    assert SolverConfig.paper(init_states="ddim", reference_quirks=False).init_states == "ddim"
+
+
 def test_the_paper_preset_of_the_warm_start_solves_one_sample_per_prompt_as_the_reference():
     """The reference's parallel_sd_winit.py has no --num_samples: it solves one sample for each prompt."""
     assert parallel_sd_winit.parse_args(["--preset", "paper"]).num_samples == 1

@@ -268,6 +268,13 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 wanted += [(carry[:F] * rms).sum(), x[0].std() if x.shape[1] > 1 else one]
             read = torch.stack(wanted).tolist()
             if not math.isfinite(read[1]):  # a non-finite prediction (or residuals past the float64 range)
+                if not bool(torch.isfinite(x[lo:F + 1]).all()):
+                    # the states the model was given, not the model: a network answers NaN for an inf input
+                    taa = f", or the TAA step overflowed (lam {lam:g}, taa_guard {taa_guard:g}: lam above 0 and " \
+                          f"the guard on keep it bounded)" if m > 1 and (lam == 0 or taa_guard == 0) else ""
+                    raise FloatingPointError(
+                        f"the states of sample {b} became non-finite before iteration {it} while the model's "
+                        f"outputs were finite: its predictions are too large for the schedule's steps{taa}")
                 check_finite(eps, it, describe)
                 if math.isnan(read[1]):  # not the model's: a NaN residual would pass every test as converged
                     raise FloatingPointError(f"the states of sample {b} became NaN at iteration {it} with finite "

@@ -3,6 +3,7 @@
     UsageError              a bad flag value                             exit 2
     InputFileError          a missing or unusable file or folder        exit 1
     NonFiniteModelOutput    the model returned NaN or inf               exit 1
+    FloatingPointError      the solver's states became NaN or inf       exit 1
     OutputError             an output file could not be written (a full disk)   exit 1
     anything else           one line naming it (PARATAA_DEBUG=1: the traceback too)   exit 1
     SIGINT / SIGTERM        the run stops, finished samples kept        exit 130 / 143 (128 + the signal)
@@ -200,7 +201,6 @@ def exit_on_error(main, args):
 
 
 def _run(main, args):
-    from paratAA import NonFiniteModelOutput
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored
     try:
@@ -215,7 +215,7 @@ def _run(main, args):
         _fail(e, EXIT_USAGE)
     except InputFileError as e:
         _fail(e, EXIT_FAILED)
-    except NonFiniteModelOutput as e:
+    except FloatingPointError as e:  # NonFiniteModelOutput, or the solver's states non-finite: said as they are
         _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)  # the gathered output: alike on all
     except OutputError as e:  # only the main process writes
         _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)

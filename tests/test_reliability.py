@@ -247,6 +247,23 @@ def test_a_peer_gone_is_said_as_such(rank, prefix, monkeypatch, capsys):
     assert prefix + "lost the connection to another process of the run" in lines[0] and "gloo" not in lines[0]
 
 
+def test_the_solvers_non_finite_states_are_said_as_they_are(capsys):
+    """The solver's FloatingPointError (states non-finite with finite model outputs) is one line like the model's
+    NonFiniteModelOutput, not an "unexpected" error asking for a traceback."""
+    import torch
+    from paratAA import solve
+    from runner.errors import exit_on_error
+    from tests.conftest import gmm_problem
+    _, schedule, noise = gmm_problem(10)
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(lambda args: solve(lambda x, t, c: x * 0 + 1e308, schedule, noise, model_dtype=torch.float64),
+                      None)
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and len(lines) == 1 and "unexpected" not in lines[0], lines
+    assert lines[0].endswith("error: the states of sample 0 became non-finite before iteration 2 while the model's "
+                             "outputs were finite: its predictions are too large for the schedule's steps")
+
+
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_signal_after_the_run_is_complete_ends_the_process_silently(name):
     """Once main has returned every file is written: a signal arriving then (while the streams are restored, or

@@ -456,8 +456,20 @@ def test_states_that_overflow_with_finite_predictions_are_refused_by_both_sample
     returned a trajectory of -inf without a word (solve's residuals caught it)."""
     _, schedule, noise = gmm_problem(10)
     for fn in (solve, sample_sequential):
-        with pytest.raises(FloatingPointError, match="finite model outputs"):
+        with pytest.raises(FloatingPointError, match="finite model outputs|the model's outputs were finite"):
             fn(lambda x, t, c: torch.full_like(x, 1e308), schedule, noise, model_dtype=torch.float64)
+
+
+def test_states_that_overflowed_are_not_blamed_on_the_model():
+    """States that overflowed in one iteration (the TAA step can, with lam 0 and the guard off) reach the model in the
+    next, which answers NaN, as a network does for an inf input: the run named the model ("the model returned a
+    non-finite noise prediction at iteration 2")."""
+    _, schedule, noise = gmm_problem(10)
+    with pytest.raises(FloatingPointError, match="states of sample 0 became non-finite before iteration 2 while the "
+                                                 "model's outputs were finite"):
+        solve(lambda x, t, c: x * 0 + 1e308, schedule, noise, model_dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"or the TAA step overflowed \(lam 0, taa_guard 0"):
+        solve(lambda x, t, c: x * 0 + 1e308, schedule, noise, lam=0, taa_guard=0, model_dtype=torch.float64)
 
 
 def test_noise_or_init_without_values_is_named():

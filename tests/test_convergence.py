@@ -136,3 +136,25 @@ def test_new_states_started_by_ddim_steps_save_iterations_at_small_windows():
     its = {init: sum(solve(eps, dit_schedule(T), noise, classes, window_size=8, init_states=init).iterations)
            for init in ("ddim", "copy")}
     assert its["ddim"] < its["copy"], its
+
+
+def test_the_stop_rule_never_ends_a_sample_where_the_window_first_reaches_x0():
+    """Below order = window the stop rule needs a previous estimate at x_0: at window 2, order 1 the first iteration
+    whose window reached x_0 had E below stop_tol, the residuals not yet carried to x_0, and it ended the samples
+    1.5-2.2 gray levels off."""
+    import numpy as np
+    from models.adapters import VAEDecoder
+    from paratAA import draw_noise
+    eps = DiTDenoiser(digits.load_embedded_dit(), 1.0)
+    schedule = dit_schedule(13, 1.0)
+    g = torch.Generator().manual_seed(1301)  # as parallel_dit.py --seed 1301 --num_samples 3: labels, then noise
+    labels = torch.randint(0, 10, (3,), generator=g)
+    noise = draw_noise(3, 13, (4, 4, 4), g)
+    seq = sample_sequential(eps, schedule, noise, labels)[:, 0]
+    out = solve(eps, schedule, noise, labels, window_size=2, order=1, memory_size=1)
+    for h in out.history:
+        reached = [e for e in h.estimate if e == e]  # the finite estimates: iterations with the window at x_0
+        assert not h.stopped or len(reached) >= 2
+    decode = VAEDecoder(digits.load_embedded_vae(), torch.device("cpu"))
+    images = decode(out.samples.float()).astype(np.float64), decode(seq.float()).astype(np.float64)
+    assert np.sqrt(((images[0] - images[1]) ** 2).reshape(3, -1).mean(1)).max() <= 1

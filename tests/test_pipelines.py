@@ -66,6 +66,12 @@ def test_defaults_batches_and_auto_window(tiny_sd):
                             num_images=3, output_type="np", batch_size=1)
     assert torch.allclose(together.latents, apart.latents, atol=1e-5)  # batching changes nothing
     assert together.speed["sequential_seconds"] > 0 and together.images[0].dtype == np.uint8
+    # every run says what it gained: without compare_sequential, sequential sampling estimated (the API gave
+    # sampling seconds alone), T calls of one state per sample for each batch, as the scripts estimate it
+    assert together.speed["sequential_measured"] is True and apart.speed["sequential_measured"] is False
+    for out in (together, apart):
+        s = out.speed
+        assert s["sequential_seconds"] > 0 and s["speedup"] == s["sequential_seconds"] / s["sampling_seconds"]
     auto = parallel_sample(pipe, "a handwritten digit one", num_inference_steps=16, window_size="auto",
                            output_type="np")
     assert isinstance(auto.config.window_size, int) and 1 <= auto.config.window_size <= 16

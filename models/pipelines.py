@@ -20,7 +20,7 @@ from PIL import Image
 
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.config import is_integer
-from paratAA.planner import measure_call_seconds, plan_window, sync, window_call
+from paratAA.planner import measure_call_seconds, plan_window, sync, warm_up
 from paratAA.schedule import pipeline_schedule
 from runner.launch import host_memory_available
 
@@ -99,8 +99,10 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
                                solve=solve)
             config = replace(config, window_size=plan.window).resolve(num_inference_steps)
         if start == 0 or stop - start != B:  # the first batch, and a smaller last one: warmed up at its sizes
-            _warm_up(bundle, noise, cond, sharding or Sharding(), dtype,
-                     min(config.window_size, num_inference_steps), compare_sequential)
+            # (without it the first solve paid the device's first-call costs and the sequential run after it did
+            # not: window 1, which is sequential sampling, reported 0.25x for a model whose first call cost 0.3 s)
+            warm_up(bundle.eps_fn, bundle.schedule, noise, cond, sharding or Sharding(), dtype,
+                    [min(config.window_size, num_inference_steps)] + ([1] if compare_sequential else []))
             if not compare_sequential:  # the estimate's unit, as the scripts': one state per sample, timed warm
                 per_call = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, sharding or Sharding(),
                                                 dtype, [1])[stop - start]
@@ -131,17 +133,6 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
              "sequential_measured": bool(compare_sequential), "speedup": seq_seconds / seconds}
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
                           results=results, config=config, speed=speed, plan=plan)
-
-
-def _warm_up(bundle, noise, cond, sharding, dtype, window, compare_sequential):
-    """One untimed call at each size the timed runs of this batch call the model at (the window's; sequential
-    sampling's one state per sample), as the scripts do (runner.planning.warm_up): the device's first-call costs
-    (kernel loading, autotuning, allocator growth) are not the sampling's. Without it the first solve paid them
-    and the sequential run after it did not: window 1, which is sequential sampling, reported a speed-up of 0.25x
-    for a model whose first call costs 0.3 s."""
-    for w in dict.fromkeys([window] + ([1] if compare_sequential else [])):
-        window_call(bundle.eps_fn, bundle.schedule, noise, cond, sharding, dtype, w)()
-    sync(noise.device)
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,

@@ -125,6 +125,16 @@ def window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=F
     return lambda: sharding.evaluate(_spared(call) if spare else call, x, t, c)
 
 
+def warm_up(eps_fn, schedule, noise, cond, sharding, model_dtype, windows):
+    """One untimed call at each size a timed run uses (the window's; sequential sampling's one state per sample),
+    so that neither the sampling time nor the sequential one includes the device's first-call costs (kernel
+    loading, autotuning, allocator growth): on a GPU they cost more than an iteration, and a run whose cost curve
+    came from the cache has made no call before it is timed."""
+    for w in dict.fromkeys(windows):
+        window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w)()
+    sync(noise.device)
+
+
 def _spared(call):
     """call, with running out of device memory answered by NaN (see window_call)."""
     def spared(x, *args):

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from paratAA import solve
-from paratAA.planner import measure_call_seconds, plan_window, sync, window_call
+from paratAA.planner import measure_call_seconds, plan_window, warm_up
 
 from .flags import note
 
@@ -131,17 +131,8 @@ def _warm_up_run(bundle, args, config, session, noise, cond, steps):
     """warm_up at the sizes a run of this batch calls: its window (the paper mode keeps one above T; a warm start's
     calls hold at most its steps per sample) and, with --compare_sequential, one state per sample."""
     window = min(config.window_size, steps or bundle.schedule.num_steps)
-    warm_up(bundle, session, noise, cond, [window] + ([1] if args.compare_sequential else []))
-
-
-def warm_up(bundle, session, noise, cond, windows):
-    """One untimed call at each size a timed run uses (the window's; sequential sampling's one state per sample),
-    so that neither the sampling time nor the sequential one includes the device's first-call costs (kernel
-    loading, autotuning, allocator growth): on a GPU they cost more than an iteration, and a run whose cost curve
-    came from the cache has made no call before it is timed."""
-    for w in dict.fromkeys(windows):
-        window_call(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype, w)()
-    sync(noise.device)
+    warm_up(bundle.eps_fn, bundle.schedule, noise, cond, session.sharding, session.model_dtype,
+            [window] + ([1] if args.compare_sequential else []))
 
 
 def _plan(bundle, args, config, session, noise, cond, steps):

@@ -138,11 +138,11 @@ def test_timed_runs_are_warmed_up_at_the_sizes_they_time(tmp_path, monkeypatch):
     sizes = []
     bundle = SimpleNamespace(eps_fn=lambda x, t, c: sizes.append(x.shape[0]) or torch.zeros_like(x),
                              schedule=dit_schedule(20))
-    session = SimpleNamespace(sharding=Sharding(), model_dtype=torch.float32)
-    planning.warm_up(bundle, session, noise_from_seeds([0, 1], 20, (4, 4, 4)), None, [8, 1, 8])
+    planning.warm_up(bundle.eps_fn, bundle.schedule, noise_from_seeds([0, 1], 20, (4, 4, 4)), None, Sharding(),
+                     torch.float32, [8, 1, 8])
     assert sizes == [2 * 8, 2 * 1]  # B states per window position, each size once
     seen = []
-    monkeypatch.setattr(planning, "warm_up", lambda b, s, n, c, windows: seen.append(list(windows)))
+    monkeypatch.setattr(planning, "warm_up", lambda *args: seen.append(list(args[-1])))  # the windows
     monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
     run(tmp_path / "a", "--timesteps", "20", "--num_samples", "1", "--window_size", "8", "--compare_sequential")
     run(tmp_path / "b", "--timesteps", "20", "--num_samples", "1", "--window_size", "4")

@@ -51,7 +51,8 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
 
     solver: SolverConfig fields (window_size="auto" chooses the window from this device; default: T, the
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
-    compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"]).
+    compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"];
+    without it that time is estimated, speed["sequential_measured"] False).
     guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
     negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
     prompt encoded.

@@ -30,7 +30,7 @@ from .errors import OutputError, add_kept, cannot_write, signals_held
 from .metrics import image_rms, latent_rms, same_image_at
 from .rundir import portable, save_json, save_npz, save_png, upscale
 
-FINAL, STOP, EMPTY, INK = (0, 150, 60), (210, 30, 30), (232, 232, 232), (20, 20, 20)  # grid colours
+FINAL, STOP, CUT, EMPTY, INK = (0, 150, 60), (210, 30, 30), (235, 140, 0), (232, 232, 232), (20, 20, 20)  # grid
 MAX_TILE, LABEL_CHARS = 128, 32  # grid tile size (pixels) and row label length (characters)
 
 HEARTBEAT = 10.0     # seconds between heartbeats of a live run
@@ -154,7 +154,8 @@ class RunWriter:
             self.finished.append(Finished(  # one append: a signal never splits a sample's entry
                 m, res.samples[j:j + 1].to(torch.float32).cpu().numpy(),
                 None if x_T is None else x_T[j:j + 1].to(torch.float32).cpu().numpy(),
-                (imgs, _row_label(i, self.label(i)), final) if i < GRID_SAMPLES else None))
+                (imgs, _row_label(i, self.label(i)), final, m["stopped_by"] == "max_steps")
+                if i < GRID_SAMPLES else None))
         with self._lock:
             self.metrics["wall_clock_seconds"] += seconds
             self.sequential_estimate += seq_estimate or 0.0
@@ -265,25 +266,28 @@ def _font():
 def draw_grid(rows, reference):
     """grid.png: one labelled row per sample, one column per iteration (column k: the x_0 estimate after iteration
     k; 0 is the initial state). A green frame marks the first image within 1 gray level of `reference`, a red one
-    the iteration the sample stopped at; a sample that stopped earlier than others leaves its later cells empty.
+    the iteration the sample stopped at, an orange one instead where --max_steps cut it short before it converged
+    (a red frame read as a finished sample); a sample that stopped earlier than others leaves its later cells empty.
 
-    rows: [(images [K+1] uint8 [H, W, 3], label text, index of the first final image or None)].
+    rows: [(images [K+1] uint8 [H, W, 3], label text, index of the first final image or None, cut short)].
     Returns a uint8 array [H, W, 3]."""
     font = _font()
-    tiles = [[_tile(img) for img in imgs] for imgs, _, _ in rows]
+    tiles = [[_tile(img) for img in imgs] for imgs, _, _, _ in rows]
     tw, th = tiles[0][0].size
     cols = max(len(r) for r in tiles)
     pad, head, foot = 4, 16, 34
+    stopped = "red: the iteration the sample stopped at" + \
+        ("; orange: where --max_steps cut it short, not converged" if any(cut for *_, cut in rows) else "")
     notes = (f"column k: the x_0 estimate after iteration k (0: the initial state). green: the first image within 1 "
-             f"gray level of {reference}", "red: the iteration the sample stopped at")
-    label_w = 12 + math.ceil(max(font.getlength(text) for _, text, _ in rows))
+             f"gray level of {reference}", stopped)
+    label_w = 12 + math.ceil(max(font.getlength(text) for _, text, _, _ in rows))
     width = max(label_w + cols * (tw + pad) + pad, 8 + math.ceil(max(font.getlength(n) for n in notes)))
     grid = Image.new("RGB", (width, head + len(rows) * (th + pad) + pad + foot), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for k in range(cols):
         draw.text((label_w + k * (tw + pad) + pad + (tw - font.getlength(str(k))) // 2, 1), str(k), fill=INK,
                   font=font)
-    for i, (row, (_, text, final)) in enumerate(zip(tiles, rows)):
+    for i, (row, (_, text, final, cut)) in enumerate(zip(tiles, rows)):
         y = head + i * (th + pad) + pad
         draw.text((4, y + th // 2 - 6), text, fill=INK, font=font)
         for k in range(cols):
@@ -292,7 +296,7 @@ def draw_grid(rows, reference):
                 grid.paste(row[k], (x, y))
             else:  # the sample had stopped
                 draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=EMPTY)
-        for k, colour, inset in ((len(row) - 1, STOP, -2), (final, FINAL, 0)):
+        for k, colour, inset in ((len(row) - 1, CUT if cut else STOP, -2), (final, FINAL, 0)):
             if k is not None:
                 x = label_w + k * (tw + pad) + pad
                 draw.rectangle([x + inset, y + inset, x + tw - 1 - inset, y + th - 1 - inset], outline=colour, width=2)

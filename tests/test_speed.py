@@ -12,7 +12,7 @@ import parallel_dit
 from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.planner import ALPHA, BETA, choose, measure_call_seconds, predicted_iterations
 from paratAA.sharding import Sharding
-from runner.writer import EMPTY, FINAL, STOP, draw_grid
+from runner.writer import CUT, EMPTY, FINAL, STOP, draw_grid
 from tests.conftest import gmm_problem, read_metrics
 
 
@@ -120,10 +120,13 @@ def test_auto_window_is_measured_once_then_read_from_the_cache(tmp_path, monkeyp
 
 def test_the_grid_marks_the_final_and_the_stop_columns_and_pads_nothing():
     tile = np.full((8, 8, 3), 128, dtype=np.uint8)
-    rows = [([tile] * 4, "0: class 1", 2), ([tile] * 2, "1: class 2", None)]
+    rows = [([tile] * 4, "0: class 1", 2, False), ([tile] * 2, "1: class 2", None, False)]
     grid = draw_grid(rows, "the sequential sample")
     colours = {tuple(c) for c in grid.reshape(-1, 3)}
-    assert FINAL in colours and STOP in colours and EMPTY in colours
+    assert FINAL in colours and STOP in colours and EMPTY in colours and CUT not in colours
+    # a sample --max_steps cut short is framed apart from one that finished (the same red frame before)
+    cut = {tuple(c) for c in draw_grid([rows[0], rows[1][:3] + (True,)], "the sequential sample").reshape(-1, 3)}
+    assert CUT in cut and STOP in cut
     # the second row stopped after iteration 1: its last two cells are empty, not copies of its last image
     empty = np.all(grid == np.array(EMPTY, dtype=np.uint8), axis=2)
     assert empty.sum() >= 2 * 64 * 64 * 0.9

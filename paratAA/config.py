@@ -126,9 +126,22 @@ class SolverConfig:
         initial state first (its output folders hold step_0 ... step_{max_steps - 1}), so it makes max_steps - 1
         calls; reference_quirks counts as it does, so that the reference's example runs (--max_steps 10 and 20)
         take the same iterations here and save as many per-iteration images."""
-        if self.max_steps is None:
-            return None
-        return self.max_steps - 1 if self.reference_quirks else self.max_steps
+        return None if self.max_steps is None else self.max_steps - self._initial_counted
+
+    def capped(self, iterations):
+        """This config, stopping after `iterations` model calls however max_steps is counted."""
+        return replace(self, max_steps=iterations + self._initial_counted)
+
+    @property
+    def _initial_counted(self):
+        """1 when max_steps counts the initial state as a step (reference_quirks), else 0."""
+        return int(self.reference_quirks)
+
+    def ignores_init_states(self, given):
+        """Whether an init_states given explicitly (None: left at its default) would change nothing:
+        reference_quirks starts new states as the reference does whatever init_states says (copy is let through:
+        the reference's start copies states too, and the paper mode sets it)."""
+        return self.reference_quirks and given not in (None, "copy")
 
     def resolve(self, T):
         """The values used for T steps: window_size defaults to T and is capped at T; order defaults to the window
@@ -167,7 +180,7 @@ class SolverConfig:
         init_states="ddim" beside it ran as if it were left out. Only the keywords tell an explicit value from the
         default (the same "ddim"), so SolverConfig(reference_quirks=True) itself is accepted, as before; copy is let
         through (the reference's start copies states too, and paper() sets it)."""
-        if "init_states" in overrides and config.reference_quirks and config.init_states != "copy":
+        if config.ignores_init_states(overrides.get("init_states")):
             raise ValueError(f"init_states {config.init_states!r} has no effect with reference_quirks=True, which "
                              f"starts new states as the reference does whatever init_states says: leave out one of "
                              f"the two")

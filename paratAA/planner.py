@@ -185,9 +185,7 @@ def measure_solver_seconds(solve, schedule, noise, config, windows, sharding):
     "auto" window, so this module does not import it)."""
     out = {}
     for w in windows:
-        # two iterations (reference_quirks counts max_steps as the reference does, the initial state as one)
-        c = replace(config, window_size=w, order=min(config.order or w, w), tol1=0.0, tol2=0.0,
-                    max_steps=3 if config.reference_quirks else 2)
+        c = replace(config, window_size=w, order=min(config.order or w, w), tol1=0.0, tol2=0.0).capped(2)
         free = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
         seconds = _timed(lambda: solve(free, schedule, noise, None, c, model_dtype=noise.dtype), noise.device)
         out[w] = sharding.max(seconds / 2)

@@ -133,6 +133,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     # the stop rule (docs/ALGORITHM.md): off with tolerance 0, so that tolerance 0 still solves exactly
     stop_tol = 0.0 if config.exact else config.stop_tol
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
+    carried = order >= min(window_size, T)  # each update carries every residual to x_0 (stop_rule)
     sharding = sharding or Sharding()
     if window_size == 1:  # one state per iteration is sequential sampling itself: no solver work is needed
         return _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype,
@@ -288,8 +289,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             estimate, stop = math.nan, False
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
                 estimate = read[2] / max(read[3], 1e-12)
-                stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio,
-                                 carried=order >= min(window_size, T))
+                stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio, carried)
             last_estimate[b] = estimate if lo == 0 else math.inf
             if p < 0:  # every window state passed: one more plain update, no model call (as the
                 xw.add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen

@@ -146,9 +146,7 @@ def check_common_flags(args, num_train_timesteps):
         config = SolverConfig(**{f.name: getattr(args, f.name) for f in fields(SolverConfig)})
     except ValueError as e:
         raise _flag_error(e) from None
-    if config.reference_quirks and given_init not in (None, "copy"):
-        # reference_quirks starts new states as the reference does whatever init_states says: the flag given would
-        # change nothing
+    if config.ignores_init_states(given_init):
         via = f" (on in --preset {args.preset})" if getattr(args, "preset", None) else ""
         raise UsageError(f"--init_states {given_init} has no effect with --reference_quirks{via}, which starts new "
                          f"states as the reference does: "

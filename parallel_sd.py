@@ -1,11 +1,11 @@
-"""A text-to-image model in a local diffusers folder (SD 1.x / 2.x, SDXL, SD3) sampled in parallel with ParaTAA.
+"""A text-to-image model in a local diffusers folder (SD 1.x / 2.x, SDXL, SD3, Flux) sampled in parallel with ParaTAA.
 
     python parallel_sd.py --prompt "a handwritten digit seven"          # the embedded digits model
     accelerate launch --num_processes 8 parallel_sd.py --model_path stable-diffusion-v1-5 --fp16 \\
         --prompt "a photo of an astronaut riding a horse"
 
-The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step); SD3's
-flow-matching scheduler as its Euler steps.
+The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step); SD3's and
+Flux's flow-matching schedulers as their Euler steps (Flux's through the levels FluxPipeline sets for the image size).
 """
 import sys
 
@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
     exit_quietly_on_signals()
 
 from models.bundles import sd_bundles  # noqa: E402
-from models.sd import SD_CFG_SCALE, PromptList, add_sd_flags, check_sd_flags  # noqa: E402
+from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags  # noqa: E402
 from runner.flags import add_common_flags, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
@@ -37,7 +37,7 @@ def main(args):
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    add_common_flags(parser, cfg_scale=SD_CFG_SCALE)
+    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # set by check_sd_flags
     parser.add_argument("--prompt", type=str, nargs="+", action=PromptList, default=None,
                         help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
                              f"(default: {DEFAULT_PROMPT!r})")

@@ -24,8 +24,10 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import VAEDecoder, guides  # noqa: E402
 from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags, blank,  # noqa: E402
-                       check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline)
-from paratAA import noise_from_seeds, pipeline_schedule, sample_sequential  # noqa: E402
+                       check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline,
+                       family, schedule_of)
+from models.flux import FLUX  # noqa: E402
+from paratAA import noise_from_seeds, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
 from runner.flags import path_value  # noqa: E402
@@ -76,9 +78,9 @@ def check_model_flags(args):
     for p in args.prompt or []:
         if blank(p):
             raise UsageError("--prompt must not be empty")
-    check_negative_prompt(args)
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
+    check_negative_prompt(args, family(args.model_path) == FLUX)  # Flux's guidance is distilled: none there
     check_size(args, args.model_path)
     args.embedded = embedded
     args.digits = embedded and not args.prompt  # the samples are then the digits 0..9, cycled
@@ -104,7 +106,7 @@ def sd_bench(args, session):
     info = {"title": title, "model_path": repo_relative(args.model_path), "height": args.height, "width": args.width,
             "negative_prompt": args.negative_prompt, "labels": prompts}
     bench = Bench(title, eps_fn, VAEDecoder(pipe.vae, session.device),
-                  lambda T, eta=0.0: pipeline_schedule(pipe, T, eta), problem, S, bench_defaults(args.cfg_scale),
+                  lambda T, eta=0.0: schedule_of(pipe, T, eta, args.height, args.width), problem, S, bench_defaults(args.cfg_scale),
                   session, digit_classifier() if args.digits else None, info)
     return bench, pipe
 

@@ -113,6 +113,60 @@ def SD3Denoiser(transformer, cfg_scale=1.0):
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled")}, cfg_scale)
 
 
+def pack_latents(x):
+    """[N, C, H, W] latents as FLUX.1's transformer reads them, [N, H/2 * W/2, 4C]: each 2x2 patch one token, its
+    features channel-major (c, dy, dx), tokens row by row, the order in which FluxPipeline packs its latents."""
+    N, C, H, W = x.shape
+    return x.reshape(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, (H // 2) * (W // 2), 4 * C)
+
+
+def unpack_latents(tokens, height, width):
+    """The inverse of pack_latents: tokens [N, H/2 * W/2, 4C] as latents [N, C, height, width]."""
+    N, _, D = tokens.shape
+    return tokens.reshape(N, height // 2, width // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+        N, D // 4, height, width)
+
+
+def image_ids(height, width, device, dtype):
+    """[H/2 * W/2, 3] position of each packed token for FLUX.1's rotary embedding: (0, row, column) of its patch."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxDenoiser:
+    """FLUX.1's transformer (FluxPipeline) as the solver's f: the flow velocity on the unpacked latent [N, C, H, W].
+
+    The solver's state is the latent as FluxPipeline draws its noise, before packing, so that a seed gives the
+    pipeline's x_T; each call packs it into 2x2-patch tokens with their positions (image ids; the prompt's tokens all
+    sit at position 0) and unpacks the prediction. The timestep goes in as the pipeline gives it, sigma (t / 1000).
+    cond {"cond": [N, L, E] T5 embeddings, "pooled": [N, E'] CLIP's pooled one}.
+
+    guidance_scale: FLUX.1-dev is guidance-distilled: the scale is an input of the network (guidance_embeds), so a
+    call is one pass with no unconditional branch; a transformer without that input (FLUX.1-schnell) ignores the
+    scale, as the pipeline does. Classifier-free guidance with a negative prompt (diffusers' true_cfg_scale) is not
+    implemented here."""
+
+    def __init__(self, transformer, guidance_scale=3.5):
+        self.transformer = transformer
+        self.guidance = float(guidance_scale) if transformer.config.guidance_embeds else None
+
+    @torch.no_grad()
+    def __call__(self, x, timesteps, cond):
+        N, _, H, W = x.shape
+        dtype = self.transformer.dtype
+        x_in = x.to(dtype)
+        emb = cond["cond"].to(dtype)  # the embeddings in the network's dtype, as SDDenoiser casts them
+        # the pipeline's guidance is float32 whatever the model's dtype (the network casts it, as the timestep)
+        guidance = None if self.guidance is None else torch.full((N,), self.guidance, device=x.device,
+                                                                 dtype=torch.float32)
+        out = self.transformer(hidden_states=pack_latents(x_in), timestep=timesteps.to(dtype) / 1000,
+                               guidance=guidance, pooled_projections=cond["pooled"].to(dtype),
+                               encoder_hidden_states=emb,
+                               txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=dtype),
+                               img_ids=image_ids(H, W, x.device, dtype), return_dict=False)[0]
+        return unpack_latents(out, H, W)
+
+
 class DiffusersDiTDenoiser:
     """diffusers' DiT (DiTPipeline's Transformer2DModel): class labels, the pipeline's null class
     (num_embeds_ada_norm, 1000 for the public models), guidance on all latent channels (as DiTPipeline does; the
@@ -148,7 +202,8 @@ def unscale_latents(z, config, family=None):
     """Sampled latents z as the VAE decodes them, the way the pipeline `family` (a class name) unscales them in its
     __call__: SDXL with the VAE's latents_mean and latents_std where its config has both, z * std / scaling_factor +
     mean, else z / scaling_factor; SD 1.x/2.x z / scaling_factor (neither reads shift_factor nor the mean); SD3 and
-    the DiT scripts (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have no shift)."""
+    the DiT scripts (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have no shift); Flux the
+    same, on the unpacked latents (its solver state)."""
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if family == "StableDiffusionXLPipeline" and mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.dim() - 2)                                      # per channel

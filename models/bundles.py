@@ -12,13 +12,14 @@ import functools
 
 import torch
 
-from paratAA import NoiseStream, pipeline_schedule
+from paratAA import NoiseStream
 from paratAA.schedule import is_flow
 from runner.loop import Bundle
 
+from . import flux
 from .adapters import VAEDecoder
 from .dit_source import LoadedDiT
-from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind
+from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind, schedule_of
 
 def _stream_after(generator):
     """A factory of noise streams that all start where `generator` stands now."""
@@ -55,22 +56,28 @@ def dit_bundle(args, session):
 
 
 def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
-                     device, info=None):
-    """Bundles of an already-loaded Stable Diffusion pipeline, one per list of prompts (sample i gets
-    prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`)."""
+                     device, info=None, max_sequence_length=None):
+    """Bundles of an already-loaded Stable Diffusion or Flux pipeline, one per list of prompts (sample i gets
+    prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`). max_sequence_length:
+    Flux's T5 prompt length (None: the pipeline's default)."""
     eps_fn = denoiser(pipe, cfg_scale)
-    schedule = pipeline_schedule(pipe, T, eta)
+    schedule = schedule_of(pipe, T, eta, height, width)  # Flux's depends on the image size
     decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))  # the latents unscaled as its __call__ does
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
+    read_as = "Euler steps of the flow (paratAA.flow_schedule)" if is_flow(pipe.scheduler) \
+        else "DDIMScheduler (paratAA.from_ddim_scheduler)"
+    if pipeline_kind(pipe) == flux.FLUX:  # what FluxPipeline hands set_timesteps for this size, to replay the run
+        mu = flux.mu_of(pipe.scheduler.config, flux.image_tokens(height, width, pipe.vae_scale_factor))
+        read_as += f", sigmas linspace(1, 1/T, T), mu {mu!r}"
     info = {**(info or {}), "negative_prompt": negative_prompt,
             "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
-                          "read_as": "Euler steps of the flow (paratAA.flow_schedule)" if is_flow(pipe.scheduler)
-                          else "DDIMScheduler (paratAA.from_ddim_scheduler)"}}
+                          "read_as": read_as}}
     bundles = []
     for prompts in prompt_sets:
         # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding
-        emb = encode(pipe, list(prompts), negative_prompt, device, (height, width))          # {k: [P, ...]}
+        emb = encode(pipe, list(prompts), negative_prompt, device, (height, width),
+                     max_sequence_length)                                                   # {k: [P, ...]}
         row_bytes = sum(v[0].numel() * v.element_size() for v in emb.values())
 
         def cond(start, stop, emb=emb, P=len(prompts)):

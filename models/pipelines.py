@@ -6,8 +6,9 @@
     out = parallel_sample(pipe, "a photo of an astronaut riding a horse", num_inference_steps=50)
     out.images[0].save("astronaut.png"); out.iterations, out.speed
 
-The pipeline's own scheduler is read as DDIM (docs/ALGORITHM.md); the result equals sequential DDIM sampling with
-the same noise, to the solver's tolerance (tolerance 0: to round-off).
+The pipeline's own scheduler is read as DDIM (docs/ALGORITHM.md), a flow-matching one (SD3, Flux) as its Euler steps;
+the result equals the pipeline's sequential loop with the same noise, to the solver's tolerance (tolerance 0: to
+round-off).
 """
 import math
 import numbers
@@ -21,12 +22,13 @@ from PIL import Image
 from paratAA import Sharding, SolverConfig, sample_sequential, solve
 from paratAA.config import is_integer
 from paratAA.planner import measure_call_seconds, plan_window, sync, warm_up
-from paratAA.schedule import pipeline_schedule
 from runner.launch import host_memory_available
 
+from . import flux
 from .adapters import guides
 from .bundles import pipeline_bundles
-from .sd import blank, network, pipeline_problem, read_as_ddim, sample_pixels, undecodable, wrong_size
+from .sd import (blank, network, patch_of, pipeline_kind, pipeline_problem, read_as_ddim, sample_pixels,
+                 schedule_of, undecodable, wrong_size)
 
 
 @dataclass
@@ -44,27 +46,37 @@ class ParallelOutput:
 
 
 @torch.no_grad()
-def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
+def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=None, eta=0.0,
                     num_images=1, seed=0, height=None, width=None, batch_size=None, output_type="pil",
-                    compare_sequential=False, sharding=None, config=None, **solver):
+                    compare_sequential=False, sharding=None, config=None, max_sequence_length=None, **solver):
     """Sample `num_images` images of `prompt` (a string or a list, cycled) with ParaTAA on `pipe`.
 
     solver: SolverConfig fields (window_size="auto" chooses the window from this device; default: T, the
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"];
     without it that time is estimated, speed["sequential_measured"] False).
-    guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
+    guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo);
+    default 7.5. For a FluxPipeline it is FLUX.1-dev's distilled guidance, an input of the network taken as it is
+    (default 3.5, as FluxPipeline's __call__; FLUX.1-schnell ignores it), with no unconditional pass.
     negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
-    prompt encoded.
+    prompt encoded. Not for Flux (its true_cfg_scale, classifier-free guidance with a negative prompt, is not
+    implemented here).
+    max_sequence_length: Flux only, the T5 prompt's length as __call__ takes it (None: its default, 512).
     """
     problem = pipeline_problem(pipe)
     if problem:
         raise ValueError(f"pipe {problem}")
+    is_flux = pipeline_kind(pipe) == flux.FLUX
+    if guidance_scale is None:  # each pipeline's __call__ default where it matters: Flux's distilled guidance
+        guidance_scale = flux.GUIDANCE_SCALE if is_flux else 7.5
     net = network(pipe)
     # where the network runs. With CPU offload (enable_model_cpu_offload) its weights sit on the CPU between calls
     # and the pipeline's hooks move them and the inputs to the GPU: ask the pipeline, as its __call__ does (the
     # states on the CPU met predictions on the GPU)
     device = pipe._execution_device if net.device.type in ("cpu", "meta") else net.device
+    if is_flux and (height is None or width is None):  # FluxPipeline's own default size (its transformer has none)
+        cells = getattr(pipe, "default_sample_size", flux.DEFAULT_CELLS) * pipe.vae_scale_factor
+        height, width = cells if height is None else height, cells if width is None else width
     if height is None or width is None:  # the network's size, as __call__; a network may have none (given sizes do)
         if net.config.get("sample_size") is None:
             raise ValueError(f"height and width must be given: pipe's {type(net).__name__} config has no sample_size "
@@ -72,7 +84,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)
         height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
-                              height, width, batch_size, output_type, compare_sequential, eta)
+                              height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
@@ -81,7 +93,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
     (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta,
-                                 seed, num_images, height, width, device)
+                                 seed, num_images, height, width, device, max_sequence_length=max_sequence_length)
     config = config.resolve(num_inference_steps)
     dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
@@ -137,7 +149,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
-                    width, batch_size, output_type, compare_sequential=False, eta=0.0):
+                    width, batch_size, output_type, compare_sequential=False, eta=0.0, max_sequence_length=None):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
     parameters by SolverConfig."""
@@ -155,10 +167,26 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    is_flux = pipeline_kind(pipe) == flux.FLUX
+    if is_flux and negative_prompt is not None:
+        raise ValueError(f"negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
+    if max_sequence_length is not None and not is_flux:
+        raise ValueError(f"max_sequence_length is FluxPipeline's (its T5 prompt); pipe is a {type(pipe).__name__}")
+    if max_sequence_length is not None and (not is_integer(max_sequence_length)
+                                            or not 1 <= max_sequence_length <= flux.MAX_SEQUENCE_LENGTH):
+        raise ValueError(f"max_sequence_length must be an integer in 1..{flux.MAX_SEQUENCE_LENGTH} (FluxPipeline's "
+                         f"limit), got {max_sequence_length!r}")
     if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
-    # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here
-    pipeline_schedule(pipe, num_inference_steps, eta, "num_inference_steps")
+    # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
+    # first, which Flux's schedule reads
+    cfg = network(pipe).config
+    for name, value in (("height", height), ("width", width)):
+        problem = wrong_size(value, pipe.vae_scale_factor, patch_of(pipeline_kind(pipe), cfg),
+                             cfg.get("pos_embed_max_size"))
+        if problem:
+            raise ValueError(f"{name} must be {problem}")
+    schedule_of(pipe, num_inference_steps, eta, height, width, "num_inference_steps")
     if not is_integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled
@@ -170,11 +198,6 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
-    cfg = network(pipe).config
-    for name, value in (("height", height), ("width", width)):
-        problem = wrong_size(value, pipe.vae_scale_factor, cfg.get("patch_size") or 1, cfg.get("pos_embed_max_size"))
-        if problem:
-            raise ValueError(f"{name} must be {problem}")
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     return list(prompts)

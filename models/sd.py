@@ -10,6 +10,8 @@ model as the solver's f, per family:
     StableDiffusion3Pipeline    SD3: an MMDiT predicting the flow velocity, FlowMatchEulerDiscreteScheduler (its
                                 timestep shift included) as Euler steps (paratAA.flow_schedule); text encoders 1-2
                                 (a third, T5, when the folder has one)
+    FluxPipeline                FLUX.1-dev / -schnell: as SD3's flow, with the pipeline's sigmas and dynamic shift,
+                                packed latents, CLIP pooled + T5 embeddings, distilled guidance (models/flux.py)
 
 Anything else is refused with one line naming what is supported.
 """
@@ -22,10 +24,11 @@ import unicodedata
 
 import torch
 
-from paratAA.schedule import NONLINEAR, ddim_copy, from_ddim_scheduler
+from paratAA.schedule import NONLINEAR, STEPS, ddim_copy, from_ddim_scheduler, pipeline_schedule
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
+from . import flux
 from .adapters import decodes_in_float32, guides
 from .checkpoints import check_parts_loaded, quiet_loading, vae_problem, weights_variant
 
@@ -33,8 +36,12 @@ EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
 SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
 SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
+SD_CFG_HELP = ("classifier-free guidance scale; <= 1: none (the conditional model alone). For a FluxPipeline folder "
+               "the guidance FLUX.1-dev was distilled with, fed to its network (the pipeline's guidance_scale; no "
+               "unconditional pass, any value taken as it is), ignored by FLUX.1-schnell as by its pipeline "
+               f"(default: {SD_CFG_SCALE:g}; for a FluxPipeline folder 3.5, the pipeline's own)")
 SUPPORTED = ("StableDiffusionPipeline (SD 1.x, 2.x; epsilon, v_prediction or sample prediction), "
-             "StableDiffusionXLPipeline and StableDiffusion3Pipeline folders")
+             "StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline (FLUX.1 text-to-image) folders")
 # the parts each family's folder must have (marker file inside, or None)
 PARTS = {
     "StableDiffusionPipeline": {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -45,7 +52,12 @@ PARTS = {
     "StableDiffusion3Pipeline": {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
                                  "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
                                  "scheduler": "scheduler_config.json"},
+    # text_encoder: CLIP (its pooled embedding), text_encoder_2: T5 (the token embeddings)
+    flux.FLUX: {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
+                "scheduler": "scheduler_config.json"},
 }
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", flux.FLUX)  # the families whose network predicts a flow's velocity
 PIPELINES = tuple(PARTS)
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # SD3's optional third text encoder
 FLAGS_OF_PIPELINES = ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
@@ -116,8 +128,13 @@ def check_folder(path, flag="--model_path"):
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
-    if config_value(net, "in_channels", net_path, flag, "count") != \
-            config_value(vae, "latent_channels", vae_path, flag, "count"):
+    in_channels = config_value(net, "in_channels", net_path, flag, "count")
+    latent_channels = config_value(vae, "latent_channels", vae_path, flag, "count")
+    if kind == flux.FLUX:
+        problem = flux.channels_problem(in_channels, latent_channels)
+        if problem:
+            raise InputFileError(f"{flag}: {path} has {problem}; the SD scripts drive {SUPPORTED}")
+    elif in_channels != latent_channels:
         raise InputFileError(f"{flag}: {path}: the denoiser takes {net['in_channels']} channels but the VAE makes "
                              f"{vae['latent_channels']}-channel latents (an inpainting or other variant?); "
                              f"the SD scripts drive {SUPPORTED}")
@@ -208,16 +225,20 @@ def scheduler_problem(sched, kind=None):
     if isinstance(n_train, int) and n_train > MAX_TRAIN_STEPS:  # one noise level per step is allocated
         return f"has num_train_timesteps {n_train}; at most {MAX_TRAIN_STEPS} are supported"
     name = str(sched.get("_class_name"))
-    if "FlowMatch" in name and kind not in (None, "StableDiffusion3Pipeline"):  # diffusers' own loop fails on it
+    if "FlowMatch" in name and kind not in (None, *FLOW_PIPELINES):  # diffusers' own loop fails on it
         return (f"is a flow-matching {name}, for a {kind} whose UNet predicts noise: supported are schedulers with "
                 f"betas (read as DDIM)")
     if "FlowMatch" in name:  # Euler steps of a flow: the model predicts the velocity
         if not is_flow_euler(name):  # Heun's two calls per step, LCM's re-noised consistency steps
             return (f"is a {name}: of the flow-matching schedulers, FlowMatchEulerDiscreteScheduler's deterministic "
-                    f"Euler steps are supported (SD3)")
-        if sched.get("use_dynamic_shifting") or sched.get("stochastic_sampling"):
-            return ("sets use_dynamic_shifting or stochastic_sampling: supported are flow-matching schedulers with a "
-                    "fixed shift and deterministic Euler steps (SD3)")
+                    f"Euler steps are supported (SD3, Flux)")
+        if sched.get("stochastic_sampling"):  # re-noised steps: not the deterministic Euler steps solved here
+            return ("sets stochastic_sampling: supported are flow-matching schedulers with deterministic Euler steps "
+                    "(SD3, Flux)")
+        # the shift then depends on the image size in a way each pipeline defines: FluxPipeline's is followed
+        if sched.get("use_dynamic_shifting") and kind != flux.FLUX:
+            return ("sets use_dynamic_shifting: supported are flow-matching schedulers with a fixed shift (SD3), "
+                    "and dynamic shifting with FluxPipeline")
         from diffusers import FlowMatchEulerDiscreteScheduler
         return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
                                zero_ok=True)
@@ -312,6 +333,9 @@ def pipeline_problem(pipe):
     if problem:
         return problem
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
+    if kind == flux.FLUX:
+        problem = flux.channels_problem(channels, latent)
+        return f"has {problem}" if problem else None
     if channels != latent:
         return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "
                 f"inpainting or other variant?)")
@@ -321,6 +345,14 @@ def pipeline_problem(pipe):
 def pipeline_kind(pipe):
     """The supported pipeline class pipe is (or derives from), or None."""
     return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in PIPELINES), None)
+
+
+def _family_if_readable(path):
+    """family(path), or None where the folder cannot tell yet (check_folder then says what is wrong with it)."""
+    try:
+        return family(path) if os.path.isdir(path) else None
+    except InputFileError:
+        return None
 
 
 def _scheduler_class(path):
@@ -339,6 +371,8 @@ def vae_scale_factor(path):
 def default_size(path):
     """(height, width) in pixels the pipeline makes by default: the network's sample_size (one number, or
     (height, width) in some configs) times the VAE factor."""
+    if family(path) == flux.FLUX:  # its transformer has no sample_size: the pipeline's own default
+        return sample_pixels(flux.DEFAULT_CELLS, vae_scale_factor(path))
     net_path = _network_config(path)
     return sample_pixels(config_value(read_json(net_path), "sample_size", net_path, kind="count"),
                          vae_scale_factor(path))
@@ -356,7 +390,7 @@ def check_size(args, path):
     factor = vae_scale_factor(path)
     net_path = _network_config(path)
     net = read_json(net_path)
-    patch, reach = net.get("patch_size") or 1, net.get("pos_embed_max_size")
+    patch, reach = patch_of(family(path), net), net.get("pos_embed_max_size")
     if not isinstance(patch, int) or patch < 1 or reach is not None and (not isinstance(reach, int) or reach < 1):
         raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
                              f"positive integers expected")
@@ -368,6 +402,12 @@ def check_size(args, path):
             size_problem = wrong_size(v, factor, patch, reach)
             if size_problem:
                 raise UsageError(f"--{name} must be {size_problem}")
+
+
+def patch_of(kind, net_config):
+    """Latent cells per side of the denoiser's token: the transformer's patch_size (SD3), Flux's packing of 2x2,
+    1 for a UNet."""
+    return flux.PATCH if kind == flux.FLUX else net_config.get("patch_size") or 1
 
 
 def wrong_size(v, factor, patch=1, reach=None):
@@ -415,23 +455,33 @@ def load_pipeline(path, device, dtype):
 
 
 @torch.no_grad()
-def encode(pipe, prompts, negative_prompt, device, size=None):
+def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_length=None):
     """Per-prompt conditioning, through the pipeline's own encode_prompt: {"cond", "uncond"} [P, L, E] prompt and
     negative-prompt embeddings, and for SDXL and SD3 the pooled ones ("pooled", "uncond_pooled" [P, E']), for SDXL
-    the size/crop time ids of an image of `size` (height, width) ("time_ids", "uncond_time_ids" [P, 6]).
-    A prompt longer than the text encoder takes is cut, as the pipeline does; said once, in one line."""
-    limit = pipe.tokenizer.model_max_length
+    the size/crop time ids of an image of `size` (height, width) ("time_ids", "uncond_time_ids" [P, 6]); for Flux
+    {"cond", "pooled"} (T5's embeddings of max_sequence_length tokens, default the pipeline's, and CLIP's pooled one;
+    no negative prompt). A prompt longer than a text encoder takes is cut, as the pipeline does; said once, in one
+    line."""
+    kind = pipeline_kind(pipe)
+    # (tokenizer, tokens it reads, what the cut loses); Flux reads the prompt with CLIP for its pooled embedding only
+    readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "the text encoder reads the first {}: the rest is "
+                                                                  "ignored")]
+    if kind == flux.FLUX:
+        readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "CLIP's pooled embedding reads the first {}"),
+                   (pipe.tokenizer_2, max_sequence_length or flux.MAX_SEQUENCE_LENGTH,
+                    "the T5 text encoder reads the first {} (max_sequence_length): the rest is ignored")]
     with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
         # named by its text, not by a flag: the scripts take prompts under three flags, parallel_sample as arguments
         for what, text in [("prompt", p) for p in prompts] + [("negative prompt", negative_prompt or "")]:
-            n = len(pipe.tokenizer(text).input_ids)
-            if n > limit:
-                note(f"the {what} {text[:40]!r}... has {n} tokens; the text encoder reads the first {limit}: the "
-                     f"rest is ignored")
+            for tokenizer, limit, cut in readers:
+                n = len(tokenizer(text).input_ids)
+                if n > limit:
+                    note(f"the {what} {text[:40]!r}... has {n} tokens; {cut.format(limit)}")
+        if kind == flux.FLUX:
+            return flux.encode(pipe, prompts, device, max_sequence_length)
         # no negative prompt (None): each pipeline does what its __call__ does by default (SDXL with
         # force_zeros_for_empty_prompt: zero embeddings); "" is the empty prompt, encoded, as __call__ takes it
         negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
-        kind = pipeline_kind(pipe)
         if kind == "StableDiffusionPipeline":
             cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=negatives)
             return {"cond": cond, "uncond": uncond}
@@ -454,8 +504,10 @@ def encode(pipe, prompts, negative_prompt, device, size=None):
 
 def denoiser(pipe, cfg_scale):
     """The pipeline's network as the solver's f (models/adapters.py)."""
-    from .adapters import SD3Denoiser, SDDenoiser, SDXLDenoiser
+    from .adapters import FluxDenoiser, SD3Denoiser, SDDenoiser, SDXLDenoiser
     kind = pipeline_kind(pipe)
+    if kind == flux.FLUX:  # cfg_scale: FLUX.1-dev's guidance input (distilled), not classifier-free guidance
+        return FluxDenoiser(pipe.transformer, cfg_scale)
     if kind == "StableDiffusion3Pipeline":
         return SD3Denoiser(pipe.transformer, cfg_scale)
     make = SDXLDenoiser if kind == "StableDiffusionXLPipeline" else SDDenoiser
@@ -469,8 +521,18 @@ def network(pipe):
 
 
 def latent_shape(pipe, height, width):
+    """The solver's state: [C, H/f, W/f] (Flux: unpacked, C a quarter of the transformer's in_channels)."""
     f = pipe.vae_scale_factor
-    return (network(pipe).config.in_channels, height // f, width // f)
+    channels = network(pipe).config.in_channels
+    return (channels // flux.PATCH ** 2 if pipeline_kind(pipe) == flux.FLUX else channels, height // f, width // f)
+
+
+def schedule_of(pipe, T, eta, height, width, name=STEPS):
+    """The Schedule of the pipeline's own loop: Flux's depends on the image size (flux.flux_schedule), the others'
+    do not (paratAA.pipeline_schedule: a flow's Euler steps, else read as DDIM)."""
+    if pipeline_kind(pipe) == flux.FLUX:
+        return flux.flux_schedule(pipe.scheduler, T, eta, height, width, pipe.vae_scale_factor, name)
+    return pipeline_schedule(pipe, T, eta, name)
 
 
 class PromptList(argparse.Action):
@@ -491,16 +553,21 @@ class PromptList(argparse.Action):
 def add_sd_flags(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--model_path", type=path_value, default=None,
-                   help="local diffusers Stable Diffusion folder (default: the embedded digits model)")
+                   help="local diffusers folder: Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux (default: the embedded "
+                        "digits model)")
     g.add_argument("--negative_prompt", type=str, default=None,
                    help="prompt of the unconditional guidance branch (default: none, the pipeline's default: the "
-                        "empty prompt, or for SDXL zero embeddings; \"\" encodes the empty prompt)")
+                        "empty prompt, or for SDXL zero embeddings; \"\" encodes the empty prompt); not for Flux, "
+                        "whose guidance is distilled")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
 
-def check_negative_prompt(args):
-    """A negative prompt only enters the unconditional branch of guidance: without guidance it would be ignored."""
+def check_negative_prompt(args, distilled=False):
+    """A negative prompt only enters the unconditional branch of guidance: without guidance it would be ignored.
+    distilled: the folder is Flux's, whose guidance has no unconditional branch (true CFG is not implemented)."""
+    if distilled and args.negative_prompt is not None:
+        raise UsageError(f"--negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
     if args.negative_prompt and not guides(args.cfg_scale):
         raise UsageError(f"--negative_prompt has no effect without guidance (--cfg_scale {args.cfg_scale:g} <= 1)")
 
@@ -525,12 +592,16 @@ def check_sd_flags(args, prompts):
     for flag, p in prompts:
         if blank(p):
             raise UsageError(f"{flag} must not be empty")
-    config = check_common_flags(args, 1000)
+    # Flux's --cfg_scale is its network's guidance input: no note that it is off below 1, no negative prompt
+    distilled = bool(args.model_path) and _family_if_readable(args.model_path) == flux.FLUX
+    if args.cfg_scale is None:  # unset until the family is known: FLUX.1-dev's default is its pipeline's
+        args.cfg_scale = flux.GUIDANCE_SCALE if distilled else SD_CFG_SCALE
+    config = check_common_flags(args, 1000, distilled_guidance=distilled)
     if args.eta != 0 and args.model_path and os.path.isdir(args.model_path) and \
             "FlowMatch" in str(_scheduler_class(args.model_path)):
         raise UsageError(f"--eta applies to DDIM; {args.model_path} samples a flow by Euler steps, which add no "
                          f"noise: --eta must be 0, got {args.eta:g}")
-    check_negative_prompt(args)
+    check_negative_prompt(args, distilled)
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)

@@ -12,7 +12,8 @@ xi[T] = x_T. Three sources of the noise levels, each computed the way its refere
     from_ddim_scheduler a diffusers scheduler read as DDIM (Stable Diffusion): its timestep list, its
                         alphas_cumprod as it stores them (float32), its final_alpha_cumprod, and the steps
                         DDIMScheduler.step takes between them
-    flow_schedule       a flow-matching scheduler's Euler steps (SD3): a = 1, b = the drop of sigma, f = the velocity
+    flow_schedule       a flow-matching scheduler's Euler steps (SD3, Flux): a = 1, b = the drop of sigma, f = the
+                        velocity
 """
 import copy
 import math
@@ -182,15 +183,20 @@ def dit_schedule(num_steps, eta=0.0, num_train=1000):
                         torch.from_numpy(1 - alphas_prev), eta, num_train)
 
 
-def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS):
-    """Euler steps of a flow-matching scheduler (diffusers' FlowMatchEulerDiscreteScheduler: SD3, its timestep
+def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS, sigmas=None, mu=None):
+    """Euler steps of a flow-matching scheduler (diffusers' FlowMatchEulerDiscreteScheduler: SD3, Flux; its timestep
     shift included) as the triangular system with f = v, the model's velocity:
 
         x_s = x_{s+1} + (sigma'_s - sigma_s) v(x_{s+1}, t_s),     a = 1,  b = sigma' - sigma,  c = 0
 
     sigma_s the noise level the scheduler gives step s, sigma'_s the next one (0 after the last step), t_s the
     model timestep (sigma_s times num_train_timesteps, as a float). The convergence test's scale (the Schedule's
-    sigma) is the step's drop of the noise level, sigma_s - sigma'_s. Flow sampling here is deterministic (eta 0)."""
+    sigma) is the step's drop of the noise level, sigma_s - sigma'_s. Flow sampling here is deterministic (eta 0).
+
+    sigmas, mu: what a pipeline hands the scheduler's set_timesteps, for its levels to be the ones its own loop
+    steps through. sigmas: the T levels before the shift (Flux: linspace(1, 1/T, T); default the scheduler's own
+    spacing). mu: the shift of a scheduler with use_dynamic_shifting, which depends on the image size, so only the
+    caller knows it (Flux computes it from the number of image tokens); required for such a scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # Heun, LCM: other steps than Euler's
         raise TypeError(f"scheduler must be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
@@ -199,10 +205,19 @@ def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS):
         raise ValueError(f"eta must be 0 for a flow-matching scheduler (its Euler steps add no noise), got {eta!r}")
     n_train = scheduler.config.num_train_timesteps
     check_num_steps(num_steps, n_train, name)
-    if getattr(scheduler.config, "use_dynamic_shifting", False):
-        raise ValueError("schedulers with use_dynamic_shifting (Flux) need a resolution-dependent mu: not supported")
+    if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
+        raise ValueError("mu must be given for a scheduler with use_dynamic_shifting: its shift depends on the image "
+                         "size, which the pipeline turns into mu (Flux: from the number of image tokens)")
+    if mu is not None and not (is_real(mu) and math.isfinite(mu)):
+        raise ValueError(f"mu must be a finite number, got {mu!r}")
+    if sigmas is not None:
+        levels = np.asarray(sigmas, dtype=np.float64)
+        if levels.shape != (num_steps,) or not (np.isfinite(levels).all() and (levels > 0).all()
+                                                and (levels <= 1).all()):
+            raise ValueError(f"sigmas must be {num_steps} noise levels in (0, 1], one per step, got "
+                             f"{levels.shape[0] if levels.ndim == 1 else levels.shape} values")
     scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it: leave the caller's as it was
-    scheduler.set_timesteps(num_steps)
+    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
     sig = scheduler.sigmas.to(torch.float32)                       # [T+1] descending, as the scheduler keeps them
     timesteps = scheduler.timesteps.flip(0).to(torch.float32)      # [T] ascending: step s uses timesteps[s]
     drop = (sig[:-1] - sig[1:]).flip(0).double()                   # [T] sigma_s - sigma'_s, float32 as its step

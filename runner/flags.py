@@ -88,11 +88,14 @@ def add_solver_flags(parser):
     return g
 
 
-def add_run_flags(parser, cfg_scale):
+CFG_HELP = "classifier-free guidance scale; <= 1: none (the conditional model alone)"
+
+
+def add_run_flags(parser, cfg_scale, cfg_help=CFG_HELP):
+    """cfg_help: what --cfg_scale means for the script's models (the SD scripts add Flux's distilled guidance)."""
     g = parser.add_argument_group("sampling and output")
     g.add_argument("--timesteps", type=int, default=100, help="number of DDIM steps T")
-    g.add_argument("--cfg_scale", type=float, default=cfg_scale,
-                   help="classifier-free guidance scale; <= 1: none (the conditional model alone)")
+    g.add_argument("--cfg_scale", type=float, default=cfg_scale, help=cfg_help)
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is the ODE sampler, > 0 the SDE sampler")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the per-step noise (and of the class labels where drawn)")
@@ -107,8 +110,8 @@ def add_run_flags(parser, cfg_scale):
     return g
 
 
-def add_common_flags(parser, cfg_scale):
-    add_run_flags(parser, cfg_scale)
+def add_common_flags(parser, cfg_scale, cfg_help=CFG_HELP):
+    add_run_flags(parser, cfg_scale, cfg_help)
     add_solver_flags(parser)
 
 
@@ -132,8 +135,9 @@ def finite_flag(args, name, low=None, high=None):
         raise UsageError(f"--{name} must be a finite number{span}, got {v:g}")
 
 
-def check_common_flags(args, num_train_timesteps):
-    """Check every flag of add_common_flags before anything is loaded.
+def check_common_flags(args, num_train_timesteps, distilled_guidance=False):
+    """Check every flag of add_common_flags before anything is loaded. distilled_guidance: --cfg_scale is an input of
+    the network (Flux's guidance embedding), taken as it is, not a classifier-free guidance scale that is off below 1.
 
     Returns the SolverConfig resolved for --timesteps and writes the values used back into args, so that
     args.json records them (window_size and order default to T and are capped at it)."""
@@ -163,7 +167,8 @@ def check_common_flags(args, num_train_timesteps):
     if not 0 <= args.seed <= SEED_MAX:
         raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {args.seed}")
     finite_flag(args, "cfg_scale")
-    if args.cfg_scale < 1:  # diffusers' pipelines and DiT's sample.py guide only above 1; say so
+    # diffusers' pipelines and DiT's sample.py guide only above 1; say so
+    if args.cfg_scale < 1 and not distilled_guidance:
         note(f"--cfg_scale {args.cfg_scale:g} is below 1: guidance is off, as at 1 (the conditional model alone, as "
              f"diffusers' pipelines and DiT's sample.py take such a scale)")
     finite_flag(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)

@@ -345,7 +345,10 @@ def bad_folders(tmp_path_factory):
         "unet_not_json": variant("unet_not_json", lambda p: (p / "unet" / "config.json").write_text("{not json")),
         "vae_without_key": variant("vae_without_key", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.pop("block_out_channels"))),
-        "flux": variant("flux", lambda p: rewrite(
+        "flux_fill": variant("flux_fill", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(_class_name="FluxFillPipeline"))),
+        # an SD folder labelled as Flux's text-to-image pipeline: it has none of Flux's parts
+        "flux_labelled": variant("flux_labelled", lambda p: rewrite(
             p / "model_index.json", lambda c: c.update(_class_name="FluxPipeline"))),
         "sdxl_missing_encoder": variant("sdxl_missing_encoder", lambda p: rewrite(
             p / "model_index.json", lambda c: c.update(_class_name="StableDiffusionXLPipeline"))),
@@ -418,7 +421,8 @@ def _nan_weights(folder):
 @pytest.mark.parametrize("name, words", [
     ("unet_not_json", ["--model_path", "unet/config.json", "JSON"]),
     ("vae_without_key", ["--model_path", "vae/config.json", "block_out_channels"]),
-    ("flux", ["FluxPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"]),
+    ("flux_fill", ["FluxFillPipeline", "FluxPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"]),
+    ("flux_labelled", ["--model_path", "transformer/"]),
     ("sdxl_missing_encoder", ["text_encoder_2"]),
     ("custom_code", ["my_module", "never run"]),
     ("thresholding", ["thresholding"]),

@@ -1,5 +1,5 @@
 """Tiny randomly initialised pipelines in the real diffusers folder layouts, built by the tests (no downloads):
-Stable Diffusion 1.x/2.x, SDXL, SD3 (flow matching) and diffusers' DiT."""
+Stable Diffusion 1.x/2.x, SDXL, SD3 (flow matching), Flux and diffusers' DiT."""
 import json
 import os
 import tempfile
@@ -120,6 +120,42 @@ def build_tiny_sd3(folder, seed=0, shift=3.0):
         index.setdefault(part, [None, None])
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
+    return folder
+
+
+def _t5_tokenizer(max_length=512):
+    """A T5 tokenizer built offline (no sentencepiece): a Unigram model over the letters and the word-start mark, so
+    words are spelt out letter by letter, with T5's <pad> 0, </s> 1 (appended), <unk> 2."""
+    from transformers import T5TokenizerFast
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(ch, -3.0) for ch in "abcdefghijklmnopqrstuvwxyz"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_flux(folder, seed=0, guidance_embeds=True, dynamic_shifting=True):
+    """FluxPipeline layout: a FluxTransformer2DModel on 2x2-packed latents (in_channels 4 x the VAE's 4),
+    guidance-distilled as FLUX.1-dev (guidance_embeds) or not as FLUX.1-schnell; a CLIP text encoder (its pooled
+    embedding) and a T5 encoder (the token embeddings); a VAE with a shift_factor; FLUX.1-dev's scheduler config
+    (dynamic shifting) or FLUX.1-schnell's (use_dynamic_shifting false, shift 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    _randomise(transformer, seed)
+    tokenizer, t5_tokenizer = _tokenizer(), _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        **(dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096) if dynamic_shifting else dict(shift=1.0, use_dynamic_shifting=False)))
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(shift_factor=0.1),
+                        text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(folder)
     return folder
 
 

@@ -1,0 +1,68 @@
+"""Flux (diffusers' FluxPipeline folders: FLUX.1-dev, FLUX.1-schnell) where it differs from SD3's flow matching,
+for models/sd.py (the folder and pipeline checks, loading, prompt encoding) and models/adapters.py (FluxDenoiser):
+
+    schedule    the FlowMatchEuler scheduler with the levels FluxPipeline gives it: sigmas linspace(1, 1/T, T)
+                before the shift, and with use_dynamic_shifting (FLUX.1-dev) a shift mu that grows with the number
+                of image tokens (calculate_shift), so it depends on the image size
+    latents     the solver's state is the unpacked latent [C, H/f, W/f], as FluxPipeline draws its noise; the
+                transformer sees it packed into 2x2-patch tokens (4C features each), so the sides are multiples of
+                2f, and its in_channels is 4x the VAE's latent channels
+    prompts     CLIP's pooled embedding and T5's token embeddings (up to max_sequence_length tokens); no negative
+                prompt: FLUX.1-dev's guidance is an input of the network (guidance-distilled), which --cfg_scale /
+                guidance_scale set, not classifier-free guidance (diffusers' true_cfg_scale, not supported here)
+"""
+import numpy as np
+
+from paratAA.schedule import STEPS, check_num_steps, flow_schedule
+
+FLUX = "FluxPipeline"
+PATCH = 2  # latent cells per side of one token: the pipeline packs 2x2 patches
+DEFAULT_CELLS = 128  # FluxPipeline.__init__'s default_sample_size: latent cells per side of the default image
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default (and largest) max_sequence_length of the T5 prompt
+GUIDANCE_SCALE = 3.5  # FluxPipeline.__call__'s default guidance_scale (parallel_sample's default for Flux)
+NO_NEGATIVE_PROMPT = ("FluxPipeline is sampled with its distilled guidance (the guidance scale is an input of "
+                      "FLUX.1-dev's network), without classifier-free guidance (diffusers' true_cfg_scale): a "
+                      "negative prompt is not supported")
+
+
+def image_tokens(height, width, vae_scale_factor):
+    """How many tokens the transformer sees for an image of height x width pixels (one per 2x2 latent cells)."""
+    step = vae_scale_factor * PATCH
+    return (int(height) // step) * (int(width) // step)
+
+
+def mu_of(config, tokens):
+    """The shift mu FluxPipeline hands its scheduler: linear in the number of image tokens, base_shift at
+    base_image_seq_len and max_shift at max_image_seq_len (the scheduler config's values, the pipeline's defaults
+    where absent). diffusers' own calculate_shift computes it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
+def flux_schedule(scheduler, num_steps, eta, height, width, vae_scale_factor, name=STEPS):
+    """The Schedule of FluxPipeline's own loop at num_steps for an image of height x width pixels: its Euler steps
+    through the levels linspace(1, 1/T, T) (the scheduler's own with use_flow_sigmas, as the pipeline defers to
+    it), shifted by mu where the scheduler shifts dynamically (paratAA.flow_schedule)."""
+    check_num_steps(num_steps, scheduler.config.num_train_timesteps, name)  # before linspace takes it
+    sigmas = None if getattr(scheduler.config, "use_flow_sigmas", False) else \
+        np.linspace(1.0, 1 / num_steps, num_steps)
+    mu = mu_of(scheduler.config, image_tokens(height, width, vae_scale_factor))
+    return flow_schedule(scheduler, num_steps, eta, name, sigmas=sigmas, mu=mu)
+
+
+def channels_problem(in_channels, latent_channels):
+    """Why a FluxPipeline's transformer does not fit its VAE (to follow "has"), or None: it reads 2x2 patches of the
+    latent, 4x its channels (FLUX.1 Fill and Control widen the input with image conditions: their own pipelines)."""
+    if in_channels != PATCH * PATCH * latent_channels:
+        return (f"a transformer taking {in_channels} features per token but a VAE making {latent_channels}-channel "
+                f"latents, packed 2x2 into {PATCH * PATCH * latent_channels} (a Fill or Control variant?)")
+    return None
+
+
+def encode(pipe, prompts, device, max_sequence_length=None):
+    """{"cond": [P, L, E] T5 embeddings, "pooled": [P, E'] CLIP's pooled embedding} through the pipeline's own
+    encode_prompt (its text ids are all zero: FluxDenoiser makes them)."""
+    emb, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device, num_images_per_prompt=1,
+                                        max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH)
+    return {"cond": emb, "pooled": pooled}

@@ -1,0 +1,266 @@
+"""Flux (FluxPipeline folders, FLUX.1-dev and -schnell layouts): at tolerance 0 the solver equals FluxPipeline's own
+__call__ from the same initial latents (packed as the pipeline packs them), through parallel_sd.py and through
+parallel_sample; 1 vs 2 processes; what is not supported is refused in one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import parallel_sd
+from models.pipelines import parallel_sample
+from tests.conftest import ROOT, free_port, read_latents, read_metrics
+from tests.test_bad_input import check
+from tests.tiny_models import build_tiny_flux
+
+PROMPT = "a handwritten digit four"
+SIZE = ["--height", "16", "--width", "24"]  # not square: latents [4, 8, 12], 4 x 6 tokens
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux")
+    # FLUX.1-dev: guidance-distilled, dynamic shifting; FLUX.1-schnell: neither (shift 1)
+    return {"dev": build_tiny_flux(str(d / "dev")),
+            "schnell": build_tiny_flux(str(d / "schnell"), seed=1, guidance_embeds=False, dynamic_shifting=False)}
+
+
+def pack_latents(x):
+    """[N, C, H, W] latents packed into tokens by FluxPipeline itself (the reference, not models.adapters')."""
+    from diffusers import FluxPipeline
+    return FluxPipeline._pack_latents(x, *x.shape)
+
+
+def unpack_latents(tokens, height, width):
+    """FluxPipeline's own unpacking to [N, C, height, width] latent cells (a VAE factor of 1: cells, not pixels)."""
+    from diffusers import FluxPipeline
+    return FluxPipeline._unpack_latents(tokens, height, width, 1)
+
+
+def load(folder):
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def own_call(pipe, x_T, T, guidance, height, width, output_type="latent", **kwargs):
+    """FluxPipeline's own __call__ from the unpacked initial latents x_T [N, C, H, W]: latents [N, C, H, W] (or
+    images [N, H, W, 3] in [0, 1] with output_type "np")."""
+    with torch.no_grad():
+        out = pipe([PROMPT] * len(x_T), num_inference_steps=T, guidance_scale=guidance, height=height, width=width,
+                   latents=pack_latents(x_T.float()), output_type=output_type, **kwargs).images
+    return unpack_latents(out, *x_T.shape[2:]) if output_type == "latent" else out
+
+
+def run_sd(folder, out, *flags):
+    run_dir = parallel_sd.main(parallel_sd.parse_args(["--model_path", folder, "--output_path", str(out), *flags]))
+    return run_dir, read_metrics(run_dir)
+
+
+def test_packing_is_the_pipelines():
+    """The adapter's packing is FluxPipeline's own, and its unpacking the inverse."""
+    from models import adapters
+    x = torch.randn(2, 4, 8, 12)
+    assert torch.equal(adapters.pack_latents(x), pack_latents(x))
+    assert torch.equal(adapters.unpack_latents(pack_latents(x), 8, 12), x)
+
+
+@pytest.mark.parametrize("name", ["dev", "schnell"])
+def test_parallel_sd_at_tolerance_zero_equals_fluxpipelines_own_loop(folders, tmp_path, name):
+    T = 8
+    run_dir, m = run_sd(folders[name], tmp_path, "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--batch_size", "2", "--prompt", PROMPT, "--cfg_scale", "3", *SIZE)
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    ours, x_T = z["latents"], torch.from_numpy(z["x_T"])
+    assert ours.shape == x_T.shape == (2, 4, 8, 12)  # the unpacked latent is the state (and what is written)
+    pipe = load(folders[name])
+    ref = own_call(pipe, x_T, T, 3.0, 16, 24).numpy()
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert m["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler" and "mu" in m["scheduler"]["read_as"]
+    # the guidance embedding is used where the model has one: another scale is another image (schnell: the same)
+    other = own_call(pipe, x_T, T, 6.0, 16, 24).numpy()
+    assert (np.abs(other - ref).max() > 1e-2) == (name == "dev")
+
+
+def test_parallel_sample_on_a_loaded_fluxpipeline_equals_its_own_call(folders):
+    """Latents and decoded images at tolerance 0 (its defaults: guidance 3.5, T5 prompt of max_sequence_length), and
+    the same image at the default tolerances."""
+    pipe = load(folders["dev"])
+    T = 6
+    exact = parallel_sample(pipe, PROMPT, num_inference_steps=T, num_images=2, height=24, width=16, tol1=0, tol2=0,
+                            output_type="np", max_sequence_length=40)
+    assert exact.latents.shape == (2, 4, 12, 8)
+    ref = own_call(pipe, exact.x_T, T, 3.5, 24, 16, max_sequence_length=40)
+    assert (exact.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    images = own_call(pipe, exact.x_T, T, 3.5, 24, 16, "np", max_sequence_length=40)           # [2, H, W, 3]
+    assert np.abs(np.stack(exact.images).astype(int) - (images * 255).round().astype(int)).max() <= 1
+    default = parallel_sample(pipe, PROMPT, num_inference_steps=T, num_images=2, height=24, width=16,
+                              output_type="np", max_sequence_length=40)
+    diff = np.stack(default.images).astype(float) - np.stack(exact.images).astype(float)
+    assert np.sqrt((diff ** 2).mean()) <= 1.0  # "same image": within one gray level (RMS)
+
+
+def test_one_and_two_processes_agree(folders, tmp_path):
+    flags = ["--model_path", folders["dev"], "--timesteps", "8", "--window_size", "8", "--num_samples", "2",
+             "--batch_size", "2", *SIZE]
+    one, _ = run_sd(folders["dev"], tmp_path / "one", *flags[2:])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    assert read_metrics(two)["world_size"] == 2
+    a, b = read_latents(one), read_latents(two)
+    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
+
+
+def _variant(folder, root, name, edit):
+    copy = os.path.join(root, name)
+    shutil.copytree(folder, copy)
+    edit(copy)
+    return copy
+
+
+def _index(change):
+    def edit(folder):
+        path = os.path.join(folder, "model_index.json")
+        with open(path) as f:
+            index = json.load(f)
+        change(index)
+        with open(path, "w") as f:
+            json.dump(index, f)
+    return edit
+
+
+def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys):
+    dev, root = folders["dev"], str(tmp_path / "variants")
+    cases = [
+        # Flux's other pipelines (image conditions, an image prompt): named, with what is supported
+        (_variant(dev, root, "fill", _index(lambda c: c.update(_class_name="FluxFillPipeline"))), [], 1,
+         ["FluxFillPipeline", "FluxPipeline", "StableDiffusionPipeline"]),
+        (_variant(dev, root, "kontext", _index(lambda c: c.update(_class_name="FluxKontextPipeline"))), [], 1,
+         ["FluxKontextPipeline", "FluxPipeline"]),
+        # incomplete folders, as a partial download leaves them
+        (_variant(dev, root, "no_t5", lambda f: shutil.rmtree(os.path.join(f, "text_encoder_2"))), [], 1,
+         ["--model_path", "text_encoder_2/"]),
+        (_variant(dev, root, "no_t5_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer_2"))), [], 1,
+         ["--model_path", "tokenizer_2/"]),
+        # a transformer whose input is wider than the packed latents (a Fill or Control transformer)
+        (_variant(dev, root, "wide", lambda f: _edit_json(os.path.join(f, "transformer", "config.json"),
+                                                          in_channels=32)), [], 1,
+         ["32 features per token", "4-channel latents"]),
+        (_variant(dev, root, "stochastic", lambda f: _edit_json(
+            os.path.join(f, "scheduler", "scheduler_config.json"), stochastic_sampling=True)), [], 1,
+         ["stochastic_sampling"]),
+        # true classifier-free guidance with a negative prompt is not implemented
+        (dev, ["--negative_prompt", "blurry"], 2, ["--negative_prompt", "distilled guidance", "true_cfg_scale"]),
+        (dev, ["--negative_prompt", ""], 2, ["--negative_prompt"]),
+        # the 2x2 packing: sides are multiples of the VAE factor (2) x 2
+        (dev, ["--height", "18"], 2, ["--height", "multiple of 4"]),
+    ]
+    for folder, flags, code, words in cases:
+        check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE, *flags], code, words, tmp_path, capsys)
+    # below 1 Flux's guidance is an input like any other: no note that it is off
+    capsys.readouterr()
+    run_sd(dev, tmp_path / "low", "--timesteps", "2", "--cfg_scale", "0.5", "--num_samples", "1", *SIZE)
+    assert "guidance is off" not in capsys.readouterr().err
+
+
+def _edit_json(path, **values):
+    with open(path) as f:
+        config = json.load(f)
+    config.update(values)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def test_parallel_sample_refusals_name_the_argument(folders, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+    pipe = load(folders["dev"])
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    for kwargs, text in ((dict(negative_prompt="blurry"), "negative_prompt: FluxPipeline is sampled with its "
+                                                          "distilled guidance"),
+                         (dict(negative_prompt=""), "negative_prompt: "),
+                         (dict(height=18), "height must be a multiple of 4"),
+                         (dict(max_sequence_length=0), "max_sequence_length must be an integer in 1..512"),
+                         (dict(num_inference_steps=0), "num_inference_steps must be")):
+        with pytest.raises(ValueError, match=text):
+            parallel_sample(pipe, PROMPT, **{"num_inference_steps": 2, "height": 16, "width": 16, **kwargs})
+    pipe.text_encoder_2 = None
+    with pytest.raises(ValueError, match="pipe has text_encoder_2 set to None"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
+    pipe = load(folders["dev"])
+    pipe.transformer.register_to_config(in_channels=32)  # a Fill or Control transformer's wider input
+    with pytest.raises(ValueError, match="pipe has a transformer taking 32 features per token but a VAE making "
+                                         "4-channel latents"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
+    assert not calls
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="max_sequence_length is FluxPipeline's"):
+        parallel_sample(sd, PROMPT, num_inference_steps=2, max_sequence_length=64)
+
+
+def test_dynamic_shifting_needs_mu_and_stays_refused_for_sd3(folders, tmp_path):
+    """paratAA.flow_schedule takes the pipeline's sigmas and mu; without mu a dynamically shifting scheduler is
+    refused (the shift depends on the image size), and SD3 with dynamic shifting stays refused in one line."""
+    from models.flux import flux_schedule
+    from models.sd import check_folder
+    from paratAA import flow_schedule
+    from runner.errors import InputFileError
+    from tests.tiny_models import build_tiny_sd3
+    pipe = load(folders["dev"])
+    with pytest.raises(ValueError, match="mu must be given"):
+        flow_schedule(pipe.scheduler, 4)
+    with pytest.raises(ValueError, match="sigmas must be 4 noise levels"):
+        flow_schedule(pipe.scheduler, 4, sigmas=[1.0, 0.5], mu=0.5)
+    small, large = flux_schedule(pipe.scheduler, 4, 0.0, 16, 16, 2), flux_schedule(pipe.scheduler, 4, 0.0, 64, 64, 2)
+    assert not torch.equal(small.timesteps, large.timesteps)  # more image tokens, more shift
+    sd3 = build_tiny_sd3(str(tmp_path / "sd3"))
+    _edit_json(os.path.join(sd3, "scheduler", "scheduler_config.json"), use_dynamic_shifting=True)
+    with pytest.raises(InputFileError, match="use_dynamic_shifting: supported are .* dynamic shifting with "
+                                             "FluxPipeline"):
+        check_folder(sd3)
+
+
+def test_parallel_sd_winit_shares_the_loader(folders, tmp_path):
+    """The warm start on a Flux folder: prompt2 re-solved over all T steps from prompt1's trajectory is, at tolerance
+    0, FluxPipeline's own sample of prompt2 from the same x_T."""
+    import parallel_sd_winit
+    T, prompt2 = 6, "a handwritten digit seven"
+    run_dir = parallel_sd_winit.main(parallel_sd_winit.parse_args(
+        ["--model_path", folders["dev"], "--output_path", str(tmp_path), "--prompt1", PROMPT, "--prompt2", prompt2,
+         "--timesteps", str(T), "--variation_steps", str(T), "--tol1", "0", "--tol2", "0", "--num_samples", "1",
+         "--cfg_scale", "3", *SIZE]))
+    z = np.load(os.path.join(run_dir, "prompt2", "latents.npz"))
+    pipe = load(folders["dev"])
+    with torch.no_grad():
+        ref = pipe(prompt2, num_inference_steps=T, guidance_scale=3.0, height=16, width=24,
+                   latents=pack_latents(torch.from_numpy(z["x_T"]).float()), output_type="latent").images
+    ref = unpack_latents(ref, 8, 12).numpy()
+    np.testing.assert_allclose(z["latents"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_the_guidance_default_is_the_families(folders, tmp_path):
+    """Without --cfg_scale a Flux folder takes FluxPipeline's own default guidance (3.5), the other families the SD
+    scripts' 5: the image equals the pipeline's default call, and args.json records the value used."""
+    from models.sd import EMBEDDED_SD, SD_CFG_SCALE
+    T = 4
+    run_dir, _ = run_sd(folders["dev"], tmp_path / "flux", "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "1", "--prompt", PROMPT, *SIZE)
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["cfg_scale"] == 3.5
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    pipe = load(folders["dev"])
+    with torch.no_grad():  # guidance_scale not given: the pipeline's own default
+        own = pipe([PROMPT], num_inference_steps=T, height=16, width=24,
+                   latents=pack_latents(torch.from_numpy(z["x_T"]).float()), output_type="latent").images
+    np.testing.assert_allclose(z["latents"], unpack_latents(own, 8, 12).numpy(), atol=1e-5)
+    run_dir, _ = run_sd(EMBEDDED_SD, tmp_path / "sd", "--timesteps", "2", "--num_samples", "1")
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["cfg_scale"] == SD_CFG_SCALE

@@ -106,7 +106,8 @@ def sd_bench(args, session):
     info = {"title": title, "model_path": repo_relative(args.model_path), "height": args.height, "width": args.width,
             "negative_prompt": args.negative_prompt, "labels": prompts}
     bench = Bench(title, eps_fn, VAEDecoder(pipe.vae, session.device),
-                  lambda T, eta=0.0: schedule_of(pipe, T, eta, args.height, args.width), problem, S, bench_defaults(args.cfg_scale),
+                  lambda T, eta=0.0: schedule_of(pipe, T, eta, args.height, args.width), problem, S,
+                  bench_defaults(args.cfg_scale),
                   session, digit_classifier() if args.digits else None, info)
     return bench, pipe
 

@@ -2,6 +2,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,6 +46,15 @@ def read_latents(run_dir):
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         return json.load(f)
+
+
+def run_two_processes(script, flags, out, timeout=600):
+    """The run folder of `script` (a file at the repository's root) launched as two CPU processes with flags under
+    out (torch.distributed.run on a free port), for comparison with one process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, script), *flags, "--output_path", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=timeout)
+    return only_run(out)
 
 
 def only_run(out):

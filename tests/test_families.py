@@ -1,8 +1,6 @@
 """The model families beyond SD 1.x: each at tolerance 0 against the pipeline's own sequential loop in diffusers
 (same initial noise, output_type "latent"), and 1 vs 2 processes."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 
 import parallel_sd
 from paratAA import draw_noise
-from tests.conftest import ROOT, free_port, read_latents, read_metrics
+from tests.conftest import read_latents, read_metrics, run_two_processes
 from tests.tiny_models import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 PROMPT = "a handwritten digit four"
@@ -74,10 +72,7 @@ def test_one_and_two_processes_agree(folders, tmp_path, name):
     flags = ["--model_path", folders[name], "--timesteps", "12", "--window_size", "12", "--num_samples", "2",
              "--batch_size", "2"]
     one, _ = run_sd(folders[name], tmp_path / "one", *flags[2:])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
     assert read_metrics(two)["world_size"] == 2
     # each process runs the model on half the batch: float32 kernels of another batch size round differently (on
     # some CPUs), which the iteration carries to ~1e-6 of the latent's size (tiny SDXL's reach ~30)
@@ -162,10 +157,7 @@ def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
     ref = sample_sequential(DiffusersDiTDenoiser(pipe.transformer, 4.0), pipeline_schedule(pipe, 10),
                             script_noise(0, 2, 10, (4, 8, 8)), torch.tensor([3, 917]))[:, 0]
     assert np.abs(read_latents(one) - ref.float().numpy()).max() <= 1e-6 * ref.abs().max() + 1e-4
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "parallel_dit.py"), *flags, "--output_path", str(tmp_path / "two")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    two = run_two_processes("parallel_dit.py", flags, tmp_path / "two")
     a, b = read_latents(one), read_latents(two)
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max() + 1e-5  # a random DiT drives latents to ~100
 

@@ -4,8 +4,6 @@ parallel_sample; 1 vs 2 processes; what is not supported is refused in one line.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 import parallel_sd
 from models.pipelines import parallel_sample
-from tests.conftest import ROOT, free_port, read_latents, read_metrics
+from tests.conftest import read_latents, read_metrics, run_two_processes
 from tests.test_bad_input import check
 from tests.tiny_models import build_tiny_flux
 
@@ -110,10 +108,7 @@ def test_one_and_two_processes_agree(folders, tmp_path):
     flags = ["--model_path", folders["dev"], "--timesteps", "8", "--window_size", "8", "--num_samples", "2",
              "--batch_size", "2", *SIZE]
     one, _ = run_sd(folders["dev"], tmp_path / "one", *flags[2:])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
     assert read_metrics(two)["world_size"] == 2
     a, b = read_latents(one), read_latents(two)
     assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())

@@ -1,8 +1,6 @@
 """parallel_sd.py and parallel_sd_winit.py end to end on a tiny random pipeline in the SD v1.5 folder layout."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 import parallel_sd
 import parallel_sd_winit
 from runner.errors import UsageError
-from tests.conftest import ROOT, free_port, read_latents as latents
+from tests.conftest import read_latents as latents, run_two_processes
 
 
 def run_sd(folder, out, *flags):
@@ -90,10 +88,7 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
     flags = ["--model_path", tiny_sd, "--timesteps", "16", "--window_size", "16", "--num_samples", "2", "--batch_size",
              "2", "--eta", "0.3"]
     one, _ = run_sd(tiny_sd, tmp_path / "one", *flags[2:])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "parallel_sd.py"), *flags, "--output_path", str(tmp_path / "two")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
-    (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
+    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two", timeout=300)
     with open(os.path.join(two, "metrics.json")) as f:
         m2 = json.load(f)
     assert m2["world_size"] == 2

@@ -25,7 +25,7 @@ from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.equations import FORMS
 from paratAA.planner import sync
 from runner.errors import UsageError
-from runner.flags import DIST_TIMEOUT_MAX, SEED_MAX, finite_flag, make_parser
+from runner.flags import DIST_TIMEOUT_MAX, SEED_MAX, finite_flag, home_path, make_parser
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms, same_image_at
 from runner.rundir import REPO_ROOT, check_output_path, save_json, write_atomic
 
@@ -339,7 +339,8 @@ def bench_parser(description, default_out, cfg_scale, ablation):
     parser = make_parser(description)
     g = parser.add_argument_group("benchmark")
     g.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
-    g.add_argument("--out", default=default_out, help="the JSON written (and <out>.evolution.npz beside it)")
+    g.add_argument("--out", type=home_path, default=default_out,
+                   help="the JSON written (and <out>.evolution.npz beside it)")
     g.add_argument("--machine", default="2-core CPU (development container)", help="recorded in the JSON")
     g.add_argument("--timesteps", type=int, nargs="+", default=None,
                    help="values of T measured (default: 25 50 100; --quick: 25); sweeps run at the last")

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import check_out_dir  # noqa: E402
 from models.sd import read_json  # noqa: E402
 from runner.errors import InputFileError, exit_on_error  # noqa: E402
-from runner.flags import make_parser, path_value  # noqa: E402
+from runner.flags import home_path, make_parser, path_value  # noqa: E402
 from runner.metrics import SAME_IMAGE  # noqa: E402
 from runner.rundir import write_atomic, upscale  # noqa: E402
 
@@ -317,7 +317,7 @@ def parse_args(argv=None):
     parser.add_argument("--dit", type=path_value, default=None,
                         help=f"dit_bench.py's JSON (without --dit and --sd: {' and '.join(DEFAULT_REPORTS)})")
     parser.add_argument("--sd", type=path_value, default=None, help="sd_bench.py's JSON")
-    parser.add_argument("--out_dir", default="benchmarks/figures")
+    parser.add_argument("--out_dir", type=home_path, default="benchmarks/figures")
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,7 @@ from paratAA import (SolverConfig, dit_schedule, draw_noise, from_ddim_scheduler
                      sample_sequential, solve)
 from paratAA.planner import predicted_iterations, sync  # noqa: E402
 from runner.errors import UsageError, exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 # the public configurations of SDXL's UNet (1024 px: 128x128 latents) and SD3-medium's MMDiT (16-channel latents)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -337,5 +337,5 @@ if __name__ == "__main__":
                         default=["4:41", "6:28", "8:18", "8:20", "8:22", "8:24", "12:16"],
                         help="WINDOW:ITERATIONS pairs timed with the SD v1.5 UNet (a range of K at window 8: the "
                              "speed-up for whichever count a trained model needs)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=home_path, default=None)
     exit_on_error(main, parser.parse_args())

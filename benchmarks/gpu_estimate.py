@@ -27,7 +27,7 @@ from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from benchmarks.speed_bench import read_gpu  # noqa: E402
 from models.sd import read_json  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 
 def call_seconds(per_call, W):
@@ -84,9 +84,11 @@ def main(args):
 
 if __name__ == "__main__":
     parser = make_parser(__doc__)
-    parser.add_argument("--gpu", default="benchmarks/results/gpu_h200_windows.json")
-    parser.add_argument("--dit", default="benchmarks/results/dit.json", help="iteration counts for DiT-XL/2")
-    parser.add_argument("--sd", default="benchmarks/results/sd.json", help="iteration counts for the SD UNet")
+    parser.add_argument("--gpu", type=home_path, default="benchmarks/results/gpu_h200_windows.json")
+    parser.add_argument("--dit", type=home_path, default="benchmarks/results/dit.json",
+                        help="iteration counts for DiT-XL/2")
+    parser.add_argument("--sd", type=home_path, default="benchmarks/results/sd.json",
+                        help="iteration counts for the SD UNet")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs sharing each call in the last column")
-    parser.add_argument("--out", default="benchmarks/results/gpu_estimate.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/gpu_estimate.json")
     exit_on_error(main, parser.parse_args())

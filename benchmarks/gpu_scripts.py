@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 from runner.errors import UsageError, exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 # stabilityai/sd-vae-ft-ema's config.json (the VAE of the public DiT checkpoints)
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -116,5 +116,5 @@ if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny random checkpoint, on whatever device there is")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=home_path, default=None)
     sys.exit(exit_on_error(main, parser.parse_args()))

@@ -41,7 +41,7 @@ from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import SD_CFG_SCALE  # noqa: E402
 from paratAA import SolverConfig, sample_sequential  # noqa: E402
 from runner.errors import UsageError, exit_on_error  # noqa: E402
-from runner.flags import at_least_flag, make_parser  # noqa: E402
+from runner.flags import at_least_flag, home_path, make_parser  # noqa: E402
 from runner.launch import Session  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
 from runner.rundir import missing_folders, save_json  # noqa: E402
@@ -243,8 +243,10 @@ def parse_args(argv=None):
                             f"sequential set is always written")
         g.add_argument("--iterations", type=int, nargs="+", default=[],
                        help="also write each method's set after these iterations")
-        g.add_argument("--out_dir", default=f"benchmarks/results/tmp/sample_sets_{family}", help="the sets")
-        g.add_argument("--summary", default=None, help="the JSON index (default: <out_dir>/sample_sets.json)")
+        g.add_argument("--out_dir", type=home_path, default=f"benchmarks/results/tmp/sample_sets_{family}",
+                       help="the sets")
+        g.add_argument("--summary", type=home_path, default=None,
+                       help="the JSON index (default: <out_dir>/sample_sets.json)")
         add_launch_flags(g)
         module.add_model_flags(p)
     return parser.parse_args(argv)

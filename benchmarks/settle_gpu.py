@@ -22,7 +22,7 @@ from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
 from runner.errors import exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 VARIANTS = {"settle 0.1 (default)": {}, "settle 1 (plain)": {"settle": 1.0}}
 
@@ -60,5 +60,5 @@ def main(args):
 if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="2 samples, one seed set, window 100")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=home_path, default=None)
     exit_on_error(main, parser.parse_args())

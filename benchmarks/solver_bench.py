@@ -25,7 +25,7 @@ from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
 from runner.errors import exit_on_error  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its counts (FACTS.md); its test: settle 1
 # name: (order (None: T), memory_size, form of the equations)
@@ -153,6 +153,6 @@ def main(args):
 if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
-    parser.add_argument("--out", default="benchmarks/results/solver.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/solver.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

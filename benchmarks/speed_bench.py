@@ -36,7 +36,7 @@ from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipe
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
 GPU_MODELS = {"DiT-XL/2 256": 4 * 32 * 32, "SD1.5 UNet 512": 4 * 64 * 64}  # name: latent size D
@@ -177,7 +177,7 @@ if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--gpu", default="benchmarks/results/gpu_h100.json")
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--gpu", type=home_path, default="benchmarks/results/gpu_h100.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

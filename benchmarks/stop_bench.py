@@ -43,7 +43,7 @@ from models.gmm import GaussianMixtureEps  # noqa: E402
 from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -238,6 +238,6 @@ if __name__ == "__main__":
                         help="T = 100 at these windows: the default against --block_tol 0, --settle 1 and --slide_tol "
                              "(no stop/forms tables)")
     parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
-    parser.add_argument("--out", default="benchmarks/results/stop.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

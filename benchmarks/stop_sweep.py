@@ -29,7 +29,7 @@ from benchmarks.convergence import check_distinct, check_out_file, seed_bases, w
 from benchmarks.stop_bench import problems  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.solver import stop_rule  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 
 def record(bases, steps, etas, n):
@@ -125,6 +125,6 @@ if __name__ == "__main__":
                         help="first seeds of the sample sets, comma-separated (>= 10: the design used 0..9)")
     parser.add_argument("--stop_tols", default="0.03,0.035,0.04", help="stop_tol values to replay, comma-separated")
     parser.add_argument("--stop_ratios", default="0.35", help="stop_ratio values to replay, comma-separated")
-    parser.add_argument("--out", default="benchmarks/results/stop_sweep.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/stop_sweep.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from benchmarks.convergence import check_out_file, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
-from runner.flags import make_parser  # noqa: E402
+from runner.flags import home_path, make_parser  # noqa: E402
 
 # name: SolverConfig overrides
 VARIANTS = {"default (picard, m = 3)": {}, "m = 2": dict(memory_size=2), "m = 1 (no TAA)": dict(memory_size=1),
@@ -73,6 +73,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="T = 25, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700",
                         help="held-out seed bases, as stop_bench.py --seed_base (comma-separated)")
-    parser.add_argument("--out", default="benchmarks/results/tail.json")
+    parser.add_argument("--out", type=home_path, default="benchmarks/results/tail.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

@@ -206,12 +206,16 @@ def interpolate(curve, n):
     return curve[b] + (curve[b] - curve[a]) * (n - b) / (b - a)
 
 
-def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, exact=False, scale=1.0):
+def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, exact=False, scale=1.0,
+           max_iterations=None):
     """The window minimising K(W) (c(B W) + o(W)) over W = 1 .. T, or over the windows whose call of B W inputs fits
     in memory (max_inputs: the largest measured that did). exact: the solve has tolerance 0 (predicted_iterations).
     scale: the predicted times are the curves' times this (Plan.curve_scale). It multiplies every window's time
     alike, and is applied after the choice, so the window is exactly the one the unscaled curves choose (rounding
-    could otherwise break a near tie the other way)."""
+    could otherwise break a near tie the other way). max_iterations: the cap max_steps puts on the solve
+    (SolverConfig.max_iterations). The window is still the one the whole solve is best at, but the plan predicts
+    the iterations the run will make: at most the cap (a run cut at 4 of 40 iterations was predicted the time of
+    40, 9x its own, in the run's summary and metrics.json)."""
     best = None
     for W in range(1, min(T, max_inputs // B) + 1 if max_inputs else T + 1):
         K = predicted_iterations(T, W, exact)
@@ -219,6 +223,8 @@ def choose(T, B, call_seconds, solver_seconds, measured=True, max_inputs=None, e
         if best is None or seconds < best[1] - 1e-12:
             best = (W, seconds, K)
     W, seconds, K = best
+    if max_iterations is not None and max_iterations < K:
+        seconds, K = seconds * max_iterations / K, float(max_iterations)
     return Plan(window=W, predicted_seconds=scale * seconds,
                 predicted_sequential_seconds=scale * T * interpolate(call_seconds, B), predicted_iterations=K,
                 call_seconds=call_seconds, solver_seconds=solver_seconds, measured=measured, max_inputs=max_inputs,
@@ -277,7 +283,7 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
         # solver's curves alike (the solver runs on the same device under the same load): the window stays the one
         # the cached curves choose and the predicted speed-up is unchanged, only its times follow this run's clock.
         plan = choose(T, B, calls, solver, measured=False, max_inputs=limit, exact=config.exact,
-                      scale=fresh / calls[B])
+                      scale=fresh / calls[B], max_iterations=config.max_iterations)
     else:
         calls = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, candidate_windows(T))
         failed = min((n for n, v in calls.items() if math.isinf(v)), default=None)
@@ -288,7 +294,8 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
             cache[key] = {"call_seconds": {str(k): v for k, v in calls.items()},
                           "solver_seconds": {str(k): v for k, v in solver.items()}, "max_inputs": limit,
                           "failed_inputs": failed, "steps": T}
-        plan = choose(T, B, calls, solver, max_inputs=limit, exact=config.exact)
+        plan = choose(T, B, calls, solver, max_inputs=limit, exact=config.exact,
+                      max_iterations=config.max_iterations)
     plan.checked_call_seconds, plan.failed_inputs = fresh, failed
     plan.window = int(sharding.from_main(plan.window))
     return plan

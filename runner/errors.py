@@ -92,6 +92,12 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def debugging():
+    """PARATAA_DEBUG set to anything but empty, 0, false, no or off: an unexpected error raises with its traceback
+    (PARATAA_DEBUG=0 turned it on, as any value did)."""
+    return os.environ.get("PARATAA_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _kept(e):
     return "; ".join(f"{n} finished samples kept in {d}" for d, n in getattr(e, "kept", []))
 
@@ -101,17 +107,19 @@ def _kept(e):
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote process exited")
 
 
-def _rank():
+def rank():
+    """This process's rank in a launch (0 on its own; RANK set but empty counts as 0): the one test of which process
+    speaks, for errors here and notes (flags.note)."""
     return int(os.environ.get("RANK", "0") or 0)
 
 
 def _fail(message, code, every_rank=False):
     """One line and exit. Flags and files are checked alike by every process of a launch: the first one says it.
     An error of one process (out of memory on its GPU) is said by that process, naming itself."""
-    if _rank() == 0:
+    if rank() == 0:
         print(f"{_prog()}: error: {message}", file=sys.stderr, flush=True)
     elif every_rank:
-        print(f"{_prog()}: error (process {_rank()}): {message}", file=sys.stderr, flush=True)
+        print(f"{_prog()}: error (process {rank()}): {message}", file=sys.stderr, flush=True)
     _leave(code)
 
 
@@ -220,11 +228,11 @@ def _run(main, args):
     except OutputError as e:  # only the main process writes
         _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)
     except KeyboardInterrupt as e:
-        if _rank() == 0:  # the other processes of a launch write nothing and say nothing
+        if rank() == 0:  # the other processes of a launch write nothing and say nothing
             print(f"{_prog()}: interrupted ({_kept(e) or 'nothing written'})", file=sys.stderr, flush=True)
         _leave(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # not one of ours: still one line, the traceback only on request
-        if os.environ.get("PARATAA_DEBUG"):
+        if debugging():
             raise
         text = (str(e).strip().splitlines() or [""])[0]
         if any(p in text.lower() for p in _PEER_GONE):

@@ -11,7 +11,7 @@ from dataclasses import fields
 from paratAA import SolverConfig
 from paratAA.schedule import check_eta, check_num_steps
 
-from .errors import UsageError
+from .errors import UsageError, rank
 from .rundir import check_output_path
 
 def _window(text):
@@ -51,13 +51,20 @@ def path_value(text):
     return os.path.expanduser(text)  # --flag=~/x: the shell leaves a ~ after "=" as it is
 
 
+def home_path(text):
+    """argparse type of a file or folder flag whose blank value its own check names (a report, a run folder): a ~
+    is the home folder. The shell leaves a ~ after "=" as it is (--out=~/x.json), and the benchmarks wrote their
+    reports into a folder named "~"."""
+    return os.path.expanduser(text)
+
+
 def make_parser(description):
     return FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def note(message):
     """A line on stderr from the first process only (every process checks the flags)."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank() == 0:  # as errors are said: RANK set but empty (a launcher's template) silenced every note
         print(f"{os.path.basename(sys.argv[0])}: note: {message}", file=sys.stderr, flush=True)
 
 
@@ -103,7 +110,7 @@ def add_run_flags(parser, cfg_scale, cfg_help=CFG_HELP):
     g.add_argument("--batch_size", type=int, default=1, help="samples solved together (one model call each iteration)")
     g.add_argument("--compare_sequential", action="store_true",
                    help="also sample sequentially and record the distance to it after every iteration")
-    g.add_argument("--output_path", type=os.path.expanduser, default="output", help="run folders are created under this folder")
+    g.add_argument("--output_path", type=home_path, default="output", help="run folders are created under this folder")
     g.add_argument("--fp16", action="store_true", help="run the model in float16")
     g.add_argument("--dist_timeout", type=float, default=300.0,
                    help="seconds a process waits for the others in a collective before giving up")
@@ -174,7 +181,9 @@ def check_common_flags(args, num_train_timesteps, distilled_guidance=False):
     finite_flag(args, "dist_timeout", 1.0, DIST_TIMEOUT_MAX)
     check_output_path(args.output_path)
     resolved = config.resolve(args.timesteps)
-    if resolved.memory_size < config.memory_size != SolverConfig().memory_size:  # a value the user asked for
+    # a value the user asked for: not the default, nor a preset's (presets.apply_preset), which is capped silently
+    if resolved.memory_size < config.memory_size != SolverConfig().memory_size and \
+            "memory_size" not in getattr(args, "_preset_filled", ()):
         note(f"--memory_size {config.memory_size} is more than {args.timesteps} iterations can fill; using "
              f"{resolved.memory_size}")
     args.window_size, args.order, args.memory_size = resolved.window_size, resolved.order, resolved.memory_size

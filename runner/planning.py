@@ -24,7 +24,10 @@ from .flags import note
 
 
 def cache_path():
-    root = os.environ.get("PARATAA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "paratAA")
+    # a ~ expanded as in the path flags (flags.home_path): a shell expands it only unquoted at the start of a word,
+    # and PARATAA_CACHE="~/cache" (quoted, or set in a .env file, a container's ENV, a subprocess's env) made a
+    # folder named "~" in the working directory
+    root = os.path.expanduser(os.environ.get("PARATAA_CACHE") or os.path.join("~", ".cache", "paratAA"))
     return os.path.join(root, "cost_curves.json")
 
 
@@ -145,7 +148,10 @@ def _plan(bundle, args, config, session, noise, cond, steps):
             _save(key, cache[key])
         if plan.max_inputs is not None:
             _say_max_inputs(plan, B)
-        if config.order is not None and config.order > plan.window:  # as with a fixed window, said, not silent
+        # as with a fixed window, said, not silent; a preset's order follows the window without a word, as it does
+        # an explicit --window_size (presets.apply_preset)
+        if config.order is not None and config.order > plan.window and \
+                "order" not in getattr(args, "_preset_filled", ()):
             note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
                  f"the window acts as the window: using {plan.window}")
         config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)

@@ -50,9 +50,13 @@ def apply_preset(args, argv, script):
     values = PRESETS[args.preset].get(script)
     if values is None:
         raise UsageError(f"--preset {args.preset} has no values for {script}")
-    for name, value in values.items():
-        if name not in given and hasattr(args, name):
-            setattr(args, name, value)
+    filled = [name for name in values if name not in given and hasattr(args, name)]
+    for name in filled:
+        setattr(args, name, values[name])
+    # what the preset set, for the notes that name a flag (not recorded in args.json: rundir.save_args): with
+    # --window_size auto its order is bounded by the planner's window at run time, as by an explicit window here,
+    # and a note "--order 20 is above the window the planner chose" named a flag that was never given
+    args._preset_filled = frozenset(filled)
     # a preset's value that an explicit flag bounds follows that flag, as the reference's would within its own
     # defaults: its order at most the window (--window_size 10), its variation steps at most T (--timesteps 5)
     if "order" not in given and isinstance(args.order, int) and isinstance(args.window_size, int):

@@ -130,4 +130,6 @@ def portable(value):
 
 
 def save_args(args, run_dir):
-    save_json({k: portable(v) for k, v in vars(args).items()}, os.path.join(run_dir, "args.json"))
+    """The flags (names starting with _ are the scripts' own bookkeeping, e.g. presets.apply_preset's, not flags)."""
+    save_json({k: portable(v) for k, v in vars(args).items() if not k.startswith("_")},
+              os.path.join(run_dir, "args.json"))

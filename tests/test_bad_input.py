@@ -281,6 +281,26 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder(monkeypatch, tmp_path):
     assert args.output_path == str(tmp_path / "runs") and args.model_path == str(tmp_path / "sd")
 
 
+
+def test_a_tilde_in_the_cache_variable_is_the_home_folder(monkeypatch, tmp_path):
+    """PARATAA_CACHE="~/cache" (quoted, or from a .env file or a container's ENV: no shell expands it) made a folder
+    named "~" in the working directory and kept the cost curves there."""
+    from runner.planning import cache_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PARATAA_CACHE", "~/cache")
+    assert cache_path() == str(tmp_path / "cache" / "cost_curves.json")
+    monkeypatch.delenv("PARATAA_CACHE")
+    assert cache_path() == str(tmp_path / ".cache" / "paratAA" / "cost_curves.json")
+
+
+def test_a_note_is_said_where_an_error_would_be(monkeypatch, capsys):
+    """RANK set but empty is rank 0 for errors (errors.rank); notes tested RANK == "0" and were never said."""
+    from runner.flags import note
+    for value, said in (("", True), ("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", value)
+        note("a note")
+        assert ("note: a note" in capsys.readouterr().err) == said, value
+
 # ------------------------------------------------------------------------- beyond the first list (issue: trust)
 MORE_DIT_FLAGS = [
     (["--seed", str(2 ** 70)], 2, ["--seed", str(2 ** 70)]),
@@ -696,6 +716,30 @@ def test_an_order_above_the_planned_window_is_said(tmp_path, capsys, monkeypatch
     notes = [line for line in capsys.readouterr().err.splitlines() if "note: --order 8" in line]
     assert metrics["window_size"] == 4 and metrics["order"] == 4
     assert len(notes) == 1 and "the planner chose (4)" in notes[0], notes
+
+
+def test_a_presets_values_capped_at_the_run_are_not_said_as_flags(tmp_path, capsys, monkeypatch):
+    """--preset paper --window_size auto: the preset's order (the reference's) is bounded by the planner's window as
+    by an explicit --window_size, and the note "--order 10 is above the window the planner chose" named a flag that
+    was never given; so did "--memory_size 2 is more than 1 iterations can fill" at --timesteps 1. A flag given
+    beside the preset is still said."""
+    from dataclasses import replace
+    import runner.planning as planning
+    real = planning.plan_window
+    monkeypatch.setattr(planning, "plan_window", lambda *a, **k: replace(real(*a, **k), window=4))
+    flags = ["--preset", "paper", "--window_size", "auto", "--timesteps", "10", "--num_samples", "1"]
+    args, metrics = _run_dit(tmp_path / "a", *flags)
+    assert "note: --order" not in capsys.readouterr().err
+    assert metrics["window_size"] == 4 and metrics["order"] == 4 and args["order"] == 10 and args["preset"] == "paper"
+    assert not [k for k in args if k.startswith("_")]  # the bookkeeping is not a flag
+    _, metrics = _run_dit(tmp_path / "b", *flags, "--order", "8")
+    assert "note: --order 8 is above the window the planner chose (4)" in capsys.readouterr().err
+    assert metrics["order"] == 4
+    # the same of the preset's memory size 2 at T = 1 ("--memory_size 2 is more than 1 iterations can fill")
+    _, metrics = _run_dit(tmp_path / "c", "--preset", "paper", "--timesteps", "1", "--num_samples", "1")
+    assert "note:" not in capsys.readouterr().err and metrics["memory_size"] == 1
+    _run_dit(tmp_path / "d", "--preset", "paper", "--timesteps", "1", "--num_samples", "1", "--memory_size", "2")
+    assert "note: --memory_size 2 is more than 1 iterations can fill" in capsys.readouterr().err
 
 
 def test_a_batch_larger_than_the_samples_is_said_and_recorded_as_used(tmp_path, capsys):

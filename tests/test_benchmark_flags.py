@@ -393,3 +393,22 @@ def test_speed_bench_records_the_flags_given(tmp_path, monkeypatch, global_torch
     speed_bench.main(argparse.Namespace(quick=False, repeats=3, gpu=gpu, out=str(out), machine="m"))
     with open(out) as f:
         assert json.load(f)["command"] == "python " + shlex.join(argv)
+
+
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path):
+    """--out=~/x.json: the shell leaves a ~ after "=" as it is, and the report went to a folder named "~" in the
+    working directory (the scripts' --output_path already expanded it)."""
+    cwd, results = tmp_path / "cwd", os.path.join(ROOT, "benchmarks", "results")
+    cwd.mkdir()
+    inputs = [f"--{flag}={os.path.join(results, name)}" for flag, name in
+              (("gpu", "gpu_h200_windows.json"), ("dit", "dit.json"), ("sd", "sd.json"))]
+    proc = run("gpu_estimate.py", *inputs, "--out=~/estimate.json", env={**os.environ, "HOME": str(tmp_path)},
+               cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "estimate.json").is_file() and os.listdir(cwd) == []
+    import benchmarks.figures as figures
+    import benchmarks.sample_sets as sample_sets
+    home = os.path.expanduser("~")
+    assert figures.parse_args(["--out_dir=~/figs"]).out_dir == os.path.join(home, "figs")
+    args = sample_sets.parse_args(SETS + ["--out_dir=~/sets", "--summary=~/sets.json"])
+    assert (args.out_dir, args.summary) == (os.path.join(home, "sets"), os.path.join(home, "sets.json"))

@@ -572,3 +572,20 @@ def test_a_full_disk_met_by_the_heartbeat_is_left_to_the_run(tmp_path, monkeypat
         time.sleep(0.2)
         monkeypatch.setattr(writer_module, "save_json", original)
     assert died == [] and read_metrics(str(tmp_path))["status"] == "complete"
+
+
+@pytest.mark.parametrize("value, traceback", [("", False), ("0", False), ("off", False), ("False", False),
+                                              ("1", True), ("yes", True)])
+def test_the_debug_variable_is_read_as_a_switch(value, traceback, monkeypatch, capsys):
+    """PARATAA_DEBUG=0 gave the traceback, as any value did: the one line of an unexpected error is said unless the
+    variable says on."""
+    from runner.errors import exit_on_error
+    monkeypatch.setenv("PARATAA_DEBUG", value)
+    monkeypatch.delenv("RANK", raising=False)
+    if traceback:
+        with pytest.raises(ZeroDivisionError):
+            exit_on_error(lambda args: 1 / 0, None)
+    else:
+        with pytest.raises(SystemExit) as e:
+            exit_on_error(lambda args: 1 / 0, None)
+        assert e.value.code == 1 and "ZeroDivisionError: division by zero (unexpected" in capsys.readouterr().err

@@ -50,6 +50,32 @@ def test_tolerance_zero_takes_t_iterations_at_every_window_so_the_planner_takes_
         assert (plan.window == 1) == exact
 
 
+def test_a_plan_predicts_the_iterations_max_steps_allows(tmp_path, monkeypatch):
+    """--max_steps caps the iterations; the plan predicted those of the whole solve: a run cut at 4 of 40 iterations
+    said "predicted 0.17 s" for 0.02 s of sampling. The window stays the one the whole solve is best at."""
+    T, solver = 40, {1: 1e-5, 40: 1e-4}
+    idle = {n: 0.01 + 1e-5 * n for n in (1, 2, 4, 8, 16, 32, 40)}
+    full, capped = choose(T, 1, idle, solver), choose(T, 1, idle, solver, max_iterations=4)
+    assert capped.window == full.window and full.predicted_iterations > 4 and capped.predicted_iterations == 4
+    assert capped.predicted_seconds == pytest.approx(full.predicted_seconds * 4 / full.predicted_iterations)
+    assert choose(T, 1, idle, solver, max_iterations=T + 5).predicted_seconds == full.predicted_seconds
+    # plan_window reads the cap from the config, counted as max_steps is (reference_quirks: max_steps - 1)
+    import paratAA.planner as planner
+    eps, schedule, noise = gmm_problem(T)
+    monkeypatch.setattr(planner, "measure_call_seconds", lambda *a: dict(idle))
+    for config, cap in ((SolverConfig(window_size="auto", max_steps=4), 4),
+                        (SolverConfig.paper(window_size="auto", max_steps=4), 3)):
+        plan = planner.plan_window(eps, schedule, noise, None, config.resolve(T), Sharding(), torch.float64,
+                                   solve=solve)
+        assert plan.predicted_iterations == cap
+    # and a script's run records the plan of the iterations it made
+    monkeypatch.undo()
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    _, m = run(tmp_path / "run", "--timesteps", "20", "--max_steps", "3", "--num_samples", "1")
+    assert m["window_chosen_by"] == "planner" and m["samples"][0]["iterations"] <= 3
+    assert m["plan"]["predicted_iterations"] <= 3
+
+
 def test_a_smaller_call_never_costs_more_than_a_larger_one():
     # a slow first size (noise: a clock ramping up) must not inflate the sequential estimate T c(1)
     _, schedule, noise = gmm_problem(8)

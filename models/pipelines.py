@@ -176,7 +176,8 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
                                             or not 1 <= max_sequence_length <= flux.MAX_SEQUENCE_LENGTH):
         raise ValueError(f"max_sequence_length must be an integer in 1..{flux.MAX_SEQUENCE_LENGTH} (FluxPipeline's "
                          f"limit), got {max_sequence_length!r}")
-    if negative_prompt and not guides(guidance_scale):  # it only enters guidance's unconditional branch
+    # it only enters guidance's unconditional branch; "" is a prompt too (encoded, not the pipeline's default)
+    if negative_prompt is not None and not guides(guidance_scale):
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
     # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
     # first, which Flux's schedule reads

@@ -568,7 +568,7 @@ def check_negative_prompt(args, distilled=False):
     distilled: the folder is Flux's, whose guidance has no unconditional branch (true CFG is not implemented)."""
     if distilled and args.negative_prompt is not None:
         raise UsageError(f"--negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
-    if args.negative_prompt and not guides(args.cfg_scale):
+    if args.negative_prompt is not None and not guides(args.cfg_scale):  # "" is a prompt too (encoded)
         raise UsageError(f"--negative_prompt has no effect without guidance (--cfg_scale {args.cfg_scale:g} <= 1)")
 
 

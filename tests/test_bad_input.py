@@ -474,6 +474,7 @@ def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     (["--prompt", "line one\nline two", "x"], ["--prompt", "quote", "'line one\\nline two' x"]),  # still one line
     (["--prompt", "a b", "c d", "e f", "--num_samples", "2"], ["--prompt", "--num_samples"]),
     (["--negative_prompt", "blurry", "--cfg_scale", "1"], ["--negative_prompt", "--cfg_scale"]),
+    (["--negative_prompt", "", "--cfg_scale", "1"], ["--negative_prompt", "--cfg_scale"]),  # "" is a prompt too
     (["--height", "100000"], ["--height", "100000"]),
     (["--eta", "2"], ["--eta"]),
     # too large for memory because of the image size: said (the message named only the other flags)

@@ -162,6 +162,7 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
               "2 prompts for num_images = 1"),
              (dict(negative_prompt="blurry", guidance_scale=1), ValueError, "negative_prompt has no effect"),
              (dict(negative_prompt="blurry", guidance_scale=0), ValueError, "negative_prompt has no effect"),
+             (dict(negative_prompt="", guidance_scale=1), ValueError, "negative_prompt has no effect"),
              (dict(prompt=" "), ValueError, "prompt must not be empty"),
              (dict(prompt=["a handwritten digit one", "\u200b"], num_images=2), ValueError, "prompt must not be"),
              (dict(compare_sequential="no"), TypeError, "compare_sequential must be True or False"),

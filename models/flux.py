@@ -11,8 +11,11 @@ for models/sd.py (the folder and pipeline checks, loading, prompt encoding) and 
                 prompt: FLUX.1-dev's guidance is an input of the network (guidance-distilled), which --cfg_scale /
                 guidance_scale set, not classifier-free guidance (diffusers' true_cfg_scale, not supported here)
 """
+import math
+
 import numpy as np
 
+from paratAA.config import is_real
 from paratAA.schedule import STEPS, check_num_steps, flow_schedule
 
 FLUX = "FluxPipeline"
@@ -31,13 +34,31 @@ def image_tokens(height, width, vae_scale_factor):
     return (int(height) // step) * (int(width) // step)
 
 
+SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
 def mu_of(config, tokens):
     """The shift mu FluxPipeline hands its scheduler: linear in the number of image tokens, base_shift at
     base_image_seq_len and max_shift at max_image_seq_len (the scheduler config's values, the pipeline's defaults
     where absent). diffusers' own calculate_shift computes it."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-    return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return calculate_shift(tokens, *(config.get(key, default) for key, default in SHIFT_DEFAULTS.items()))
+
+
+def shift_problem(config):
+    """Why FluxPipeline cannot compute its shift mu from a scheduler config (a dict; to follow "has"), or None.
+    FluxPipeline computes mu at every call, whether or not the scheduler shifts dynamically, as the line through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): a null or a string there, or two equal
+    lengths, failed inside calculate_shift (a TypeError, a ZeroDivisionError) naming no setting."""
+    values = {key: config.get(key, default) for key, default in SHIFT_DEFAULTS.items()}
+    bad = [f"{key} {v!r}" for key, v in values.items() if not (is_real(v) and math.isfinite(v))]
+    if bad:
+        return f"has {', '.join(bad)}: FluxPipeline computes its shift mu from finite numbers there"
+    if values["base_image_seq_len"] == values["max_image_seq_len"]:
+        return (f"has base_image_seq_len = max_image_seq_len = {values['max_image_seq_len']!r}: FluxPipeline's shift "
+                f"mu is the line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), which "
+                f"needs two different lengths")
+    return None
 
 
 def flux_schedule(scheduler, num_steps, eta, height, width, vae_scale_factor, name=STEPS):

@@ -24,7 +24,8 @@ import unicodedata
 
 import torch
 
-from paratAA.schedule import NONLINEAR, STEPS, ddim_copy, from_ddim_scheduler, pipeline_schedule
+from paratAA.schedule import (NONLINEAR, STEPS, ddim_copy, flow_schedule, from_ddim_scheduler,
+                              pipeline_schedule)
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
@@ -228,6 +229,12 @@ def scheduler_problem(sched, kind=None):
     if "FlowMatch" in name and kind not in (None, *FLOW_PIPELINES):  # diffusers' own loop fails on it
         return (f"is a flow-matching {name}, for a {kind} whose UNet predicts noise: supported are schedulers with "
                 f"betas (read as DDIM)")
+    # FluxPipeline hands its scheduler sigmas and the shift mu, which only flow-matching ones take (its own call fails
+    # on others); read as DDIM, this failed after loading in a line calling itself unexpected, or blamed clip_sample
+    # (a config naming no class loads as model_index.json names it, FlowMatchEulerDiscreteScheduler in FLUX.1's)
+    if kind == flux.FLUX and sched.get("_class_name") is not None and "FlowMatch" not in name:
+        return (f"is a {name}: FluxPipeline samples with a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
+                f"as FLUX.1-dev and FLUX.1-schnell come)")
     if "FlowMatch" in name:  # Euler steps of a flow: the model predicts the velocity
         if not is_flow_euler(name):  # Heun's two calls per step, LCM's re-noised consistency steps
             return (f"is a {name}: of the flow-matching schedulers, FlowMatchEulerDiscreteScheduler's deterministic "
@@ -239,6 +246,10 @@ def scheduler_problem(sched, kind=None):
         if sched.get("use_dynamic_shifting") and kind != flux.FLUX:
             return ("sets use_dynamic_shifting: supported are flow-matching schedulers with a fixed shift (SD3), "
                     "and dynamic shifting with FluxPipeline")
+        if kind == flux.FLUX:  # the shift mu its __call__ computes in any case
+            problem = flux.shift_problem(sched)
+            if problem:
+                return problem
         from diffusers import FlowMatchEulerDiscreteScheduler
         return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
                                zero_ok=True)
@@ -605,19 +616,29 @@ def check_sd_flags(args, prompts):
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)
-    check_timesteps(args.timesteps, args.eta, args.model_path)
+    check_timesteps(args.timesteps, args.eta, args.model_path, (args.height, args.width))
     note_scheduler(args.model_path)
     return config
 
 
-def check_timesteps(T, eta, path):
-    """--timesteps against the folder's DDIM scheduler before anything is loaded: its training steps, and its
-    spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading")."""
-    if "FlowMatch" in str(_scheduler_class(path)):
-        return  # Euler steps of a flow: its sigmas always fit (flow_schedule checks T against the training steps)
+def check_timesteps(T, eta, path, size=None):
+    """--timesteps against the folder's scheduler before anything is loaded: a DDIM one's training steps, and its
+    spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading"); a
+    flow's levels as the loaded pipeline will build them for an image of `size` (height, width; Flux's depend on it):
+    T against its training steps, and finite (shift_terminal with T = 1 divides 0 by 0). Checked only after loading,
+    these failed in a line calling themselves unexpected, or as NaN states blamed on the model."""
     config = as_loaded(read_json(os.path.join(path, "scheduler", "scheduler_config.json")), family(path))
     try:
-        from_ddim_scheduler(ddim_copy(config), T, eta)
+        if "FlowMatch" in str(_scheduler_class(path)):
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            with quiet_loading():  # keys of other diffusers versions: said by from_config, ignored by it
+                scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            if family(path) == flux.FLUX:
+                flux.flux_schedule(scheduler, T, eta, *size, vae_scale_factor(path))
+            else:
+                flow_schedule(scheduler, T, eta)
+        else:
+            from_ddim_scheduler(ddim_copy(config), T, eta)
     except ValueError as e:
         if str(e).startswith(("timesteps", "eta")):  # the flag's value
             raise UsageError(f"--{e}") from None

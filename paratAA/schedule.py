@@ -217,7 +217,16 @@ def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS, sigmas=None, mu=Non
             raise ValueError(f"sigmas must be {num_steps} noise levels in (0, 1], one per step, got "
                              f"{levels.shape[0] if levels.ndim == 1 else levels.shape} values")
     scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it: leave the caller's as it was
-    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+    with np.errstate(divide="ignore", invalid="ignore"):  # numpy's warning on a 0/0: said below, in one line
+        try:
+            scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+        except TypeError as e:  # a setting of another type that only set_timesteps reads (shift_terminal "0.2")
+            raise ValueError(f"the scheduler's config gives no usable noise levels for {name} {num_steps} "
+                             f"(TypeError: {e})") from None
+    if not bool(torch.isfinite(scheduler.sigmas).all()):  # else NaN states, blamed on the model's predictions
+        # (shift_terminal stretches the levels to end at it, dividing 0 by 0 when there is one level)
+        raise ValueError(f"the scheduler gives non-finite noise levels for {name} {num_steps} (shift_terminal "
+                         f"{scheduler.config.get('shift_terminal')!r}): choose more steps or another config")
     sig = scheduler.sigmas.to(torch.float32)                       # [T+1] descending, as the scheduler keeps them
     timesteps = scheduler.timesteps.flip(0).to(torch.float32)      # [T] ascending: step s uses timesteps[s]
     drop = (sig[:-1] - sig[1:]).flip(0).double()                   # [T] sigma_s - sigma'_s, float32 as its step

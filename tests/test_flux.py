@@ -259,3 +259,88 @@ def test_the_guidance_default_is_the_families(folders, tmp_path):
     run_dir, _ = run_sd(EMBEDDED_SD, tmp_path / "sd", "--timesteps", "2", "--num_samples", "1")
     with open(os.path.join(run_dir, "args.json")) as f:
         assert json.load(f)["cfg_scale"] == SD_CFG_SCALE
+
+
+def _with_scheduler(folder, root, name, **values):
+    return _variant(folder, root, name, lambda f: _edit_json(os.path.join(f, "scheduler", "scheduler_config.json"),
+                                                             **values))
+
+
+def _own_call_fails_or_nan(folder, T):
+    """Whether FluxPipeline's own __call__ cannot sample this folder at T steps: an exception, or NaN latents."""
+    try:  # numpy's warning of the pipeline's own 0/0 is the failure looked for here
+        with torch.no_grad(), np.errstate(divide="ignore", invalid="ignore"):
+            out = load(folder)(PROMPT, num_inference_steps=T, height=16, width=16, output_type="latent").images
+    except Exception:
+        return True
+    return not bool(torch.isfinite(out).all())
+
+
+def test_scheduler_configs_fluxpipeline_cannot_sample_are_refused_in_one_line(folders, tmp_path, capsys):
+    """Shift parameters FluxPipeline's own call cannot compute its mu from (two equal lengths: its calculate_shift
+    divides by zero; a null or a string: a TypeError), and levels it makes NaN (shift_terminal at one step: 0/0),
+    failed after loading in a line calling itself unexpected, or as NaN states blamed on the model's predictions;
+    so did --timesteps above a flow scheduler's num_train_timesteps. One line naming the setting or the flag, before
+    anything is loaded, and parallel_sample's ValueError."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    dev, root = folders["dev"], str(tmp_path / "variants")
+    cases = [(dict(base_image_seq_len=4096), 2, ["base_image_seq_len", "max_image_seq_len", "4096"]),
+             (dict(max_shift=None), 2, ["max_shift None"]),
+             (dict(base_shift="0.5"), 2, ["base_shift '0.5'"]),
+             (dict(use_dynamic_shifting=False, shift=3.0, base_image_seq_len=4096), 2, ["base_image_seq_len"]),
+             (dict(shift_terminal=0.2), 1, ["non-finite noise levels", "shift_terminal 0.2"]),
+             (dict(shift_terminal="0.2"), 2, ["no usable noise levels", "TypeError"])]
+    for i, (values, T, words) in enumerate(cases):
+        folder = _with_scheduler(dev, root, f"v{i}", **values)
+        assert _own_call_fails_or_nan(folder, T), values  # the reference: the pipeline itself cannot sample it
+        check(parallel_sd, ["--model_path", folder, "--timesteps", str(T), *SIZE], 1,
+              ["--model_path", "scheduler_config.json", *words], tmp_path, capsys)
+        pipe = load(dev)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config({**pipe.scheduler.config, **values})
+        with pytest.raises(ValueError, match=words[-1]):
+            parallel_sample(pipe, PROMPT, num_inference_steps=T, height=16, width=16)
+    # the same config at two steps is sampled, as the pipeline samples it
+    assert not _own_call_fails_or_nan(_with_scheduler(dev, root, "two", shift_terminal=0.2), 2)
+    few = _with_scheduler(dev, root, "few", num_train_timesteps=10)
+    check(parallel_sd, ["--model_path", few, "--timesteps", "20", *SIZE], 2, ["--timesteps", "1..10", "20"],
+          tmp_path, capsys)
+
+
+def test_a_scheduler_that_is_not_flow_matching_is_refused_in_one_line(folders, tmp_path, capsys):
+    """FluxPipeline hands its scheduler sigmas and mu, which only a flow-matching one takes: its own call fails on
+    DDIM or Euler. A folder with one failed after loading in a line calling itself unexpected; a loaded pipeline
+    with DDIM's defaults was told to unset clip_sample (then failed the same way). One line naming the scheduler."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    def ddim(folder):
+        _edit_json(os.path.join(folder, "scheduler", "scheduler_config.json"), _class_name="DDIMScheduler",
+                   clip_sample=False)
+        _index(lambda c: c.update(scheduler=["diffusers", "DDIMScheduler"]))(folder)
+    folder = _variant(folders["dev"], str(tmp_path / "variants"), "ddim", ddim)
+    assert _own_call_fails_or_nan(folder, 2)  # the reference: the pipeline itself cannot sample it
+    check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "scheduler_config.json", "DDIMScheduler", "flow-matching"], tmp_path, capsys)
+    pipe = load(folders["dev"])
+    for cls in (DDIMScheduler, EulerDiscreteScheduler):
+        pipe.scheduler = cls()
+        with pytest.raises(Exception):
+            pipe(PROMPT, num_inference_steps=2, height=16, width=16, output_type="latent")
+        with pytest.raises(ValueError, match=f"pipe has a scheduler that is a {cls.__name__}: FluxPipeline samples "
+                                             f"with a flow-matching scheduler"):
+            parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
+    # a scheduler config naming no class loads as model_index.json names it (FLUX.1's: flow matching): sampled
+    nameless = _variant(folders["dev"], str(tmp_path / "variants"), "nameless", lambda f: _drop_key(
+        os.path.join(f, "scheduler", "scheduler_config.json"), "_class_name"))
+    run_dir, _ = run_sd(nameless, tmp_path / "nameless", "--timesteps", "2", "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "1", "--prompt", PROMPT, *SIZE)
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    ref = own_call(load(nameless), torch.from_numpy(z["x_T"]), 2, 3.5, 16, 24).numpy()
+    np.testing.assert_allclose(z["latents"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _drop_key(path, key):
+    with open(path) as f:
+        config = json.load(f)
+    config.pop(key)
+    with open(path, "w") as f:
+        json.dump(config, f)

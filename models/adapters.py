@@ -3,6 +3,8 @@ import torch
 
 from paratAA import NonFiniteModelOutput
 
+from .flux import GUIDANCE_SCALE
+
 
 def guides(cfg_scale):
     """Whether a scale turns classifier-free guidance on: only above 1, as diffusers' pipelines
@@ -146,7 +148,7 @@ class FluxDenoiser:
     scale, as the pipeline does. Classifier-free guidance with a negative prompt (diffusers' true_cfg_scale) is not
     implemented here."""
 
-    def __init__(self, transformer, guidance_scale=3.5):
+    def __init__(self, transformer, guidance_scale=GUIDANCE_SCALE):
         self.transformer = transformer
         self.guidance = float(guidance_scale) if transformer.config.guidance_embeds else None
 

@@ -40,7 +40,7 @@ SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model
 SD_CFG_HELP = ("classifier-free guidance scale; <= 1: none (the conditional model alone). For a FluxPipeline folder "
                "the guidance FLUX.1-dev was distilled with, fed to its network (the pipeline's guidance_scale; no "
                "unconditional pass, any value taken as it is), ignored by FLUX.1-schnell as by its pipeline "
-               f"(default: {SD_CFG_SCALE:g}; for a FluxPipeline folder 3.5, the pipeline's own)")
+               f"(default: {SD_CFG_SCALE:g}; for a FluxPipeline folder {flux.GUIDANCE_SCALE:g}, the pipeline's own)")
 SUPPORTED = ("StableDiffusionPipeline (SD 1.x, 2.x; epsilon, v_prediction or sample prediction), "
              "StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline (FLUX.1 text-to-image) folders")
 # the parts each family's folder must have (marker file inside, or None)
@@ -621,7 +621,7 @@ def check_sd_flags(args, prompts):
     return config
 
 
-def check_timesteps(T, eta, path, size=None):
+def check_timesteps(T, eta, path, size):
     """--timesteps against the folder's scheduler before anything is loaded: a DDIM one's training steps, and its
     spacing, which with steps_offset can give a model timestep past them (T = 1000 with SD v1.5's "leading"); a
     flow's levels as the loaded pipeline will build them for an image of `size` (height, width; Flux's depend on it):

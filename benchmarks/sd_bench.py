@@ -30,7 +30,7 @@ from models.flux import FLUX  # noqa: E402
 from paratAA import noise_from_seeds, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
-from runner.flags import path_value  # noqa: E402
+from runner.flags import note, path_value  # noqa: E402
 from runner.launch import Session  # noqa: E402
 from runner.metrics import SAME_IMAGE, image_rms  # noqa: E402
 
@@ -85,6 +85,10 @@ def check_model_flags(args):
     args.embedded = embedded
     args.digits = embedded and not args.prompt  # the samples are then the digits 0..9, cycled
     args.prompts = args.prompt or DIGIT_PROMPTS
+    if args.prompt and args.num_samples is not None and len(args.prompt) > args.num_samples:
+        # a caption file longer than the run is a way to pick the first prompts (sample_sets.py's 1000 of a file),
+        # unlike the scripts' prompts, each asked for: said, not refused (the rest were dropped without a word)
+        note(f"{len(args.prompt)} prompts given; the first {args.num_samples} (--num_samples) are sampled")
 
 
 def sd_bench(args, session):

@@ -358,7 +358,7 @@ def test_prompt_file_not_text(files):
 
 
 
-def test_prompt_file_byte_order_mark_and_invisible_lines(files):
+def test_prompt_file_byte_order_mark_and_invisible_lines(files, capsys):
     """A byte-order mark is not part of the first prompt, and a line made only of invisible characters is a blank
     line (the scripts refuse such a --prompt); an empty --prompt_file is refused, not read as none given."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -367,6 +367,13 @@ def test_prompt_file_byte_order_mark_and_invisible_lines(files):
     args = sd_bench.parse_args(["--prompt_file", str(files / "prompts.txt"), "--out", str(files / "sd.json")])
     sd_bench.check_model_flags(args)
     assert args.prompts == ["a handwritten digit one", "seven"]
+    capsys.readouterr()
+    # more prompts than samples: the first are sampled, and said (they were dropped without a word)
+    args = sd_bench.parse_args(["--prompt_file", str(files / "prompts.txt"), "--num_samples", "1",
+                                "--out", str(files / "sd.json")])
+    sd_bench.check_bench_flags(args)
+    sd_bench.check_model_flags(args)
+    assert "2 prompts given; the first 1 (--num_samples) are sampled" in capsys.readouterr().err
     refused(files, "sd_bench.py", DIT + ["--prompt_file", "", "--out", files / "sd.json"], 2,
             ["--prompt_file", "must not be empty"])
 

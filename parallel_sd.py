@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
     exit_quietly_on_signals()
 
 from models.bundles import sd_bundles  # noqa: E402
-from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags  # noqa: E402
+from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
 from runner.flags import add_common_flags, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
@@ -37,7 +37,7 @@ def main(args):
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # set by check_sd_flags
+    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # fill_guidance_default
     parser.add_argument("--prompt", type=str, nargs="+", action=PromptList, default=None,
                         help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
                              f"(default: {DEFAULT_PROMPT!r})")
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     add_preset_flag(parser)
     args = parser.parse_args(argv)
     apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_sd")
+    fill_guidance_default(args)
     return args
 
 

@@ -358,6 +358,19 @@ def pipeline_kind(pipe):
     return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in PIPELINES), None)
 
 
+def fill_guidance_default(args):
+    """--cfg_scale when not given, once the flags are parsed (its flag has no default: it depends on the folder):
+    FluxPipeline's own default for a Flux folder, whose scale is FLUX.1-dev's distilled guidance, else the SD
+    scripts' SD_CFG_SCALE."""
+    if args.cfg_scale is None:
+        args.cfg_scale = flux.GUIDANCE_SCALE if _is_flux(args.model_path) else SD_CFG_SCALE
+
+
+def _is_flux(path):
+    """Whether the --model_path given is a readable Flux folder (what is wrong with another, check_folder says)."""
+    return bool(path) and _family_if_readable(path) == flux.FLUX
+
+
 def _family_if_readable(path):
     """family(path), or None where the folder cannot tell yet (check_folder then says what is wrong with it)."""
     try:
@@ -604,9 +617,7 @@ def check_sd_flags(args, prompts):
         if blank(p):
             raise UsageError(f"{flag} must not be empty")
     # Flux's --cfg_scale is its network's guidance input: no note that it is off below 1, no negative prompt
-    distilled = bool(args.model_path) and _family_if_readable(args.model_path) == flux.FLUX
-    if args.cfg_scale is None:  # unset until the family is known: FLUX.1-dev's default is its pipeline's
-        args.cfg_scale = flux.GUIDANCE_SCALE if distilled else SD_CFG_SCALE
+    distilled = _is_flux(args.model_path)
     config = check_common_flags(args, 1000, distilled_guidance=distilled)
     if args.eta != 0 and args.model_path and os.path.isdir(args.model_path) and \
             "FlowMatch" in str(_scheduler_class(args.model_path)):

@@ -167,7 +167,8 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    is_flux = pipeline_kind(pipe) == flux.FLUX
+    kind = pipeline_kind(pipe)
+    is_flux = kind == flux.FLUX
     if is_flux and negative_prompt is not None:
         raise ValueError(f"negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
     if max_sequence_length is not None and not is_flux:
@@ -183,7 +184,7 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     # first, which Flux's schedule reads
     cfg = network(pipe).config
     for name, value in (("height", height), ("width", width)):
-        problem = wrong_size(value, pipe.vae_scale_factor, patch_of(pipeline_kind(pipe), cfg),
+        problem = wrong_size(value, pipe.vae_scale_factor, patch_of(kind, cfg),
                              cfg.get("pos_embed_max_size"))
         if problem:
             raise ValueError(f"{name} must be {problem}")

@@ -48,7 +48,7 @@ def path_value(text):
     refused rather than read as the flag left out, which would quietly use the default."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (leave the flag out for its default)")
-    return os.path.expanduser(text)  # --flag=~/x: the shell leaves a ~ after "=" as it is
+    return home_path(text)
 
 
 def home_path(text):

@@ -24,9 +24,8 @@ from benchmarks.convergence import (Bench, bench_defaults, bench_parser, benchma
 from benchmarks.dit_bench import digit_classifier  # noqa: E402
 from models.adapters import VAEDecoder, guides  # noqa: E402
 from models.sd import (EMBEDDED_FLOW, EMBEDDED_SD, SD_CFG_SCALE, PromptList, add_sd_flags, blank,  # noqa: E402
-                       check_folder, check_negative_prompt, check_size, denoiser, encode, latent_shape, load_pipeline,
+                       check_folder, check_prompt_flags, check_size, denoiser, encode, latent_shape, load_pipeline,
                        family, schedule_of)
-from models.flux import FLUX  # noqa: E402
 from paratAA import noise_from_seeds, sample_sequential  # noqa: E402
 from paratAA.denoiser import take  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
@@ -80,7 +79,7 @@ def check_model_flags(args):
             raise UsageError("--prompt must not be empty")
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
-    check_negative_prompt(args, family(args.model_path) == FLUX)  # Flux's guidance is distilled: none there
+    check_prompt_flags(args, family(args.model_path))
     check_size(args, args.model_path)
     args.embedded = embedded
     args.digits = embedded and not args.prompt  # the samples are then the digits 0..9, cycled
@@ -94,13 +93,14 @@ def check_model_flags(args):
 def sd_bench(args, session):
     """(Bench, pipeline) of the folder named by the flags (checked): sample i has prompt i (cycled), noise seed i."""
     pipe = load_pipeline(args.model_path, session.device, session.model_dtype)
-    eps_fn = denoiser(pipe, args.cfg_scale)
+    eps_fn = denoiser(pipe, args.cfg_scale, 1.0 if args.true_cfg_scale is None else args.true_cfg_scale)
     latent = latent_shape(pipe, args.height, args.width)
     S = args.num_samples
     prompts = [args.prompts[i % len(args.prompts)] for i in range(S)]
 
     def problem(T, indices):
-        cond = encode(pipe, [prompts[i] for i in indices], args.negative_prompt, session.device, size(args))
+        cond = encode(pipe, [prompts[i] for i in indices], args.negative_prompt, session.device, size(args),
+                      args.max_sequence_length)
         labels = torch.tensor([i % 10 for i in indices]) if args.digits else None
         return noise_from_seeds(indices, T, latent).to(session.device), cond, labels
 

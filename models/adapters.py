@@ -135,38 +135,35 @@ def image_ids(height, width, device, dtype):
     return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxDenoiser:
+def FluxDenoiser(transformer, guidance_scale=GUIDANCE_SCALE, true_cfg_scale=1.0):
     """FLUX.1's transformer (FluxPipeline) as the solver's f: the flow velocity on the unpacked latent [N, C, H, W].
 
     The solver's state is the latent as FluxPipeline draws its noise, before packing, so that a seed gives the
     pipeline's x_T; each call packs it into 2x2-patch tokens with their positions (image ids; the prompt's tokens all
     sit at position 0) and unpacks the prediction. The timestep goes in as the pipeline gives it, sigma (t / 1000).
-    cond {"cond": [N, L, E] T5 embeddings, "pooled": [N, E'] CLIP's pooled one}.
+    cond {"cond": [N, L, E] T5 embeddings, "pooled": [N, E'] CLIP's pooled one; with true_cfg_scale > 1 also
+    "uncond", "uncond_pooled": the negative prompt's}.
 
-    guidance_scale: FLUX.1-dev is guidance-distilled: the scale is an input of the network (guidance_embeds), so a
-    call is one pass with no unconditional branch; a transformer without that input (FLUX.1-schnell) ignores the
-    scale, as the pipeline does. Classifier-free guidance with a negative prompt (diffusers' true_cfg_scale) is not
-    implemented here."""
+    guidance_scale: FLUX.1-dev is guidance-distilled: the scale is an input of the network (guidance_embeds), given
+    to both branches as the pipeline gives it; a transformer without that input (FLUX.1-schnell) ignores the scale,
+    as the pipeline does. true_cfg_scale: classifier-free guidance with a negative prompt (the pipeline's
+    true_cfg_scale), mixed as SD's guidance is; the pipeline makes two calls where this makes one of twice the
+    batch."""
+    guidance = float(guidance_scale) if transformer.config.guidance_embeds else None
 
-    def __init__(self, transformer, guidance_scale=GUIDANCE_SCALE):
-        self.transformer = transformer
-        self.guidance = float(guidance_scale) if transformer.config.guidance_embeds else None
-
-    @torch.no_grad()
-    def __call__(self, x, timesteps, cond):
+    def forward(x, t, emb, pooled):
         N, _, H, W = x.shape
-        dtype = self.transformer.dtype
-        x_in = x.to(dtype)
-        emb = cond["cond"].to(dtype)  # the embeddings in the network's dtype, as SDDenoiser casts them
+        dtype = transformer.dtype
+        emb = emb.to(dtype)  # the embeddings in the network's dtype, as SDDenoiser casts them
         # the pipeline's guidance is float32 whatever the model's dtype (the network casts it, as the timestep)
-        guidance = None if self.guidance is None else torch.full((N,), self.guidance, device=x.device,
-                                                                 dtype=torch.float32)
-        out = self.transformer(hidden_states=pack_latents(x_in), timestep=timesteps.to(dtype) / 1000,
-                               guidance=guidance, pooled_projections=cond["pooled"].to(dtype),
-                               encoder_hidden_states=emb,
-                               txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=dtype),
-                               img_ids=image_ids(H, W, x.device, dtype), return_dict=False)[0]
+        g = None if guidance is None else torch.full((N,), guidance, device=x.device, dtype=torch.float32)
+        out = transformer(hidden_states=pack_latents(x.to(dtype)), timestep=t.to(dtype) / 1000, guidance=g,
+                          pooled_projections=pooled.to(dtype), encoder_hidden_states=emb,
+                          txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=dtype),
+                          img_ids=image_ids(H, W, x.device, dtype), return_dict=False)[0]
         return unpack_latents(out, H, W)
+    return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled")},
+                          true_cfg_scale)
 
 
 class DiffusersDiTDenoiser:

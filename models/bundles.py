@@ -56,11 +56,12 @@ def dit_bundle(args, session):
 
 
 def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
-                     device, info=None, max_sequence_length=None):
+                     device, info=None, max_sequence_length=None, true_cfg_scale=None):
     """Bundles of an already-loaded Stable Diffusion or Flux pipeline, one per list of prompts (sample i gets
     prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`). max_sequence_length:
-    Flux's T5 prompt length (None: the pipeline's default)."""
-    eps_fn = denoiser(pipe, cfg_scale)
+    SD3's and Flux's T5 prompt length (None: the pipeline's default); true_cfg_scale: Flux's classifier-free
+    guidance with the negative prompt (None: none)."""
+    eps_fn = denoiser(pipe, cfg_scale, 1.0 if true_cfg_scale is None else true_cfg_scale)
     schedule = schedule_of(pipe, T, eta, height, width)  # Flux's depends on the image size
     decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))  # the latents unscaled as its __call__ does
     latent = latent_shape(pipe, height, width)
@@ -96,4 +97,5 @@ def sd_bundles(args, session, prompt_sets):
     pipe = load_pipeline(args.model_path, session.device, session.model_dtype)
     return pipeline_bundles(pipe, prompt_sets, args.negative_prompt, args.cfg_scale, args.timesteps, args.eta,
                             args.seed, args.num_samples, args.height, args.width, session.device,
-                            info={"model_path": args.model_path})
+                            info={"model_path": args.model_path}, max_sequence_length=args.max_sequence_length,
+                            true_cfg_scale=args.true_cfg_scale)

@@ -7,9 +7,12 @@ for models/sd.py (the folder and pipeline checks, loading, prompt encoding) and 
     latents     the solver's state is the unpacked latent [C, H/f, W/f], as FluxPipeline draws its noise; the
                 transformer sees it packed into 2x2-patch tokens (4C features each), so the sides are multiples of
                 2f, and its in_channels is 4x the VAE's latent channels
-    prompts     CLIP's pooled embedding and T5's token embeddings (up to max_sequence_length tokens); no negative
-                prompt: FLUX.1-dev's guidance is an input of the network (guidance-distilled), which --cfg_scale /
-                guidance_scale set, not classifier-free guidance (diffusers' true_cfg_scale, not supported here)
+    prompts     CLIP's pooled embedding and T5's token embeddings (up to max_sequence_length tokens)
+    guidance    two kinds. FLUX.1-dev's distilled guidance is an input of the network (guidance_embeds), which
+                --cfg_scale / guidance_scale set: one pass per state. True classifier-free guidance (the pipeline's
+                true_cfg_scale, --true_cfg_scale) adds a pass on a negative prompt and mixes the two as SD's guidance
+                does; FluxPipeline uses it only when a negative prompt is given, and so it is refused here without
+                one (and a negative prompt without it), rather than silently ignored
 """
 import math
 
@@ -23,9 +26,22 @@ PATCH = 2  # latent cells per side of one token: the pipeline packs 2x2 patches
 DEFAULT_CELLS = 128  # FluxPipeline.__init__'s default_sample_size: latent cells per side of the default image
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default (and largest) max_sequence_length of the T5 prompt
 GUIDANCE_SCALE = 3.5  # FluxPipeline.__call__'s default guidance_scale (parallel_sample's default for Flux)
-NO_NEGATIVE_PROMPT = ("FluxPipeline is sampled with its distilled guidance (the guidance scale is an input of "
-                      "FLUX.1-dev's network), without classifier-free guidance (diffusers' true_cfg_scale): a "
-                      "negative prompt is not supported")
+
+
+def true_cfg_problem(true_cfg_scale, negative_prompt, scale_name, prompt_name):
+    """Why a true classifier-free guidance scale and a negative prompt do not make sense together for Flux (named
+    as the caller names them: flags or arguments), or None. FluxPipeline guides only when both are there (scale > 1
+    and a negative prompt, "" included) and silently drops the one given alone."""
+    if not (is_real(true_cfg_scale) and math.isfinite(true_cfg_scale)):
+        return f"{scale_name} must be a finite number, got {true_cfg_scale!r}"
+    if negative_prompt is not None and true_cfg_scale <= 1:
+        return (f"{prompt_name} has no effect without true classifier-free guidance ({scale_name} "
+                f"{true_cfg_scale:g} <= 1): FluxPipeline's distilled guidance (the guidance scale) has no "
+                f"unconditional branch")
+    if negative_prompt is None and true_cfg_scale > 1:
+        return (f"{scale_name} {true_cfg_scale:g} guides away from a negative prompt, and none was given "
+                f"({prompt_name}; \"\" for the empty prompt): FluxPipeline ignores it without one")
+    return None
 
 
 def image_tokens(height, width, vae_scale_factor):
@@ -81,9 +97,16 @@ def channels_problem(in_channels, latent_channels):
     return None
 
 
-def encode(pipe, prompts, device, max_sequence_length=None):
+def encode(pipe, prompts, device, max_sequence_length=None, negative_prompt=None):
     """{"cond": [P, L, E] T5 embeddings, "pooled": [P, E'] CLIP's pooled embedding} through the pipeline's own
-    encode_prompt (its text ids are all zero: FluxDenoiser makes them)."""
-    emb, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device, num_images_per_prompt=1,
-                                        max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH)
-    return {"cond": emb, "pooled": pooled}
+    encode_prompt (its text ids are all zero: FluxDenoiser makes them); with a negative prompt (true classifier-free
+    guidance) also "uncond" and "uncond_pooled", the same for it, as __call__ encodes it."""
+    def embed(texts):
+        emb, pooled, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device,
+                                            num_images_per_prompt=1,
+                                            max_sequence_length=max_sequence_length or MAX_SEQUENCE_LENGTH)
+        return emb, pooled
+    out = dict(zip(("cond", "pooled"), embed(prompts)))
+    if negative_prompt is not None:
+        out.update(zip(("uncond", "uncond_pooled"), embed([negative_prompt] * len(prompts))))
+    return out

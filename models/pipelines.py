@@ -27,8 +27,8 @@ from runner.launch import host_memory_available
 from . import flux
 from .adapters import guides
 from .bundles import pipeline_bundles
-from .sd import (blank, network, patch_of, pipeline_kind, pipeline_problem, read_as_ddim, sample_pixels,
-                 schedule_of, undecodable, wrong_size)
+from .sd import (MAX_T5_TOKENS, T5_FAMILIES, blank, network, patch_of, pipeline_kind, pipeline_problem,
+                 read_as_ddim, sample_pixels, schedule_of, undecodable, wrong_size)
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ParallelOutput:
 @torch.no_grad()
 def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=None, eta=0.0,
                     num_images=1, seed=0, height=None, width=None, batch_size=None, output_type="pil",
-                    compare_sequential=False, sharding=None, config=None, max_sequence_length=None, **solver):
+                    compare_sequential=False, sharding=None, config=None, max_sequence_length=None,
+                    true_cfg_scale=1.0, **solver):
     """Sample `num_images` images of `prompt` (a string or a list, cycled) with ParaTAA on `pipe`.
 
     solver: SolverConfig fields (window_size="auto" chooses the window from this device; default: T, the
@@ -59,9 +60,11 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     default 7.5. For a FluxPipeline it is FLUX.1-dev's distilled guidance, an input of the network taken as it is
     (default 3.5, as FluxPipeline's __call__; FLUX.1-schnell ignores it), with no unconditional pass.
     negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
-    prompt encoded. Not for Flux (its true_cfg_scale, classifier-free guidance with a negative prompt, is not
-    implemented here).
-    max_sequence_length: Flux only, the T5 prompt's length as __call__ takes it (None: its default, 512).
+    prompt encoded. For Flux only with true_cfg_scale > 1.
+    true_cfg_scale: Flux only, as FluxPipeline's __call__: classifier-free guidance away from negative_prompt (a
+    second pass per state), which it applies only when both are given; one without the other is refused here.
+    max_sequence_length: SD3 and Flux, the T5 prompt's length as __call__ takes it (None: its default, SD3 256,
+    Flux 512).
     """
     problem = pipeline_problem(pipe)
     if problem:
@@ -84,7 +87,8 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)
         height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
-                              height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length)
+                              height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length,
+                              true_cfg_scale)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
@@ -93,7 +97,8 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
     (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta,
-                                 seed, num_images, height, width, device, max_sequence_length=max_sequence_length)
+                                 seed, num_images, height, width, device, max_sequence_length=max_sequence_length,
+                                 true_cfg_scale=true_cfg_scale)
     config = config.resolve(num_inference_steps)
     dtype = net.dtype
     stream, B = bundle.noise(), batch_size or num_images
@@ -149,7 +154,8 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
 
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
-                    width, batch_size, output_type, compare_sequential=False, eta=0.0, max_sequence_length=None):
+                    width, batch_size, output_type, compare_sequential=False, eta=0.0, max_sequence_length=None,
+                    true_cfg_scale=1.0):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
     parameters by SolverConfig."""
@@ -169,16 +175,22 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     kind = pipeline_kind(pipe)
     is_flux = kind == flux.FLUX
-    if is_flux and negative_prompt is not None:
-        raise ValueError(f"negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
-    if max_sequence_length is not None and not is_flux:
-        raise ValueError(f"max_sequence_length is FluxPipeline's (its T5 prompt); pipe is a {type(pipe).__name__}")
+    if max_sequence_length is not None and kind not in T5_FAMILIES:
+        raise ValueError(f"max_sequence_length is the T5 prompt's length (StableDiffusion3Pipeline, FluxPipeline); "
+                         f"pipe is a {type(pipe).__name__}")
     if max_sequence_length is not None and (not is_integer(max_sequence_length)
-                                            or not 1 <= max_sequence_length <= flux.MAX_SEQUENCE_LENGTH):
-        raise ValueError(f"max_sequence_length must be an integer in 1..{flux.MAX_SEQUENCE_LENGTH} (FluxPipeline's "
-                         f"limit), got {max_sequence_length!r}")
+                                            or not 1 <= max_sequence_length <= MAX_T5_TOKENS):
+        raise ValueError(f"max_sequence_length must be an integer in 1..{MAX_T5_TOKENS} (the pipelines' limit), got "
+                         f"{max_sequence_length!r}")
+    if is_flux:  # its guidance_scale is a distilled input of the network; true_cfg_scale guides with negative_prompt
+        problem = flux.true_cfg_problem(true_cfg_scale, negative_prompt, "true_cfg_scale", "negative_prompt")
+        if problem:
+            raise ValueError(problem)
+    elif true_cfg_scale != 1.0:
+        raise ValueError(f"true_cfg_scale is FluxPipeline's classifier-free guidance; for a {type(pipe).__name__} it "
+                         f"is guidance_scale")
     # it only enters guidance's unconditional branch; "" is a prompt too (encoded, not the pipeline's default)
-    if negative_prompt is not None and not guides(guidance_scale):
+    elif negative_prompt is not None and not guides(guidance_scale):
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
     # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
     # first, which Flux's schedule reads

@@ -61,6 +61,9 @@ PARTS = {
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", flux.FLUX)  # the families whose network predicts a flow's velocity
 PIPELINES = tuple(PARTS)
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # SD3's optional third text encoder
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length of the T5 prompt
+MAX_T5_TOKENS = 512  # the largest max_sequence_length SD3's and Flux's pipelines take
+T5_FAMILIES = ("StableDiffusion3Pipeline", flux.FLUX)  # whose prompt T5 reads: max_sequence_length applies
 FLAGS_OF_PIPELINES = ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep spacings
@@ -483,8 +486,9 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
     """Per-prompt conditioning, through the pipeline's own encode_prompt: {"cond", "uncond"} [P, L, E] prompt and
     negative-prompt embeddings, and for SDXL and SD3 the pooled ones ("pooled", "uncond_pooled" [P, E']), for SDXL
     the size/crop time ids of an image of `size` (height, width) ("time_ids", "uncond_time_ids" [P, 6]); for Flux
-    {"cond", "pooled"} (T5's embeddings of max_sequence_length tokens, default the pipeline's, and CLIP's pooled one;
-    no negative prompt). A prompt longer than a text encoder takes is cut, as the pipeline does; said once, in one
+    {"cond", "pooled"} (T5's embeddings and CLIP's pooled one), with "uncond" and "uncond_pooled" only for a negative
+    prompt (true classifier-free guidance). max_sequence_length: the T5 prompt's tokens (SD3, Flux; None: the
+    pipeline's default). A prompt longer than a text encoder takes is cut, as the pipeline does; said once, in one
     line."""
     kind = pipeline_kind(pipe)
     # (tokenizer, tokens it reads, what the cut loses); Flux reads the prompt with CLIP for its pooled embedding only
@@ -494,6 +498,10 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
         readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "CLIP's pooled embedding reads the first {}"),
                    (pipe.tokenizer_2, max_sequence_length or flux.MAX_SEQUENCE_LENGTH,
                     "the T5 text encoder reads the first {} (max_sequence_length): the rest is ignored")]
+    if kind == "StableDiffusion3Pipeline" and getattr(pipe, "tokenizer_3", None) is not None:
+        readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "the CLIP text encoders read the first {}"),
+                   (pipe.tokenizer_3, max_sequence_length or SD3_MAX_SEQUENCE_LENGTH,
+                    "the T5 text encoder reads the first {} (max_sequence_length): the rest is ignored")]
     with quiet_loading():  # the tokenizer's and the pipeline's own (multi-line) warnings about long prompts
         # named by its text, not by a flag: the scripts take prompts under three flags, parallel_sample as arguments
         for what, text in [("prompt", p) for p in prompts] + [("negative prompt", negative_prompt or "")]:
@@ -502,7 +510,7 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
                 if n > limit:
                     note(f"the {what} {text[:40]!r}... has {n} tokens; {cut.format(limit)}")
         if kind == flux.FLUX:
-            return flux.encode(pipe, prompts, device, max_sequence_length)
+            return flux.encode(pipe, prompts, device, max_sequence_length, negative_prompt)
         # no negative prompt (None): each pipeline does what its __call__ does by default (SDXL with
         # force_zeros_for_empty_prompt: zero embeddings); "" is the empty prompt, encoded, as __call__ takes it
         negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
@@ -520,18 +528,21 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
             time_ids = time_ids.repeat(len(prompts), 1)
             return {"cond": cond, "uncond": uncond, "pooled": pooled, "uncond_pooled": uncond_pooled,
                     "time_ids": time_ids, "uncond_time_ids": time_ids}
+        # SD3 without its T5 still appends max_sequence_length zero tokens: the length is an input either way
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negatives)
+            do_classifier_free_guidance=True, negative_prompt=negatives,
+            max_sequence_length=max_sequence_length or SD3_MAX_SEQUENCE_LENGTH)
         return {"cond": cond, "uncond": uncond, "pooled": pooled, "uncond_pooled": uncond_pooled}
 
 
-def denoiser(pipe, cfg_scale):
-    """The pipeline's network as the solver's f (models/adapters.py)."""
+def denoiser(pipe, cfg_scale, true_cfg_scale=1.0):
+    """The pipeline's network as the solver's f (models/adapters.py). true_cfg_scale: Flux's classifier-free
+    guidance (its cfg_scale is the distilled guidance input)."""
     from .adapters import FluxDenoiser, SD3Denoiser, SDDenoiser, SDXLDenoiser
     kind = pipeline_kind(pipe)
     if kind == flux.FLUX:  # cfg_scale: FLUX.1-dev's guidance input (distilled), not classifier-free guidance
-        return FluxDenoiser(pipe.transformer, cfg_scale)
+        return FluxDenoiser(pipe.transformer, cfg_scale, true_cfg_scale)
     if kind == "StableDiffusion3Pipeline":
         return SD3Denoiser(pipe.transformer, cfg_scale)
     make = SDXLDenoiser if kind == "StableDiffusionXLPipeline" else SDDenoiser
@@ -581,17 +592,40 @@ def add_sd_flags(parser):
                         "digits model)")
     g.add_argument("--negative_prompt", type=str, default=None,
                    help="prompt of the unconditional guidance branch (default: none, the pipeline's default: the "
-                        "empty prompt, or for SDXL zero embeddings; \"\" encodes the empty prompt); not for Flux, "
-                        "whose guidance is distilled")
+                        "empty prompt, or for SDXL zero embeddings; \"\" encodes the empty prompt); for Flux only "
+                        "with --true_cfg_scale")
+    g.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="Flux only: classifier-free guidance away from --negative_prompt (FluxPipeline's "
+                        "true_cfg_scale, a second pass per state), on top of the distilled guidance of --cfg_scale "
+                        "(default: none, 1)")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help=f"SD3 and Flux: tokens of the T5 prompt (default: the pipeline's, SD3 "
+                        f"{SD3_MAX_SEQUENCE_LENGTH}, Flux {flux.MAX_SEQUENCE_LENGTH}; at most {MAX_T5_TOKENS})")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
 
-def check_negative_prompt(args, distilled=False):
-    """A negative prompt only enters the unconditional branch of guidance: without guidance it would be ignored.
-    distilled: the folder is Flux's, whose guidance has no unconditional branch (true CFG is not implemented)."""
-    if distilled and args.negative_prompt is not None:
-        raise UsageError(f"--negative_prompt: {flux.NO_NEGATIVE_PROMPT}")
+def check_prompt_flags(args, kind):
+    """--negative_prompt, --true_cfg_scale and --max_sequence_length against the folder's family (kind; None where
+    the folder cannot tell yet: check_folder then says why). A negative prompt only enters the unconditional branch
+    of guidance, which is --cfg_scale's (SD) or, for Flux, whose --cfg_scale is a distilled input of the network,
+    --true_cfg_scale's: given without that guidance it would be ignored."""
+    if args.max_sequence_length is not None:
+        if kind is not None and kind not in T5_FAMILIES:
+            where = args.model_path or "the embedded model"
+            raise UsageError(f"--max_sequence_length is the T5 prompt's length (SD3, Flux); {where} is a {kind}")
+        if not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
+            raise UsageError(f"--max_sequence_length must be in 1..{MAX_T5_TOKENS} (the pipelines' limit), got "
+                             f"{args.max_sequence_length}")
+    if kind == flux.FLUX:
+        problem = flux.true_cfg_problem(1.0 if args.true_cfg_scale is None else args.true_cfg_scale,
+                                        args.negative_prompt, "--true_cfg_scale", "--negative_prompt")
+        if problem:
+            raise UsageError(problem)
+        return
+    if args.true_cfg_scale is not None and kind is not None:
+        raise UsageError(f"--true_cfg_scale is FluxPipeline's classifier-free guidance; for a {kind} it is "
+                         f"--cfg_scale")
     if args.negative_prompt is not None and not guides(args.cfg_scale):  # "" is a prompt too (encoded)
         raise UsageError(f"--negative_prompt has no effect without guidance (--cfg_scale {args.cfg_scale:g} <= 1)")
 
@@ -623,7 +657,7 @@ def check_sd_flags(args, prompts):
             "FlowMatch" in str(_scheduler_class(args.model_path)):
         raise UsageError(f"--eta applies to DDIM; {args.model_path} samples a flow by Euler steps, which add no "
                          f"noise: --eta must be 0, got {args.eta:g}")
-    check_negative_prompt(args, distilled)
+    check_prompt_flags(args, _family_if_readable(args.model_path or EMBEDDED_SD))
     args.model_path = args.model_path or EMBEDDED_SD
     check_folder(args.model_path)
     check_size(args, args.model_path)

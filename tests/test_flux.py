@@ -152,9 +152,14 @@ def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys):
         (_variant(dev, root, "stochastic", lambda f: _edit_json(
             os.path.join(f, "scheduler", "scheduler_config.json"), stochastic_sampling=True)), [], 1,
          ["stochastic_sampling"]),
-        # true classifier-free guidance with a negative prompt is not implemented
-        (dev, ["--negative_prompt", "blurry"], 2, ["--negative_prompt", "distilled guidance", "true_cfg_scale"]),
-        (dev, ["--negative_prompt", ""], 2, ["--negative_prompt"]),
+        # FluxPipeline guides with a negative prompt only at true_cfg_scale > 1, and ignores either given alone
+        (dev, ["--negative_prompt", "blurry"], 2, ["--negative_prompt", "distilled guidance", "--true_cfg_scale 1"]),
+        (dev, ["--negative_prompt", "", "--true_cfg_scale", "1"], 2, ["--negative_prompt", "no effect"]),
+        (dev, ["--true_cfg_scale", "4"], 2, ["--true_cfg_scale 4", "--negative_prompt", "none was given"]),
+        (dev, ["--true_cfg_scale", "nan", "--negative_prompt", "x"], 2, ["--true_cfg_scale must be a finite"]),
+        # the T5 prompt's length: the pipelines' limit
+        (dev, ["--max_sequence_length", "0"], 2, ["--max_sequence_length must be in 1..512", "got 0"]),
+        (dev, ["--max_sequence_length", "513"], 2, ["--max_sequence_length must be in 1..512"]),
         # the 2x2 packing: sides are multiples of the VAE factor (2) x 2
         (dev, ["--height", "18"], 2, ["--height", "multiple of 4"]),
     ]
@@ -179,11 +184,14 @@ def test_parallel_sample_refusals_name_the_argument(folders, tiny_sd):
     pipe = load(folders["dev"])
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    for kwargs, text in ((dict(negative_prompt="blurry"), "negative_prompt: FluxPipeline is sampled with its "
-                                                          "distilled guidance"),
-                         (dict(negative_prompt=""), "negative_prompt: "),
+    for kwargs, text in ((dict(negative_prompt="blurry"), "negative_prompt has no effect without true "
+                                                          "classifier-free guidance \\(true_cfg_scale 1 <= 1\\)"),
+                         (dict(negative_prompt=""), "negative_prompt has no effect"),
+                         (dict(true_cfg_scale=2), "true_cfg_scale 2 guides away from a negative prompt"),
+                         (dict(true_cfg_scale=float("inf"), negative_prompt="x"), "true_cfg_scale must be a finite"),
                          (dict(height=18), "height must be a multiple of 4"),
                          (dict(max_sequence_length=0), "max_sequence_length must be an integer in 1..512"),
+                         (dict(max_sequence_length=513), "max_sequence_length must be an integer in 1..512"),
                          (dict(num_inference_steps=0), "num_inference_steps must be")):
         with pytest.raises(ValueError, match=text):
             parallel_sample(pipe, PROMPT, **{"num_inference_steps": 2, "height": 16, "width": 16, **kwargs})
@@ -197,8 +205,12 @@ def test_parallel_sample_refusals_name_the_argument(folders, tiny_sd):
         parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
     assert not calls
     sd = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    with pytest.raises(ValueError, match="max_sequence_length is FluxPipeline's"):
+    with pytest.raises(ValueError, match="max_sequence_length is the T5 prompt's length .* pipe is a "
+                                         "StableDiffusionPipeline"):
         parallel_sample(sd, PROMPT, num_inference_steps=2, max_sequence_length=64)
+    with pytest.raises(ValueError, match="true_cfg_scale is FluxPipeline's classifier-free guidance; for a "
+                                         "StableDiffusionPipeline it is guidance_scale"):
+        parallel_sample(sd, PROMPT, num_inference_steps=2, true_cfg_scale=4)
 
 
 def test_dynamic_shifting_needs_mu_and_stays_refused_for_sd3(folders, tmp_path):
@@ -344,3 +356,74 @@ def _drop_key(path, key):
     config.pop(key)
     with open(path, "w") as f:
         json.dump(config, f)
+
+
+def test_true_cfg_with_a_negative_prompt_equals_fluxpipelines_own(folders, tmp_path):
+    """--true_cfg_scale with --negative_prompt (and parallel_sample's true_cfg_scale): at tolerance 0 FluxPipeline's
+    own __call__ with the same true_cfg_scale and negative prompt, which adds a pass on the negative prompt; the
+    negative prompt changes the sample (else the branch would not be used)."""
+    T, negative = 6, "a blurry photo"
+    run_dir, _ = run_sd(folders["dev"], tmp_path, "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--prompt", PROMPT, "--cfg_scale", "3", "--negative_prompt", negative,
+                        "--true_cfg_scale", "4", "--max_sequence_length", "24", *SIZE)
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    ours, x_T = z["latents"], torch.from_numpy(z["x_T"])
+    pipe = load(folders["dev"])
+    ref = own_call(pipe, x_T, T, 3.0, 16, 24, negative_prompt=negative, true_cfg_scale=4.0,
+                   max_sequence_length=24).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    plain = own_call(pipe, x_T, T, 3.0, 16, 24, max_sequence_length=24).numpy()
+    assert np.abs(plain - ref).max() > 1e-2 * np.abs(ref).max()
+    api = parallel_sample(pipe, PROMPT, negative_prompt=negative, true_cfg_scale=4.0, guidance_scale=3.0,
+                          num_inference_steps=T, num_images=2, height=16, width=24, tol1=0, tol2=0,
+                          max_sequence_length=24, output_type="np")
+    ref = own_call(pipe, api.x_T, T, 3.0, 16, 24, negative_prompt=negative, true_cfg_scale=4.0, max_sequence_length=24)
+    assert (api.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_max_sequence_length_is_the_pipelines_for_flux_and_sd3(folders, tmp_path, capsys):
+    """--max_sequence_length: the T5 prompt's length FluxPipeline and StableDiffusion3Pipeline take (SD3 without its
+    T5 appends that many zero tokens, which its transformer attends to: another length, another image); refused in
+    one line for the families without T5."""
+    from diffusers import StableDiffusion3Pipeline
+    from models.sd import EMBEDDED_SD
+    from tests.tiny_models import build_tiny_sd3
+    T = 4
+    run_dir, _ = run_sd(folders["dev"], tmp_path / "flux", "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "1", "--prompt", PROMPT, "--max_sequence_length", "20", *SIZE)
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    pipe = load(folders["dev"])
+    ref = own_call(pipe, torch.from_numpy(z["x_T"]), T, 3.5, 16, 24, max_sequence_length=20).numpy()
+    np.testing.assert_allclose(z["latents"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    longer = own_call(pipe, torch.from_numpy(z["x_T"]), T, 3.5, 16, 24, max_sequence_length=40).numpy()
+    assert np.abs(longer - ref).max() > 0  # the padded length is an input: the flag is not ignored
+
+    sd3 = build_tiny_sd3(str(tmp_path / "sd3"))
+    run_dir, _ = run_sd(sd3, tmp_path / "sd3_run", "--timesteps", str(T), "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "1", "--prompt", PROMPT, "--cfg_scale", "4", "--max_sequence_length", "16")
+    z = np.load(os.path.join(run_dir, "latents.npz"))
+    own = StableDiffusion3Pipeline.from_pretrained(sd3, text_encoder_3=None, tokenizer_3=None)
+    own.set_progress_bar_config(disable=True)
+
+    def own_sd3(length):
+        with torch.no_grad():
+            return own(PROMPT, num_inference_steps=T, guidance_scale=4.0, latents=torch.from_numpy(z["x_T"]).float(),
+                       output_type="latent", max_sequence_length=length).images.numpy()
+    ref = own_sd3(16)
+    np.testing.assert_allclose(z["latents"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(own_sd3(256) - ref).max() > 1e-3 * np.abs(ref).max()
+    api = parallel_sample(own, PROMPT, num_inference_steps=T, guidance_scale=4.0, tol1=0, tol2=0,
+                          max_sequence_length=16, output_type="np")
+    with torch.no_grad():
+        ref = own(PROMPT, num_inference_steps=T, guidance_scale=4.0, latents=api.x_T.float(), output_type="latent",
+                  max_sequence_length=16).images
+    assert (api.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    capsys.readouterr()  # the notes of the runs above
+    for folder, flags, words in (
+            (EMBEDDED_SD, ["--max_sequence_length", "64"], ["--max_sequence_length is the T5 prompt's length",
+                                                           "StableDiffusionPipeline"]),
+            (EMBEDDED_SD, ["--true_cfg_scale", "4", "--negative_prompt", "x"],
+             ["--true_cfg_scale is FluxPipeline's", "--cfg_scale"]),
+            (sd3, ["--max_sequence_length", "600"], ["--max_sequence_length must be in 1..512"])):
+        check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *flags], 2, words, tmp_path, capsys)

@@ -10,6 +10,7 @@ The pipeline's own scheduler is read as DDIM (docs/ALGORITHM.md), a flow-matchin
 the result equals the pipeline's sequential loop with the same noise, to the solver's tolerance (tolerance 0: to
 round-off).
 """
+import inspect
 import math
 import numbers
 import time
@@ -36,6 +37,7 @@ class ParallelOutput:
     images: list              # PIL images (output_type "pil"), or uint8 arrays [H, W, 3] ("np")
     latents: torch.Tensor     # [N, *latent] float64, the final x_0 of each sample
     x_T: torch.Tensor         # [N, *latent] float64, the initial noise: pipe(latents=x_T.to(pipe.dtype)) replays it
+                              # (Flux: packed first, as the pipeline's _pack_latents packs it)
     iterations: list          # per sample
     results: list             # per batch: paratAA.SolveResult (history: per-iteration residuals, boundary, x_0)
     config: SolverConfig      # the values used (the window chosen when window_size="auto")
@@ -46,7 +48,7 @@ class ParallelOutput:
 
 
 @torch.no_grad()
-def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=None, eta=0.0,
+def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None, guidance_scale=None, eta=0.0,
                     num_images=1, seed=0, height=None, width=None, batch_size=None, output_type="pil",
                     compare_sequential=False, sharding=None, config=None, max_sequence_length=None,
                     true_cfg_scale=1.0, **solver):
@@ -56,22 +58,31 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"];
     without it that time is estimated, speed["sequential_measured"] False).
-    guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo);
-    default 7.5. For a FluxPipeline it is FLUX.1-dev's distilled guidance, an input of the network taken as it is
-    (default 3.5, as FluxPipeline's __call__; FLUX.1-schnell ignores it), with no unconditional pass.
+    num_inference_steps, guidance_scale: default the pipeline's own __call__'s (SD 1.x/2.x: 50 and 7.5, SDXL: 50
+    and 5, SD3: 28 and 7, Flux: 28 and 3.5), so that leaving them out here and there samples the same image.
+    guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
+    For a FluxPipeline it is FLUX.1-dev's distilled guidance, an input of the network taken as it is
+    (FLUX.1-schnell ignores it), with no unconditional pass.
     negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
     prompt encoded. For Flux only with true_cfg_scale > 1.
     true_cfg_scale: Flux only, as FluxPipeline's __call__: classifier-free guidance away from negative_prompt (a
     second pass per state), which it applies only when both are given; one without the other is refused here.
     max_sequence_length: SD3 and Flux, the T5 prompt's length as __call__ takes it (None: its default, SD3 256,
     Flux 512).
+    eta > 0: the last step adds no noise here (DDIM's x_0, as the reference), where diffusers' DDIMScheduler adds
+    eta sigma_0 noise to it when the scheduler's final alpha is not 1 (set_alpha_to_one false, SD v1.5: a standard
+    deviation of 0.02 eta on the latent); the other steps' noise is the pipeline's.
     """
     problem = pipeline_problem(pipe)
     if problem:
         raise ValueError(f"pipe {problem}")
     is_flux = pipeline_kind(pipe) == flux.FLUX
-    if guidance_scale is None:  # each pipeline's __call__ default where it matters: Flux's distilled guidance
-        guidance_scale = flux.GUIDANCE_SCALE if is_flux else 7.5
+    # left out: the pipeline's own __call__'s defaults (fixed ones, 7.5 and 50, sampled SDXL at guidance 7.5, not
+    # its 5, and SD3 at 50 steps and 7.5, not its 28 and 7: not the image pipe(prompt) makes)
+    if guidance_scale is None:
+        guidance_scale = call_default(pipe, "guidance_scale", flux.GUIDANCE_SCALE if is_flux else 7.5)
+    if num_inference_steps is None:
+        num_inference_steps = call_default(pipe, "num_inference_steps", 50)
     net = network(pipe)
     # where the network runs. With CPU offload (enable_model_cpu_offload) its weights sit on the CPU between calls
     # and the pipeline's hooks move them and the inputs to the GPU: ask the pipeline, as its __call__ does (the
@@ -88,7 +99,7 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         height, width = default_height if height is None else height, default_width if width is None else width
     prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
                               height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length,
-                              true_cfg_scale)
+                              true_cfg_scale, sharding)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
@@ -142,6 +153,11 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
         x_T.append(noise[:, -1].cpu())
         iterations += res.iterations
         results.append(res)
+    stopped = [i for i, done in enumerate(c for res in results for c in res.converged) if not done]
+    if stopped:  # the scripts say it on the terminal; the image is not the sequential sampler's
+        warnings.warn(f"max_steps {config.max_steps} stopped {len(stopped)} of {num_images} samples "
+                      f"({', '.join(map(str, stopped))}) before they converged: their images are not the sequential "
+                      f"sampler's (out.results[b].converged)", stacklevel=3)
     latents = torch.cat(latents)
     images = bundle.decode(latents)                                                        # uint8 [N, H, W, 3]
     if output_type == "pil":
@@ -153,9 +169,17 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=50, 
                           results=results, config=config, speed=speed, plan=plan)
 
 
+def call_default(pipe, name, fallback):
+    """The default of argument `name` of the pipeline's own __call__ (that of its class, which a subclass may
+    change), or fallback where it has none that is a number."""
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    default = None if parameter is None else parameter.default
+    return default if isinstance(default, numbers.Real) and not isinstance(default, bool) else fallback
+
+
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
                     width, batch_size, output_type, compare_sequential=False, eta=0.0, max_sequence_length=None,
-                    true_cfg_scale=1.0):
+                    true_cfg_scale=1.0, sharding=None):
     """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
     TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
     parameters by SolverConfig."""
@@ -208,6 +232,10 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
                          f"would be ignored")
     if not isinstance(compare_sequential, bool):
         raise TypeError(f"compare_sequential must be True or False, got {compare_sequential!r}")
+    # anything else failed at the first model call, after the prompts were encoded, in an AttributeError ('str'
+    # object has no attribute 'evaluate') naming no argument
+    if sharding is not None and not isinstance(sharding, Sharding):
+        raise TypeError(f"sharding must be a paratAA.Sharding or None, got {sharding!r}")
     if not is_integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):

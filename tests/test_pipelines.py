@@ -424,3 +424,55 @@ def test_the_first_calls_costs_are_not_charged_to_the_sampling_time(tiny_sd):
     out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, num_images=1, window_size=1,
                           compare_sequential=True, output_type="np")
     assert out.speed["sampling_seconds"] < 0.5 and out.speed["sequential_seconds"] < 0.5, out.speed
+
+
+def test_guidance_and_steps_default_to_the_pipelines_own_call(tiny_sd, tmp_path):
+    """guidance_scale and num_inference_steps left out are each pipeline's own __call__ defaults (SDXL guides at 5,
+    SD3 at 7 with 28 steps): parallel_sample took 7.5 and 50 for every family but Flux, and an image that
+    pipe(prompt) with the same noise does not make (SDXL 10 off, SD3 0.5 off on these tiny models)."""
+    import diffusers
+    from diffusers import DDIMScheduler
+    from tests.tiny_models import build_tiny_sd3, build_tiny_sdxl
+    sdxl = diffusers.StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(str(tmp_path / "sdxl")))
+    sdxl.scheduler = DDIMScheduler.from_config(sdxl.scheduler.config, clip_sample=False)  # as it is read
+    sd3 = diffusers.StableDiffusion3Pipeline.from_pretrained(build_tiny_sd3(str(tmp_path / "sd3")),
+                                                             text_encoder_3=None, tokenizer_3=None)
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    for pipe in (sdxl, sd3, sd):
+        pipe.set_progress_bar_config(disable=True)
+        # window 1 is sequential sampling: the default steps at tolerance 0 without a window of them
+        out = parallel_sample(pipe, "a handwritten digit four", height=8, width=8, window_size=1, tol1=0, tol2=0,
+                              output_type="np")
+        with torch.no_grad():
+            ref = pipe("a handwritten digit four", height=8, width=8, latents=out.x_T.float(),
+                       output_type="latent").images
+        assert (out.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max(), type(pipe).__name__
+
+
+def test_a_sharding_that_is_not_one_is_refused_naming_it(tiny_sd):
+    """sharding="..." (or any object but a paratAA.Sharding) failed after the prompt was encoded, in an
+    AttributeError ('str' object has no attribute 'evaluate') naming no argument."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    for sharding in ("cpu", 2, object()):
+        with pytest.raises(TypeError, match="sharding must be a paratAA.Sharding or None, got"):
+            parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, sharding=sharding,
+                            output_type="np")
+    assert not calls
+
+
+def test_max_steps_stopping_a_sample_early_is_said(tiny_sd):
+    """The scripts say on the terminal that --max_steps stopped a sample before it converged; parallel_sample gave
+    that image, not the sequential sampler's, without a word (out.results[b].converged alone told it)."""
+    import warnings
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with pytest.warns(UserWarning, match=r"max_steps 2 stopped 2 of 2 samples \(0, 1\) before they converged"):
+        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, num_images=2, batch_size=1,
+                              window_size=2, max_steps=2, output_type="np")
+    assert [c for r in out.results for c in r.converged] == [False, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: nothing to say
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, max_steps=4, output_type="np")

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 
 import torch
 
@@ -54,9 +55,12 @@ def load_state_dict(path, flag="--model_path"):
             from safetensors.torch import load_file
             state = load_file(path)
         else:
+            check_zip_crc(path)
             with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
                 # torch's advice on a pickle protocol it may not read: the failure, if any, is said below
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                # torch's note that it checks a sparse tensor's invariants: load_into refuses such a tensor
+                warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure (torch, zip, safetensors) is a bad file, said in one line
         msg = str(e)
@@ -78,6 +82,22 @@ def load_state_dict(path, flag="--model_path"):
                                               for k, v in state.items()):
         raise InputFileError(f"{flag}: {path} holds no state dict of named tensors")
     return strip_wrappers(state)
+
+
+def check_zip_crc(path):
+    """A .pt in torch's zip format stores a CRC-32 of every record, which torch.load does not check: bytes changed in
+    a copy or download (not only a truncated file, which torch does notice) loaded as other weights and sampled
+    other images without a word. zipfile checks each CRC as it reads a record to its end (BadZipFile, said by
+    load_state_dict); a record saved without one (torch.serialization.set_crc32_options(False)) stores 0 and is not
+    checked. A file that is not a zip (torch's legacy format) has no CRC to check."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.CRC:
+                with archive.open(record) as f:
+                    while f.read(1 << 24):
+                        pass
 
 
 def is_safetensors(path):
@@ -109,6 +129,9 @@ def load_into(model, state, path, flag="--model_path"):
         if k in ours and ours[k].is_floating_point() and not v.is_floating_point():
             raise InputFileError(f"{flag}: {path} holds {k} as {str(v.dtype).replace('torch.', '')}, not floating "
                                  f"point: not the weights of this model")
+        if k in ours and v.layout != torch.strided:  # load_state_dict's own error names neither key nor layout
+            raise InputFileError(f"{flag}: {path} holds {k} as a {str(v.layout).replace('torch.', '')} tensor; the "
+                                 f"model's weights are dense (save them with .to_dense())")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -198,11 +221,24 @@ def quiet_loading():
 
 def check_weights_loaded(module, path, flag):
     """diffusers leaves a weight its files do not hold (other tensor names than the config's model has) on the meta
-    device, without data, and only a later .to(device) fails, naming no file: said here, naming the folder."""
+    device, without data, and only a later .to(device) fails, naming no file: said here, naming the folder. A weight
+    its safetensors files hold as integers where the module's is floating point, diffusers and transformers cast into
+    the module without a word, which then samples other images (a DiT checkpoint's are refused by load_into): said
+    too, read from the files' headers."""
     for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
         if tensor.is_meta:
             raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
                                  f"(e.g. {name})")
+    from safetensors import safe_open
+    floating = {k for k, v in module.state_dict().items() if v.is_floating_point()}
+    for file in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(path, file), "pt") as f:
+                for k in f.keys():
+                    dtype = f.get_slice(k).get_dtype()  # "F32", "BF16", "F8_E4M3"; "I64", "BOOL", "C64"
+                    if k in floating and not dtype.startswith(("F", "BF")):
+                        raise InputFileError(f"{flag}: {os.path.join(path, file)} holds {k} as {dtype}, not floating "
+                                             f"point: not the weights of this model")
 
 
 def check_parts_loaded(pipe, path, flag):

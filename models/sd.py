@@ -114,8 +114,11 @@ def check_folder(path, flag="--model_path"):
     index = read_json(index_path, flag)
     kind = index.get("_class_name")
     if kind not in PIPELINES:
-        raise InputFileError(f"{flag}: {path} is a {kind or 'pipeline of unknown class'} folder; the SD scripts drive "
-                             f"{SUPPORTED}")
+        # a "_class_name" missing or not a name was said as "a pipeline of unknown class folder", "a 5 folder"
+        named = f"\"_class_name\": {json.dumps(kind)}" if "_class_name" in index else "no \"_class_name\""
+        what = f"is a {kind} folder" if isinstance(kind, str) and kind else \
+            f"has a model_index.json that names no pipeline class ({named})"
+        raise InputFileError(f"{flag}: {path} {what}; the SD scripts drive {SUPPORTED}")
     for name, entry in index.items():
         if not name.startswith("_") and isinstance(entry, list) and entry and not own_library(entry[0]):
             raise InputFileError(f"{flag}: {index_path} loads {name} from {entry[0]!r}, code outside diffusers and "
@@ -129,6 +132,10 @@ def check_folder(path, flag="--model_path"):
                 os.path.isfile(os.path.join(sub, f)) for f in ("vocab.json", "merges.txt"))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder (it needs tokenizer.json, or vocab.json "
                                  f"and merges.txt)")
+        entry = index.get(part)  # diffusers unpacks it as (library, class): "too many values to unpack" otherwise
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise InputFileError(f"{flag}: {index_path} gives {part} as {json.dumps(entry)}; a [library, class] pair "
+                                 f"is needed")
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)

@@ -412,6 +412,14 @@ def bad_folders(tmp_path_factory):
         "empty_tokenizer": variant("empty_tokenizer", lambda p: [f.unlink() for f in (p / "tokenizer").iterdir()]),
         "unet_other_tensors": variant("unet_other_tensors", lambda p: _other_tensors(p / "unet")),
         "vae_nan": variant("vae_nan", lambda p: _nan_weights(p / "vae")),
+        # these three were loaded (the integers cast into the UNet, sampled as a success) or ended in diffusers'
+        # "too many values to unpack", or named the folder "a 5 folder"
+        "unet_integer_weights": variant("unet_integer_weights", lambda p: _change_weights(
+            p / "unet", lambda v: v.round().to(torch.int64))),
+        "index_unet_string": variant("index_unet_string", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(unet="UNet2DConditionModel"))),
+        "index_class_number": variant("index_class_number", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(_class_name=5))),
         # these two were sampled as DDIM: an LCM UNet's guidance is an input, an EDM scheduler has no betas
         "lcm_unet": variant("lcm_unet", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(time_cond_proj_dim=16))),
@@ -431,11 +439,15 @@ def _other_tensors(folder):
     save_file({"x": torch.zeros(3)}, str(_weights_file(folder)))
 
 
-def _nan_weights(folder):
+def _change_weights(folder, change):
+    """Every floating-point weight of the folder's file replaced by change(weight)."""
     from safetensors.torch import load_file, save_file
     path = str(_weights_file(folder))
-    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-               for k, v in load_file(path).items()}, path)
+    save_file({k: change(v) if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+
+
+def _nan_weights(folder):
+    _change_weights(folder, lambda v: torch.full_like(v, float("nan")))
 
 
 @pytest.mark.parametrize("name, words", [
@@ -464,6 +476,9 @@ def _nan_weights(folder):
     ("vae_nan", ["non-finite pixels", "--vae_path", "--model_path"]),
     ("lcm_unet", ["--model_path", "unet/config.json", "time_cond_proj_dim", "LCM"]),
     ("edm_scheduler", ["--model_path", "scheduler_config.json", "EDM scheduler"]),
+    ("unet_integer_weights", ["--model_path", "unet/diffusion_pytorch_model.safetensors", "I64", "not floating point"]),
+    ("index_unet_string", ["--model_path", "model_index.json", "unet", "[library, class] pair"]),
+    ("index_class_number", ["--model_path", "model_index.json", "names no pipeline class", '"_class_name": 5']),
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)
@@ -500,6 +515,56 @@ def test_integer_weights_are_refused(tmp_path, capsys):
     save_file(state, str(tmp_path / "ints.safetensors"))
     check(parallel_dit, ["--model_path", str(tmp_path / "ints.safetensors")], 1,
           ["--model_path", "final_layer.linear.weight", "int64", "not floating point"], tmp_path, capsys)
+
+
+def _flip_a_weight_byte(path):
+    """One byte in the middle of the largest tensor record of a .pt (torch's zip format), as a bad copy changes it."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    raw = bytearray(path.read_bytes())
+    local = record.header_offset  # the record's data follows its local header, name and extra field
+    start = local + 30 + int.from_bytes(raw[local + 26:local + 28], "little") + \
+        int.from_bytes(raw[local + 28:local + 30], "little")
+    raw[start + record.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, words", [
+    # torch.load does not check the records' CRCs: the changed weights were sampled without a word
+    ("changed_byte", ["cannot read", "Bad CRC-32"]),
+    # load_state_dict's "Error(s) in loading state_dict for DiT:", after torch's warning about sparse tensors
+    ("sparse", ["final_layer.linear.weight", "sparse_coo", "dense"]),
+])
+def test_a_checkpoint_torch_reads_but_that_is_not_the_weights_is_refused(tmp_path, capsys, damage, words):
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(ROOT, "models", "embedded", "dit_digits.safetensors"))
+    path = tmp_path / f"{damage}.pt"
+    if damage == "sparse":
+        state["final_layer.linear.weight"] = state["final_layer.linear.weight"].to_sparse()
+    torch.save(state, path)
+    if damage == "changed_byte":
+        _flip_a_weight_byte(path)
+    check(parallel_dit, ["--model_path", str(path), "--timesteps", "5"], 1, ["--model_path", path.name] + words,
+          tmp_path, capsys)
+
+
+def test_a_checkpoint_saved_without_crcs_still_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) stores 0 for every record's CRC: not a damaged file."""
+    from models.checkpoints import load_state_dict
+    state = {"pos_embed": torch.arange(6.0)}
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "no_crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_state_dict(str(tmp_path / "no_crc.pt"))["pos_embed"], state["pos_embed"])
+
+
+def test_a_path_with_a_line_break_is_still_one_line(tmp_path, capsys):
+    """A file name may hold a line break (--model_path $'a\\nb.pt'): the line naming it was two."""
+    check(parallel_dit, ["--model_path", str(tmp_path / "a\nb.pt")], 1, ["--model_path", "a\\nb.pt", "not found"],
+          tmp_path, capsys)
 
 
 def test_a_link_loop_is_named_as_one(tmp_path, capsys):

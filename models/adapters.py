@@ -200,14 +200,14 @@ def decodes_in_float32(vae):
 def unscale_latents(z, config, family=None):
     """Sampled latents z as the VAE decodes them, the way the pipeline `family` (a class name) unscales them in its
     __call__: SDXL with the VAE's latents_mean and latents_std where its config has both, z * std / scaling_factor +
-    mean, else z / scaling_factor; SD 1.x/2.x z / scaling_factor (neither reads shift_factor nor the mean); SD3 and
-    the DiT scripts (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have no shift); Flux the
-    same, on the unpacked latents (its solver state)."""
+    mean, else z / scaling_factor; SD 1.x/2.x and DiTPipeline z / scaling_factor (none reads shift_factor nor the
+    mean); SD3 and the DiT scripts' checkpoints (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have
+    no shift); Flux the same, on the unpacked latents (its solver state)."""
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if family == "StableDiffusionXLPipeline" and mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.dim() - 2)                                      # per channel
         return z * torch.tensor(std).view(shape).to(z) / config.scaling_factor + torch.tensor(mean).view(shape).to(z)
-    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline"):
         return z / config.scaling_factor
     return z / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
 

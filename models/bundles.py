@@ -1,6 +1,8 @@
 """The scripts' models as the loop sees them: loaders that build a runner.loop.Bundle from the checked flags.
 
     dit_bundle(args, session)                 class-conditional DiT (parallel_dit.py)
+    dit_pipeline_bundle(pipe, labels, ...)    a DiTPipeline already loaded (models/pipelines.py:parallel_sample),
+                                              its x_T drawn as the pipeline's __call__ draws it
     sd_bundles(args, session, prompt_sets)    Stable Diffusion, one bundle per set of prompts (cycled over the
                                               samples), all sharing one pipeline and the same noise
                                               (parallel_sd.py: one set; parallel_sd_winit.py: two)
@@ -18,7 +20,7 @@ from runner.loop import Bundle
 
 from . import flux
 from .adapters import VAEDecoder
-from .dit_source import LoadedDiT
+from .dit_source import LoadedDiT, pipeline_denoiser
 from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind, schedule_of
 
 def _stream_after(generator):
@@ -51,8 +53,9 @@ def dit_bundle(args, session):
     return Bundle(eps_fn=dit.eps_fn, schedule=schedule,
                   num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
                   cond=lambda start, stop: draw()[0][start:stop].to(session.device),
-                  label=lambda i: {"class_label": int(draw()[0][i])}, decode=VAEDecoder(dit.vae, session.device),
-                  cond_bytes=8, info={"model": args.model, "scheduler": scheduler})
+                  label=lambda i: {"class_label": int(draw()[0][i])},
+                  decode=VAEDecoder(dit.vae, session.device, family=dit.family), cond_bytes=8,
+                  info={"model": args.model, "scheduler": scheduler})
 
 
 def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
@@ -66,14 +69,7 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
     decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))  # the latents unscaled as its __call__ does
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
-    read_as = "Euler steps of the flow (paratAA.flow_schedule)" if is_flow(pipe.scheduler) \
-        else "DDIMScheduler (paratAA.from_ddim_scheduler)"
-    if pipeline_kind(pipe) == flux.FLUX:  # what FluxPipeline hands set_timesteps for this size, to replay the run
-        mu = flux.mu_of(pipe.scheduler.config, flux.image_tokens(height, width, pipe.vae_scale_factor))
-        read_as += f", sigmas linspace(1, 1/T, T), mu {mu!r}"
-    info = {**(info or {}), "negative_prompt": negative_prompt,
-            "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config),
-                          "read_as": read_as}}
+    info = {**(info or {}), "negative_prompt": negative_prompt, "scheduler": _scheduler_info(pipe, height, width)}
     bundles = []
     for prompts in prompt_sets:
         # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding
@@ -90,6 +86,58 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
                               label=lambda i, prompts=prompts: {"prompt": prompts[i % len(prompts)]}, decode=decode,
                               cond_bytes=row_bytes, info=info))
     return bundles
+
+
+def _scheduler_info(pipe, height, width):
+    """What metrics.json records about a loaded pipeline's scheduler, and how it is read."""
+    read_as = "Euler steps of the flow (paratAA.flow_schedule)" if is_flow(pipe.scheduler) \
+        else "DDIMScheduler (paratAA.from_ddim_scheduler)"
+    if pipeline_kind(pipe) == flux.FLUX:  # what FluxPipeline hands set_timesteps for this size, to replay the run
+        mu = flux.mu_of(pipe.scheduler.config, flux.image_tokens(height, width, pipe.vae_scale_factor))
+        read_as += f", sigmas linspace(1, 1/T, T), mu {mu!r}"
+    return {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config), "read_as": read_as}
+
+
+class _GivenStart:
+    """A NoiseStream whose x_T (the last of each sample's T + 1 draws) are given, the rest taken from `steps`
+    ([T, *latent] per sample): the same interface, take(n) -> [n, T+1, *latent] float64."""
+
+    def __init__(self, x_T, steps):
+        self.x_T, self.steps, self.given = x_T, steps, 0                              # x_T: [N, *latent]
+
+    def take(self, n):
+        x_T, self.given = self.x_T[self.given:self.given + n], self.given + n
+        return torch.cat([self.steps.take(n), x_T[:, None].double()], dim=1)
+
+
+def dit_pipeline_bundle(pipe, labels, cfg_scale, T, eta, seed, num_samples, height, width, device):
+    """The bundle of an already-loaded DiTPipeline: sample i gets class labels[i % len(labels)] (ids), guided as
+    DiTPipeline guides (models/dit_source.py:pipeline_denoiser), its scheduler read as DDIM.
+
+    x_T is drawn as the pipeline's __call__ draws its latents from torch.Generator().manual_seed(seed): one
+    randn_tensor of all samples [N, C, S, S] in the transformer's dtype, on the CPU, whatever the batches; so
+    pipe(class_labels, generator=torch.Generator().manual_seed(seed)) starts from the same noise. Its loop has no
+    eta: the per-step noise (eta > 0) is drawn from that generator after x_T."""
+    from diffusers.utils.torch_utils import randn_tensor
+    latent = latent_shape(pipe, height, width)
+    labels = torch.tensor([labels[i % len(labels)] for i in range(num_samples)])                          # [N]
+
+    @functools.cache
+    def draw():
+        """(x_T [N, *latent], stream factory of the steps' noise), on first use: after the caller's memory check."""
+        g = torch.Generator().manual_seed(seed)
+        x_T = randn_tensor((num_samples, *latent), generator=g, device=torch.device("cpu"),
+                           dtype=pipe.transformer.dtype)
+        return x_T, _stream_after(g)
+
+    # the steps' noise, [T, *latent] per sample: a NoiseStream of T - 1 steps (it draws T + 1 a sample)
+    return Bundle(eps_fn=pipeline_denoiser(pipe, cfg_scale), schedule=schedule_of(pipe, T, eta, height, width),
+                  num_samples=num_samples, latent=latent,
+                  noise=lambda: _GivenStart(draw()[0], draw()[1](num_samples, T - 1, latent)),
+                  cond=lambda start, stop: labels[start:stop].to(device),
+                  label=lambda i: {"class_label": int(labels[i])},
+                  decode=VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe)), cond_bytes=8,
+                  info={"scheduler": _scheduler_info(pipe, height, width)})
 
 
 def sd_bundles(args, session, prompt_sets):

@@ -20,7 +20,7 @@ from . import digits
 from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_parts_loaded, load_into, load_state_dict, quiet_loading,
                           require_file, weights_variant)
 from .dit import DiT_models
-from .sd import check_scheduler, config_value, note_scheduler, read_json, sample_pixels
+from .sd import DIT_PARTS, DIT_PIPELINE, check_scheduler, config_value, note_scheduler, read_json, sample_pixels
 
 EMBEDDED_DIT = "DiT-Digits"
 DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
@@ -149,21 +149,20 @@ def implied_flags(state, model, args):
         said.append("no learned variance (learn_sigma=False), which the registry models, DiT's, do not take")
     return " ".join(said)
 
-PARTS = ("transformer", "vae", "scheduler")
-
 
 def is_dit_folder(path):
     """A folder whose model_index.json names DiTPipeline."""
     index = os.path.join(path or "", "model_index.json")
     return bool(path) and os.path.isdir(path) and os.path.isfile(index) and \
-        read_json(index).get("_class_name") == "DiTPipeline"
+        read_json(index).get("_class_name") == DIT_PIPELINE
 
 
 def folder_sizes(path, flag="--model_path"):
     """(image size in pixels, classes) of the folder's DiT, from its configs; checks the folder on the way."""
-    for part in PARTS:
+    for part in DIT_PARTS:
         if not os.path.isdir(os.path.join(path, part)):
-            raise InputFileError(f"{flag}: {path} has no {part}/ folder (a DiTPipeline folder has {', '.join(PARTS)})")
+            raise InputFileError(f"{flag}: {path} has no {part}/ folder (a DiTPipeline folder has "
+                                 f"{', '.join(DIT_PARTS)})")
     check_scheduler(path, flag)
     net_path, vae_path = os.path.join(path, "transformer", "config.json"), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
@@ -205,12 +204,14 @@ class LoadedDiT:
     """A DiT from any of the three sources, as the solver and the decoder need it.
 
     eps_fn(x, timesteps, labels); schedule(T, eta) -> paratAA.Schedule; latent: (C, h, w); vae: the AutoencoderKL;
+    family: the pipeline whose __call__ its latents are decoded as (VAEDecoder; None: the DiT checkpoints');
     scheduler: what metrics.json records about the noise levels."""
 
     def __init__(self, args, device, dtype):
         from paratAA import dit_schedule, pipeline_schedule
         from .adapters import DiTDenoiser
         from .checkpoints import load_vae
+        self.family = DIT_PIPELINE if args.model == DIFFUSERS_DIT else None
         if args.model == DIFFUSERS_DIT:
             pipe = load_dit_pipeline(args.model_path, device, dtype)
             net = pipe.transformer

@@ -6,9 +6,18 @@
     out = parallel_sample(pipe, "a photo of an astronaut riding a horse", num_inference_steps=50)
     out.images[0].save("astronaut.png"); out.iterations, out.speed
 
+The class-conditional DiTPipeline takes class_labels (ids, or names of pipe.labels) in place of a prompt:
+
+    from diffusers import DiTPipeline
+    pipe = DiTPipeline.from_pretrained("facebook/DiT-XL-2-256").to("cuda")
+    out = parallel_sample(pipe, class_labels=["golden retriever", 88], num_images=2, seed=33)
+
+and draws x_T as its own __call__ does, so that pipe(class_labels=..., generator=torch.Generator().manual_seed(33))
+is the sequential result.
+
 The pipeline's own scheduler is read as DDIM (docs/ALGORITHM.md), a flow-matching one (SD3, Flux) as its Euler steps;
 the result equals the pipeline's sequential loop with the same noise, to the solver's tolerance (tolerance 0: to
-round-off).
+round-off). The families share the solve (sample_bundle); each builds its runner.loop.Bundle in models/bundles.py.
 """
 import inspect
 import math
@@ -27,9 +36,9 @@ from runner.launch import host_memory_available
 
 from . import flux
 from .adapters import guides
-from .bundles import pipeline_bundles
-from .sd import (MAX_T5_TOKENS, T5_FAMILIES, blank, network, patch_of, pipeline_kind, pipeline_problem,
-                 read_as_ddim, sample_pixels, schedule_of, undecodable, wrong_size)
+from .bundles import dit_pipeline_bundle, pipeline_bundles
+from .sd import (DIT_PIPELINE, MAX_T5_TOKENS, T5_FAMILIES, blank, network, patch_of, pipeline_kind, pipeline_problem,
+                 pixels_per_cell, read_as_ddim, sample_pixels, schedule_of, undecodable, wrong_size)
 
 
 @dataclass
@@ -37,7 +46,8 @@ class ParallelOutput:
     images: list              # PIL images (output_type "pil"), or uint8 arrays [H, W, 3] ("np")
     latents: torch.Tensor     # [N, *latent] float64, the final x_0 of each sample
     x_T: torch.Tensor         # [N, *latent] float64, the initial noise: pipe(latents=x_T.to(pipe.dtype)) replays it
-                              # (Flux: packed first, as the pipeline's _pack_latents packs it)
+                              # (Flux: packed first, as the pipeline's _pack_latents packs it; DiT, which takes no
+                              # latents: the pipeline's own draw for the seed)
     iterations: list          # per sample
     results: list             # per batch: paratAA.SolveResult (history: per-iteration residuals, boundary, x_0)
     config: SolverConfig      # the values used (the window chosen when window_size="auto")
@@ -48,11 +58,12 @@ class ParallelOutput:
 
 
 @torch.no_grad()
-def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None, guidance_scale=None, eta=0.0,
+def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None, eta=0.0,
                     num_images=1, seed=0, height=None, width=None, batch_size=None, output_type="pil",
                     compare_sequential=False, sharding=None, config=None, max_sequence_length=None,
-                    true_cfg_scale=1.0, **solver):
-    """Sample `num_images` images of `prompt` (a string or a list, cycled) with ParaTAA on `pipe`.
+                    true_cfg_scale=1.0, class_labels=None, **solver):
+    """Sample `num_images` images of `prompt` (a string or a list, cycled) with ParaTAA on `pipe`; for a DiTPipeline
+    of `class_labels` instead.
 
     solver: SolverConfig fields (window_size="auto" chooses the window from this device; default: T, the
     algorithm's iteration counts), or config=SolverConfig(...). batch_size: samples solved together (default all).
@@ -72,11 +83,20 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None
     eta > 0: the last step adds no noise here (DDIM's x_0, as the reference), where diffusers' DDIMScheduler adds
     eta sigma_0 noise to it when the scheduler's final alpha is not 1 (set_alpha_to_one false, SD v1.5: a standard
     deviation of 0.02 eta on the latent); the other steps' noise is the pipeline's.
+
+    A DiTPipeline (class-conditional) takes class_labels in place of a prompt: class ids, or label names as
+    pipe.get_label_ids takes them (pipe.labels), one or a list, cycled over the images. It samples its transformer's
+    own size only, with DiTPipeline's defaults (guidance 4, 50 steps) and guidance (all latent channels, its null
+    class). x_T is the pipeline's own draw: pipe(class_labels=labels, generator=torch.Generator().manual_seed(seed),
+    num_inference_steps=T, guidance_scale=g) is the sequential result this equals, however batch_size splits the
+    images. Its loop has no eta (0); with eta > 0 the steps' noise comes from that generator after x_T.
+    prompt, negative_prompt, max_sequence_length and true_cfg_scale are refused for it, class_labels for the others.
     """
     problem = pipeline_problem(pipe)
     if problem:
         raise ValueError(f"pipe {problem}")
-    is_flux = pipeline_kind(pipe) == flux.FLUX
+    kind = pipeline_kind(pipe)
+    is_flux = kind == flux.FLUX
     # left out: the pipeline's own __call__'s defaults (fixed ones, 7.5 and 50, sampled SDXL at guidance 7.5, not
     # its 5, and SD3 at 50 steps and 7.5, not its 28 and 7: not the image pipe(prompt) makes)
     if guidance_scale is None:
@@ -89,17 +109,18 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None
     # states on the CPU met predictions on the GPU)
     device = pipe._execution_device if net.device.type in ("cpu", "meta") else net.device
     if is_flux and (height is None or width is None):  # FluxPipeline's own default size (its transformer has none)
-        cells = getattr(pipe, "default_sample_size", flux.DEFAULT_CELLS) * pipe.vae_scale_factor
+        cells = getattr(pipe, "default_sample_size", flux.DEFAULT_CELLS) * pixels_per_cell(pipe)
         height, width = cells if height is None else height, cells if width is None else width
     if height is None or width is None:  # the network's size, as __call__; a network may have none (given sizes do)
         if net.config.get("sample_size") is None:
             raise ValueError(f"height and width must be given: pipe's {type(net).__name__} config has no sample_size "
                              f"(the default size)")
-        default_height, default_width = sample_pixels(net.config.sample_size, pipe.vae_scale_factor)
+        default_height, default_width = sample_pixels(net.config.sample_size, pixels_per_cell(pipe))
         height, width = default_height if height is None else height, default_width if width is None else width
-    prompts = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
-                              height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length,
-                              true_cfg_scale, sharding)
+    # the prompts, or a DiTPipeline's class ids
+    conditions = check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed,
+                                 height, width, batch_size, output_type, compare_sequential, eta, max_sequence_length,
+                                 true_cfg_scale, sharding, class_labels)
     said = read_as_ddim(type(pipe.scheduler).__name__, "pipe.scheduler")
     if said:  # the scripts say it on the terminal
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
@@ -107,13 +128,23 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None
     num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
     batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
-    (bundle,) = pipeline_bundles(pipe, [prompts], negative_prompt, guidance_scale, num_inference_steps, eta,
-                                 seed, num_images, height, width, device, max_sequence_length=max_sequence_length,
-                                 true_cfg_scale=true_cfg_scale)
-    config = config.resolve(num_inference_steps)
-    dtype = net.dtype
+    if kind == DIT_PIPELINE:
+        bundle = dit_pipeline_bundle(pipe, conditions, guidance_scale, num_inference_steps, eta, seed, num_images,
+                                     height, width, device)
+    else:
+        (bundle,) = pipeline_bundles(pipe, [conditions], negative_prompt, guidance_scale, num_inference_steps, eta,
+                                     seed, num_images, height, width, device,
+                                     max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale)
+    return sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, net.dtype, device)
+
+
+def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, dtype, device):
+    """parallel_sample's run of a pipeline's bundle (runner.loop.Bundle) with checked arguments: its samples solved
+    batch by batch (the window planned on the first, each new batch size warmed up first), timed, decoded."""
+    num_images, T = bundle.num_samples, bundle.schedule.num_steps
+    config = config.resolve(T)
     stream, B = bundle.noise(), batch_size or num_images
-    batch_bytes = min(B, num_images) * (num_inference_steps + 1) * math.prod(bundle.latent) * 8  # float64 noise
+    batch_bytes = min(B, num_images) * (T + 1) * math.prod(bundle.latent) * 8  # float64 noise
     host = host_memory_available()
     if host is not None and batch_bytes > host:  # torch's allocation error would name neither argument
         raise ValueError(f"num_images {num_images} in batches of {min(B, num_images)} needs "
@@ -126,12 +157,12 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None
         if config.window_size == "auto" and start == 0:  # measured once, for the first batch
             plan = plan_window(bundle.eps_fn, bundle.schedule, noise, cond, config, sharding or Sharding(), dtype,
                                solve=solve)
-            config = replace(config, window_size=plan.window).resolve(num_inference_steps)
+            config = replace(config, window_size=plan.window).resolve(T)
         if start == 0 or stop - start != B:  # the first batch, and a smaller last one: warmed up at its sizes
             # (without it the first solve paid the device's first-call costs and the sequential run after it did
             # not: window 1, which is sequential sampling, reported 0.25x for a model whose first call cost 0.3 s)
             warm_up(bundle.eps_fn, bundle.schedule, noise, cond, sharding or Sharding(), dtype,
-                    [min(config.window_size, num_inference_steps)] + ([1] if compare_sequential else []))
+                    [min(config.window_size, T)] + ([1] if compare_sequential else []))
             if not compare_sequential:  # the estimate's unit, as the scripts': one state per sample, timed warm
                 per_call = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, sharding or Sharding(),
                                                 dtype, [1])[stop - start]
@@ -148,16 +179,17 @@ def parallel_sample(pipe, prompt, negative_prompt=None, num_inference_steps=None
             sync(device)
             seq_seconds += time.perf_counter() - t0
         else:  # sequential sampling of this batch: T calls of one state per sample
-            seq_seconds += num_inference_steps * per_call
+            seq_seconds += T * per_call
         latents.append(res.samples.cpu())
         x_T.append(noise[:, -1].cpu())
         iterations += res.iterations
         results.append(res)
     stopped = [i for i, done in enumerate(c for res in results for c in res.converged) if not done]
     if stopped:  # the scripts say it on the terminal; the image is not the sequential sampler's
+        # the caller's line (1: here, 2: parallel_sample, 3: torch.no_grad's wrapper)
         warnings.warn(f"max_steps {config.max_steps} stopped {len(stopped)} of {num_images} samples "
                       f"({', '.join(map(str, stopped))}) before they converged: their images are not the sequential "
-                      f"sampler's (out.results[b].converged)", stacklevel=3)
+                      f"sampler's (out.results[b].converged)", stacklevel=4)
     latents = torch.cat(latents)
     images = bundle.decode(latents)                                                        # uint8 [N, H, W, 3]
     if output_type == "pil":
@@ -179,10 +211,60 @@ def call_default(pipe, name, fallback):
 
 def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference_steps, num_images, seed, height,
                     width, batch_size, output_type, compare_sequential=False, eta=0.0, max_sequence_length=None,
-                    true_cfg_scale=1.0, sharding=None):
-    """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts, or ValueError /
-    TypeError naming the argument (as the scripts' flags are checked). eta is checked by the schedule, the solver's
-    parameters by SolverConfig."""
+                    true_cfg_scale=1.0, sharding=None, class_labels=None):
+    """parallel_sample's own arguments, before anything is encoded or drawn: the list of prompts (a DiTPipeline: of
+    class ids), or ValueError / TypeError naming the argument (as the scripts' flags are checked). eta is checked by
+    the schedule, the solver's parameters by SolverConfig."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    kind = pipeline_kind(pipe)
+    cfg = network(pipe).config
+    if kind == DIT_PIPELINE:
+        conditions, what = check_class_labels(pipe, class_labels, prompt, negative_prompt, max_sequence_length,
+                                              true_cfg_scale), "class_labels"
+        # DiTPipeline's __call__ takes no size: its latents are the transformer's sample_size, always
+        own = sample_pixels(cfg.sample_size, pixels_per_cell(pipe))
+        for name, value, size in zip(("height", "width"), (height, width), own):
+            if isinstance(value, bool) or value != size:
+                raise ValueError(f"{name} must be {size} for a DiTPipeline (the only size it samples: its "
+                                 f"transformer's sample_size {cfg.sample_size} x VAE factor {pixels_per_cell(pipe)}), "
+                                 f"got {value!r}")
+    else:
+        conditions, what = check_prompts(pipe, prompt, negative_prompt, guidance_scale, max_sequence_length,
+                                         true_cfg_scale, class_labels), "prompts"
+        for name, value in (("height", height), ("width", width)):
+            problem = wrong_size(value, pixels_per_cell(pipe), patch_of(kind, cfg), cfg.get("pos_embed_max_size"))
+            if problem:
+                raise ValueError(f"{name} must be {problem}")
+    # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
+    # first (above), which Flux's schedule reads
+    schedule_of(pipe, num_inference_steps, eta, height, width, "num_inference_steps")
+    if not is_integer(num_images) or num_images < 1:
+        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+    if len(conditions) > num_images:  # cycled over the images: the rest would never be sampled
+        raise ValueError(f"{len(conditions)} {what} for num_images = {num_images}: the last "
+                         f"{len(conditions) - num_images} would be ignored")
+    if not isinstance(compare_sequential, bool):
+        raise TypeError(f"compare_sequential must be True or False, got {compare_sequential!r}")
+    # anything else failed at the first model call, after the prompts were encoded, in an AttributeError ('str'
+    # object has no attribute 'evaluate') naming no argument
+    if sharding is not None and not isinstance(sharding, Sharding):
+        raise TypeError(f"sharding must be a paratAA.Sharding or None, got {sharding!r}")
+    if not is_integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
+        raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
+    if output_type not in ("pil", "np"):
+        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    return conditions
+
+
+def check_prompts(pipe, prompt, negative_prompt, guidance_scale, max_sequence_length, true_cfg_scale, class_labels):
+    """A text-to-image pipeline's conditioning arguments: the list of prompts, or ValueError / TypeError naming the
+    argument."""
+    if class_labels is not None:
+        raise ValueError(f"class_labels are a DiTPipeline's conditioning; a {type(pipe).__name__} takes a prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -194,9 +276,6 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         if any(undecodable(p) for p in texts):
             raise ValueError(f"{name} holds characters that are not text (lone surrogates, e.g. bytes decoded with "
                              f"errors='surrogateescape'), got {texts!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
-            or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     kind = pipeline_kind(pipe)
     is_flux = kind == flux.FLUX
     if max_sequence_length is not None and kind not in T5_FAMILIES:
@@ -216,31 +295,35 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     # it only enters guidance's unconditional branch; "" is a prompt too (encoded, not the pipeline's default)
     elif negative_prompt is not None and not guides(guidance_scale):
         raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale {guidance_scale:g} <= 1)")
-    # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
-    # first, which Flux's schedule reads
-    cfg = network(pipe).config
-    for name, value in (("height", height), ("width", width)):
-        problem = wrong_size(value, pipe.vae_scale_factor, patch_of(kind, cfg),
-                             cfg.get("pos_embed_max_size"))
-        if problem:
-            raise ValueError(f"{name} must be {problem}")
-    schedule_of(pipe, num_inference_steps, eta, height, width, "num_inference_steps")
-    if not is_integer(num_images) or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if len(prompts) > num_images:  # cycled over the images: the rest would never be sampled
-        raise ValueError(f"{len(prompts)} prompts for num_images = {num_images}: the last {len(prompts) - num_images} "
-                         f"would be ignored")
-    if not isinstance(compare_sequential, bool):
-        raise TypeError(f"compare_sequential must be True or False, got {compare_sequential!r}")
-    # anything else failed at the first model call, after the prompts were encoded, in an AttributeError ('str'
-    # object has no attribute 'evaluate') naming no argument
-    if sharding is not None and not isinstance(sharding, Sharding):
-        raise TypeError(f"sharding must be a paratAA.Sharding or None, got {sharding!r}")
-    if not is_integer(seed) or not 0 <= seed < 2 ** 64:  # what a generator takes
-        raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
-    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
-        raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
-    if output_type not in ("pil", "np"):
-        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     return list(prompts)
 
+
+def check_class_labels(pipe, class_labels, prompt, negative_prompt, max_sequence_length, true_cfg_scale):
+    """A DiTPipeline's conditioning arguments: the list of class ids (names read as pipe.get_label_ids reads them),
+    or ValueError / TypeError naming the argument; the text pipelines' arguments refused, naming them."""
+    for name, given in (("prompt", prompt is not None), ("negative_prompt", negative_prompt is not None),
+                        ("max_sequence_length", max_sequence_length is not None),
+                        ("true_cfg_scale", true_cfg_scale != 1.0)):
+        if given:  # DiTPipeline's __call__ has none of them: the image would silently not be what was asked
+            raise ValueError(f"{name} is for the text-to-image pipelines; a DiTPipeline is conditioned on "
+                             f"class_labels (and guided away from its null class)")
+    if class_labels is None:  # DiTPipeline's __call__ requires them too
+        raise ValueError("class_labels must be given for a DiTPipeline: class ids, or names of pipe.labels")
+    labels = [class_labels] if isinstance(class_labels, (str, numbers.Integral)) else class_labels
+    if not isinstance(labels, (list, tuple)) or not labels \
+            or not all(is_integer(c) or isinstance(c, str) for c in labels):  # bools and floats too
+        raise TypeError(f"class_labels must be a class id, a label name or a non-empty list of them, got "
+                        f"{class_labels!r}")
+    names = getattr(pipe, "labels", None) or {}
+    unknown = [c for c in labels if isinstance(c, str) and c not in names]
+    if unknown:  # get_label_ids would list every name, a thousand for ImageNet's
+        raise ValueError(f"class_labels: {unknown[0]!r} is not a name in pipe.labels ("
+                         + (f"{len(names)} names, e.g. {next(iter(names))!r})" if names else
+                            "empty: the pipeline was built without id2label; give class ids)"))
+    ids = [int(c) if is_integer(c) else int(pipe.get_label_ids([c])[0]) for c in labels]
+    classes = network(pipe).config.num_embeds_ada_norm  # the next row is the null class
+    wrong = [c for c in ids if not 0 <= c < classes]
+    if wrong:
+        raise ValueError(f"class_labels must be in 0..{classes - 1} (the transformer's num_embeds_ada_norm), got "
+                         f"{wrong[0]}")
+    return ids

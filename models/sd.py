@@ -60,6 +60,9 @@ PARTS = {
 }
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", flux.FLUX)  # the families whose network predicts a flow's velocity
 PIPELINES = tuple(PARTS)
+# class-conditional: sampled loaded by parallel_sample (its folders by parallel_dit.py, models/dit_source.py)
+DIT_PIPELINE = "DiTPipeline"
+DIT_PARTS = ("transformer", "vae", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # SD3's optional third text encoder
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length of the T5 prompt
 MAX_T5_TOKENS = 512  # the largest max_sequence_length SD3's and Flux's pipelines take
@@ -333,14 +336,16 @@ def pipeline_problem(pipe):
     """What keeps a loaded pipeline from being sampled here (the checks check_folder makes on a folder), or None."""
     kind = pipeline_kind(pipe)
     if kind is None:
-        return f"is a {type(pipe).__name__}; supported are {SUPPORTED.replace(' folders', '')}"
+        return (f"is a {type(pipe).__name__}; supported are {SUPPORTED.replace(' folders', '')}, and the "
+                f"class-conditional {DIT_PIPELINE}")
     if kind == "StableDiffusionXLPipeline" and (pipe.text_encoder is None or pipe.tokenizer is None):
         return ("has no text_encoder or tokenizer (only the second encoder, as the SDXL refiner); supported are "
                 "SDXL pipelines with both text encoders")
     # a part set to None (pipe.vae = None) failed inside, an AttributeError on None naming no part
-    missing = [part for part in PARTS[kind] if getattr(pipe, part, None) is None]
+    parts = DIT_PARTS if kind == DIT_PIPELINE else PARTS[kind]
+    missing = [part for part in parts if getattr(pipe, part, None) is None]
     if missing:
-        return f"has {', '.join(missing)} set to None; sampling needs its {', '.join(PARTS[kind])}"
+        return f"has {', '.join(missing)} set to None; sampling needs its {', '.join(parts)}"
     from diffusers import FlowMatchEulerDiscreteScheduler
     own = "FlowMatchEulerDiscreteScheduler" if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) \
         else type(pipe.scheduler).__name__  # the class that steps, whatever its config says
@@ -364,8 +369,9 @@ def pipeline_problem(pipe):
 
 
 def pipeline_kind(pipe):
-    """The supported pipeline class pipe is (or derives from), or None."""
-    return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in PIPELINES), None)
+    """The supported pipeline class pipe is (or derives from), or None: one of PIPELINES, or DIT_PIPELINE (whose
+    folders the DiT script samples, not these)."""
+    return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in (*PIPELINES, DIT_PIPELINE)), None)
 
 
 def fill_guidance_default(args):
@@ -562,9 +568,15 @@ def network(pipe):
     return pipe.transformer if hasattr(pipe, "transformer") and getattr(pipe, "unet", None) is None else pipe.unet
 
 
+def pixels_per_cell(pipe):
+    """The VAE factor of a loaded pipeline (SD v1.5: 8): its vae_scale_factor, which DiTPipeline does not set, else
+    read from its VAE's config as the other pipelines compute it."""
+    return getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def latent_shape(pipe, height, width):
     """The solver's state: [C, H/f, W/f] (Flux: unpacked, C a quarter of the transformer's in_channels)."""
-    f = pipe.vae_scale_factor
+    f = pixels_per_cell(pipe)
     channels = network(pipe).config.in_channels
     return (channels // flux.PATCH ** 2 if pipeline_kind(pipe) == flux.FLUX else channels, height // f, width // f)
 

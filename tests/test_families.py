@@ -162,6 +162,97 @@ def test_a_ditpipeline_folder_through_parallel_dit(dit_folder, tmp_path):
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max() + 1e-5  # a random DiT drives latents to ~100
 
 
+def loaded_dit(folder):
+    """The tiny DiTPipeline as a notebook loads it, with label names (the public models' ImageNet id2label)."""
+    from diffusers import DiTPipeline
+    parts = DiTPipeline.from_pretrained(folder).components
+    pipe = DiTPipeline(**parts, id2label={3: "tiger shark, Galeocerdo cuvieri", 917: "comic book"})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gray_levels(images):
+    """DiTPipeline's output_type "np" images (floats in [0, 1]) as parallel_sample's uint8 ones."""
+    return (np.asarray(images) * 255).round()
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_parallel_sample_on_a_loaded_ditpipeline_equals_its_own_call(dit_folder, guidance_scale):
+    """A DiTPipeline loaded in Python (parallel_sample refused it; only its folders were sampled, by parallel_dit.py):
+    at tolerance 0 the images of its own __call__ for the same seed, guided or not, with 3 images solved in batches
+    of 2 + 1 from the one draw of x_T the pipeline makes, labels given by name as pipe.get_label_ids reads them."""
+    from models.pipelines import parallel_sample
+    pipe = loaded_dit(dit_folder)
+    T, labels = 10, [3, 917, 5]
+    with torch.no_grad():
+        ref = gray_levels(pipe(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=T,
+                               generator=torch.Generator().manual_seed(5), output_type="np").images)
+    by_name = ["Galeocerdo cuvieri", "comic book", 5]
+    exact = parallel_sample(pipe, class_labels=by_name, num_images=3, batch_size=2, seed=5, num_inference_steps=T,
+                            guidance_scale=guidance_scale, tol1=0, tol2=0, output_type="np")
+    assert len(exact.results) == 2 and np.abs(np.stack(exact.images) - ref).max() <= 1
+    assert torch.equal(exact.x_T.float(), torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
+    # the default tolerance: the same image; sequential sampling measured as for the other families
+    default = parallel_sample(pipe, class_labels=by_name, num_images=3, seed=5, num_inference_steps=T,
+                              guidance_scale=guidance_scale, compare_sequential=True, output_type="np")
+    assert np.sqrt(((np.stack(default.images) - ref) ** 2).mean()) <= 1
+    assert default.speed["sequential_measured"] and default.speed["sequential_seconds"] > 0
+
+
+def test_parallel_sample_on_a_ditpipeline_takes_its_calls_defaults(dit_folder):
+    """Left out, guidance and steps are DiTPipeline's own (4 and 50); one label is a label; eta > 0, which its loop
+    has not, draws the steps' noise after the pipeline's x_T."""
+    from models.pipelines import parallel_sample
+    pipe = loaded_dit(dit_folder)
+    with torch.no_grad():
+        ref = gray_levels(pipe(class_labels=[917], generator=torch.Generator().manual_seed(0),
+                               output_type="np").images)
+    # window 1 is sequential sampling: the 50 default steps at tolerance 0 without a window of them
+    out = parallel_sample(pipe, class_labels="comic book", window_size=1, tol1=0, tol2=0, output_type="np")
+    assert np.abs(np.stack(out.images) - ref).max() <= 1 and out.iterations == [50]
+    noisy = parallel_sample(pipe, class_labels=917, num_inference_steps=10, eta=0.5, output_type="np")
+    assert torch.equal(noisy.x_T, out.x_T)
+
+
+def test_parallel_sample_refusals_on_a_ditpipeline_name_the_argument(dit_folder, tiny_sd):
+    """What a DiTPipeline's __call__ does not take (a prompt, a size: it would sample another image than asked),
+    labels it has no class for, and class_labels for a text pipeline: one line naming the argument, before the
+    model is called."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from models.pipelines import parallel_sample
+    pipe = loaded_dit(dit_folder)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    cases = [(dict(prompt="a cat"), ValueError, "prompt is for the text-to-image pipelines"),
+             (dict(negative_prompt="blurry"), ValueError, "negative_prompt is for the text-to-image"),
+             (dict(max_sequence_length=64), ValueError, "max_sequence_length is for the text-to-image"),
+             (dict(true_cfg_scale=4.0), ValueError, "true_cfg_scale is for the text-to-image"),
+             (dict(height=32), ValueError, "height must be 16 for a DiTPipeline"),
+             (dict(width=8), ValueError, "width must be 16 for a DiTPipeline"),
+             (dict(class_labels=None), ValueError, "class_labels must be given for a DiTPipeline"),
+             (dict(class_labels=[3, 1000]), ValueError, r"class_labels must be in 0\.\.999 .*got 1000"),
+             (dict(class_labels=-1), ValueError, r"class_labels must be in 0\.\.999"),
+             (dict(class_labels=True), TypeError, "class_labels must be a class id"),
+             (dict(class_labels=[3.0]), TypeError, "class_labels must be a class id"),
+             (dict(class_labels=[]), TypeError, "class_labels must be a class id"),
+             (dict(class_labels="goldfish"), ValueError, "class_labels: 'goldfish' is not a name in pipe.labels"),
+             (dict(class_labels=[3, 917]), ValueError, "2 class_labels for num_images = 1")]
+    for kwargs, error, text in cases:
+        with pytest.raises(error, match=text) as e:
+            parallel_sample(pipe, **{"class_labels": 3, "num_inference_steps": 4, **kwargs})
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="prompt is for the text-to-image pipelines"):
+        parallel_sample(pipe, "a cat", class_labels=3)  # positional, as the text pipelines take it
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)  # as the SD pipelines
+    with pytest.raises(ValueError, match="pipe has a scheduler that sets clip_sample"):
+        parallel_sample(pipe, class_labels=3, num_inference_steps=4)
+    assert not calls
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="class_labels are a DiTPipeline's conditioning; a StableDiffusionPipeline "
+                                         "takes a prompt"):
+        parallel_sample(sd, "a handwritten digit four", class_labels=[3], num_inference_steps=4)
+
+
 def test_the_embedded_flow_model_out_of_the_box(tmp_path):
     """The flow-matching digits model (SD3 layout): 10 digits at 50 Euler steps, window T, the defaults otherwise:
     the prompted digit, the same image as sequential Euler sampling, within a few iterations."""

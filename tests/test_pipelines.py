@@ -210,7 +210,8 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     for pipe, text in ((clipping, "pipe has a scheduler that sets clip_sample"),
                        (other_channels, "pipe has a denoiser taking 4 channels but a VAE making 8-channel"),
                        (unscaled, "pipe has a VAE that has scaling_factor 0.0; a positive number is needed"),
-                       (dit, "pipe is a DiTPipeline; supported are StableDiffusionPipeline"),
+                       # sampled since, with class_labels (tests/test_families.py)
+                       (dit, "prompt is for the text-to-image pipelines; a DiTPipeline is conditioned on class_labels"),
                        (lcm, "pipe has a UNet with time_cond_proj_dim"),
                        (edm, "pipe has a scheduler that is an EDM scheduler")):
         with pytest.raises(ValueError, match=text):

@@ -110,6 +110,11 @@ class SolverConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         if self.settle > 1:  # the solver tests at settle x the tolerance only below 1: a larger value would run as 1
             raise ValueError(f"settle must be in 0..1 (1: the plain per-state test), got {self.settle!r}")
+        # E is x_0's estimated remaining error relative to x_0's own scale: at 1 or more the rule stops as soon as the
+        # window reaches x_0, whatever the image (stop_tol 1e3 ended the embedded DiT 54 gray levels off)
+        if self.stop_tol >= 1:
+            raise ValueError(f"stop_tol must be below 1 (x_0's estimated error relative to its scale; 0: the rule is "
+                             f"off), got {self.stop_tol!r}")
         if self.reference_quirks and self.max_steps == 1:  # the initial state is the first step: no model call
             raise ValueError("max_steps must be at least 2 with reference_quirks, which counts as the reference does, "
                              "the initial state as the first step (1 would make no model call), got 1")

@@ -75,7 +75,8 @@ def test_resolve_records_the_values_used(T, window, order, used):
 @pytest.mark.parametrize("name, value", [("window_size", 0), ("order", -1), ("memory_size", 1.5),
                                          ("memory_size", True), ("tol1", float("nan")), ("tol2", -1e-3),
                                          ("lam", float("inf")), ("max_steps", 0), ("equations", "euler"),
-                                         ("block_tol", -1.0), ("block_tol", float("nan")), ("settle", 1.5)])
+                                         ("block_tol", -1.0), ("block_tol", float("nan")), ("settle", 1.5),
+                                         ("stop_tol", 1.0), ("stop_tol", 1e3)])
 def test_bad_values_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=f"^{name} must"):
         SolverConfig(**{name: value})

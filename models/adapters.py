@@ -4,6 +4,7 @@ import torch
 from paratAA import NonFiniteModelOutput
 
 from .flux import GUIDANCE_SCALE
+from .pixart import FAMILIES as PIXART
 
 
 def guides(cfg_scale):
@@ -115,6 +116,32 @@ def SD3Denoiser(transformer, cfg_scale=1.0):
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled")}, cfg_scale)
 
 
+def PixArtDenoiser(transformer, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None,
+                   size_conditioned=False):
+    """PixArt's transformer (PixArtSigmaPipeline, PixArtAlphaPipeline; models/pixart.py): the noise from the T5
+    embeddings and their attention mask (the padding not attended to); cond {"cond", "uncond": [N, L, E], "mask",
+    "uncond_mask": [N, L]}, and with size_conditioned (PixArt-Alpha at 1024 px) "resolution" [N, 2], "aspect_ratio"
+    [N, 1], the same in both branches, as the pipeline doubles them. Guidance mixes the whole output, then the noise
+    half of a learned-sigma output is kept, as the pipeline does (the same as keeping it first: per channel)."""
+    C = transformer.config.in_channels
+
+    def forward(x, t, emb, mask, resolution=None, aspect_ratio=None):
+        dtype = transformer.dtype
+        added = {"resolution": None if resolution is None else resolution.to(dtype),
+                 "aspect_ratio": None if aspect_ratio is None else aspect_ratio.to(dtype)}
+        return transformer(x.to(dtype), encoder_hidden_states=emb.to(dtype), encoder_attention_mask=mask,
+                           timestep=t, added_cond_kwargs=added, return_dict=False)[0]          # [N, C or 2C, H, W]
+    inputs = {"emb": ("cond", "uncond"), "mask": ("mask", "uncond_mask")}
+    if size_conditioned:
+        inputs.update(resolution=("resolution", "resolution"), aspect_ratio=("aspect_ratio", "aspect_ratio"))
+    predicted = _prediction_converter(prediction_type, alphas_cumprod)
+
+    def convert(out, x, t):
+        out = out[:, :C]  # learned sigma: the variance half is unused (DDIM's steps take the noise only)
+        return out if predicted is None else predicted(out, x, t)
+    return GuidedDenoiser(forward, inputs, cfg_scale, convert)
+
+
 def pack_latents(x):
     """[N, C, H, W] latents as FLUX.1's transformer reads them, [N, H/2 * W/2, 4C]: each 2x2 patch one token, its
     features channel-major (c, dy, dx), tokens row by row, the order in which FluxPipeline packs its latents."""
@@ -200,24 +227,26 @@ def decodes_in_float32(vae):
 def unscale_latents(z, config, family=None):
     """Sampled latents z as the VAE decodes them, the way the pipeline `family` (a class name) unscales them in its
     __call__: SDXL with the VAE's latents_mean and latents_std where its config has both, z * std / scaling_factor +
-    mean, else z / scaling_factor; SD 1.x/2.x and DiTPipeline z / scaling_factor (none reads shift_factor nor the
-    mean); SD3 and the DiT scripts' checkpoints (family None) z / scaling_factor + shift_factor (SD 1.x/2.x VAEs have
-    no shift); Flux the same, on the unpacked latents (its solver state)."""
+    mean, else z / scaling_factor; SD 1.x/2.x, PixArt and DiTPipeline z / scaling_factor (none reads shift_factor
+    nor the mean); SD3 and the DiT scripts' checkpoints (family None) z / scaling_factor + shift_factor (SD 1.x/2.x
+    VAEs have no shift); Flux the same, on the unpacked latents (its solver state)."""
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if family == "StableDiffusionXLPipeline" and mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.dim() - 2)                                      # per channel
         return z * torch.tensor(std).view(shape).to(z) / config.scaling_factor + torch.tensor(mean).view(shape).to(z)
-    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline"):
+    if family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline", *PIXART):
         return z / config.scaling_factor
     return z / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
 
 
 class VAEDecoder:
     """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks. family: the diffusers
-    pipeline class whose __call__ the latents are unscaled as (unscale_latents; None: the DiT scripts')."""
+    pipeline class whose __call__ the latents are unscaled as (unscale_latents; None: the DiT scripts'). resize:
+    images [n, 3, h, w] in [-1, 1] -> [n, 3, H, W], applied before quantising, where the pipeline resizes its decoded
+    image (PixArt's resolution binning: models/pixart.py)."""
 
-    def __init__(self, vae, device, chunk=16, family=None):
-        self.vae, self.device, self.chunk, self.family = vae, device, chunk, family
+    def __init__(self, vae, device, chunk=16, family=None, resize=None):
+        self.vae, self.device, self.chunk, self.family, self.resize = vae, device, chunk, family, resize
 
     @torch.no_grad()
     def __call__(self, latents):
@@ -240,5 +269,7 @@ class VAEDecoder:
             if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
                 raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "
                                            "weights are unusable (--vae_path, or the vae/ folder of --model_path)")
+            if self.resize is not None:
+                x = self.resize(x)
             imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         return torch.cat(imgs).numpy()

@@ -18,10 +18,10 @@ from paratAA import NoiseStream
 from paratAA.schedule import is_flow
 from runner.loop import Bundle
 
-from . import flux
+from . import flux, pixart
 from .adapters import VAEDecoder
 from .dit_source import LoadedDiT, pipeline_denoiser
-from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind, schedule_of
+from .sd import denoiser, encode, latent_shape, load_pipeline, pipeline_kind, sampled_size, schedule_of
 
 def _stream_after(generator):
     """A factory of noise streams that all start where `generator` stands now."""
@@ -60,16 +60,22 @@ def dit_bundle(args, session):
 
 def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed, num_samples, height, width,
                      device, info=None, max_sequence_length=None, true_cfg_scale=None):
-    """Bundles of an already-loaded Stable Diffusion or Flux pipeline, one per list of prompts (sample i gets
+    """Bundles of an already-loaded Stable Diffusion, Flux or PixArt pipeline, one per list of prompts (sample i gets
     prompts[i % len(prompts)]), sharing one schedule and the same noise (drawn from `seed`). max_sequence_length:
     SD3's and Flux's T5 prompt length (None: the pipeline's default); true_cfg_scale: Flux's classifier-free
-    guidance with the negative prompt (None: none)."""
+    guidance with the negative prompt (None: none). height x width: the images' size; PixArt samples its
+    aspect-ratio bin (the latents' size) and resizes the images back to it."""
     eps_fn = denoiser(pipe, cfg_scale, 1.0 if true_cfg_scale is None else true_cfg_scale)
     schedule = schedule_of(pipe, T, eta, height, width)  # Flux's depends on the image size
-    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))  # the latents unscaled as its __call__ does
+    resize = pixart.resize_back(height, width) if pipeline_kind(pipe) in pixart.FAMILIES else None
+    height, width = sampled_size(pipe, height, width)  # what is sampled from here on
+    # the latents unscaled as its __call__ does
+    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe), resize=resize)
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
     info = {**(info or {}), "negative_prompt": negative_prompt, "scheduler": _scheduler_info(pipe, height, width)}
+    if resize is not None:  # the latents' size, which the images are not (PixArt's resolution binning)
+        info["sampled_size"] = [height, width]
     bundles = []
     for prompts in prompt_sets:
         # each distinct prompt is encoded once; a batch takes its rows, so batching never changes the embedding

@@ -34,11 +34,12 @@ from paratAA.config import is_integer
 from paratAA.planner import measure_call_seconds, plan_window, sync, warm_up
 from runner.launch import host_memory_available
 
-from . import flux
+from . import flux, pixart
 from .adapters import guides
 from .bundles import dit_pipeline_bundle, pipeline_bundles
-from .sd import (DIT_PIPELINE, MAX_T5_TOKENS, T5_FAMILIES, blank, network, patch_of, pipeline_kind, pipeline_problem,
-                 pixels_per_cell, read_as_ddim, sample_pixels, schedule_of, undecodable, wrong_size)
+from .sd import (DIT_PIPELINE, MAX_T5_TOKENS, T5_FAMILIES, T5_NAMES, binned_size_problem, blank, network, patch_of,
+                 pipeline_kind, pipeline_problem, pixels_per_cell, read_as_ddim, sample_pixels, schedule_of,
+                 undecodable, wrong_size)
 
 
 @dataclass
@@ -70,16 +71,19 @@ def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps
     compare_sequential: also run sequential DDIM with the same noise and time it (speed["sequential_seconds"];
     without it that time is estimated, speed["sequential_measured"] False).
     num_inference_steps, guidance_scale: default the pipeline's own __call__'s (SD 1.x/2.x: 50 and 7.5, SDXL: 50
-    and 5, SD3: 28 and 7, Flux: 28 and 3.5), so that leaving them out here and there samples the same image.
+    and 5, SD3: 28 and 7, Flux: 28 and 3.5, PixArt: 20 and 4.5), so that leaving them out here and there samples
+    the same image.
     guidance_scale: guidance only above 1, as the pipeline's own __call__ (0 is no guidance, e.g. for SDXL-Turbo).
     For a FluxPipeline it is FLUX.1-dev's distilled guidance, an input of the network taken as it is
     (FLUX.1-schnell ignores it), with no unconditional pass.
     negative_prompt: as __call__ takes it: None is the pipeline's default (SDXL: zero embeddings), "" the empty
-    prompt encoded. For Flux only with true_cfg_scale > 1.
+    prompt encoded (PixArt's default is "", as its __call__'s). For Flux only with true_cfg_scale > 1.
     true_cfg_scale: Flux only, as FluxPipeline's __call__: classifier-free guidance away from negative_prompt (a
     second pass per state), which it applies only when both are given; one without the other is refused here.
-    max_sequence_length: SD3 and Flux, the T5 prompt's length as __call__ takes it (None: its default, SD3 256,
-    Flux 512).
+    max_sequence_length: SD3, Flux and PixArt, the T5 prompt's length as __call__ takes it (None: its default, SD3
+    256, Flux 512, PixArt-Alpha 120, PixArt-Sigma 300).
+    height, width: PixArt samples the aspect-ratio bin nearest them and resizes the images back, as its __call__
+    does with use_resolution_binning (its default); latents and x_T are the bin's size.
     eta > 0: the last step adds no noise here (DDIM's x_0, as the reference), where diffusers' DDIMScheduler adds
     eta sigma_0 noise to it when the scheduler's final alpha is not 1 (set_alpha_to_one false, SD v1.5: a standard
     deviation of 0.02 eta on the latent); the other steps' noise is the pipeline's.
@@ -233,10 +237,16 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
     else:
         conditions, what = check_prompts(pipe, prompt, negative_prompt, guidance_scale, max_sequence_length,
                                          true_cfg_scale, class_labels), "prompts"
-        for name, value in (("height", height), ("width", width)):
-            problem = wrong_size(value, pixels_per_cell(pipe), patch_of(kind, cfg), cfg.get("pos_embed_max_size"))
+        if kind in pixart.FAMILIES:  # any size, resized back from the aspect-ratio bin it samples
+            problem = binned_size_problem(kind, cfg.sample_size, height, width, pixels_per_cell(pipe),
+                                          patch_of(kind, cfg), cfg.get("pos_embed_max_size"))
             if problem:
-                raise ValueError(f"{name} must be {problem}")
+                raise ValueError(f"{problem[0]} {problem[1]}")
+        else:
+            for name, value in (("height", height), ("width", width)):
+                problem = wrong_size(value, pixels_per_cell(pipe), patch_of(kind, cfg), cfg.get("pos_embed_max_size"))
+                if problem:
+                    raise ValueError(f"{name} must be {problem}")
     # the schedule's own checks (the steps against the scheduler's spacing, eta), named as called here; the sizes
     # first (above), which Flux's schedule reads
     schedule_of(pipe, num_inference_steps, eta, height, width, "num_inference_steps")
@@ -279,7 +289,7 @@ def check_prompts(pipe, prompt, negative_prompt, guidance_scale, max_sequence_le
     kind = pipeline_kind(pipe)
     is_flux = kind == flux.FLUX
     if max_sequence_length is not None and kind not in T5_FAMILIES:
-        raise ValueError(f"max_sequence_length is the T5 prompt's length (StableDiffusion3Pipeline, FluxPipeline); "
+        raise ValueError(f"max_sequence_length is the T5 prompt's length ({T5_NAMES}); "
                          f"pipe is a {type(pipe).__name__}")
     if max_sequence_length is not None and (not is_integer(max_sequence_length)
                                             or not 1 <= max_sequence_length <= MAX_T5_TOKENS):

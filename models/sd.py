@@ -12,6 +12,8 @@ model as the solver's f, per family:
                                 (a third, T5, when the folder has one)
     FluxPipeline                FLUX.1-dev / -schnell: as SD3's flow, with the pipeline's sigmas and dynamic shift,
                                 packed latents, CLIP pooled + T5 embeddings, distilled guidance (models/flux.py)
+    PixArtSigmaPipeline,        PixArt: a transformer predicting the noise (learned sigma), T5 embeddings with their
+    PixArtAlphaPipeline         attention mask, the size binned by aspect ratio; read as DDIM (models/pixart.py)
 
 Anything else is refused with one line naming what is supported.
 """
@@ -29,7 +31,7 @@ from paratAA.schedule import (NONLINEAR, STEPS, ddim_copy, flow_schedule, from_d
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
 
-from . import flux
+from . import flux, pixart
 from .adapters import decodes_in_float32, guides
 from .checkpoints import check_parts_loaded, quiet_loading, vae_problem, weights_variant
 
@@ -42,7 +44,8 @@ SD_CFG_HELP = ("classifier-free guidance scale; <= 1: none (the conditional mode
                "unconditional pass, any value taken as it is), ignored by FLUX.1-schnell as by its pipeline "
                f"(default: {SD_CFG_SCALE:g}; for a FluxPipeline folder {flux.GUIDANCE_SCALE:g}, the pipeline's own)")
 SUPPORTED = ("StableDiffusionPipeline (SD 1.x, 2.x; epsilon, v_prediction or sample prediction), "
-             "StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline (FLUX.1 text-to-image) folders")
+             "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline (FLUX.1 text-to-image), "
+             "PixArtSigmaPipeline and PixArtAlphaPipeline folders")
 # the parts each family's folder must have (marker file inside, or None)
 PARTS = {
     "StableDiffusionPipeline": {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -57,6 +60,9 @@ PARTS = {
     flux.FLUX: {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
                 "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
                 "scheduler": "scheduler_config.json"},
+    # text_encoder: T5 (token embeddings and their attention mask)
+    **dict.fromkeys(pixart.FAMILIES, {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                                      "tokenizer": None, "scheduler": "scheduler_config.json"}),
 }
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", flux.FLUX)  # the families whose network predicts a flow's velocity
 PIPELINES = tuple(PARTS)
@@ -65,8 +71,11 @@ DIT_PIPELINE = "DiTPipeline"
 DIT_PARTS = ("transformer", "vae", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # SD3's optional third text encoder
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length of the T5 prompt
-MAX_T5_TOKENS = 512  # the largest max_sequence_length SD3's and Flux's pipelines take
-T5_FAMILIES = ("StableDiffusion3Pipeline", flux.FLUX)  # whose prompt T5 reads: max_sequence_length applies
+# the largest max_sequence_length SD3's and Flux's pipelines take; PixArt's check none (their tokenizer pads to any
+# length), and are held to the same 512, the T5 tokenizer's model_max_length, rather than to none
+MAX_T5_TOKENS = 512
+T5_FAMILIES = ("StableDiffusion3Pipeline", flux.FLUX, *pixart.FAMILIES)  # whose prompt T5 reads: max_sequence_length
+T5_NAMES = "SD3, Flux, PixArt"  # the same, as the messages name them
 FLAGS_OF_PIPELINES = ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep spacings
@@ -131,10 +140,12 @@ def check_folder(path, flag="--model_path"):
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
-        if part.startswith("tokenizer") and not (os.path.isfile(os.path.join(sub, "tokenizer.json")) or all(
+        # PixArt's hub folders ship T5's sentencepiece model (spiece.model) without a tokenizer.json
+        if part.startswith("tokenizer") and not (any(os.path.isfile(os.path.join(sub, f)) for f in (
+                "tokenizer.json", "spiece.model")) or all(
                 os.path.isfile(os.path.join(sub, f)) for f in ("vocab.json", "merges.txt"))):
-            raise InputFileError(f"{flag}: {path} has no usable {part}/ folder (it needs tokenizer.json, or vocab.json "
-                                 f"and merges.txt)")
+            raise InputFileError(f"{flag}: {path} has no usable {part}/ folder (it needs tokenizer.json, spiece.model, "
+                                 f"or vocab.json and merges.txt)")
         entry = index.get(part)  # diffusers unpacks it as (library, class): "too many values to unpack" otherwise
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise InputFileError(f"{flag}: {index_path} gives {part} as {json.dumps(entry)}; a [library, class] pair "
@@ -155,6 +166,10 @@ def check_folder(path, flag="--model_path"):
     problem = vae_problem(vae)
     if problem:
         raise InputFileError(f"{flag}: {vae_path} {problem}")
+    if kind in pixart.FAMILIES:
+        problem = pixart.transformer_problem(kind, net, latent_channels)
+        if problem:
+            raise InputFileError(f"{flag}: {net_path} has {problem}")
     problem = network_problem(net)
     if problem:
         raise InputFileError(f"{flag}: {net_path} {problem}")
@@ -362,6 +377,11 @@ def pipeline_problem(pipe):
     if kind == flux.FLUX:
         problem = flux.channels_problem(channels, latent)
         return f"has {problem}" if problem else None
+    if kind in pixart.FAMILIES:  # what the pipeline reads: the transformer as loaded (its resolved conditions)
+        config = {**network(pipe).config, "use_additional_conditions": network(pipe).use_additional_conditions}
+        problem = pixart.transformer_problem(kind, config, latent)
+        if problem:
+            return f"has {problem}"
     if channels != latent:
         return (f"has a denoiser taking {channels} channels but a VAE making {latent}-channel latents (an "
                 f"inpainting or other variant?)")
@@ -434,14 +454,45 @@ def check_size(args, path):
     if not isinstance(patch, int) or patch < 1 or reach is not None and (not isinstance(reach, int) or reach < 1):
         raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
                              f"positive integers expected")
+    kind = family(path)
     for name, default in zip(("height", "width"), default_size(path)):
         v = getattr(args, name)
         if v is None:
             setattr(args, name, default)
-        else:
+        elif kind not in pixart.FAMILIES:  # PixArt's sizes: below, once both are known
             size_problem = wrong_size(v, factor, patch, reach)
             if size_problem:
                 raise UsageError(f"--{name} must be {size_problem}")
+    if kind in pixart.FAMILIES:
+        problem = binned_size_problem(kind, net["sample_size"], args.height, args.width, factor, patch, reach)
+        if problem:
+            raise UsageError(f"--{problem[0]} {problem[1]}")
+
+
+def binned_size_problem(kind, sample_size, height, width, factor, patch=1, reach=None):
+    """PixArt's sizes (kind: its pipeline): (side, what is wrong with it, to follow its name), or None. The
+    pipeline samples the aspect-ratio bin nearest height x width and resizes the image back to any size, so the
+    size asked for is only bounded; the bin must suit the VAE and the transformer's patches (always, for PixArt's
+    own models: their bins are multiples of 16 pixels, as their 8 x 2)."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= MAX_SIDE:
+            return name, f"must be an integer in 1..{MAX_SIDE}, got {v!r}"
+    binned = pixart.binned_size(kind, sample_size, height, width)
+    for name, v in zip(("height", "width"), binned):
+        problem = wrong_size(v, factor, patch, reach)
+        if problem:
+            return name, (f"{height if name == 'height' else width} is sampled at {kind}'s aspect-ratio bin "
+                          f"{binned[0]}x{binned[1]}, whose {name} is not {problem}")
+    return None
+
+
+def sampled_size(pipe, height, width):
+    """(height, width) in pixels of the image the pipeline samples, for one asked of height x width: PixArt's
+    aspect-ratio bin (resized back after decoding), the size itself for the others."""
+    kind = pipeline_kind(pipe)
+    if kind in pixart.FAMILIES:
+        return pixart.binned_size(kind, network(pipe).config.sample_size, height, width)
+    return height, width
 
 
 def patch_of(kind, net_config):
@@ -500,9 +551,10 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
     negative-prompt embeddings, and for SDXL and SD3 the pooled ones ("pooled", "uncond_pooled" [P, E']), for SDXL
     the size/crop time ids of an image of `size` (height, width) ("time_ids", "uncond_time_ids" [P, 6]); for Flux
     {"cond", "pooled"} (T5's embeddings and CLIP's pooled one), with "uncond" and "uncond_pooled" only for a negative
-    prompt (true classifier-free guidance). max_sequence_length: the T5 prompt's tokens (SD3, Flux; None: the
-    pipeline's default). A prompt longer than a text encoder takes is cut, as the pipeline does; said once, in one
-    line."""
+    prompt (true classifier-free guidance); for PixArt {"cond", "uncond", "mask", "uncond_mask"} (T5's embeddings and
+    attention masks; Alpha at 1024 px also the resolution and aspect ratio of `size`: pixart.encode).
+    max_sequence_length: the T5 prompt's tokens (SD3, Flux, PixArt; None: the pipeline's default). A prompt longer
+    than a text encoder takes is cut, as the pipeline does; said once, in one line."""
     kind = pipeline_kind(pipe)
     # (tokenizer, tokens it reads, what the cut loses); Flux reads the prompt with CLIP for its pooled embedding only
     readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "the text encoder reads the first {}: the rest is "
@@ -510,6 +562,9 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
     if kind == flux.FLUX:
         readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "CLIP's pooled embedding reads the first {}"),
                    (pipe.tokenizer_2, max_sequence_length or flux.MAX_SEQUENCE_LENGTH,
+                    "the T5 text encoder reads the first {} (max_sequence_length): the rest is ignored")]
+    if kind in pixart.FAMILIES:  # one T5 encoder
+        readers = [(pipe.tokenizer, max_sequence_length or pixart.MAX_SEQUENCE_LENGTH[kind],
                     "the T5 text encoder reads the first {} (max_sequence_length): the rest is ignored")]
     if kind == "StableDiffusion3Pipeline" and getattr(pipe, "tokenizer_3", None) is not None:
         readers = [(pipe.tokenizer, pipe.tokenizer.model_max_length, "the CLIP text encoders read the first {}"),
@@ -524,6 +579,8 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
                     note(f"the {what} {text[:40]!r}... has {n} tokens; {cut.format(limit)}")
         if kind == flux.FLUX:
             return flux.encode(pipe, prompts, device, max_sequence_length, negative_prompt)
+        if kind in pixart.FAMILIES:
+            return pixart.encode(pipe, kind, prompts, negative_prompt, device, size, max_sequence_length)
         # no negative prompt (None): each pipeline does what its __call__ does by default (SDXL with
         # force_zeros_for_empty_prompt: zero embeddings); "" is the empty prompt, encoded, as __call__ takes it
         negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
@@ -552,8 +609,12 @@ def encode(pipe, prompts, negative_prompt, device, size=None, max_sequence_lengt
 def denoiser(pipe, cfg_scale, true_cfg_scale=1.0):
     """The pipeline's network as the solver's f (models/adapters.py). true_cfg_scale: Flux's classifier-free
     guidance (its cfg_scale is the distilled guidance input)."""
-    from .adapters import FluxDenoiser, SD3Denoiser, SDDenoiser, SDXLDenoiser
+    from .adapters import FluxDenoiser, PixArtDenoiser, SD3Denoiser, SDDenoiser, SDXLDenoiser
     kind = pipeline_kind(pipe)
+    if kind in pixart.FAMILIES:
+        return PixArtDenoiser(pipe.transformer, cfg_scale, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                              pipe.scheduler.alphas_cumprod,
+                              pixart.size_conditioned(kind, pipe.transformer.config.sample_size))
     if kind == flux.FLUX:  # cfg_scale: FLUX.1-dev's guidance input (distilled), not classifier-free guidance
         return FluxDenoiser(pipe.transformer, cfg_scale, true_cfg_scale)
     if kind == "StableDiffusion3Pipeline":
@@ -618,8 +679,10 @@ def add_sd_flags(parser):
                         "true_cfg_scale, a second pass per state), on top of the distilled guidance of --cfg_scale "
                         "(default: none, 1)")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help=f"SD3 and Flux: tokens of the T5 prompt (default: the pipeline's, SD3 "
-                        f"{SD3_MAX_SEQUENCE_LENGTH}, Flux {flux.MAX_SEQUENCE_LENGTH}; at most {MAX_T5_TOKENS})")
+                   help=f"SD3, Flux and PixArt: tokens of the T5 prompt (default: the pipeline's, SD3 "
+                        f"{SD3_MAX_SEQUENCE_LENGTH}, Flux {flux.MAX_SEQUENCE_LENGTH}, PixArt-Alpha "
+                        f"{pixart.MAX_SEQUENCE_LENGTH[pixart.ALPHA]}, PixArt-Sigma "
+                        f"{pixart.MAX_SEQUENCE_LENGTH[pixart.SIGMA]}; at most {MAX_T5_TOKENS})")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
@@ -632,7 +695,7 @@ def check_prompt_flags(args, kind):
     if args.max_sequence_length is not None:
         if kind is not None and kind not in T5_FAMILIES:
             where = args.model_path or "the embedded model"
-            raise UsageError(f"--max_sequence_length is the T5 prompt's length (SD3, Flux); {where} is a {kind}")
+            raise UsageError(f"--max_sequence_length is the T5 prompt's length ({T5_NAMES}); {where} is a {kind}")
         if not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
             raise UsageError(f"--max_sequence_length must be in 1..{MAX_T5_TOKENS} (the pipelines' limit), got "
                              f"{args.max_sequence_length}")

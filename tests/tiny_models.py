@@ -172,3 +172,31 @@ def build_tiny_dit_pipeline(folder, seed=0, **scheduler_config):
                                                                                    **scheduler_config))
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_pixart(folder, variant="sigma", seed=0, sample_size=32, patch_size=2):
+    """PixArtSigmaPipeline or PixArtAlphaPipeline layout (variant "sigma" | "alpha"): a one-layer
+    PixArtTransformer2DModel with learned sigma (out_channels twice the latent's), a T5 encoder (the offline
+    tokenizer of build_tiny_flux), a VAE of factor 8 (the aspect-ratio bins are PixArt's pixel sizes: sample_size
+    32 is the 256 px bins, 128 the 1024 px ones, where PixArt-Alpha adds its resolution micro-conditions; a larger
+    patch_size keeps those tokens few), PixArt's DPMSolverMultistepScheduler config (read as DDIM)."""
+    from diffusers import (DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                           PixArtTransformer2DModel)
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    # 3 heads: PixArt-Alpha's resolution and aspect-ratio embeddings take a third of the width each
+    transformer = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=1, sample_size=sample_size, patch_size=patch_size,
+                                           cross_attention_dim=24, caption_channels=32)
+    _randomise(transformer, seed)
+    tokenizer = _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2)
+    cls = PixArtSigmaPipeline if variant == "sigma" else PixArtAlphaPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=t5, vae=_vae(block_out_channels=(16, 16, 16, 16)),
+               transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder

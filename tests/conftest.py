@@ -57,6 +57,36 @@ def run_two_processes(script, flags, out, timeout=600):
     return only_run(out)
 
 
+def assert_processes_agree(flags, tmp_path):
+    """parallel_sd.py with flags (no --output_path) run in this process and as two processes: the same latents. Each
+    process runs the model on half the batch: float32 kernels of another batch size round differently (on some
+    CPUs), which the iteration carries to ~1e-6 of the latent's size (tiny SDXL's reach ~30)."""
+    import parallel_sd
+    one = parallel_sd.main(parallel_sd.parse_args([*flags, "--output_path", str(tmp_path / "one")]))
+    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
+    assert read_metrics(two)["world_size"] == 2
+    a, b = read_latents(one), read_latents(two)
+    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
+
+
+def folder_variant(folder, root, name, edit):
+    """A copy of the model folder under root/name, changed by edit(copy): a broken or unusual variant."""
+    import shutil
+    copy = os.path.join(root, name)
+    shutil.copytree(folder, copy)
+    edit(copy)
+    return copy
+
+
+def edit_json(path, **values):
+    """Set keys of a JSON file (a config) in place."""
+    with open(path) as f:
+        config = json.load(f)
+    config.update(values)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
 def only_run(out):
     """The single run folder created under out."""
     (d,) = os.listdir(out)

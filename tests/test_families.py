@@ -8,7 +8,7 @@ import torch
 
 import parallel_sd
 from paratAA import draw_noise
-from tests.conftest import read_latents, read_metrics, run_two_processes
+from tests.conftest import assert_processes_agree, read_latents, read_metrics, run_two_processes
 from tests.tiny_models import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 PROMPT = "a handwritten digit four"
@@ -69,15 +69,8 @@ def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name, T
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3"])
 def test_one_and_two_processes_agree(folders, tmp_path, name):
-    flags = ["--model_path", folders[name], "--timesteps", "12", "--window_size", "12", "--num_samples", "2",
-             "--batch_size", "2"]
-    one, _ = run_sd(folders[name], tmp_path / "one", *flags[2:])
-    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
-    assert read_metrics(two)["world_size"] == 2
-    # each process runs the model on half the batch: float32 kernels of another batch size round differently (on
-    # some CPUs), which the iteration carries to ~1e-6 of the latent's size (tiny SDXL's reach ~30)
-    a, b = read_latents(one), read_latents(two)
-    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
+    assert_processes_agree(["--model_path", folders[name], "--timesteps", "12", "--window_size", "12", "--num_samples",
+                            "2", "--batch_size", "2"], tmp_path)
 
 
 def test_a_flow_model_refuses_eta(folders, tmp_path, capsys):

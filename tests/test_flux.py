@@ -11,7 +11,7 @@ import torch
 
 import parallel_sd
 from models.pipelines import parallel_sample
-from tests.conftest import read_latents, read_metrics, run_two_processes
+from tests.conftest import assert_processes_agree, edit_json, folder_variant, read_metrics
 from tests.test_bad_input import check
 from tests.tiny_models import build_tiny_flux
 
@@ -105,20 +105,8 @@ def test_parallel_sample_on_a_loaded_fluxpipeline_equals_its_own_call(folders):
 
 
 def test_one_and_two_processes_agree(folders, tmp_path):
-    flags = ["--model_path", folders["dev"], "--timesteps", "8", "--window_size", "8", "--num_samples", "2",
-             "--batch_size", "2", *SIZE]
-    one, _ = run_sd(folders["dev"], tmp_path / "one", *flags[2:])
-    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
-    assert read_metrics(two)["world_size"] == 2
-    a, b = read_latents(one), read_latents(two)
-    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
-
-
-def _variant(folder, root, name, edit):
-    copy = os.path.join(root, name)
-    shutil.copytree(folder, copy)
-    edit(copy)
-    return copy
+    assert_processes_agree(["--model_path", folders["dev"], "--timesteps", "8", "--window_size", "8",
+                            "--num_samples", "2", "--batch_size", "2", *SIZE], tmp_path)
 
 
 def _index(change):
@@ -136,20 +124,20 @@ def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys):
     dev, root = folders["dev"], str(tmp_path / "variants")
     cases = [
         # Flux's other pipelines (image conditions, an image prompt): named, with what is supported
-        (_variant(dev, root, "fill", _index(lambda c: c.update(_class_name="FluxFillPipeline"))), [], 1,
+        (folder_variant(dev, root, "fill", _index(lambda c: c.update(_class_name="FluxFillPipeline"))), [], 1,
          ["FluxFillPipeline", "FluxPipeline", "StableDiffusionPipeline"]),
-        (_variant(dev, root, "kontext", _index(lambda c: c.update(_class_name="FluxKontextPipeline"))), [], 1,
+        (folder_variant(dev, root, "kontext", _index(lambda c: c.update(_class_name="FluxKontextPipeline"))), [], 1,
          ["FluxKontextPipeline", "FluxPipeline"]),
         # incomplete folders, as a partial download leaves them
-        (_variant(dev, root, "no_t5", lambda f: shutil.rmtree(os.path.join(f, "text_encoder_2"))), [], 1,
+        (folder_variant(dev, root, "no_t5", lambda f: shutil.rmtree(os.path.join(f, "text_encoder_2"))), [], 1,
          ["--model_path", "text_encoder_2/"]),
-        (_variant(dev, root, "no_t5_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer_2"))), [], 1,
+        (folder_variant(dev, root, "no_t5_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer_2"))), [], 1,
          ["--model_path", "tokenizer_2/"]),
         # a transformer whose input is wider than the packed latents (a Fill or Control transformer)
-        (_variant(dev, root, "wide", lambda f: _edit_json(os.path.join(f, "transformer", "config.json"),
+        (folder_variant(dev, root, "wide", lambda f: edit_json(os.path.join(f, "transformer", "config.json"),
                                                           in_channels=32)), [], 1,
          ["32 features per token", "4-channel latents"]),
-        (_variant(dev, root, "stochastic", lambda f: _edit_json(
+        (folder_variant(dev, root, "stochastic", lambda f: edit_json(
             os.path.join(f, "scheduler", "scheduler_config.json"), stochastic_sampling=True)), [], 1,
          ["stochastic_sampling"]),
         # FluxPipeline guides with a negative prompt only at true_cfg_scale > 1, and ignores either given alone
@@ -169,14 +157,6 @@ def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys):
     capsys.readouterr()
     run_sd(dev, tmp_path / "low", "--timesteps", "2", "--cfg_scale", "0.5", "--num_samples", "1", *SIZE)
     assert "guidance is off" not in capsys.readouterr().err
-
-
-def _edit_json(path, **values):
-    with open(path) as f:
-        config = json.load(f)
-    config.update(values)
-    with open(path, "w") as f:
-        json.dump(config, f)
 
 
 def test_parallel_sample_refusals_name_the_argument(folders, tiny_sd):
@@ -229,7 +209,7 @@ def test_dynamic_shifting_needs_mu_and_stays_refused_for_sd3(folders, tmp_path):
     small, large = flux_schedule(pipe.scheduler, 4, 0.0, 16, 16, 2), flux_schedule(pipe.scheduler, 4, 0.0, 64, 64, 2)
     assert not torch.equal(small.timesteps, large.timesteps)  # more image tokens, more shift
     sd3 = build_tiny_sd3(str(tmp_path / "sd3"))
-    _edit_json(os.path.join(sd3, "scheduler", "scheduler_config.json"), use_dynamic_shifting=True)
+    edit_json(os.path.join(sd3, "scheduler", "scheduler_config.json"), use_dynamic_shifting=True)
     with pytest.raises(InputFileError, match="use_dynamic_shifting: supported are .* dynamic shifting with "
                                              "FluxPipeline"):
         check_folder(sd3)
@@ -274,7 +254,7 @@ def test_the_guidance_default_is_the_families(folders, tmp_path):
 
 
 def _with_scheduler(folder, root, name, **values):
-    return _variant(folder, root, name, lambda f: _edit_json(os.path.join(f, "scheduler", "scheduler_config.json"),
+    return folder_variant(folder, root, name, lambda f: edit_json(os.path.join(f, "scheduler", "scheduler_config.json"),
                                                              **values))
 
 
@@ -325,10 +305,10 @@ def test_a_scheduler_that_is_not_flow_matching_is_refused_in_one_line(folders, t
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     def ddim(folder):
-        _edit_json(os.path.join(folder, "scheduler", "scheduler_config.json"), _class_name="DDIMScheduler",
+        edit_json(os.path.join(folder, "scheduler", "scheduler_config.json"), _class_name="DDIMScheduler",
                    clip_sample=False)
         _index(lambda c: c.update(scheduler=["diffusers", "DDIMScheduler"]))(folder)
-    folder = _variant(folders["dev"], str(tmp_path / "variants"), "ddim", ddim)
+    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), "ddim", ddim)
     assert _own_call_fails_or_nan(folder, 2)  # the reference: the pipeline itself cannot sample it
     check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
           ["--model_path", "scheduler_config.json", "DDIMScheduler", "flow-matching"], tmp_path, capsys)
@@ -341,7 +321,7 @@ def test_a_scheduler_that_is_not_flow_matching_is_refused_in_one_line(folders, t
                                              f"with a flow-matching scheduler"):
             parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
     # a scheduler config naming no class loads as model_index.json names it (FLUX.1's: flow matching): sampled
-    nameless = _variant(folders["dev"], str(tmp_path / "variants"), "nameless", lambda f: _drop_key(
+    nameless = folder_variant(folders["dev"], str(tmp_path / "variants"), "nameless", lambda f: _drop_key(
         os.path.join(f, "scheduler", "scheduler_config.json"), "_class_name"))
     run_dir, _ = run_sd(nameless, tmp_path / "nameless", "--timesteps", "2", "--tol1", "0", "--tol2", "0",
                         "--num_samples", "1", "--prompt", PROMPT, *SIZE)

@@ -2,7 +2,6 @@
 __call__ with DDIMScheduler swapped in (how its DPM-Solver is read) from the same initial latents, through
 parallel_sd.py and through parallel_sample, at the aspect-ratio bin the pipeline samples (the images resized back);
 1 vs 2 processes; what is not supported is refused in one line."""
-import json
 import os
 import shutil
 
@@ -12,7 +11,7 @@ import torch
 
 import parallel_sd
 from models.pipelines import parallel_sample
-from tests.conftest import read_latents, read_metrics, run_two_processes
+from tests.conftest import assert_processes_agree, edit_json, folder_variant, read_metrics
 from tests.test_bad_input import check
 from tests.tiny_models import build_tiny_pixart
 
@@ -106,45 +105,25 @@ def test_parallel_sample_on_a_loaded_pixart_pipeline_equals_its_own_call(folders
 
 
 def test_one_and_two_processes_agree(folders, tmp_path):
-    flags = ["--model_path", folders["sigma"], "--timesteps", "8", "--window_size", "8", "--num_samples", "2",
-             "--batch_size", "2", "--height", "192", "--width", "320"]
-    one, _ = run_sd(folders["sigma"], tmp_path / "one", *flags[2:])
-    two = run_two_processes("parallel_sd.py", flags, tmp_path / "two")
-    assert read_metrics(two)["world_size"] == 2
-    a, b = read_latents(one), read_latents(two)
-    assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
-
-
-def _variant(folder, root, name, edit):
-    copy = os.path.join(root, name)
-    shutil.copytree(folder, copy)
-    edit(copy)
-    return copy
-
-
-def _edit_json(path, **values):
-    with open(path) as f:
-        config = json.load(f)
-    config.update(values)
-    with open(path, "w") as f:
-        json.dump(config, f)
+    assert_processes_agree(["--model_path", folders["sigma"], "--timesteps", "8", "--window_size", "8",
+                            "--num_samples", "2", "--batch_size", "2", "--height", "192", "--width", "320"], tmp_path)
 
 
 def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys, tiny_sd):
     sigma, root = folders["sigma"], str(tmp_path / "variants")
-    transformer = lambda **values: lambda f: _edit_json(os.path.join(f, "transformer", "config.json"), **values)
+    transformer = lambda **values: lambda f: edit_json(os.path.join(f, "transformer", "config.json"), **values)
     cases = [
         # PixArt's ControlNet pipelines (diffusers' community ones): named, with what is supported
-        (_variant(sigma, root, "controlnet", lambda f: _edit_json(os.path.join(f, "model_index.json"),
+        (folder_variant(sigma, root, "controlnet", lambda f: edit_json(os.path.join(f, "model_index.json"),
                                                                   _class_name="PixArtSigmaControlNetPipeline")), [],
          1, ["PixArtSigmaControlNetPipeline", "PixArtSigmaPipeline"]),
         # a sample_size the pipeline has no bins for (its own call raises "Invalid sample size")
-        (_variant(sigma, root, "size48", transformer(sample_size=48)), [], 1,
+        (folder_variant(sigma, root, "size48", transformer(sample_size=48)), [], 1,
          ["transformer/config.json", "sample_size 48", "32, 64, 128, 256"]),
         # Sigma gives no micro-conditions: a transformer that needs them fails inside the pipeline
-        (_variant(sigma, root, "conditions", transformer(use_additional_conditions=True)), [], 1,
+        (folder_variant(sigma, root, "conditions", transformer(use_additional_conditions=True)), [], 1,
          ["use_additional_conditions"]),
-        (_variant(sigma, root, "no_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer"))), [], 1,
+        (folder_variant(sigma, root, "no_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer"))), [], 1,
          ["--model_path", "tokenizer/"]),
         (sigma, ["--max_sequence_length", "0"], 2, ["--max_sequence_length must be in 1..512", "got 0"]),
         (sigma, ["--negative_prompt", "x", "--cfg_scale", "1"], 2, ["--negative_prompt has no effect"]),

@@ -64,6 +64,9 @@ class SolveResult:
         return max(self.iterations) if self.iterations else 0
 
 
+STOP_STEP_RATIO = 1.25  # the largest TAA step on x_0, in plain steps, that the stop's final update takes
+
+
 def stop_rule(estimate, previous, stop_tol, stop_ratio, carried=True):
     """The stop rule (docs/ALGORITHM.md, equation 6): x_0's estimated remaining error E is small (<= stop_tol of
     its scale) and contracting (<= stop_ratio of the previous iteration's E; inf when the window did not reach x_0
@@ -311,6 +314,11 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                         # the safeguard: where R grew, the plain step
                         step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
                         fallbacks = bad.sum()  # read at the end, not now: no sync
+                        # the stop's update is the last, and no residual checks it: where TAA moves x_0 much
+                        # farther than the plain update (which carries the residuals E measured), the plain one
+                        if stop and lo == 0 and bool(torch.linalg.vector_norm(step[0])
+                                                     > STOP_STEP_RATIO * torch.linalg.vector_norm(R[0])):
+                            step = R
                 xw[:p].add_(step[:p] if step.shape[0] > p else step)
                 xw[p].copy_(eq.boundary_update(x, e, r1, lo, F, lo + p))  # final: not from x_p (round-off)
                 if quirks:  # the reference also updates the states above p, which passed, once more

@@ -6,8 +6,9 @@
 The runs of stop_bench.py (embedded DiT, text-to-image, Gaussian mixture; T = 25, 50, 100; eta 0 and 0.5; window =
 order = T; 10 samples per seed base, same classes, wordings and seeds) are solved once each with the stop rule off,
 recording per iteration the rule's estimate E and the distance of the x_0 estimate from the sequential sample. The
-rule only ends a sample and never changes an iterate (`paratAA.solver.stop_rule`), so where each (stop_tol,
-stop_ratio) would have stopped every run, and on what image, follows exactly from that record: a grid of rules costs
+rule only ends a sample and changes no iterate but, rarely, the x_0 of the update it ends on (the plain step where
+TAA's would go beyond STOP_STEP_RATIO plain ones: `paratAA.solver.stop_rule`), so where each (stop_tol,
+stop_ratio) would have stopped every run, and but for that case on what image, follows from that record: a grid of rules costs
 one solve per run instead of one per rule. Per rule: the settings (10 samples each) whose median stop - same image
 is above 1, the runs ending more than one gray level off (the mixture: 0.01 of the sequential x_0's std), the
 largest final difference and the mean iterations. The JSON keeps every record, to replay other rules.

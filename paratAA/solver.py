@@ -75,9 +75,9 @@ def stop_rule(estimate, previous, stop_tol, stop_ratio, carried=True):
     moves order states an update, x_0 keeps most of the error E counts, and the rule is off (the per-state test
     decides): with order 1 it ended 13-21 of 64 embedded DiT runs 1-2.5 gray levels off at windows 2-4 when it fired
     at the first iteration at x_0, and, when it waited for a contraction measured there, still 6 of 255 embedded
-    flow-model samples 1.0-1.7 levels off (a random sweep of settings). It only ends a sample and never changes an
-    iterate, so a run recorded with the rule off tells where any (stop_tol, stop_ratio) would have stopped it
-    (benchmarks/stop_sweep.py)."""
+    flow-model samples 1.0-1.7 levels off (a random sweep of settings). It ends a sample and changes no iterate
+    but, rarely, the x_0 of the update it ends on (STOP_STEP_RATIO: none of 300 held-out samples), so a run recorded
+    with the rule off tells where any (stop_tol, stop_ratio) would have stopped it (benchmarks/stop_sweep.py)."""
     return carried and stop_tol > 0 and estimate <= stop_tol and estimate <= stop_ratio * previous
 
 

@@ -316,8 +316,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                         fallbacks = bad.sum()  # read at the end, not now: no sync
                         # the stop's update is the last, and no residual checks it: where TAA moves x_0 much
                         # farther than the plain update (which carries the residuals E measured), the plain one
-                        if stop and lo == 0 and bool(torch.linalg.vector_norm(step[0])
-                                                     > STOP_STEP_RATIO * torch.linalg.vector_norm(R[0])):
+                        if stop and bool(torch.linalg.vector_norm(step[0])  # stop: the window is at x_0
+                                         > STOP_STEP_RATIO * torch.linalg.vector_norm(R[0])):
                             step = R
                 xw[:p].add_(step[:p] if step.shape[0] > p else step)
                 xw[p].copy_(eq.boundary_update(x, e, r1, lo, F, lo + p))  # final: not from x_p (round-off)

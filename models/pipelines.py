@@ -24,8 +24,9 @@ import math
 import numbers
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -56,6 +57,9 @@ class ParallelOutput:
     # call of one state per sample, per batch), sequential_measured, speedup
     speed: dict = field(default_factory=dict)
     plan: object = None       # window_size="auto": the planner's paratAA.planner.Plan (curve, choice, prediction)
+    # per image, as the pipeline's own output names it: whether its safety checker flagged the image (then black, as
+    # __call__ makes it; latents are left as sampled); None where the pipeline has no safety checker
+    nsfw_content_detected: list = None
 
 
 @torch.no_grad()
@@ -99,6 +103,8 @@ def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps
     problem = pipeline_problem(pipe)
     if problem:
         raise ValueError(f"pipe {problem}")
+    # before anything else: prompt=None beside prompt_embeds was refused for its prompt, as if none had been meant
+    check_call_only_arguments(pipe, solver)
     kind = pipeline_kind(pipe)
     is_flux = kind == flux.FLUX
     # left out: the pipeline's own __call__'s defaults (fixed ones, 7.5 and 50, sampled SDXL at guidance 7.5, not
@@ -139,12 +145,14 @@ def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps
         (bundle,) = pipeline_bundles(pipe, [conditions], negative_prompt, guidance_scale, num_inference_steps, eta,
                                      seed, num_images, height, width, device,
                                      max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale)
-    return sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, net.dtype, device)
+    return sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, net.dtype, device,
+                         screen=safety_screen(pipe, device))
 
 
-def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, dtype, device):
+def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, dtype, device, screen=None):
     """parallel_sample's run of a pipeline's bundle (runner.loop.Bundle) with checked arguments: its samples solved
-    batch by batch (the window planned on the first, each new batch size warmed up first), timed, decoded."""
+    batch by batch (the window planned on the first, each new batch size warmed up first), timed, decoded.
+    screen: the pipeline's safety checker on the decoded images (safety_screen), or None."""
     num_images, T = bundle.num_samples, bundle.schedule.num_steps
     config = config.resolve(T)
     stream, B = bundle.noise(), batch_size or num_images
@@ -196,13 +204,71 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
                       f"sampler's (out.results[b].converged)", stacklevel=4)
     latents = torch.cat(latents)
     images = bundle.decode(latents)                                                        # uint8 [N, H, W, 3]
+    flagged = None
+    if screen is not None:
+        images, flagged = screen(images)
     if output_type == "pil":
         images = [Image.fromarray(img) for img in images]
     # what the run gained, as the scripts say it: sequential sampling measured (compare_sequential) or estimated
     speed = {"sampling_seconds": seconds, "sequential_seconds": seq_seconds,
              "sequential_measured": bool(compare_sequential), "speedup": seq_seconds / seconds}
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
-                          results=results, config=config, speed=speed, plan=plan)
+                          results=results, config=config, speed=speed, plan=plan, nsfw_content_detected=flagged)
+
+
+def safety_screen(pipe, device):
+    """The pipeline's safety checker (StableDiffusionPipeline loaded with one, as from_pretrained loads SD v1.x by
+    default) as its __call__ applies it: uint8 images [N, H, W, 3] -> (the images, a flagged one black; the flags per
+    image). None where it has none. Without it a flagged image came back as sampled where pipe(...) returns it
+    black, and nothing said so."""
+    if getattr(pipe, "safety_checker", None) is None or not hasattr(pipe, "run_safety_checker"):
+        return None
+    if getattr(pipe, "feature_extractor", None) is None:  # checked before sampling: it would fail after it
+        raise ValueError("pipe has a safety_checker but no feature_extractor, which its __call__ needs for it: set "
+                         "pipe.safety_checker = None, or give it its feature_extractor")
+    # __call__ hands it its prompt embeddings' dtype: the text encoder's (the denoiser's without one)
+    encoder = getattr(pipe, "text_encoder", None)
+    dtype = encoder.dtype if encoder is not None else network(pipe).dtype
+
+    def screen(images):
+        flags = []
+        for start in range(0, len(images), 16):  # chunks, as the VAE decodes
+            # floats in [0, 1]: run_safety_checker quantises them back to these uint8 pixels for its feature extractor
+            part = images[start:start + 16].astype(np.float32) / 255
+            _, flagged = pipe.run_safety_checker(part, device, dtype)
+            flags += [bool(f) for f in flagged]
+        images = images.copy()
+        images[np.array(flags, dtype=bool)] = 0  # what __call__ makes of a flagged image: not denormalised, black
+        return images, flags
+    return screen
+
+
+# replacements for arguments of the pipelines' own __call__ that parallel_sample does not take
+CALL_ONLY = {"generator": "the noise comes from seed (pipe(latents=out.x_T) replays it)",
+             "latents": "the initial noise comes from seed (out.x_T; pipe(latents=out.x_T) replays it)",
+             "num_images_per_prompt": "give num_images (the prompts are cycled over the images)",
+             "return_dict": "it returns a ParallelOutput",
+             "prompt_embeds": "give the prompt as text", "negative_prompt_embeds": "give negative_prompt as text",
+             "callback": "the solver's iterations are not the pipeline's steps",
+             "callback_steps": "the solver's iterations are not the pipeline's steps",
+             "callback_on_step_end": "the solver's iterations are not the pipeline's steps"}
+
+
+def check_call_only_arguments(pipe, solver):
+    """TypeError naming an argument of the pipeline's own __call__ (generator, latents, num_images_per_prompt,
+    prompt_embeds, guidance_rescale, ...) given to parallel_sample, which does not take it: they reached **solver and
+    were refused as "unknown solver parameters ... (see paratAA.SolverConfig)", a list that never has them."""
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    own = {n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+    # a **kwargs of __call__ takes the deprecated ones (SD's callback); DiTPipeline's takes no prompt_embeds
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        own |= set(CALL_ONLY)
+    solver_fields = {f.name for f in fields(SolverConfig)}
+    for name in solver:
+        if name not in solver_fields and name in own:
+            hint = CALL_ONLY.get(name, "it samples what __call__ does with that argument left out")
+            raise TypeError(f"{name} is an argument of {type(pipe).__name__}.__call__ that parallel_sample does not "
+                            f"take: {hint}")
 
 
 def call_default(pipe, name, fallback):

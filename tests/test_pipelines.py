@@ -477,3 +477,86 @@ def test_max_steps_stopping_a_sample_early_is_said(tiny_sd):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged: nothing to say
         parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, max_steps=4, output_type="np")
+
+
+def test_a_safety_checker_blacks_out_flagged_images_as_the_pipelines_own_call(tiny_sd):
+    """StableDiffusionPipeline.from_pretrained loads SD v1.x with its safety checker: __call__ returns a flagged
+    image black (nsfw_content_detected), parallel_sample returned it as sampled, without a word. A stand-in checker
+    flags the second image of each batch it is given, as the real one zeroes what it flags."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    class FlagSecond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+        device = property(lambda self: self.w.device)  # the pipeline reads its parts' devices
+        dtype = property(lambda self: self.w.dtype)
+
+        def forward(self, clip_input, images):
+            assert clip_input.shape[0] == len(images)
+            flags = [i % 2 == 1 for i in range(len(images))]
+            for i in [i for i, f in enumerate(flags) if f]:
+                images[i] = 0
+            return images, flags
+
+    parts = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None,
+                                                    requires_safety_checker=False).components
+    pipe = StableDiffusionPipeline(**{**parts, "safety_checker": FlagSecond(), "feature_extractor":
+                                      CLIPImageProcessor()})
+    pipe.set_progress_bar_config(disable=True)
+    out = parallel_sample(pipe, "a handwritten digit four", num_images=2, num_inference_steps=3, guidance_scale=3.0,
+                          tol1=0, tol2=0, output_type="np")
+    with torch.no_grad():
+        ref = pipe("a handwritten digit four", num_images_per_prompt=2, num_inference_steps=3, guidance_scale=3.0,
+                   latents=out.x_T.float(), output_type="np")
+    assert np.array_equal(np.stack(out.images), (ref.images * 255).round().astype(np.uint8))
+    assert out.images[1].max() == 0 < out.images[0].max()
+    assert out.nsfw_content_detected == ref.nsfw_content_detected == [False, True]
+    pipe.feature_extractor = None  # its __call__ fails on it after sampling: refused before
+    with pytest.raises(ValueError, match="pipe has a safety_checker but no feature_extractor"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, output_type="np")
+    no_checker = parallel_sample(StableDiffusionPipeline(**parts), "a handwritten digit four", num_inference_steps=2,
+                                 output_type="np")
+    assert no_checker.nsfw_content_detected is None
+
+
+def test_arguments_of_the_pipelines_own_call_are_refused_as_such(tiny_sd, tmp_path):
+    """generator, latents, num_images_per_prompt, prompt_embeds, return_dict, guidance_rescale, ... (what a user
+    passes to pipe(...)) reached **solver and were refused as "unknown solver parameters ... (see
+    paratAA.SolverConfig)"; prompt=None with prompt_embeds was refused for the prompt alone. Each is named as an
+    argument of the pipeline's __call__, with what parallel_sample takes instead, before the model is called."""
+    from diffusers import DiTPipeline, StableDiffusionPipeline
+    from tests.tiny_models import build_tiny_dit_pipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    dit = DiTPipeline.from_pretrained(build_tiny_dit_pipeline(str(tmp_path / "dit")))
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    dit.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    embeds = torch.zeros(1, 32, 32)
+    cases = [(dict(generator=torch.Generator()), "generator .*: the noise comes from seed"),
+             (dict(latents=torch.zeros(1, 4, 8, 8)), "latents .*: the initial noise comes from seed"),
+             (dict(num_images_per_prompt=2), "num_images_per_prompt .*: give num_images"),
+             (dict(prompt=None, prompt_embeds=embeds), "prompt_embeds .*: give the prompt as text"),
+             (dict(negative_prompt_embeds=embeds), "negative_prompt_embeds .*: give negative_prompt as text"),
+             (dict(return_dict=False), "return_dict .*: it returns a ParallelOutput"),
+             (dict(callback_on_step_end=print), "callback_on_step_end .*: the solver's iterations"),
+             (dict(guidance_rescale=0.7), "guidance_rescale .*: it samples what __call__ does with that argument "
+                                          "left out"),
+             (dict(cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs .*"),
+             (dict(clip_skip=1), "clip_skip .*"), (dict(timesteps=[999, 500]), "timesteps .*")]
+    for kwargs, text in cases:
+        args = dict(prompt="a handwritten digit four", num_inference_steps=4, output_type="np") | kwargs
+        with pytest.raises(TypeError, match="^" + text.replace(" .*", " is an argument of StableDiffusionPipeline"
+                                                                       r"\.__call__ that parallel_sample does not "
+                                                                       "take")) as e:
+            parallel_sample(pipe, **args)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match=r"^generator is an argument of DiTPipeline\.__call__"):
+        parallel_sample(dit, class_labels=3, num_inference_steps=4, generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"unknown solver parameters \['prompt_embeds'\]"):  # not DiTPipeline's
+        parallel_sample(dit, class_labels=3, num_inference_steps=4, prompt_embeds=embeds)
+    # a mistyped solver parameter is still said as one
+    with pytest.raises(TypeError, match=r"unknown solver parameters \['windowsize'\]"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, windowsize=4)
+    assert not calls

@@ -190,7 +190,7 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     """The checks the scripts make on a folder, made on the loaded pipeline: before, a scheduler that clips or
     thresholds was sampled as if it did not (a result that is not the pipeline's), and a DiT or inpainting pipeline
     failed inside. A subclass of a supported pipeline is that pipeline."""
-    from diffusers import DDIMScheduler, DiTPipeline, EDMEulerScheduler, StableDiffusionPipeline
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, DiTPipeline, EDMEulerScheduler, StableDiffusionPipeline
     from tests.tiny_models import build_tiny_dit_pipeline
 
     def load():
@@ -202,6 +202,8 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     lcm.unet.register_to_config(time_cond_proj_dim=16)  # diffusers then guides through timestep_cond, not CFG
     edm = load()
     edm.scheduler = EDMEulerScheduler()  # no betas: it was read with DDIM's default ones
+    inverse = load()  # an image to its noise: read as DDIM, it was sampled as a sampler, with one warning line
+    inverse.scheduler = DDIMInverseScheduler.from_config(inverse.scheduler.config)
     other_channels = load()
     other_channels.vae.register_to_config(latent_channels=8)
     unscaled = load()
@@ -213,7 +215,8 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
                        # sampled since, with class_labels (tests/test_families.py)
                        (dit, "prompt is for the text-to-image pipelines; a DiTPipeline is conditioned on class_labels"),
                        (lcm, "pipe has a UNet with time_cond_proj_dim"),
-                       (edm, "pipe has a scheduler that is an EDM scheduler")):
+                       (edm, "pipe has a scheduler that is an EDM scheduler"),
+                       (inverse, "pipe has a scheduler that is DDIMInverseScheduler, which runs the steps backwards")):
         with pytest.raises(ValueError, match=text):
             parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, output_type="np")
 

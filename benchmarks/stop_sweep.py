@@ -1,6 +1,6 @@
 """The stop rule's tolerance and ratio, swept over many held-out samples with one solve per run.
 
-    python benchmarks/stop_sweep.py [--quick] [--seed_bases 100,300,...] [--stop_tols 0.03,0.035,0.04]
+    python benchmarks/stop_sweep.py [--quick] [--seed_bases 100,300,...] [--stop_tols 0.025,0.03,0.035]
                                     [--stop_ratios 0.35] [--out benchmarks/results/stop_sweep.json]
 
 The runs of stop_bench.py (embedded DiT, text-to-image, Gaussian mixture; T = 25, 50, 100; eta 0 and 0.5; window =
@@ -124,7 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700,1100,1300,1500",
                         help="first seeds of the sample sets, comma-separated (>= 10: the design used 0..9)")
-    parser.add_argument("--stop_tols", default="0.03,0.035,0.04", help="stop_tol values to replay, comma-separated")
+    parser.add_argument("--stop_tols", default="0.025,0.03,0.035", help="stop_tol values to replay, comma-separated")
     parser.add_argument("--stop_ratios", default="0.35", help="stop_ratio values to replay, comma-separated")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/stop_sweep.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")

@@ -53,7 +53,7 @@ class SolverConfig:
     settle: float = _param(0.1, "once the window reaches x_0, a state freezes only at an RMS residual <= settle x its "
                                 "tolerance, or at its tolerance once the residual stops halving between iterations "
                                 "(the model's round-off floor); 1: the plain per-state test (at most 1)", "float")
-    stop_tol: float = _param(0.035, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's "
+    stop_tol: float = _param(0.025, "stop rule: stop once the window reaches x_0 and the estimate E of x_0's "
                                     "remaining error is <= stop_tol * std(x_0) (and contracting, stop_ratio); 0: off; "
                                     "off also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
     stop_ratio: float = _param(0.35, "stop rule: E must also be <= stop_ratio * the previous iteration's E", "float")

@@ -281,9 +281,9 @@ def scheduler_problem(sched, kind=None):
         from diffusers import FlowMatchEulerDiscreteScheduler
         return _levels_problem(lambda: FlowMatchEulerDiscreteScheduler.from_config(sched).sigmas, "sigmas", 0,
                                zero_ok=True)
-    if "Inverse" in name:  # DDIMInverse, DPMSolverMultistepInverse: read as DDIM they sampled a sample instead
+    if "Inverse" in name:  # DDIMInverse, DPMSolverMultistepInverse: read as DDIM, a sample where __call__ inverts
         return (f"is {name}, which runs the steps backwards (an image to its noise, for inversion): supported are "
-                f"samplers' schedulers with betas, read as DDIM, and flow matching")
+                f"sampling schedulers with betas, read as DDIM, and flow matching")
     if "EDM" in name or "sigma_data" in sched:  # read as DDIM, DDIM's default betas
         return ("is an EDM scheduler (Karras noise levels sigma_min .. sigma_max, no beta schedule): supported are "
                 "schedulers with betas, read as DDIM, and flow matching")

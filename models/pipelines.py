@@ -249,9 +249,8 @@ CALL_ONLY = {"generator": "the noise comes from seed (pipe(latents=out.x_T) repl
              "num_images_per_prompt": "give num_images (the prompts are cycled over the images)",
              "return_dict": "it returns a ParallelOutput",
              "prompt_embeds": "give the prompt as text", "negative_prompt_embeds": "give negative_prompt as text",
-             "callback": "the solver's iterations are not the pipeline's steps",
-             "callback_steps": "the solver's iterations are not the pipeline's steps",
-             "callback_on_step_end": "the solver's iterations are not the pipeline's steps"}
+             **dict.fromkeys(["callback", "callback_steps", "callback_on_step_end"],
+                             "the solver's iterations are not the pipeline's steps")}
 
 
 def check_call_only_arguments(pipe, solver):

@@ -38,7 +38,7 @@ from runner.launch import host_memory_available
 from . import flux, pixart
 from .adapters import guides
 from .bundles import dit_pipeline_bundle, pipeline_bundles
-from .sd import (DIT_PIPELINE, MAX_T5_TOKENS, T5_FAMILIES, T5_NAMES, binned_size_problem, blank, network, patch_of,
+from .sd import (DIT_PIPELINE, MAX_T5_TOKENS, T5_FAMILIES, T5_NAMES, binned_size_problem, network, patch_of,
                  pipeline_kind, pipeline_problem, pixels_per_cell, read_as_ddim, sample_pixels, schedule_of,
                  undecodable, wrong_size)
 
@@ -343,8 +343,6 @@ def check_prompts(pipe, prompt, negative_prompt, guidance_scale, max_sequence_le
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    if any(blank(p) for p in prompts):
-        raise ValueError(f"prompt must not be empty, got {prompt!r}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
     for name, texts in (("prompt", prompts), ("negative_prompt", [negative_prompt or ""])):

@@ -241,12 +241,12 @@ def unscale_latents(z, config, family=None):
 
 class VAEDecoder:
     """Latents (scaled by the VAE's scaling_factor) -> uint8 images [N, H, W, 3], in chunks. family: the diffusers
-    pipeline class whose __call__ the latents are unscaled as (unscale_latents; None: the DiT scripts'). resize:
-    images [n, 3, h, w] in [-1, 1] -> [n, 3, H, W], applied before quantising, where the pipeline resizes its decoded
-    image (PixArt's resolution binning: models/pixart.py)."""
+    pipeline class whose __call__ the latents are unscaled as (unscale_latents; None: the DiT scripts'). finish:
+    images [n, 3, h, w] in [-1, 1] -> [n, 3, H, W], applied before quantising, where the pipeline's __call__ changes
+    its decoded image (PixArt's resolution binning resizes it back, models/pixart.py; SDXL's watermark)."""
 
-    def __init__(self, vae, device, chunk=16, family=None, resize=None):
-        self.vae, self.device, self.chunk, self.family, self.resize = vae, device, chunk, family, resize
+    def __init__(self, vae, device, chunk=16, family=None, finish=None):
+        self.vae, self.device, self.chunk, self.family, self.finish = vae, device, chunk, family, finish
 
     @torch.no_grad()
     def __call__(self, latents):
@@ -269,7 +269,7 @@ class VAEDecoder:
             if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
                 raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "
                                            "weights are unusable (--vae_path, or the vae/ folder of --model_path)")
-            if self.resize is not None:
-                x = self.resize(x)
+            if self.finish is not None:
+                x = self.finish(x)
             imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         return torch.cat(imgs).numpy()

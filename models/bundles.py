@@ -67,14 +67,20 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
     aspect-ratio bin (the latents' size) and resizes the images back to it."""
     eps_fn = denoiser(pipe, cfg_scale, 1.0 if true_cfg_scale is None else true_cfg_scale)
     schedule = schedule_of(pipe, T, eta, height, width)  # Flux's depends on the image size
-    resize = pixart.resize_back(height, width) if pipeline_kind(pipe) in pixart.FAMILIES else None
+    binned = pipeline_kind(pipe) in pixart.FAMILIES  # PixArt samples its aspect-ratio bin and resizes back
+    finish = pixart.resize_back(height, width) if binned else None
+    # SDXL's __call__ watermarks its decoded images where it was built with a watermarker (add_watermarker, by
+    # default when the invisible-watermark package is installed); the images here are to be the same
+    watermark = getattr(getattr(pipe, "watermark", None), "apply_watermark", None)
+    if watermark is not None:
+        finish = watermark if finish is None else lambda images, f=finish: watermark(f(images))
     height, width = sampled_size(pipe, height, width)  # what is sampled from here on
     # the latents unscaled as its __call__ does
-    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe), resize=resize)
+    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe), finish=finish)
     latent = latent_shape(pipe, height, width)
     noise = _stream_after(torch.Generator().manual_seed(seed))
     info = {**(info or {}), "negative_prompt": negative_prompt, "scheduler": _scheduler_info(pipe, height, width)}
-    if resize is not None:  # the latents' size, which the images are not (PixArt's resolution binning)
+    if binned:  # the latents' size, which the images are not
         info["sampled_size"] = [height, width]
     bundles = []
     for prompts in prompt_sets:

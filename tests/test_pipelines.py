@@ -130,6 +130,34 @@ def test_the_empty_prompt_samples_as_the_pipelines_own_call(tiny_sd):
         assert (out.latents.float() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_sdxls_watermark_is_applied_as_the_pipelines_own_call(tmp_path):
+    """StableDiffusionXLPipeline watermarks its decoded images where it has a watermarker (by default when the
+    invisible-watermark package is installed); parallel_sample returned them unmarked. A stand-in watermarker
+    mirrors the image, so that the mark is seen in every pixel."""
+    import diffusers
+    from tests.tiny_models import build_tiny_sdxl
+
+    class Mirror:
+        def apply_watermark(self, images):  # [N, 3, H, W] in [-1, 1], as the real one takes and gives them
+            return images.flip(-1)
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(str(tmp_path / "sdxl")))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.watermark = None
+    args = dict(num_images=2, num_inference_steps=4, guidance_scale=3.0, tol1=0, tol2=0, output_type="np")
+    plain = parallel_sample(pipe, "a handwritten digit four", **args)
+    pipe.watermark = Mirror()
+    marked = parallel_sample(pipe, "a handwritten digit four", **args)
+    assert torch.equal(marked.latents, plain.latents)
+    assert np.array_equal(np.stack(marked.images), np.stack(plain.images)[:, :, ::-1])
+    assert not np.array_equal(np.stack(marked.images), np.stack(plain.images))
+    with torch.no_grad():
+        ref = pipe("a handwritten digit four", num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0,
+                   latents=marked.x_T.float(), output_type="np").images
+    # the latents agree to 1e-4 of their scale, not bit for bit: a pixel may round to the next level
+    assert np.abs(np.stack(marked.images).astype(int) - (ref * 255).round().astype(int)).max() <= 1
+
+
 def test_a_unet_sample_size_of_height_and_width_is_the_default_size(tiny_sd):
     """A UNet config may give sample_size as (height, width): the pipeline's default image is then that shape (it
     was made square from the height)."""

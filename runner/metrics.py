@@ -3,6 +3,8 @@
 "Same image": the decoded x_0 estimate differs from the decoded sequential sample by at most SAME_IMAGE gray
 levels (RMS over 8-bit pixels). The run writer and the benchmarks both count iterations with it.
 """
+import math
+
 import numpy as np
 
 SAME_IMAGE = 1.0  # gray levels
@@ -23,6 +25,17 @@ def same_image_at(image_rms_history):
     return next((k for k, v in enumerate(image_rms_history) if v <= SAME_IMAGE), None)
 
 
+def same_image_summary(same):
+    """The samples' iterations_to_same_image (None: never) -> {median, max, never, samples}. A sample that never got
+    there counts as later than any iteration: the median of those that did alone came out earlier the more samples
+    missed. median None: the median sample never got there; max None: some sample never did."""
+    known = [v for v in same if v is not None]
+    median = float(np.median([math.inf if v is None else v for v in same]))
+    return {"median": median if math.isfinite(median) else None,
+            "max": max(known) if len(known) == len(same) else None,
+            "never": len(same) - len(known), "samples": len(same)}
+
+
 def speed_summary(metrics, samples):
     """The lines a run prints at its end: iterations, window, time against sequential sampling, same image."""
     speed = metrics.get("speed") or {}
@@ -41,10 +54,11 @@ def speed_summary(metrics, samples):
         text += f" (for an unfinished run: --max_steps stopped {unfinished} of {len(its)} samples early)"
     lines.append(text)
     same = speed.get("same_image_at")
-    if same and same["median"] is None:  # e.g. --max_steps ended every sample before it got there
+    if same and same["never"] == same.get("samples", len(its)):  # e.g. --max_steps ended each before it got there
         lines.append(f"no sample reached the sequential sample's image ({same['never']} of {len(its)})")
     elif same:
         never = f"; {same['never']} of {len(its)} never did" if same.get("never") else ""
-        lines.append(f"same image as sequential sampling after {same['median']:g} iterations (median; max "
+        median = f"after {same['median']:g} iterations" if same["median"] is not None else "never"
+        lines.append(f"same image as sequential sampling {median} (median; max "
                      f"{same['max'] if same['max'] is not None else 'never'}{never})")
     return lines

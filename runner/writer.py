@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import OutputError, add_kept, cannot_write, signals_held
-from .metrics import image_rms, latent_rms, same_image_at
+from .metrics import image_rms, latent_rms, same_image_at, same_image_summary
 from .rundir import portable, save_json, save_npz, save_png, upscale
 
 FINAL, STOP, CUT, EMPTY, INK = (0, 150, 60), (210, 30, 30), (235, 140, 0), (232, 232, 232), (20, 20, 20)  # grid
@@ -218,10 +218,7 @@ class RunWriter:
         same = [m["iterations_to_same_image"] for m in (self.samples if samples is None else samples)
                 if "iterations_to_same_image" in m]
         if same:
-            known = sorted(v for v in same if v is not None)
-            out["same_image_at"] = {"median": float(np.median(known)) if known else None,
-                                    "max": max(known) if len(known) == len(same) else None,
-                                    "never": len(same) - len(known)}
+            out["same_image_at"] = same_image_summary(same)
         return out
 
     def _write_metrics(self, done=None):

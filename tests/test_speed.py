@@ -132,6 +132,24 @@ def test_every_run_reports_its_speed(tmp_path, capsys, monkeypatch):
     assert set(m["indexing"]) and m["samples"][0]["stopped_by"] in ("stop rule", "boundary")
 
 
+def test_samples_that_never_reach_the_image_count_in_the_median():
+    """The median was over the samples that reached the sequential image only: with 2 of 3 missing it, it said 3
+    iterations, the count of the one sample that got there. A sample that never did counts as later than any."""
+    from runner.metrics import same_image_summary, speed_summary
+    assert same_image_summary([3, 5, 4]) == {"median": 4.0, "max": 5, "never": 0, "samples": 3}
+    assert same_image_summary([3, None, 4]) == {"median": 4.0, "max": None, "never": 1, "samples": 3}
+    assert same_image_summary([3, 4, None, None])["median"] is None  # the middle pair: 4 and never
+    assert same_image_summary([3, None, None])["median"] is None
+    metrics = {"window_size": 8}
+    samples = [{"iterations": 9}] * 3
+    lines = speed_summary({**metrics, "speed": {"same_image_at": same_image_summary([3, None, None])}}, samples)
+    assert lines[-1] == "same image as sequential sampling never (median; max never; 2 of 3 never did)"
+    lines = speed_summary({**metrics, "speed": {"same_image_at": same_image_summary([None, None, None])}}, samples)
+    assert lines[-1] == "no sample reached the sequential sample's image (3 of 3)"
+    lines = speed_summary({**metrics, "speed": {"same_image_at": same_image_summary([3, 6, None])}}, samples)
+    assert lines[-1] == "same image as sequential sampling after 6 iterations (median; max never; 1 of 3 never did)"
+
+
 def test_auto_window_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
     flags = ["--timesteps", "16", "--num_samples", "1", "--window_size", "auto"]

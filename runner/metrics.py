@@ -54,7 +54,7 @@ def speed_summary(metrics, samples):
         text += f" (for an unfinished run: --max_steps stopped {unfinished} of {len(its)} samples early)"
     lines.append(text)
     same = speed.get("same_image_at")
-    if same and same["never"] == same.get("samples", len(its)):  # e.g. --max_steps ended each before it got there
+    if same and same["never"] == same["samples"]:  # e.g. --max_steps ended each before it got there
         lines.append(f"no sample reached the sequential sample's image ({same['never']} of {len(its)})")
     elif same:
         never = f"; {same['never']} of {len(its)} never did" if same.get("never") else ""

@@ -41,7 +41,7 @@ def speed_summary(metrics, samples):
     speed = metrics.get("speed") or {}
     its = [m["iterations"] for m in samples]
     plan = metrics.get("plan")
-    how = (f"chosen for this hardware, predicted {speed.get('predicted_seconds', 0):.2f} s" if plan
+    how = (f"chosen for this hardware, predicted {speed.get('predicted_sampling_seconds', 0):.2f} s" if plan
            else "from the flags")
     lines = [f"ParaTAA: {len(its)} samples, iterations per sample {its} (window {metrics['window_size']}, {how})"]
     seq = speed.get("sequential_seconds")

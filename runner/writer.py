@@ -214,7 +214,7 @@ class RunWriter:
             out["speedup"] = out["sequential_seconds"] / wall
         plan = self.metrics.get("plan")
         if plan:
-            out["predicted_seconds"] = self.predicted
+            out["predicted_sampling_seconds"] = self.predicted  # the plan's predicted_seconds is its first batch's
         same = [m["iterations_to_same_image"] for m in (self.samples if samples is None else samples)
                 if "iterations_to_same_image" in m]
         if same:

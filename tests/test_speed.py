@@ -348,7 +348,7 @@ def test_the_prediction_of_a_smaller_last_batch_is_at_its_own_size(tmp_path, mon
     monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
     _, m = run(tmp_path / "a", "--timesteps", "10", "--num_samples", "3", "--batch_size", "2", "--window_size", "auto")
     assert m["plan"]["window"] == 1 and m["plan"]["predicted_seconds"] == pytest.approx(10 * 0.02)
-    assert m["speed"]["predicted_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
+    assert m["speed"]["predicted_sampling_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
 
 
 def test_grid_row_labels_are_one_readable_line():
@@ -468,7 +468,7 @@ def test_a_cached_curve_predicts_in_this_runs_time(tmp_path, monkeypatch):
     plan, speed = m["plan"], m["speed"]
     assert not plan["measured"] and plan["predicted_sequential_seconds"] == pytest.approx(speed["sequential_seconds"])
     assert speed["sequential_seconds"] == pytest.approx(16 * m["per_call_seconds"])
-    assert speed["predicted_seconds"] == pytest.approx(plan["predicted_seconds"])  # one batch: the plan's
+    assert speed["predicted_sampling_seconds"] == pytest.approx(plan["predicted_seconds"])  # one batch: the plan's
     # the cached curve twice the measured one, the solver's work nothing: the same window and speed-up
     assert plan["window"] == first["plan"]["window"] > 1 and plan["curve_scale"] == pytest.approx(0.5)
     assert plan["predicted_speedup"] == pytest.approx(first["plan"]["predicted_speedup"])

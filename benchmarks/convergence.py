@@ -131,9 +131,11 @@ def sequential_reference(bench, schedule, noise, cond, **kwargs):
 
 
 def solve_on(bench, schedule, noise, cond, **solver_kwargs):
-    """paratAA.solve on the bench's model, its calls split across the launch's processes."""
+    """paratAA.solve on the bench's model, its calls split across the launch's processes, the stop judged on the
+    decoded image as the scripts judge it."""
     s = bench.session
-    return solve(bench.eps_fn, schedule, noise, cond, model_dtype=s.model_dtype, sharding=s.sharding, **solver_kwargs)
+    return solve(bench.eps_fn, schedule, noise, cond, model_dtype=s.model_dtype, sharding=s.sharding,
+                 image_fn=bench.decode.levels, **solver_kwargs)
 
 
 def measure(bench, schedule, noise, cond, ref, labels=None, keep=None, **solver_kwargs):

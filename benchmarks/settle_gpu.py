@@ -38,13 +38,13 @@ def main(args):
               "rows": []}
     for name in ["text-to-image", "embedded DiT"]:
         for base in bases:
-            eps, schedule, noise_of, cond, distance, dtype = problems(n, base, device)[name]
+            eps, schedule, noise_of, cond, distance, dtype, image = problems(n, base, device)[name]
             sched, noise = schedule(100, 0.0), noise_of(100)
             ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
             for W in windows:
                 for variant, kw in VARIANTS.items():
                     t0 = time.perf_counter()
-                    stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref,
+                    stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, image, ref,
                                                           dict(kw, window_size=W))
                     r = dict(model=name, seed_base=base, window=W, variant=variant, iterations=stops,
                              evaluations=statistics.mean(evals), same=sames, final_over_threshold=finals,

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from benchmarks.convergence import check_out_file, command_line, write_json  # noqa: E402
 from models import digits  # noqa: E402
-from models.adapters import DiTDenoiser, SDDenoiser  # noqa: E402
+from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline, read_json  # noqa: E402
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
@@ -43,15 +43,18 @@ GPU_MODELS = {"DiT-XL/2 256": 4 * 32 * 32, "SD1.5 UNet 512": 4 * 64 * 64}  # nam
 
 
 def problems(T, quick):
-    """(name, eps_fn, schedule, noise, cond) of the two CPU settings."""
+    """(name, eps_fn, schedule, noise, cond, image_fn) of the two CPU settings: image_fn, the decode the scripts give
+    the stop rule's image test."""
     pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     t2i = ("text-to-image, 1 sample", SDDenoiser(pipe.unet, SD_CFG_SCALE), pipeline_schedule(pipe, T),
            noise_from_seeds([7], T, latent_shape(pipe, size, size)),
-           encode(pipe, ["a handwritten digit seven"], "", torch.device("cpu")))
+           encode(pipe, ["a handwritten digit seven"], "", torch.device("cpu")),
+           VAEDecoder(pipe.vae, torch.device("cpu")).levels)
     n = 4 if quick else 10
     dit = ("DiT, batch of 10" if not quick else f"DiT, batch of {n}", DiTDenoiser(digits.load_embedded_dit(),
-           DIT_CFG_SCALE), dit_schedule(T), noise_from_seeds(range(n), T, (4, 4, 4)), torch.arange(n) % 10)
+           DIT_CFG_SCALE), dit_schedule(T), noise_from_seeds(range(n), T, (4, 4, 4)), torch.arange(n) % 10,
+           VAEDecoder(digits.load_embedded_vae(), torch.device("cpu")).levels)
     return [t2i, dit]
 
 
@@ -66,7 +69,7 @@ def cpu_table(T, repeats, quick):
     print(f"CPU, {torch.get_num_threads()} threads, T = {T}, min / median of {repeats} runs (seconds)\n")
     print("| setting | method | window | iterations (max over samples) | seconds (min / median) | vs sequential |")
     print("|---|---|---|---|---|---|")
-    for name, eps, schedule, noise, cond in problems(T, quick):
+    for name, eps, schedule, noise, cond, image in problems(T, quick):
         config = SolverConfig()
         t_plan, plan = timed(lambda: plan_window(eps, schedule, noise, cond, config, Sharding(), torch.float32,
                                                  solve=solve))
@@ -78,7 +81,8 @@ def cpu_table(T, repeats, quick):
                 if W is None:
                     seconds, _ = timed(lambda: sample_sequential(eps, schedule, noise, cond))
                 else:
-                    seconds, out = timed(lambda: solve(eps, schedule, noise, cond, config, window_size=W))
+                    seconds, out = timed(lambda: solve(eps, schedule, noise, cond, config, window_size=W,
+                                                       image_fn=image))
                     iterations[label] = max(out.iterations)
                 times[label].append(seconds)
         seq = statistics.median(times["sequential"])

@@ -48,6 +48,7 @@ from runner.metrics import SAME_IMAGE, image_rms, latent_rms  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RULES = {"default (stop rule, tol 1e-4)": {},
+         "stop rule on the latent (before)": dict(stop_image_tol=0.0),
          "stop rule, settle 1 (before)": dict(settle=1.0),
          "per-state, tol 3e-4 (before)": dict(stop_tol=0.0, tol1=3e-4, tol2=3e-4, settle=1.0),
          "per-state, tol 1e-3 (reference)": dict(stop_tol=0.0, tol1=1e-3, tol2=1e-3, settle=1.0)}
@@ -59,13 +60,15 @@ GMM_SAME = 0.01  # of the sequential x_0's std
 
 
 def problems(n, seed_base=100, device=torch.device("cpu")):
-    """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype).
+    """name -> (eps_fn, schedule(T, eta), noise(T), cond, distance(x0s, ref) -> (list, threshold), model dtype,
+    image_fn: the decoded image in gray levels, for the stop rule as the scripts give it; None for the mixture).
     device: where the embedded denoisers run. Prompts are encoded and images decoded on the CPU whatever it is, so
     that only the denoiser differs between devices (the mixture's exact float64 model stays on the CPU)."""
     cpu = torch.device("cpu")
     dit = digits.load_embedded_dit().to(device)
     dit_decode = VAEDecoder(digits.load_embedded_vae(), cpu)
     pipe = load_pipeline(EMBEDDED_SD, cpu, torch.float32)
+    sd_decode = VAEDecoder(pipe.vae, cpu)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = [f"a digit {NAMES[c]}" if c % 2 == 0 else f"handwritten digit {NAMES[c]}" for c in range(n)]
     seeds = range(seed_base, seed_base + n)
@@ -86,13 +89,13 @@ def problems(n, seed_base=100, device=torch.device("cpu")):
     return {
         "embedded DiT": (DiTDenoiser(dit, 4.0), dit_schedule,
                          lambda T: noise_from_seeds(seeds, T, (4, 4, 4)).to(device), (torch.arange(n) % 10).to(device),
-                         images(dit_decode), torch.float32),
+                         images(dit_decode), torch.float32, dit_decode.levels),
         "text-to-image": (SDDenoiser(pipe.unet.to(device), 5.0), lambda T, eta: pipeline_schedule(pipe, T, eta),
                           lambda T: noise_from_seeds(seeds, T, latent_shape(pipe, size, size)).to(device),
                           {k: v.to(device) for k, v in encode(pipe, prompts, "", cpu).items()},
-                          images(VAEDecoder(pipe.vae, cpu)), torch.float32),
+                          images(sd_decode), torch.float32, sd_decode.levels),
         "Gaussian mixture": (gmm_eps, dit_schedule, lambda T: noise_from_seeds(seeds, T, (4, 32, 32)),
-                             torch.arange(n), latents, torch.float64),
+                             torch.arange(n), latents, torch.float64, None),
     }
 
 
@@ -100,10 +103,10 @@ def row(cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-def measure(eps, sched, noise, cond, distance, dtype, ref, kw):
+def measure(eps, sched, noise, cond, distance, dtype, image, ref, kw):
     """Solve with the overrides kw; per sample: the stop, the first iterate that is the sequential sample ref's
     (None: never), the final difference over the threshold (above 1: the run ended off) and the evaluations."""
-    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, **kw)
+    res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, image_fn=image, **kw)
     stops, sames, finals = [], [], []
     for b, h in enumerate(res.history):
         d, threshold = distance(h.x0, ref[b])
@@ -131,13 +134,13 @@ def stop_table(steps, etas, n, rules, seed_base=100):
          "stop - same (median / max; samples that reach it)",
          "runs ending off", "max final difference (x threshold)"])
     row(["---"] * 9)
-    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, seed_base).items():
+    for name, (eps, schedule, noise_of, cond, distance, dtype, image) in problems(n, seed_base).items():
         for T in steps:
             for eta in etas:
                 sched, noise = schedule(T, eta), noise_of(T)
                 ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
                 for rule, kw in rules.items():
-                    stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
+                    stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, image, ref, kw)
                     lag = [a - b for a, b in zip(stops, sames) if b is not None]
                     s = {**outcome(stops, sames, finals, evals), "lag_median": statistics.median(lag),
                          "lag_max": max(lag)}
@@ -156,12 +159,12 @@ def window_table(windows, n, slide_tol, seed_base):
     row(["model", "window", "rule", "stop (median / max / mean)", "same (median / max)", "runs ending off",
          "max final difference (x threshold)"])
     row(["---"] * 7)
-    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, seed_base).items():
+    for name, (eps, schedule, noise_of, cond, distance, dtype, image) in problems(n, seed_base).items():
         sched, noise = schedule(100, 0.0), noise_of(100)
         ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
         for W in windows:
             for rule, kw in rules.items():
-                stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, ref,
+                stops, sames, finals, evals = measure(eps, sched, noise, cond, distance, dtype, image, ref,
                                                       dict(kw, window_size=W))
                 out[f"{name} W={W} {rule}"] = s = outcome(stops, sames, finals, evals)
                 row([name, W, rule, f"{statistics.median(stops):g} / {max(stops)} / {statistics.mean(stops):.1f}",

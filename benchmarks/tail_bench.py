@@ -32,13 +32,13 @@ MODELS = ("embedded DiT", "text-to-image")
 def tail(bases, T, n):
     out = {v: {"same": [], "stop": [], "off": 0, "samples": []} for v in VARIANTS}
     for base in bases:
-        for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(n, base).items():
+        for name, (eps, schedule, noise_of, cond, distance, dtype, image) in problems(n, base).items():
             if name not in MODELS:
                 continue
             sched, noise = schedule(T, 0.0), noise_of(T)
             ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
             for v, kw in VARIANTS.items():
-                stops, sames, finals, _ = measure(eps, sched, noise, cond, distance, dtype, ref, kw)
+                stops, sames, finals, _ = measure(eps, sched, noise, cond, distance, dtype, image, ref, kw)
                 out[v]["same"] += sames
                 out[v]["stop"] += stops
                 out[v]["off"] += sum(f > 1 for f in finals)

@@ -1,4 +1,5 @@
 """Model adapters: wrap a network as the noise-prediction callable eps_fn(x, timesteps, cond) the solver takes."""
+import numpy as np
 import torch
 
 from paratAA import NonFiniteModelOutput
@@ -250,26 +251,38 @@ class VAEDecoder:
 
     @torch.no_grad()
     def __call__(self, latents):
+        return self._upcast(lambda: np.concatenate([_quantise(x) for x in self._pixels(latents)]))
+
+    @torch.no_grad()
+    def levels(self, latents):
+        """Latents -> float64 images [N, 3, H, W] in gray levels (0..255, not rounded), on the decoder's device: the
+        image the stop rule compares between iterations (paratAA.solve's image_fn)."""
+        return self._upcast(lambda: torch.cat([(x.double().clamp(-1, 1) + 1) * 127.5
+                                               for x in self._pixels(latents)]))
+
+    def _upcast(self, run):
         # a user's float16 pipeline (parallel_sample; the scripts' load_pipeline keeps such a VAE in float32): cast
         # for the decode and given back in float16, as SDXL's __call__ does
         upcast = decodes_in_float32(self.vae)
         if upcast:
             torch.nn.Module.to(self.vae, torch.float32)  # diffusers' own .to(dtype) warns about casting
         try:
-            return self._decode(latents)
+            return run()
         finally:
             if upcast:
                 torch.nn.Module.to(self.vae, torch.float16)
 
-    def _decode(self, latents):
-        imgs = []
+    def _pixels(self, latents):
+        """The decoded images [n, 3, H, W] in [-1, 1] (finish applied), chunk by chunk."""
         for part in latents.split(self.chunk):
             z = unscale_latents(part.to(self.device, self.vae.dtype), self.vae.config, self.family)
             x = self.vae.decode(z).sample
             if not torch.isfinite(x).all():  # as uint8 every NaN would be a black pixel, and the run a success
                 raise NonFiniteModelOutput("the VAE decoder returned non-finite pixels from finite latents: its "
                                            "weights are unusable (--vae_path, or the vae/ folder of --model_path)")
-            if self.finish is not None:
-                x = self.finish(x)
-            imgs.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        return torch.cat(imgs).numpy()
+            yield x if self.finish is None else self.finish(x)
+
+
+def _quantise(x):
+    """Images [n, 3, H, W] in [-1, 1] -> uint8 [n, H, W, 3], on the host."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -50,11 +50,12 @@ def dit_bundle(args, session):
             labels = torch.randint(0, args.num_classes, (S,), generator=g)
         return labels, _stream_after(g)
 
+    decode = VAEDecoder(dit.vae, session.device, family=dit.family)
     return Bundle(eps_fn=dit.eps_fn, schedule=schedule,
                   num_samples=S, latent=latent, noise=lambda: draw()[1](S, args.timesteps, latent),
                   cond=lambda start, stop: draw()[0][start:stop].to(session.device),
                   label=lambda i: {"class_label": int(draw()[0][i])},
-                  decode=VAEDecoder(dit.vae, session.device, family=dit.family), cond_bytes=8,
+                  decode=decode, image=decode.levels, cond_bytes=8,
                   info={"model": args.model, "scheduler": scheduler})
 
 
@@ -96,7 +97,7 @@ def pipeline_bundles(pipe, prompt_sets, negative_prompt, cfg_scale, T, eta, seed
         bundles.append(Bundle(eps_fn=eps_fn, schedule=schedule, num_samples=num_samples, latent=latent,
                               noise=lambda: noise(num_samples, T, latent), cond=cond,
                               label=lambda i, prompts=prompts: {"prompt": prompts[i % len(prompts)]}, decode=decode,
-                              cond_bytes=row_bytes, info=info))
+                              image=decode.levels, cond_bytes=row_bytes, info=info))
     return bundles
 
 
@@ -143,12 +144,13 @@ def dit_pipeline_bundle(pipe, labels, cfg_scale, T, eta, seed, num_samples, heig
         return x_T, _stream_after(g)
 
     # the steps' noise, [T, *latent] per sample: a NoiseStream of T - 1 steps (it draws T + 1 a sample)
+    decode = VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe))
     return Bundle(eps_fn=pipeline_denoiser(pipe, cfg_scale), schedule=schedule_of(pipe, T, eta, height, width),
                   num_samples=num_samples, latent=latent,
                   noise=lambda: _GivenStart(draw()[0], draw()[1](num_samples, T - 1, latent)),
                   cond=lambda start, stop: labels[start:stop].to(device),
                   label=lambda i: {"class_label": int(labels[i])},
-                  decode=VAEDecoder(pipe.vae, device, family=pipeline_kind(pipe)), cond_bytes=8,
+                  decode=decode, image=decode.levels, cond_bytes=8,
                   info={"scheduler": _scheduler_info(pipe, height, width)})
 
 

@@ -181,7 +181,7 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
         sync(device)
         t0 = time.perf_counter()
         res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, model_dtype=dtype, sharding=sharding,
-                    record_x0=True)
+                    record_x0=True, image_fn=bundle.image)
         sync(device)
         seconds += time.perf_counter() - t0
         if compare_sequential:

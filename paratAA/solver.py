@@ -6,7 +6,8 @@ float64; the model runs in its own dtype.
 
 The test (docs/ALGORITHM.md, section 4): a state converges at RMS(residual) <= its tolerance; while the window is
 short of x_0 the states that would freeze together must also pass as a block (block_tol), and once it reaches x_0
-a state must settle first (settle), and the stop rule may end the sample.
+a state must settle first (settle), and the stop rule may end the sample: by x_0's estimated error (stop_tol) or,
+where the caller shows the solver the sample's image, by one test of the image (stop_image_tol).
 
 Boundary rule. After the test, with p the highest (noisiest) unconverged state of the window:
   - states above p passed the test and are frozen at the values that passed it;
@@ -45,6 +46,7 @@ class SampleHistory:
     fallbacks: list = field(default_factory=list)    # states whose TAA problem was unusable (plain step)
     x0: list = field(default_factory=list)           # x_0 estimate before iteration 1 and after each one
     estimate: list = field(default_factory=list)     # stop rule's E / std(x_0) (nan: window short of x_0)
+    image_estimate: list = field(default_factory=list)  # the image test's G, gray levels (nan: no test)
     stopped: bool = False                            # ended by the stop rule (not by the boundary reaching 0)
 
 
@@ -65,6 +67,23 @@ class SolveResult:
 
 
 STOP_STEP_RATIO = 1.25  # the largest TAA step on x_0, in plain steps, that the stop's final update takes
+# The image test (equation 7) is made once per sample, at the first iteration whose E is contracting and at most
+# this (and above stop_tol, where E alone stops): it costs two decodes, and on the design samples a test at
+# E <= 0.05-0.07 stopped more of them one iteration after the image was final than one at 0.1, where the image was
+# more often not yet final and the test, failing, left the stop to E (BENCHMARKS.md, section 1)
+IMAGE_TEST_BELOW = 0.07
+
+
+def image_estimate(change, moved, estimate):
+    """The image stop rule's G (docs/ALGORITHM.md, equation 7): how far, in the image's units (gray levels), the
+    image before the iteration's update is from the final one. change: RMS change of the image in the update;
+    moved: RMS change of x_0 in it, over std(x_0); estimate: E. The update moves x_0 by about the error E counts,
+    less what cancels or has not reached x_0 yet (an error still travelling down the window), so the image change
+    is scaled by E / moved (>= 1: a TAA step larger than E counts as it is). An update that moved nothing is an
+    error that has not arrived (inf) unless E is 0 too."""
+    if moved <= 0:
+        return 0.0 if estimate <= 0 and change <= 0 else math.inf
+    return change * max(1.0, estimate / moved)
 
 
 def stop_rule(estimate, previous, stop_tol, stop_ratio, carried=True):
@@ -101,7 +120,7 @@ def state_bytes(config, T, D, batch):
 
 @torch.no_grad()  # nothing here is differentiated; an eps_fn needing gradients enables them (denoiser.py)
 def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variation_steps=None,
-          model_dtype=torch.float32, sharding=None, record_x0=False, callback=None, **overrides):
+          model_dtype=torch.float32, sharding=None, record_x0=False, callback=None, image_fn=None, **overrides):
     """Solve the triangular DDIM system of B independent samples in parallel.
 
     eps_fn: noise prediction (see denoiser.py). schedule: paratAA.Schedule with T steps.
@@ -114,11 +133,17 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     sharding: paratAA.Sharding splitting each model call across processes (default: this process only).
     record_x0: keep the x_0 estimate (the lowest state reached) before and after every iteration.
     callback(iteration, boundaries): called after every iteration, e.g. for a progress bar.
+    image_fn(x0 [1, *latent] float64) -> the sample's image as a float tensor in gray levels (e.g. a VAE decode,
+        not rounded): the stop rule may then also stop a sample by its image (stop_image_tol, equation 7), one test
+        per sample near its end, which calls image_fn twice; every process calls it, and the main one's result
+        decides.
     """
     if isinstance(cond, SolverConfig):
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
                         "pass the SolverConfig as config=...")
     check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding, callback)
+    if image_fn is not None and not callable(image_fn):
+        raise TypeError(f"image_fn must be callable (x_0 latents -> image) or None, got {type(image_fn).__name__}")
     T = schedule.num_steps
     config = SolverConfig.with_overrides(config, overrides, "solve").resolve(T)
     if variation_steps is not None:
@@ -138,6 +163,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     stop_tol = 0.0 if config.exact else config.stop_tol
     stop_ratio, taa_guard = config.stop_ratio, config.taa_guard
     carried = order >= min(window_size, T)  # each update carries every residual to x_0 (stop_rule)
+    # the image test (equation 7), where the caller can show the solver its image
+    by_image = image_fn is not None and stop_tol > 0 and config.stop_image_tol > 0 and carried
     sharding = sharding or Sharding()
     if window_size == 1:  # one state per iteration is sequential sampling itself: no solver work is needed
         return _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variation_steps, model_dtype,
@@ -163,6 +190,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     positions = torch.arange(T, dtype=torch.float64, device=device)         # window positions, for the test
     one = torch.ones((), dtype=torch.float64, device=device)
     last_estimate = [math.inf] * B
+    tested = [not by_image] * B  # the sample had its image test (equation 7)
     threshold = torch.clamp(tol2 * sched.sigma, min=tol1)                    # [T] per-state tolerance
     # slide_tol (opt-in): while the window is short of x_0 its slide is what costs iterations, so the test is
     # loosened there, scaled so that the states one iteration freezes (at most a window of them, whose defects point
@@ -290,11 +318,18 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                     raise FloatingPointError(f"the states of sample {b} became NaN at iteration {it} with finite "
                                              f"model outputs: the schedule's coefficients or the noise are unusable")
             p, fallbacks = int(read[0]), 0
-            estimate, stop = math.nan, False
+            estimate, stop, looking, judged = math.nan, False, False, math.nan
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
                 estimate = read[2] / max(read[3], 1e-12)
                 stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio, carried)
+                # where E alone does not stop yet: once, judge the image the update leaves (equation 7)
+                looking = not (stop or tested[b]) and estimate <= IMAGE_TEST_BELOW and \
+                    estimate <= stop_ratio * last_estimate[b]
             last_estimate[b] = estimate if lo == 0 else math.inf
+            if looking:  # x_0 and its image before the update
+                tested[b] = True
+                x0_before = x[0].clone()
+                image_before = _image(image_fn, x0_before, latent)
             if p < 0:  # every window state passed: one more plain update, no model call (as the
                 xw.add_(eq.residual(x, e, r1, lo, F))  # reference does), then all are frozen
                 new_boundary = lo
@@ -324,6 +359,12 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 if quirks:  # the reference also updates the states above p, which passed, once more
                     xw[p + 1:].add_(R[p + 1:])
                 new_boundary = lo + p
+            if looking and new_boundary > 0:
+                change = float((_image(image_fn, x[0], latent) - image_before).pow(2).mean().sqrt())
+                moved = float((x[0] - x0_before).pow(2).mean().sqrt()) / max(read[3], 1e-12)
+                # every process decides on the main one's value: their decoders need not agree to the last bit
+                judged = sharding.from_main(image_estimate(change, moved, estimate))
+                stop = judged <= config.stop_image_tol
             if stop:  # the stop rule: x_0 (just updated) is final
                 new_boundary = 0
                 stopped[b] = True
@@ -337,6 +378,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             h.evaluations.append(F - lo)
             h.fallbacks.append(fallbacks)
             h.estimate.append(estimate)
+            h.image_estimate.append(judged)
             h.stopped = stopped[b]
             if record_x0:
                 h.x0.append(X[b, lowest[b]].reshape(latent).to("cpu", copy=True))
@@ -351,6 +393,15 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                        iterations=iterations, converged=[f == 0 for f in boundary],
                        evaluations=[sum(h.evaluations) for h in history], history=history, config=config,
                        plan=plan)
+
+
+def _image(image_fn, x0, latent):
+    """image_fn on one sample's x_0 (float64 [D] -> [1, *latent]), as a float64 tensor."""
+    image = image_fn(x0.reshape(1, *latent))
+    if not torch.is_tensor(image) or not image.is_floating_point():
+        raise TypeError(f"image_fn must return a floating-point tensor, got "
+                        f"{image.dtype if torch.is_tensor(image) else type(image).__name__}")
+    return image.to(torch.float64)
 
 
 def _cat(parts):
@@ -382,6 +433,7 @@ def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variat
             h.evaluations.append(1)
             h.fallbacks.append(0)
             h.estimate.append(math.nan)
+            h.image_estimate.append(math.nan)
             if record_x0:
                 h.x0.append(X[b, s].to("cpu", copy=True))
         if callback is not None:

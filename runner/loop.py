@@ -35,7 +35,9 @@ class Bundle:
     noise() -> a fresh paratAA.NoiseStream of num_samples samples [T+1, *latent] (the same values every time);
     cond(start, stop) -> the conditioning of samples start..stop-1 ([n, ...] tensor, dict of tensors, or None);
     label(i) -> what sample i is conditioned on, for metrics.json ({"class_label": 3} or {"prompt": "..."});
-    decode(latents [N, *latent]) -> uint8 images [N, H, W, 3]."""
+    decode(latents [N, *latent]) -> uint8 images [N, H, W, 3];
+    image(latents [N, *latent]) -> float images in gray levels, unrounded: what the stop rule compares (solve's
+    image_fn; None: it judges the latent)."""
     eps_fn: Callable
     schedule: Schedule
     num_samples: int
@@ -44,6 +46,7 @@ class Bundle:
     cond: Callable
     label: Callable
     decode: Callable
+    image: Callable = None
     cond_bytes: int = 0                       # bytes of one sample's conditioning
     info: dict = field(default_factory=dict)  # recorded in metrics.json (model, model_path, ...)
 
@@ -178,7 +181,7 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
                 try:
                     res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, init=first,
                                 variation_steps=variation_steps, model_dtype=session.model_dtype,
-                                sharding=session.sharding, record_x0=True,
+                                sharding=session.sharding, record_x0=True, image_fn=bundle.image,
                                 callback=lambda it, bounds: it_bar.update(1))
                 except NonFiniteModelOutput as e:
                     raise NonFiniteModelOutput(f"{e}{_non_finite_hint(args)}") from None

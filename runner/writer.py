@@ -35,8 +35,9 @@ MAX_TILE, LABEL_CHARS = 128, 32  # grid tile size (pixels) and row label length 
 
 HEARTBEAT = 10.0     # seconds between heartbeats of a live run
 INDEXING = {  # how metrics.json's per-iteration lists are indexed
-    "residual_history, boundary_history, stop_estimate_history":
-        "entry k is iteration k + 1 (one entry per iteration; the stop estimate is null before the window reaches x_0)",
+    "residual_history, boundary_history, stop_estimate_history, stop_image_history":
+        "entry k is iteration k + 1 (one entry per iteration; the stop estimate is null before the window reaches x_0, "
+        "the image estimate where the stop rule did not decode the image)",
     "image_rms_history, sequential_distance_history, sample_<i>/step_<k>.png":
         "entry k is the x_0 estimate after iteration k; entry 0 is the initial state (before iteration 1)",
     "iterations_to_same_image": "the first k of image_rms_history within 1 gray level (0: already the initial state)",
@@ -141,7 +142,8 @@ class RunWriter:
                  "converged": bool(res.converged[j]), "model_evaluations": res.evaluations[j],
                  "residual_history": h.residual, "boundary_history": h.boundary, "taa_fallbacks": sum(h.fallbacks),
                  "stopped_by": "stop rule" if h.stopped else "boundary" if res.converged[j] else "max_steps",
-                 "stop_estimate_history": [None if math.isnan(v) else v for v in h.estimate]}
+                 "stop_estimate_history": [None if math.isnan(v) else v for v in h.estimate],
+                 "stop_image_history": [v if math.isfinite(v) else None for v in h.image_estimate]}
             if seq is not None:
                 m["sequential_distance_history"] = [latent_rms(x, seq[j]) for x in x0]
                 m["image_rms_history"] = [image_rms(img, seq_imgs[j]) for img in imgs]

@@ -203,23 +203,31 @@ def test_stop_sweep_replays_what_the_solver_does(tmp_path):
     bench("stop_sweep.py", "--seed_bases", "200", "--stop_tols", "0.01,0.2", "--stop_ratios", "0.2,1",
           "--out", str(tmp_path / "sweep.json"))
     sweep = read(tmp_path / "sweep.json")
-    assert len(sweep["runs"]) == 9 and len(sweep["rules"]) == 4  # 3 models x 3 samples; 2 x 2 rules
-    rules = ((0.01, 0.2), (0.2, 1.0), (0.2, 0.2))  # the third stops later than the second: its ratio binds
+    # 3 models x 3 samples; 2 x 2 rules, on the latent and (stop_image_tol 1.2) on the image
+    assert len(sweep["runs"]) == 9 and len(sweep["rules"]) == 8
+    assert [r["stop_image_tol"] for r in sweep["rules"]] == [0.0] * 4 + [1.2] * 4
+    # (stop_tol, stop_ratio, stop_image_tol); the third stops later than the second: its ratio binds
+    rules = ((0.01, 0.2, 0.0), (0.2, 1.0, 0.0), (0.2, 0.2, 0.0), (0.025, 0.35, 0.0), (0.025, 0.35, 1.2),
+             (0.025, 0.35, 1e3))
     stops = {rule: [] for rule in rules}
-    for name, (eps, schedule, noise_of, cond, distance, dtype) in problems(3, 200).items():
+    for name, (eps, schedule, noise_of, cond, distance, dtype, image) in problems(3, 200).items():
         runs = [r for r in sweep["runs"] if r["model"] == name]
+        assert all(("image_change" in r) == (image is not None) for r in runs)
         sched, noise = schedule(25, 0.0), noise_of(25)
         ref = sample_sequential(eps, sched, noise, cond, model_dtype=dtype)[:, 0]
-        for tol, ratio in rules:
-            res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, stop_tol=tol, stop_ratio=ratio)
+        for tol, ratio, image_tol in rules:
+            res = solve(eps, sched, noise, cond, record_x0=True, model_dtype=dtype, stop_tol=tol, stop_ratio=ratio,
+                        stop_image_tol=image_tol, image_fn=image)
             for b, r in enumerate(runs):
-                k = replay(r["estimate"], tol, ratio)
+                k = replay(r, tol, ratio, image_tol)
                 d, threshold = distance([res.samples[b]], ref[b])
-                assert res.iterations[b] == k, (name, b, tol)
+                assert res.iterations[b] == k, (name, b, tol, image_tol)
                 assert d[0] / threshold == pytest.approx(r["distance"][k], rel=1e-6, abs=1e-9), (name, b, tol)
-                stops[tol, ratio].append(k)
-    # the rules stop at different iterations, or the check would prove little
-    assert len({tuple(v) for v in stops.values()}) == 3, stops
+                stops[tol, ratio, image_tol].append(k)
+    # the rules stop at different iterations, or the check would prove little: the latent ones, and the image test
+    # (one that passes whatever the image stops earlier than E alone)
+    assert len({tuple(stops[rule]) for rule in rules[:3]}) == 3, stops
+    assert stops[0.025, 0.35, 1e3] != stops[0.025, 0.35, 0.0], stops
 
 
 def test_tail_benchmark_quick(tmp_path):

@@ -201,3 +201,92 @@ def test_the_stops_update_does_not_take_a_taa_step_far_beyond_the_plain_one():
     decode = VAEDecoder(pipe.vae, torch.device("cpu"))
     ours, ref = (decode(x.float()).astype(np.float64) for x in (out.samples, seq))
     assert np.sqrt(((ours - ref) ** 2).reshape(3, -1).mean(1)).max() <= 1
+
+
+class Images:
+    """image_fn for the mixture: x_0 itself, times scale, counting its calls and the E each call came at."""
+
+    def __init__(self, scale):
+        self.scale, self.calls = scale, 0
+
+    def __call__(self, x0):
+        self.calls += 1
+        return self.scale * x0
+
+
+def test_the_image_test_judges_what_image_fn_shows():
+    """With image_fn each sample has one image test (equation 7), at the first iteration whose E is contracting and
+    at most IMAGE_TEST_BELOW but above stop_tol: an image that cannot move (scale 0) stops it there, one far more
+    sensitive than gray levels (scale 1e9) never, and then E alone ends the run, iterate for iterate as without
+    image_fn (the test changes no iterate). Two decodes per sample at most."""
+    from paratAA.solver import IMAGE_TEST_BELOW
+    model, schedule, noise = gmm_problem(50, batch=3, latent=(4, 16, 16), eta=0.5, seed=2)
+    kw = dict(model_dtype=torch.float64, record_x0=True)
+    latent_rule = solve(model, schedule, noise, **kw)
+    blind, keen = Images(0.0), Images(1e9)
+    at_once = solve(model, schedule, noise, image_fn=blind, **kw)
+    never = solve(model, schedule, noise, image_fn=keen, **kw)
+    tests = 0
+    for b in range(3):
+        E = latent_rule.history[b].estimate
+        first = next(k for k in range(1, len(E))
+                     if E[k] <= IMAGE_TEST_BELOW and E[k] <= 0.35 * E[k - 1])
+        assert at_once.iterations[b] == first + 1 and at_once.history[b].stopped
+        assert torch.equal(never.history[b].x0[-1], latent_rule.history[b].x0[-1])
+        judged = [g for g in never.history[b].image_estimate if g == g]
+        assert len(judged) <= 1 and all(g > 1.2 for g in judged), judged
+        tests += len(judged)
+        if judged:  # E alone would not have stopped there: the image test did
+            assert at_once.iterations[b] < latent_rule.iterations[b]
+    assert tests > 0  # else the check would prove little
+    assert never.iterations == latent_rule.iterations
+    assert blind.calls == keen.calls == 2 * tests
+
+
+def test_stop_image_tol_0_is_the_latent_rule():
+    model, schedule, noise = gmm_problem(25, batch=2)
+    kw = dict(model_dtype=torch.float64)
+    images = Images(1.0)
+    a = solve(model, schedule, noise, image_fn=images, stop_image_tol=0.0, **kw)
+    b = solve(model, schedule, noise, **kw)
+    assert a.iterations == b.iterations and torch.equal(a.samples, b.samples) and images.calls == 0
+
+
+def test_image_estimate():
+    from paratAA.solver import image_estimate
+    assert image_estimate(0.5, 0.01, 0.02) == pytest.approx(1.0)  # scaled by E over the update's size
+    assert image_estimate(0.5, 0.04, 0.02) == 0.5                 # a step beyond E counts as it is
+    assert image_estimate(0.0, 0.0, 0.0) == 0.0
+    assert image_estimate(0.0, 0.0, 0.01) == float("inf")          # nothing arrived while E says it is coming
+
+
+def test_image_fn_must_be_a_callable_returning_floats():
+    model, schedule, noise = gmm_problem(50, latent=(4, 16, 16), eta=0.5, seed=2)  # a sample with an image test
+    with pytest.raises(TypeError, match="image_fn must be callable"):
+        solve(model, schedule, noise, image_fn=3, model_dtype=torch.float64)
+    with pytest.raises(TypeError, match="image_fn must return a floating-point tensor"):
+        solve(model, schedule, noise, image_fn=lambda x: (x > 0), model_dtype=torch.float64)
+
+
+def test_the_image_stop_waits_for_an_error_still_travelling_down():
+    """Text-to-image, "handwritten digit three", noise seed 303, T = 25, eta 0.5 (a design sample of the image
+    rule): at iteration 5 the update changed the image by 0.69 gray levels while it was 1.54 off the sequential
+    one, the rest of the error still in the noisier states. G, the change times E over the update's size, was 1.25
+    there: the default (1.2) waits, and ends the sample on the sequential image; 1.3 stops it 1.5 levels off."""
+    import numpy as np
+    from models.adapters import SDDenoiser, VAEDecoder
+    from models.sd import EMBEDDED_SD, encode, latent_shape, load_pipeline
+    from paratAA import noise_from_seeds, pipeline_schedule
+    pipe = load_pipeline(EMBEDDED_SD, torch.device("cpu"), torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    eps, schedule = SDDenoiser(pipe.unet, 5.0), pipeline_schedule(pipe, 25, 0.5)
+    noise = noise_from_seeds([303], 25, latent_shape(pipe, size, size))
+    cond = encode(pipe, ["handwritten digit three"], "", torch.device("cpu"))
+    decode = VAEDecoder(pipe.vae, torch.device("cpu"))
+    seq = decode(sample_sequential(eps, schedule, noise, cond)[:, 0].float()).astype(np.float64)
+    off = {}
+    for tol in (1.2, 1.3):
+        out = solve(eps, schedule, noise, cond, image_fn=decode.levels, stop_image_tol=tol)
+        assert out.history[0].stopped
+        off[tol] = float(np.sqrt(((decode(out.samples.float()).astype(np.float64) - seq) ** 2).mean()))
+    assert off[1.2] <= 1 < off[1.3], off

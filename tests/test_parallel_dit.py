@@ -84,7 +84,11 @@ def test_one_and_two_processes_give_the_same_latents(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (two,) = [os.path.join(tmp_path / "two", d) for d in os.listdir(tmp_path / "two")]
     with open(os.path.join(two, "metrics.json")) as f:
-        assert json.load(f)["world_size"] == 2
+        metrics = json.load(f)
+    assert metrics["world_size"] == 2
+    # the image stop rule decided on the main process's value (the ranks would hang if they disagreed)
+    assert any(m["stopped_by"] == "stop rule" and any(g is not None for g in m["stop_image_history"])
+               for m in metrics["samples"])
     assert np.abs(latents(one) - latents(two)).max() < 1e-5
 
 

@@ -65,6 +65,8 @@ def test_defaults_batches_and_auto_window(tiny_sd):
     apart = parallel_sample(pipe, ["a handwritten digit one", "a handwritten digit two"], num_inference_steps=16,
                             num_images=3, output_type="np", batch_size=1)
     assert torch.allclose(together.latents, apart.latents, atol=1e-5)  # batching changes nothing
+    # the stop rule judged x_0 by the image the pipeline's VAE decodes, as the scripts' does
+    assert any(g == g for res in together.results for h in res.history for g in h.image_estimate)
     assert together.speed["sequential_seconds"] > 0 and together.images[0].dtype == np.uint8
     # every run says what it gained: without compare_sequential, sequential sampling estimated (the API gave
     # sampling seconds alone), T calls of one state per sample for each batch, as the scripts estimate it

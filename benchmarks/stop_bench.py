@@ -17,8 +17,9 @@
    none of which was used in the design.
    --looser_tolerances adds the stop rule with looser per-state tolerances (tol1, tol2): they freeze states
    sooner, which saves iterations at small windows, and the table shows what they cost on these samples.
-   --windows W [W ...] instead: T = 100, eta 0, at those windows, the default against --block_tol 0 (each state
-   tested alone while the window slides, the default before it), --settle 1 and the opt-in --slide_tol
+   --windows W [W ...] instead: T = 100, eta 0, at those windows, the default against the stop on E alone
+   (--stop_image_tol 0), --block_tol 0 (each state tested alone while the window slides, the default before it),
+   --settle 1 and the opt-in --slide_tol
    (docs/ALGORITHM.md, section 4): what each test while the window is short of x_0 saves, and what it costs.
 2. The default (picard) form against the paper's (ddim): the mixture at T 25/50/100, m 2/3, seeds 0-4 (tolerance
    1e-3, per-state stop: the grid the form was judged on), the ratio of the worst iteration counts.
@@ -154,7 +155,8 @@ def stop_table(steps, etas, n, rules, seed_base=100):
 def window_table(windows, n, slide_tol, seed_base):
     """T = 100, eta 0, windows < T: the default against block_tol 0, settle 1 and slide_tol, per model and window."""
     out = {}
-    rules = {"default": {}, "block_tol 0 (before)": {"block_tol": 0.0}, "settle 1": {"settle": 1.0},
+    rules = {"default": {}, "stop rule on the latent (before)": {"stop_image_tol": 0.0},
+             "block_tol 0 (before)": {"block_tol": 0.0}, "settle 1": {"settle": 1.0},
              f"slide_tol {slide_tol:g}": {"slide_tol": slide_tol}}
     row(["model", "window", "rule", "stop (median / max / mean)", "same (median / max)", "runs ending off",
          "max final difference (x threshold)"])

@@ -207,8 +207,8 @@ def check_flags(args, n):
         if not args.windows or not 1 <= min(args.windows) <= max(args.windows) <= 100:  # the table's T is 100
             raise UsageError(f"--windows must be one or more sizes in 1..100 (T), got {args.windows}")
         check_distinct(args.windows, "--windows")
-    if not 0 < args.slide_tol < math.inf:
-        raise UsageError(f"--slide_tol must be a positive finite number, got {args.slide_tol:g}")
+    if not 0 < args.slide_tol < 1:
+        raise UsageError(f"--slide_tol must be a number in (0, 1), got {args.slide_tol:g}")
     check_out_file(args.out)
 
 

@@ -249,12 +249,22 @@ def check_parts_loaded(pipe, path, flag):
             check_weights_loaded(part, os.path.join(path, name), flag)
 
 
+VAE_SCALE_RANGE = (1e-3, 1e3)  # a trained VAE's latent scaling: SD 0.18215, SDXL 0.13025, Flux 0.3611, SD3 1.5305
+
+
 def vae_problem(config):
     """What keeps a VAE config from decoding the sampled latents, or None: latents are divided by its
-    scaling_factor before decoding, so 0 makes every image black and a non-number fails after sampling."""
-    if "scaling_factor" not in config:  # a hand-written config: the library's default applies
-        return None
-    factor = config["scaling_factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-        return f"has scaling_factor {factor!r}; a positive number is needed"
+    scaling_factor (and shifted by its shift_factor) before decoding, so 0 makes every image black, 1e308 every image
+    the same (a silent result), and a non-number fails after sampling (a TypeError naming no file)."""
+    factor = config.get("scaling_factor", 1.0)  # a hand-written config without it: the library's default applies
+    lo, hi = VAE_SCALE_RANGE
+    if not _is_number(factor) or not lo <= factor <= hi:
+        return f"has scaling_factor {factor!r}; a number in {lo:g}..{hi:g} is needed"
+    shift = config.get("shift_factor")
+    if shift is not None and (not _is_number(shift) or abs(shift) > hi):
+        return f"has shift_factor {shift!r}; a number in -{hi:g}..{hi:g} (or none) is needed"
     return None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

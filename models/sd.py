@@ -213,6 +213,7 @@ def check_scheduler(path, flag="--model_path"):
     """The scheduler settings the linear DDIM system (equation 1) can represent."""
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = as_loaded(read_json(sched_path, flag), family(path))
+    sched = {**sched, "_class_name": _scheduler_class(path) or sched.get("_class_name")}  # the class that loads
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")
     problem = scheduler_problem(sched, family(path))
@@ -373,6 +374,9 @@ def pipeline_problem(pipe):
     problem = vae_problem(pipe.vae.config)
     if problem:
         return f"has a VAE that {problem}"
+    problem = tokenizer_problem(pipe)
+    if problem:
+        return f"has a {problem[0]} that {problem[1]}"
     problem = network_problem(dict(network(pipe).config))
     if problem:
         return problem
@@ -419,7 +423,13 @@ def _family_if_readable(path):
 
 
 def _scheduler_class(path):
+    """The scheduler class diffusers loads: model_index.json's entry names it (with scheduler_config.json's
+    values), where that differs from the config's own _class_name (an Euler index over a DDIM config was stepped
+    with Euler and sampled here as DDIM without the note)."""
     try:
+        entry = read_json(os.path.join(path, "model_index.json")).get("scheduler")
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+            return entry[1]
         return read_json(os.path.join(path, "scheduler", "scheduler_config.json")).get("_class_name")
     except InputFileError:
         return None  # check_folder says what is wrong with the folder
@@ -515,6 +525,28 @@ def wrong_size(v, factor, patch=1, reach=None):
     return None
 
 
+MAX_PROMPT_TOKENS = 100_000  # a CLIP tokenizer reads 77; transformers reads 1e30 where model_max_length is missing
+
+
+def tokenizer_problem(pipe):
+    """(part, what) for a CLIP tokenizer whose model_max_length the prompt encoding cannot use, or None: where its
+    tokenizer_config.json has none, transformers reads 1e30 and encode_prompt fails (an OverflowError naming no
+    file); at 0 the prompt was dropped with two notes. PixArt's one tokenizer (T5) is read to max_sequence_length."""
+    if pipeline_kind(pipe) in pixart.FAMILIES:
+        return None
+    parts = ["tokenizer", "tokenizer_2"] if pipeline_kind(pipe) == "StableDiffusionXLPipeline" else ["tokenizer"]
+    for part in parts:
+        if getattr(pipe, part, None) is None:  # a DiT pipeline's; a missing one is said where the parts are checked
+            continue
+        length = getattr(getattr(pipe, part), "model_max_length", None)
+        if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= MAX_PROMPT_TOKENS:
+            shown = "none (transformers then reads 1e30)" if isinstance(length, int) and length > 1e29 else \
+                repr(length)
+            return part, (f"has model_max_length {shown}; the prompt length its text encoder reads (77 for CLIP) "
+                          f"is needed")
+    return None
+
+
 def load_pipeline(path, device, dtype):
     import diffusers
     check_folder(path)
@@ -538,6 +570,10 @@ def load_pipeline(path, device, dtype):
             raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
         check_parts_loaded(pipe, path, "--model_path")
+        problem = tokenizer_problem(pipe)
+        if problem:
+            raise InputFileError(f"--model_path: {os.path.join(path, problem[0], 'tokenizer_config.json')} "
+                                 f"{problem[1]}")
         pipe.set_progress_bar_config(disable=True)
         # float16 on a CPU is slow but works here (the tests run it); diffusers' advice against it is not printed
         pipe = pipe.to(device, silence_dtype_warnings=True)

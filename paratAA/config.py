@@ -118,6 +118,12 @@ class SolverConfig:
             raise ValueError(f"settle must be in 0..1 (1: the plain per-state test), got {self.settle!r}")
         # E is x_0's estimated remaining error relative to x_0's own scale: at 1 or more the rule stops as soon as the
         # window reaches x_0, whatever the image (stop_tol 1e3 ended the embedded DiT 54 gray levels off)
+        # a state's residual is RMS over a latent of about unit scale: a tolerance of 1 or more passes states that
+        # are nowhere near converged (tol1 = tol2 = 1e308 "converged" in one iteration, 27-55 gray levels off)
+        for name in ("tol1", "tol2", "slide_tol"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be below 1 (an RMS residual as large as the latent passes every state), "
+                                 f"got {getattr(self, name)!r}")
         if self.stop_tol >= 1:
             raise ValueError(f"stop_tol must be below 1 (x_0's estimated error relative to its scale; 0: the rule is "
                              f"off), got {self.stop_tol!r}")

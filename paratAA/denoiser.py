@@ -67,6 +67,14 @@ def _check_schedule(schedule):
             got = f"{tuple(v.shape)} {v.dtype}" if torch.is_tensor(v) else type(v).__name__
             raise ValueError(f"schedule.{name} must be a floating-point tensor [T={len(t)}], one entry per step as "
                              f"schedule.timesteps, got {got}")
+        _check_has_values(v, f"schedule.{name}")
+        # a NaN coefficient was reported after model calls as the model's (or the noise's) fault, and a NaN or
+        # huge sigma made every state pass its tolerance: a one-iteration "converged" sample far from the result
+        finite = torch.isfinite(v)
+        if not bool(finite.all()) or name == "sigma" and bool((v < 0).any()):
+            step = int((~finite | (v < 0) if name == "sigma" else ~finite).nonzero()[0])
+            raise ValueError(f"schedule.{name} must be finite{' and >= 0' if name == 'sigma' else ''}: step {step} "
+                             f"is {float(v[step])!r}")
 
 
 def check_init(init, noise):

@@ -406,6 +406,16 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(scaling_factor=0))),
         "vae_scale_text": variant("vae_scale_text", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.update(scaling_factor="x"))),
+        # these four failed after sampling (a TypeError and an OverflowError naming no file), decoded every image as
+        # the same blob, or dropped the prompt with two notes
+        "vae_shift_text": variant("vae_shift_text", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(shift_factor="abc"))),
+        "vae_scale_huge": variant("vae_scale_huge", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(scaling_factor=1e308))),
+        "tokenizer_no_length": variant("tokenizer_no_length", lambda p: rewrite(
+            p / "tokenizer" / "tokenizer_config.json", lambda c: c.pop("model_max_length"))),
+        "tokenizer_length_0": variant("tokenizer_length_0", lambda p: rewrite(
+            p / "tokenizer" / "tokenizer_config.json", lambda c: c.update(model_max_length=0))),
         "garbage_text_encoder": variant("garbage_text_encoder", lambda p: (
             p / "text_encoder" / "model.safetensors").write_bytes(bytes(range(100)))),
         # these three ended in an internal error naming no file, or in black images reported as a success
@@ -470,6 +480,10 @@ def _nan_weights(folder):
     ("bogus_spacing", ["scheduler_config.json", "timestep_spacing 'bogus'", "leading"]),
     ("vae_scale_0", ["--model_path", "vae/config.json", "scaling_factor 0"]),
     ("vae_scale_text", ["--model_path", "vae/config.json", "scaling_factor 'x'"]),
+    ("vae_shift_text", ["--model_path", "vae/config.json", "shift_factor 'abc'"]),
+    ("vae_scale_huge", ["--model_path", "vae/config.json", "scaling_factor 1e+308", "0.001..1000"]),
+    ("tokenizer_no_length", ["--model_path", "tokenizer/tokenizer_config.json", "model_max_length none"]),
+    ("tokenizer_length_0", ["--model_path", "tokenizer/tokenizer_config.json", "model_max_length 0"]),
     ("garbage_text_encoder", ["--model_path", "cannot load", "SafetensorError"]),
     ("empty_tokenizer", ["--model_path", "tokenizer/", "tokenizer.json", "vocab.json"]),
     ("unet_other_tensors", ["--model_path", "unet", "do not hold the tensors", "conv_in.weight"]),

@@ -253,6 +253,7 @@ def test_figures_to_a_full_terminal(tmp_path):
     ("stop_bench.py", ["--quick", "--windows", "0"], "--windows"),
     ("stop_bench.py", ["--quick", "--windows", "--slide_tol", "-1"], "--windows"),
     ("stop_bench.py", ["--quick", "--windows", "8", "--slide_tol", "nan"], "--slide_tol"),
+    ("stop_bench.py", ["--quick", "--windows", "8", "--slide_tol", "2"], "--slide_tol"),
     ("tail_bench.py", ["--seed_bases", TOP], "--seed_bases"),
     ("tail_bench.py", ["--seed_bases", f"100,{2 ** 64 - 5}"], "--seed_bases"),
     ("tail_bench.py", ["--seed_bases", ""], "--seed_bases"),

@@ -76,7 +76,9 @@ def test_resolve_records_the_values_used(T, window, order, used):
                                          ("memory_size", True), ("tol1", float("nan")), ("tol2", -1e-3),
                                          ("lam", float("inf")), ("max_steps", 0), ("equations", "euler"),
                                          ("block_tol", -1.0), ("block_tol", float("nan")), ("settle", 1.5),
-                                         ("stop_tol", 1.0), ("stop_tol", 1e3)])
+                                         ("stop_tol", 1.0), ("stop_tol", 1e3), ("tol1", 1e308), ("tol2", 1.0),
+                                         ("slide_tol", 5.0), ("stop_image_tol", -1.0),
+                                         ("stop_image_tol", float("nan"))])
 def test_bad_values_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=f"^{name} must"):
         SolverConfig(**{name: value})

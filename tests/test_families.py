@@ -333,3 +333,20 @@ def test_sd3_with_its_t5_named_but_not_downloaded(folders, tmp_path):
     a, _ = run_sd(folders["sd3"], tmp_path / "a", *flags)
     b, _ = run_sd(folder, tmp_path / "b", *flags)
     assert np.array_equal(read_latents(a), read_latents(b))
+
+
+def test_the_scheduler_model_index_names_is_the_one_said(tmp_path, capsys):
+    """diffusers loads the scheduler class model_index.json names, with scheduler_config.json's values: an Euler
+    entry over a DDIM config was stepped with Euler by the pipeline's own __call__ and sampled here as DDIM without
+    the note the scripts give every scheduler read as DDIM."""
+    import json
+    import shutil
+    from models.sd import EMBEDDED_SD
+    folder = tmp_path / "euler_index"
+    shutil.copytree(EMBEDDED_SD, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    run_dir, m = run_sd(str(folder), tmp_path / "out", "--timesteps", "5", "--num_samples", "1")
+    assert m["scheduler"]["class"] == "EulerDiscreteScheduler"
+    assert capsys.readouterr().err.count("EulerDiscreteScheduler: sampled as DDIM") == 1

@@ -255,10 +255,16 @@ def test_a_pipeline_the_solver_cannot_sample_is_refused_naming_why(tiny_sd, tmp_
     other_channels.vae.register_to_config(latent_channels=8)
     unscaled = load()
     unscaled.vae.register_to_config(scaling_factor=0.0)  # every image would be black
+    shifted = load()
+    shifted.vae.register_to_config(shift_factor="abc")  # a TypeError naming no part, after sampling
+    unbounded = load()
+    unbounded.tokenizer.model_max_length = int(1e30)  # transformers' value where tokenizer_config.json has none
     dit = DiTPipeline.from_pretrained(build_tiny_dit_pipeline(str(tmp_path / "dit")))
     for pipe, text in ((clipping, "pipe has a scheduler that sets clip_sample"),
                        (other_channels, "pipe has a denoiser taking 4 channels but a VAE making 8-channel"),
-                       (unscaled, "pipe has a VAE that has scaling_factor 0.0; a positive number is needed"),
+                       (unscaled, "pipe has a VAE that has scaling_factor 0.0; a number in 0.001..1000 is needed"),
+                       (shifted, "pipe has a VAE that has shift_factor 'abc'"),
+                       (unbounded, "pipe has a tokenizer that has model_max_length none"),
                        # sampled since, with class_labels (tests/test_families.py)
                        (dit, "prompt is for the text-to-image pipelines; a DiTPipeline is conditioned on class_labels"),
                        (lcm, "pipe has a UNet with time_cond_proj_dim"),

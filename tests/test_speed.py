@@ -245,7 +245,10 @@ def test_a_cached_curve_from_another_load_is_measured_again_and_never_makes_the_
     _, auto = run(tmp_path / "b", *flags, "--window_size", "auto")
     plan = auto["plan"]
     assert plan["measured"] and plan["checked_call_seconds"] < slow["1"] / STALE, plan
-    assert auto["per_call_seconds"] == plan["checked_call_seconds"]
+    # the run's sequential estimate takes c(B) of the curves measured again, as the plan's predictions do, not the
+    # one check that found the cache stale (a moment's load made them 7x apart, 0.15 s against 1.12 s)
+    assert auto["per_call_seconds"] == plan["call_seconds"]["1"]
+    assert plan["predicted_sequential_seconds"] == pytest.approx(16 * auto["per_call_seconds"])
     with open(path) as f:  # the entry measured again replaces the stale one
         assert json.load(f)[key]["call_seconds"]["1"] < slow["1"] / STALE
     with open(path, "w") as f:
@@ -515,3 +518,20 @@ def test_a_call_size_with_a_non_finite_output_is_said(tmp_path, monkeypatch, cap
         err = capsys.readouterr().err
         assert err.count("note:") == 1 and "a call of 8 inputs gave a non-finite output" in err, err
         assert "windows above 4 (more than 4 inputs per call" in err
+
+
+def test_a_cache_file_that_is_a_fifo_is_not_waited_on(tmp_path):
+    """PARATAA_CACHE naming a folder whose cost_curves.json is a FIFO: reading it waited for a writer forever, with
+    the run folder already saying "running". It is read as no cache (the curves are measured)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "cache").mkdir()
+    os.mkfifo(tmp_path / "cache" / "cost_curves.json")
+    env = {**os.environ, "PARATAA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "parallel_dit.py"), "--timesteps", "8", "--num_samples",
+                           "1", "--output_path", str(tmp_path / "out")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = os.listdir(tmp_path / "out")
+    assert read_metrics(str(tmp_path / "out" / run_dir))["plan"]["measured"]

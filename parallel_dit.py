@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 from models.bundles import dit_bundle  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE, add_dit_flags, check_dit_flags  # noqa: E402
-from runner.flags import add_common_flags, check_common_flags, make_parser  # noqa: E402
+from runner.flags import add_common_flags, check_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
 from runner.presets import add_preset_flag, apply_preset  # noqa: E402
@@ -32,9 +32,11 @@ def check_arguments(args):
 
 
 def main(args):
-    config = check_arguments(args)
-    session = start_session(args)
-    return sample_run(args, config, session, dit_bundle(args, session), "DiT", "parallel_dit")
+    with held_notes():  # a refusal is the run's one line: the notes come once the flags pass and the model loads
+        config = check_arguments(args)
+        session = start_session(args)
+        bundle = dit_bundle(args, session)
+    return sample_run(args, config, session, bundle, "DiT", "parallel_dit")
 
 
 def parse_args(argv=None):

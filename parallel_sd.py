@@ -16,7 +16,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 from models.bundles import sd_bundles  # noqa: E402
 from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
-from runner.flags import add_common_flags, make_parser  # noqa: E402
+from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
 from runner.presets import add_preset_flag, apply_preset  # noqa: E402
@@ -26,12 +26,13 @@ DEFAULT_PROMPT = "a handwritten digit seven"
 
 def main(args):
     args.prompt = args.prompt or [DEFAULT_PROMPT]
-    config = check_sd_flags(args, [("--prompt", p) for p in args.prompt])  # all flags before any model is loaded
-    if len(args.prompt) > args.num_samples:
-        raise UsageError(f"--prompt gives {len(args.prompt)} prompts for --num_samples {args.num_samples}: the last "
-                         f"{len(args.prompt) - args.num_samples} would be ignored")
-    session = start_session(args)
-    (bundle,) = sd_bundles(args, session, [args.prompt])
+    with held_notes():  # a refusal is the run's one line: the notes come once the flags pass and the model loads
+        config = check_sd_flags(args, [("--prompt", p) for p in args.prompt])  # all flags before any model loads
+        if len(args.prompt) > args.num_samples:
+            raise UsageError(f"--prompt gives {len(args.prompt)} prompts for --num_samples {args.num_samples}: the "
+                             f"last {len(args.prompt) - args.num_samples} would be ignored")
+        session = start_session(args)
+        (bundle,) = sd_bundles(args, session, [args.prompt])
     return sample_run(args, config, session, bundle, "SD", "parallel_sd")
 
 

@@ -17,22 +17,23 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 from models.bundles import sd_bundles  # noqa: E402
 from models.sd import SD_CFG_HELP, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
 from paratAA.solver import check_variation_steps  # noqa: E402
-from runner.flags import add_common_flags, make_parser  # noqa: E402
+from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import check_fits, open_run, sample_into, subfolder  # noqa: E402
 from runner.presets import add_preset_flag, apply_preset  # noqa: E402
 
 
 def main(args):
-    config = check_sd_flags(args, [("--prompt1", args.prompt1), ("--prompt2", args.prompt2)])
-    try:
-        check_variation_steps(args.variation_steps, args.timesteps)
-    except ValueError as e:
-        default = args.variation_steps == parse_args([]).variation_steps
-        hint = f" (the default; for --timesteps {args.timesteps} give --variation_steps)" if default else ""
-        raise UsageError(f"--{e}{hint}") from None
-    session = start_session(args)
-    first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
+    with held_notes():  # a refusal is the run's one line: the notes come once the flags pass and the model loads
+        config = check_sd_flags(args, [("--prompt1", args.prompt1), ("--prompt2", args.prompt2)])
+        try:
+            check_variation_steps(args.variation_steps, args.timesteps)
+        except ValueError as e:
+            default = args.variation_steps == parse_args([]).variation_steps
+            hint = f" (the default; for --timesteps {args.timesteps} give --variation_steps)" if default else ""
+            raise UsageError(f"--{e}{hint}") from None
+        session = start_session(args)
+        first, second = sd_bundles(args, session, [[args.prompt1], [args.prompt2]])
     check_fits(first, args, config, session, keep_trajectories=True)
     with open_run(args, session, "SD-winit") as run_dir:
         prompt1 = subfolder(run_dir, "prompt1")

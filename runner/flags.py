@@ -3,6 +3,7 @@
 Every flag is checked before anything is loaded; a bad value is a UsageError naming the flag (exit 2).
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -62,10 +63,37 @@ def make_parser(description):
     return FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+_held = None  # the notes said inside held_notes, not printed yet
+
+
 def note(message):
     """A line on stderr from the first process only (every process checks the flags)."""
     if rank() == 0:  # as errors are said: RANK set but empty (a launcher's template) silenced every note
-        print(f"{os.path.basename(sys.argv[0])}: note: {message}", file=sys.stderr, flush=True)
+        line = f"{os.path.basename(sys.argv[0])}: note: {message}"
+        if _held is not None:
+            _held.append(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def held_notes():
+    """The notes said inside are printed when it ends, and dropped if it ends in an error: a run refused by a
+    later check (a flag against another, a file that will not load) says only why (before: "note: --cfg_scale 0.5
+    is below 1 ...", then the error)."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+    except BaseException:
+        _held = outer
+        raise
+    lines, _held = _held, outer
+    for line in lines:
+        if _held is not None:
+            _held.append(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 # The one default the scripts take differently from SolverConfig: they run on a known device and process group,

@@ -131,6 +131,7 @@ def test_sd_bad_folder(files, name, words, tmp_path, capsys):
     (["--prompt2", " "], ["--prompt2"]),
     (["--prompt1", ""], ["--prompt1"]),
     (["--model_path", "  "], ["--model_path", "must not be empty"]),
+    (["--timesteps", "10", "--cfg_scale", "0.5", "--variation_steps", "11"], ["--variation_steps", "11"]),
 ])
 def test_winit_bad_flag(files, argv, words, tmp_path, capsys):
     check(parallel_sd_winit, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)
@@ -320,6 +321,11 @@ MORE_DIT_FLAGS = [
     (["--num_samples", "100000000", "--batch_size", "64"], 2, ["--num_samples", "GB"]),  # checked, not allocated
     (["--timesteps", "1000", "--memory_size", "1000", "--batch_size", "100000", "--num_samples", "100000"], 2,
      ["--batch_size", "--memory_size", "GB"]),
+    # a note on one flag, then a refusal by a later check: the refusal alone (the note came first, two lines)
+    (["--num_samples", "1", "--cfg_scale", "0.5", "--class_labels", "1", "2"], 2, ["--class_labels"]),
+    (["--num_samples", "1", "--batch_size", "4", "--cfg_scale", "nan"], 2, ["--cfg_scale", "nan"]),
+    (["--timesteps", "10", "--memory_size", "50", "--model", "DiT-XL/2", "--model_path", "/nonexistent.pt",
+      "--vae_path", "/nonexistent"], 1, ["--model_path", "file not found"]),
 ]
 
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from benchmarks.convergence import check_distinct, check_out_file, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import problems  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
-from paratAA.solver import IMAGE_TEST_BELOW, image_estimate, stop_rule  # noqa: E402
+from paratAA.solver import image_estimate, image_test_due, stop_rule  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def replay(run, stop_tol, stop_ratio, stop_image_tol=0.0):
     for k, e in enumerate(run["estimate"], 1):
         if stop_rule(e, previous, stop_tol, stop_ratio):
             return k
-        if not tested and e <= IMAGE_TEST_BELOW and e <= stop_ratio * previous:
+        if not tested and image_test_due(e, previous, stop_ratio):
             tested = True
             if image_estimate(run["image_change"][k - 1], run["moved"][k - 1], e) <= stop_image_tol:
                 return k

@@ -12,6 +12,7 @@ import zipfile
 
 import torch
 
+from paratAA.config import is_real
 from runner.errors import InputFileError
 
 DIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"  # where the public DiT weights come from
@@ -258,13 +259,9 @@ def vae_problem(config):
     the same (a silent result), and a non-number fails after sampling (a TypeError naming no file)."""
     factor = config.get("scaling_factor", 1.0)  # a hand-written config without it: the library's default applies
     lo, hi = VAE_SCALE_RANGE
-    if not _is_number(factor) or not lo <= factor <= hi:
+    if not (is_real(factor) and math.isfinite(factor)) or not lo <= factor <= hi:
         return f"has scaling_factor {factor!r}; a number in {lo:g}..{hi:g} is needed"
     shift = config.get("shift_factor")
-    if shift is not None and (not _is_number(shift) or abs(shift) > hi):
+    if shift is not None and (not (is_real(shift) and math.isfinite(shift)) or abs(shift) > hi):
         return f"has shift_factor {shift!r}; a number in -{hi:g}..{hi:g} (or none) is needed"
     return None
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -26,6 +26,7 @@ import unicodedata
 
 import torch
 
+from paratAA.config import is_integer
 from paratAA.schedule import (NONLINEAR, STEPS, ddim_copy, flow_schedule, from_ddim_scheduler,
                               pipeline_schedule)
 from runner.errors import InputFileError, UsageError
@@ -539,9 +540,8 @@ def tokenizer_problem(pipe):
         if getattr(pipe, part, None) is None:  # a DiT pipeline's; a missing one is said where the parts are checked
             continue
         length = getattr(getattr(pipe, part), "model_max_length", None)
-        if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= MAX_PROMPT_TOKENS:
-            shown = "none (transformers then reads 1e30)" if isinstance(length, int) and length > 1e29 else \
-                repr(length)
+        if not is_integer(length) or not 1 <= length <= MAX_PROMPT_TOKENS:
+            shown = "none (transformers then reads 1e30)" if is_integer(length) and length > 1e29 else repr(length)
             return part, (f"has model_max_length {shown}; the prompt length its text encoder reads (77 for CLIP) "
                           f"is needed")
     return None

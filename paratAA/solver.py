@@ -86,6 +86,12 @@ def image_estimate(change, moved, estimate):
     return change * max(1.0, estimate / moved)
 
 
+def image_test_due(estimate, previous, stop_ratio):
+    """Whether a sample not yet tested takes its one image test (equation 7) at this iteration: E contracting
+    (<= stop_ratio of the previous iteration's) and at most IMAGE_TEST_BELOW."""
+    return estimate <= IMAGE_TEST_BELOW and estimate <= stop_ratio * previous
+
+
 def stop_rule(estimate, previous, stop_tol, stop_ratio, carried=True):
     """The stop rule (docs/ALGORITHM.md, equation 6): x_0's estimated remaining error E is small (<= stop_tol of
     its scale) and contracting (<= stop_ratio of the previous iteration's E; inf when the window did not reach x_0
@@ -323,8 +329,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                 estimate = read[2] / max(read[3], 1e-12)
                 stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio, carried)
                 # where E alone does not stop yet: once, judge the image the update leaves (equation 7)
-                looking = not (stop or tested[b]) and estimate <= IMAGE_TEST_BELOW and \
-                    estimate <= stop_ratio * last_estimate[b]
+                looking = not (stop or tested[b]) and image_test_due(estimate, last_estimate[b], stop_ratio)
             last_estimate[b] = estimate if lo == 0 else math.inf
             if looking:  # x_0 and its image before the update
                 tested[b] = True

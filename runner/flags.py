@@ -69,11 +69,15 @@ _held = None  # the notes said inside held_notes, not printed yet
 def note(message):
     """A line on stderr from the first process only (every process checks the flags)."""
     if rank() == 0:  # as errors are said: RANK set but empty (a launcher's template) silenced every note
-        line = f"{os.path.basename(sys.argv[0])}: note: {message}"
-        if _held is not None:
-            _held.append(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        _say(f"{os.path.basename(sys.argv[0])}: note: {message}")
+
+
+def _say(line):
+    """A note's line: kept while held_notes holds them, else printed."""
+    if _held is not None:
+        _held.append(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -89,11 +93,8 @@ def held_notes():
         _held = outer
         raise
     lines, _held = _held, outer
-    for line in lines:
-        if _held is not None:
-            _held.append(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+    for line in lines:  # to an outer hold, if any
+        _say(line)
 
 
 # The one default the scripts take differently from SolverConfig: they run on a known device and process group,

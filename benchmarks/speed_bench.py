@@ -37,6 +37,7 @@ from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipe
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
+from runner.launch import HOST_PAD, keep_freed_memory  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
 GPU_MODELS = {"DiT-XL/2 256": 4 * 32 * 32, "SD1.5 UNet 512": 4 * 64 * 64}  # name: latent size D
@@ -170,8 +171,11 @@ def main(args):
     check_out_file(args.out)
     gpu = read_gpu(args.gpu)  # before the CPU table: a bad file must not cost its minutes
     torch.set_grad_enabled(False)
+    # as the scripts' CPU processes do (runner.launch.Session): the times are those a run of the scripts gets
+    pad = 0 if args.malloc_as_is or not keep_freed_memory() else HOST_PAD
     T = 25 if args.quick else 100
     report = {"command": command_line(), "machine": args.machine, "threads": torch.get_num_threads(), "T": T,
+              "host_pad_bytes": pad,
               "cpu": cpu_table(T, 1 if args.quick else args.repeats, args.quick)}
     report["gpu_estimate"] = gpu_table(args.gpu, *gpu)
     write_json(report, args.out)
@@ -181,6 +185,9 @@ if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc_as_is", action="store_true",
+                        help="leave the C library's malloc as it is; by default it keeps freed memory, as the scripts' "
+                             "CPU processes do (runner/launch.py: keep_freed_memory)")
     parser.add_argument("--gpu", type=home_path, default="benchmarks/results/gpu_h100.json")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")

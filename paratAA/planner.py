@@ -23,7 +23,7 @@ import torch
 from .denoiser import model_call, select
 
 ALPHA, BETA = 1.5, 4.3   # equation (5), fitted on the embedded models at T = 100 (BENCHMARKS.md, section 3)
-REPEATS = 2              # timed calls per size, after one warm-up call
+REPEATS = 2              # timed calls of the solver's own work per window, after one warm-up call
 # A cached curve is checked against one size timed afresh, c(B): off by more than this factor either way, it was
 # measured under another load (a busy machine, other jobs on the GPU) and is measured again. c(B) is also what
 # the run's speed-up rests on (sequential sampling is T calls of it): a stale one reported 9x for window 1.
@@ -82,13 +82,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device, fits=None):
-    """The best of REPEATS timed calls of fn, after one untimed call (allocator, kernels, caches). fits: a test of a
-    call's output, read after the clock stopped: inf as soon as one output fails it, the warm-up's included."""
-    out = fn()
+def _timed(fn, device, fits=None, repeats=REPEATS, warm=True):
+    """The best of `repeats` timed calls of fn, after one untimed call (allocator, kernels, caches) unless warm is
+    False. fits: a test of a call's output, read after the clock stopped: inf as soon as one output fails it, the
+    warm-up's included."""
+    out = fn() if warm else None
     best = math.inf
-    for _ in range(REPEATS):
-        if fits is not None and not fits(out):
+    for _ in range(repeats):
+        if out is not None and fits is not None and not fits(out):
             return math.inf
         sync(device)
         t0 = time.perf_counter()
@@ -153,19 +154,32 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
     the one of half its size: the calls are then compute-bound and larger windows cannot win (equation (5)). A
     size that does not fit in a process's device memory ends the measurement too, recorded as inf (a GPU of less
     memory than the model's largest window needs: the window is chosen among the sizes that fit); B states, one per
-    sample, must fit, as sequential sampling needs them."""
+    sample, must fit, as sequential sampling needs them.
+
+    Two passes: up the sizes (a warm-up call and a timed one each, which the early stop reads), then down them, two
+    more timed calls each; a size's time is the least of its three. The second pass times every size as the run will
+    meet it, after the largest call has been made: on a CPU a call of a size larger than any before it pays for
+    memory the allocator has not yet kept (the embedded text-to-image model's 32 states per call took 19-22 ms up
+    the sizes, 14 ms after a larger call and in the run itself, and the planner chose window 16 where 32 was 15%
+    faster: BENCHMARKS.md, section 2)."""
     B, device = noise.shape[0], noise.device
-    out = {}
+    calls, out = {}, {}
     for w in windows:
         # a NaN in the gathered output of any call, the warm-up's or a timed one's (the allocator fragments): some
         # process ran out of memory (window_call's spare), and every process sees it; its answer took no model time
-        call = window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=w > 1)
-        out[B * w] = sharding.max(_timed(call, device, fits=_finite if w > 1 else None))
+        calls[B * w] = window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, w, spare=w > 1)
+        out[B * w] = sharding.max(_timed(calls[B * w], device, fits=_finite if w > 1 else None, repeats=1))
         if math.isinf(out[B * w]):
             break
         half = out.get(B * (w // 2))
         if half is not None and w >= 4 and out[B * w] >= 1.9 * half:
             break
+    for n in sorted((n for n, v in out.items() if math.isfinite(v)), reverse=True):  # the same on every process
+        again = sharding.max(_timed(calls[n], device, fits=_finite if n > B else None, warm=False))
+        if math.isinf(again):  # did not fit this time: neither it nor a larger call is one the run can count on
+            out.update({m: math.inf for m in out if m >= n})
+        else:
+            out[n] = min(out[n], again)
     return _never_above_a_larger(out)
 
 

@@ -398,7 +398,8 @@ def test_speed_bench_records_the_flags_given(tmp_path, monkeypatch, global_torch
     argv = ["benchmarks/speed_bench.py", "--repeats", "3", "--gpu", gpu, "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(speed_bench, "cpu_table", lambda *a: {})  # the minutes of CPU timing are not the point
-    speed_bench.main(argparse.Namespace(quick=False, repeats=3, gpu=gpu, out=str(out), machine="m"))
+    speed_bench.main(argparse.Namespace(quick=False, repeats=3, gpu=gpu, out=str(out), machine="m",
+                                          malloc_as_is=True))
     with open(out) as f:
         assert json.load(f)["command"] == "python " + shlex.join(argv)
 

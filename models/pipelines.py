@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paratAA import Sharding, SolverConfig, sample_sequential, solve
+from paratAA import NonFiniteModelOutput, Sharding, SolverConfig, sample_sequential, solve
 from paratAA.config import is_integer
 from paratAA.planner import measure_call_seconds, plan_window, sync, warm_up
 from runner.launch import host_memory_available
@@ -145,8 +145,16 @@ def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps
         (bundle,) = pipeline_bundles(pipe, [conditions], negative_prompt, guidance_scale, num_inference_steps, eta,
                                      seed, num_images, height, width, device,
                                      max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale)
-    return sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, net.dtype, device,
-                         screen=safety_screen(pipe, device))
+    try:
+        return sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, net.dtype, device,
+                             screen=safety_screen(pipe, device))
+    except NonFiniteModelOutput as e:  # as the scripts say it (runner.loop): the argument that most often causes it
+        extreme = [f"{name} {value:g}" for name, value in (("guidance_scale", guidance_scale),
+                                                            ("true_cfg_scale", true_cfg_scale)) if abs(value) > 50]
+        if not extreme:
+            raise
+        raise NonFiniteModelOutput(f"{e} ({' and '.join(extreme)} {'is' if len(extreme) == 1 else 'are'} extreme: "
+                                   f"lower it)") from None
 
 
 def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, sharding, dtype, device, screen=None):

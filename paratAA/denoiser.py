@@ -35,6 +35,8 @@ def check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding=None, cal
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor [B, T+1={T + 1}, *latent], got "
                         f"{noise.dtype if torch.is_tensor(noise) else type(noise).__name__}")
+    if noise.layout != torch.strided:  # a sparse tensor failed inside the solver ("reshape is not implemented")
+        raise TypeError(f"noise must be a dense tensor, got layout {noise.layout} (call .to_dense())")
     if noise.dim() < 3 or noise.shape[1] != T + 1 or noise.shape[0] == 0 or 0 in noise.shape[2:]:
         raise ValueError(f"noise must be [B >= 1, T+1={T + 1}, *latent] (at least one latent dimension, none of size "
                          f"0), got "

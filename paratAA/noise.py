@@ -22,8 +22,9 @@ def draw_noise(num_samples, T, latent, generator=None):
         raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
     if not _index(T) or T < 1:
         raise ValueError(f"T must be an integer >= 1 (the number of steps), got {T!r}")
-    if any(not _index(n) or n < 1 for n in tuple(latent)):
-        raise ValueError(f"latent must be a shape of integers >= 1, got {tuple(latent)!r}")
+    if isinstance(latent, (str, bytes)) or not hasattr(latent, "__iter__") or \
+            any(not _index(n) or n < 1 for n in tuple(latent)):  # draw_noise(1, 10, 4): "int is not iterable"
+        raise ValueError(f"latent must be a shape (a tuple of integers >= 1, e.g. (4, 32, 32)), got {latent!r}")
     return torch.randn((num_samples, T + 1) + tuple(latent), generator=generator, dtype=torch.float64)
 
 

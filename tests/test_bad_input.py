@@ -832,3 +832,45 @@ def test_a_batch_larger_than_the_samples_is_said_and_recorded_as_used(tmp_path, 
     args, metrics = _run_dit(tmp_path, "--timesteps", "5", "--num_samples", "2", "--batch_size", "5")
     notes = [line for line in capsys.readouterr().err.splitlines() if "note: --batch_size 5" in line]
     assert len(notes) == 1 and "using 2" in notes[0] and args["batch_size"] == 2
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "abc"}, ["WORLD_SIZE='abc'", "not a non-negative integer"]),
+    ({"WORLD_SIZE": "2"}, ["WORLD_SIZE=2", "MASTER_ADDR is not set"]),
+    ({"WORLD_SIZE": "0"}, ["WORLD_SIZE is 0"]),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}, ["RANK=2", "WORLD_SIZE=2"]),
+    ({"MASTER_PORT": "http"}, ["MASTER_PORT='http'"]),
+    ({"RANK": "abc"}, ["RANK='abc'"]),
+])
+def test_a_bad_process_group_environment_is_one_line(env, words, tmp_path):
+    """Variables accelerate launch / torchrun set, set by hand or left from another job: WORLD_SIZE=abc ended the run
+    in int()'s ValueError, WORLD_SIZE=2 alone in accelerate's, both said as unexpected."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                               "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "parallel_dit.py"), "--timesteps", "5", "--num_samples",
+                           "1", "--output_path", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env={**clean, **env})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert all(w in lines[0] for w in words) and "unexpected" not in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_launchers_environment_passes():
+    from runner.launch import launch_env_problem
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert launch_env_problem(torchrun) is None and launch_env_problem({}) is None
+    assert launch_env_problem({"WORLD_SIZE": "1"}) is None
+
+
+def test_noise_arguments_are_named():
+    from paratAA import dit_schedule, solve
+    from paratAA.noise import draw_noise
+    with pytest.raises(ValueError, match="latent must be a shape"):
+        draw_noise(1, 10, 4)  # before: TypeError "'int' object is not iterable"
+    with pytest.raises(ValueError, match="latent must be a shape"):
+        draw_noise(1, 10, "444")
+    noise = torch.randn(1, 11, 4, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="noise must be a dense tensor"):  # before: "reshape is not implemented"
+        solve(lambda x, t, c: torch.zeros_like(x), dit_schedule(10), noise.to_sparse())

@@ -616,3 +616,17 @@ def test_arguments_of_the_pipelines_own_call_are_refused_as_such(tiny_sd, tmp_pa
     with pytest.raises(TypeError, match=r"unknown solver parameters \['windowsize'\]"):
         parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, windowsize=4)
     assert not calls
+
+
+def test_an_overflow_from_extreme_guidance_names_the_argument(tiny_sd):
+    """guidance_scale=1e308 passes as a finite number, and the guided prediction overflows: the error named no
+    argument (the scripts name --cfg_scale)."""
+    from diffusers import StableDiffusionPipeline
+    from paratAA import NonFiniteModelOutput
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(NonFiniteModelOutput, match=r"guidance_scale 1e\+308 is extreme"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=6, guidance_scale=1e308)
+    pipe.unet.conv_out.bias.data[:] = float("nan")  # a model's own NaN at ordinary guidance: said as it is
+    with pytest.raises(NonFiniteModelOutput) as e:
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=6, guidance_scale=3.0)
+    assert "extreme" not in str(e.value)

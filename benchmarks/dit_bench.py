@@ -23,7 +23,7 @@ from models import digits  # noqa: E402
 from models.adapters import VAEDecoder  # noqa: E402
 from models.dit_source import DIT_CFG_SCALE, EMBEDDED_DIT, LoadedDiT, add_dit_flags, check_dit_flags  # noqa: E402
 from paratAA import noise_from_seeds  # noqa: E402
-from runner.errors import exit_on_error  # noqa: E402
+from runner.errors import UsageError, exit_on_error  # noqa: E402
 from runner.launch import Session  # noqa: E402
 
 
@@ -61,9 +61,18 @@ def dit_bench(args, session):
                  S, bench_defaults(args.cfg_scale), session, digit_classifier() if embedded else None, info)
 
 
+def check_labels(args):
+    """UsageError for more --class_labels than samples (--num_samples filled in): the last ones were never used, as
+    parallel_dit.py refuses them."""
+    if args.class_labels and len(args.class_labels) > args.num_samples:
+        raise UsageError(f"--class_labels gives {len(args.class_labels)} labels for --num_samples {args.num_samples}: "
+                         f"the last {len(args.class_labels) - args.num_samples} would be ignored")
+
+
 def main(args):
     check_bench_flags(args)
     check_model_flags(args)
+    check_labels(args)
     session = Session(args.dist_timeout, args.fp16)
     bench = dit_bench(args, session)
     save_report(run_benchmark(bench, args), bench, args.out)

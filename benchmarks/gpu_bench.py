@@ -236,8 +236,22 @@ def window_pairs(values, flag):
     return pairs
 
 
+# The sizes of a GPU run: --smoke times tiny models at its own fixed sizes (it checks that the script runs), so one
+# of these given beside it would be ignored (--smoke --repeats 3 timed every call twice): refused instead. Left out,
+# they take these defaults.
+GPU_RUN_FLAGS = {"repeats": 10, "iterations": [6, 8], "window_runs": ["4:41", "8:24", "16:14", "32:10"],
+                 "sd_window_runs": ["4:41", "6:28", "8:18", "8:20", "8:22", "8:24", "12:16"]}
+
+
 def check_flags(args):
     """Every flag before any model is built (UsageError naming it); the pairs parsed into args."""
+    given = [f"--{name}" for name in GPU_RUN_FLAGS if getattr(args, name) is not None]
+    if args.smoke and given:
+        raise UsageError(f"{' and '.join(given)} cannot be used with --smoke, which times tiny models at fixed sizes "
+                         f"(it only checks that the script runs)")
+    for name, default in GPU_RUN_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if not all(1 <= k <= 100 for k in args.iterations):
@@ -325,17 +339,21 @@ def main(args):
 if __name__ == "__main__":
     parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
-    parser.add_argument("--repeats", type=int, default=10)
+    # None: not given (GPU_RUN_FLAGS has the defaults), so that check_flags can refuse one given with --smoke
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per measurement (default 10; not with --smoke)")
     parser.add_argument("--families", action="store_true",
                         help="also the per-call curves of SDXL's UNet and an SD3-medium-sized MMDiT at 1024 px")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[6, 8],
-                        help="iteration counts at window = T (the embedded DiT's median / max stop at T = 100)")
-    parser.add_argument("--window_runs", nargs="*", default=["4:41", "8:24", "16:14", "32:10"],
+    parser.add_argument("--iterations", type=int, nargs="+", default=None,
+                        help="iteration counts at window = T (the embedded DiT's median / max stop at T = 100; "
+                             "default 6 8; not with --smoke)")
+    parser.add_argument("--window_runs", nargs="*", default=None,
                         help="WINDOW:ITERATIONS pairs: the iterations the embedded DiT needed at that window "
-                             "(median stop, BENCHMARKS.md window table)")
-    parser.add_argument("--sd_window_runs", nargs="*",
-                        default=["4:41", "6:28", "8:18", "8:20", "8:22", "8:24", "12:16"],
+                             "(median stop, BENCHMARKS.md window table; default 4:41 8:24 16:14 32:10; not with "
+                             "--smoke)")
+    parser.add_argument("--sd_window_runs", nargs="*", default=None,
                         help="WINDOW:ITERATIONS pairs timed with the SD v1.5 UNet (a range of K at window 8: the "
-                             "speed-up for whichever count a trained model needs)")
+                             "speed-up for whichever count a trained model needs; default 4:41 6:28 8:18 8:20 8:22 "
+                             "8:24 12:16; not with --smoke)")
     parser.add_argument("--out", type=home_path, default=None)
     exit_on_error(main, parser.parse_args())

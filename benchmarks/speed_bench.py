@@ -36,7 +36,7 @@ from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipe
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
 from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
-from runner.flags import home_path, make_parser  # noqa: E402
+from runner.flags import home_path, make_parser, path_value  # noqa: E402
 from runner.launch import HOST_PAD, keep_freed_memory  # noqa: E402
 
 NVLINK, PCIE, HOP = 300e9, 25e9, 10e-6  # bytes/s, bytes/s, seconds per ring step
@@ -188,7 +188,7 @@ if __name__ == "__main__":
     parser.add_argument("--malloc_as_is", action="store_true",
                         help="leave the C library's malloc as it is; by default it keeps freed memory, as the scripts' "
                              "CPU processes do (runner/launch.py: keep_freed_memory)")
-    parser.add_argument("--gpu", type=home_path, default="benchmarks/results/gpu_h100.json")
+    parser.add_argument("--gpu", type=path_value, default="benchmarks/results/gpu_h100.json")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
     exit_on_error(main, parser.parse_args())

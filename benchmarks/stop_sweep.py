@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from benchmarks.convergence import check_distinct, check_out_file, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import problems  # noqa: E402
-from paratAA import sample_sequential, solve  # noqa: E402
+from paratAA import SolverConfig, sample_sequential, solve  # noqa: E402
 from paratAA.solver import image_estimate, image_test_due, stop_rule  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
 
@@ -113,14 +113,21 @@ def judge(runs, stop_tol, stop_ratio, stop_image_tol=0.0):
             "max_final": max(s["max_final"] for s in settings.values()), "mean_iterations": statistics.mean(stops)}
 
 
-def number_list(text, flag):
-    """A comma-separated list of finite positive numbers, or UsageError naming flag."""
+def number_list(text, flag, field):
+    """A comma-separated list of finite positive numbers, each one the solver takes as its parameter `field`
+    (SolverConfig's check: stop_tol 1 or more was replayed and written, a rule the solver refuses), or UsageError
+    naming flag."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} must be numbers separated by commas, got {text!r}") from None
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{flag} must be finite numbers > 0, got {text!r}")
+    for v in values:
+        try:
+            SolverConfig(**{field: v})
+        except ValueError as e:
+            raise UsageError(f"{flag}: {e}") from None
     check_distinct(values, flag)
     return values
 
@@ -128,8 +135,9 @@ def number_list(text, flag):
 def main(args):
     steps, etas, n = ([25], [0.0], 3) if args.quick else ([25, 50, 100], [0.0, 0.5], 10)
     bases = seed_bases(args.seed_bases, n)
-    tols, ratios = number_list(args.stop_tols, "--stop_tols"), number_list(args.stop_ratios, "--stop_ratios")
-    image_tols = [0.0] + number_list(args.stop_image_tols, "--stop_image_tols")  # 0: the latent rule
+    tols = number_list(args.stop_tols, "--stop_tols", "stop_tol")
+    ratios = number_list(args.stop_ratios, "--stop_ratios", "stop_ratio")
+    image_tols = [0.0] + number_list(args.stop_image_tols, "--stop_image_tols", "stop_image_tol")  # 0: the latent rule
     check_out_file(args.out)
     torch.set_grad_enabled(False)
     runs = record(bases, steps, etas, n)

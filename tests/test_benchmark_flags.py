@@ -92,7 +92,6 @@ def test_unusable_output_path(files, script, argv, flag):
     assert not os.listdir(files / "a_folder")
 
 
-
 def test_speed_bench_repeats(files):
     refused(files, "speed_bench.py", ["--repeats", "0", "--out", files / "speed.json"], 2, ["--repeats", "got 0"])
 
@@ -105,7 +104,6 @@ def test_speed_bench_repeats(files):
 def test_speed_bench_bad_gpu_file(files, gpu, words):
     refused(files, "speed_bench.py", ["--quick", "--gpu", gpu.format(tmp=files), "--out", files / "speed.json"], 1,
             ["--gpu", *words])
-
 
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -246,7 +244,6 @@ def test_figures_to_a_full_terminal(tmp_path):
     assert len(os.listdir(tmp_path / "figs")) == 6
 
 
-
 @pytest.mark.parametrize("script, argv, flag", [
     ("stop_bench.py", ["--seed_base", TOP], "--seed_base"),
     ("stop_bench.py", ["--seed_base", "5"], "--seed_base"),
@@ -351,12 +348,10 @@ def test_guidance_and_timeout_checked_as_the_scripts_do(files, script, argv, fla
     refused(files, script, argv + out, 2, [flag])
 
 
-
 def test_prompt_file_not_text(files):
     (files / "prompts.txt").write_bytes(b"\xff\xfe a handwritten digit one\n")
     refused(files, "sd_bench.py", DIT + ["--prompt_file", files / "prompts.txt", "--out", files / "sd.json"], 1,
             ["--prompt_file", "prompts.txt", "UTF-8"])
-
 
 
 def test_prompt_file_byte_order_mark_and_invisible_lines(files, capsys):
@@ -399,7 +394,7 @@ def test_speed_bench_records_the_flags_given(tmp_path, monkeypatch, global_torch
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(speed_bench, "cpu_table", lambda *a: {})  # the minutes of CPU timing are not the point
     speed_bench.main(argparse.Namespace(quick=False, repeats=3, gpu=gpu, out=str(out), machine="m",
-                                          malloc_as_is=True))
+                                        malloc_as_is=True))
     with open(out) as f:
         assert json.load(f)["command"] == "python " + shlex.join(argv)
 
@@ -421,3 +416,43 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path):
     assert figures.parse_args(["--out_dir=~/figs"]).out_dir == os.path.join(home, "figs")
     args = sample_sets.parse_args(SETS + ["--out_dir=~/sets", "--summary=~/sets.json"])
     assert (args.out_dir, args.summary) == (os.path.join(home, "sets"), os.path.join(home, "sets.json"))
+
+
+# a rule the solver refuses (SolverConfig: stop_tol below 1) was replayed and written, after minutes of solves
+@pytest.mark.parametrize("argv", [["--stop_tols", "1"], ["--stop_tols", "0.03,5"]])
+def test_stop_sweep_refuses_what_the_solver_refuses(files, argv):
+    refused(files, "stop_sweep.py", ["--quick", "--seed_bases", "200", *argv, "--out", files / "out.json"], 2,
+            [argv[0], "stop_tol must be below 1"])
+
+
+def test_stop_sweep_takes_what_the_solver_takes():
+    """Each value goes through SolverConfig's own check: a stop_ratio above 1 is one the solver takes (the rule's
+    contraction test loosened), so the sweep replays it too."""
+    from benchmarks.stop_sweep import number_list
+    assert number_list("0.35,2", "--stop_ratios", "stop_ratio") == [0.35, 2.0]
+
+
+def test_dit_bench_more_class_labels_than_samples(files):
+    """The labels past --num_samples were dropped without a word (parallel_dit.py refuses them)."""
+    refused(files, "dit_bench.py", DIT + ["--class_labels", "0", "1", "--out", files / "dit.json"], 2,
+            ["--class_labels", "--num_samples 1"])
+
+
+# 10**20 GPUs was taken (and named a column of the JSON); beyond a window's steps more GPUs change nothing
+@pytest.mark.parametrize("gpus", ["4097", str(10 ** 20)])
+def test_gpu_estimate_gpus_at_most_4096(files, gpus):
+    refused(files, "gpu_estimate.py", ["--gpus", gpus, "--out", files / "estimate.json"], 2,
+            ["--gpus", "1..4096", gpus])
+
+
+# --smoke times tiny models at fixed sizes: a GPU run's size beside it was ignored (--repeats 3 timed twice)
+@pytest.mark.parametrize("argv, flag", [(["--repeats", "3"], "--repeats"), (["--window_runs"], "--window_runs")])
+def test_gpu_bench_smoke_refuses_the_sizes_of_a_gpu_run(files, argv, flag):
+    refused(files, "gpu_bench.py", ["--smoke", *argv, "--out", files / "gpu.json"], 2, [flag, "--smoke"])
+
+
+# an empty input path is a usage error (exit 2), as every other blank path flag is, not a file not found (exit 1)
+@pytest.mark.parametrize("script, flag", [("speed_bench.py", "--gpu"), ("gpu_estimate.py", "--dit")])
+def test_empty_input_path(files, script, flag):
+    refused(files, script, ["--quick", flag, "", "--out", files / "out.json"] if script == "speed_bench.py"
+            else [flag, "", "--out", files / "out.json"], 2, [flag, "must not be empty"])

@@ -81,7 +81,7 @@ def flux_schedule(scheduler, num_steps, eta, height, width, vae_scale_factor, na
     """The Schedule of FluxPipeline's own loop at num_steps for an image of height x width pixels: its Euler steps
     through the levels linspace(1, 1/T, T) (the scheduler's own with use_flow_sigmas, as the pipeline defers to
     it), shifted by mu where the scheduler shifts dynamically (paratAA.flow_schedule)."""
-    check_num_steps(num_steps, scheduler.config.num_train_timesteps, name)  # before linspace takes it
+    num_steps = check_num_steps(num_steps, scheduler.config.num_train_timesteps, name)  # before linspace takes it
     sigmas = None if getattr(scheduler.config, "use_flow_sigmas", False) else \
         np.linspace(1.0, 1 / num_steps, num_steps)
     mu = mu_of(scheduler.config, image_tokens(height, width, vae_scale_factor))

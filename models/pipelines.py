@@ -136,6 +136,7 @@ def parallel_sample(pipe, prompt=None, negative_prompt=None, num_inference_steps
         warnings.warn(said, stacklevel=3)  # the caller's line (1: here, 2: torch.no_grad's wrapper)
     # numpy integers pass the checks; the generator and the sizes want Python's
     num_images, seed, height, width = int(num_images), int(seed), int(height), int(width)
+    num_inference_steps = int(num_inference_steps)
     batch_size = None if batch_size is None else int(batch_size)
     config = SolverConfig.with_overrides(config, solver, "parallel_sample")
     if kind == DIT_PIPELINE:

@@ -249,6 +249,12 @@ def read_as_ddim(kind, where):
     return None
 
 
+# the true / false settings of the schedulers read here (DDIM's and the flow's; the others' read as DDIM)
+SWITCHES = ("set_alpha_to_one", "clip_sample", "thresholding", "rescale_betas_zero_snr", "skip_prk_steps",
+            "stochastic_sampling", "use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas",
+            "use_beta_sigmas", "invert_sigmas")
+
+
 def scheduler_problem(sched, kind=None):
     """What keeps a scheduler config (a dict) from being read as the linear system (equation 1), or None. kind: the
     pipeline class it samples for (flow matching only with SD3's velocity-predicting transformer)."""
@@ -293,6 +299,9 @@ def scheduler_problem(sched, kind=None):
         return (f"is {name}, whose noise levels come from no beta schedule: supported are schedulers with betas, "
                 f"read as DDIM, and flow matching")
     prediction = sched.get("prediction_type", "epsilon")
+    for key in SWITCHES:  # "false", a string, is true to the scheduler: set_alpha_to_one "false" sampled with it on
+        if sched.get(key) is not None and not isinstance(sched[key], bool):
+            return f"has {key} {sched[key]!r}; true or false is needed"
     if prediction not in PREDICTIONS:
         return f"has prediction_type {prediction!r}; supported: {', '.join(PREDICTIONS)}"
     for key, why in NONLINEAR.items():
@@ -544,6 +553,13 @@ def tokenizer_problem(pipe):
             shown = "none (transformers then reads 1e30)" if is_integer(length) and length > 1e29 else repr(length)
             return part, (f"has model_max_length {shown}; the prompt length its text encoder reads (77 for CLIP) "
                           f"is needed")
+        # a prompt is padded to model_max_length: longer than the encoder's positions, every prompt failed in a
+        # ValueError said as unexpected
+        encoder = part.replace("tokenizer", "text_encoder")
+        positions = getattr(getattr(getattr(pipe, encoder, None), "config", None), "max_position_embeddings", None)
+        if is_integer(positions) and length > positions:
+            return part, (f"has model_max_length {length}, more than {encoder}/config.json's max_position_embeddings "
+                          f"{positions}: its text encoder cannot read prompts that long")
     return None
 
 

@@ -124,6 +124,10 @@ class SolverConfig:
             if getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be below 1 (an RMS residual as large as the latent passes every state), "
                                  f"got {getattr(self, name)!r}")
+        if self.stop_ratio > 1:  # E must shrink for the rule to stop: above 1 a growing error passes
+            raise ValueError(f"stop_ratio must be at most 1 (x_0's estimated error must shrink by this factor between "
+                             f"iterations for the rule to stop; above 1 a growing one would pass), got "
+                             f"{self.stop_ratio!r}")
         if self.stop_tol >= 1:
             raise ValueError(f"stop_tol must be below 1 (x_0's estimated error relative to its scale; 0: the rule is "
                              f"off), got {self.stop_tol!r}")

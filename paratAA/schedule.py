@@ -55,9 +55,12 @@ STEPS = "timesteps (number of sampling steps T)"  # how the number of steps is n
 
 
 def check_num_steps(num_steps, num_train_timesteps, name=STEPS):
-    """name: what the caller calls the number (the scripts' --timesteps, parallel_sample's num_inference_steps)."""
+    """num_steps as a Python int, or ValueError. name: what the caller calls the number (the scripts' --timesteps,
+    parallel_sample's num_inference_steps). The int: a numpy np.uint8(5) passed the check and overflowed inside
+    diffusers' set_timesteps ("Python integer 1000 out of bounds for uint8")."""
     if not is_integer(num_steps) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"{name} must be an integer in 1..{num_train_timesteps}, got {num_steps!r}")
+    return int(num_steps)
 
 
 def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps):
@@ -103,7 +106,7 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     scheduler = copy.deepcopy(scheduler) if isinstance(scheduler, DDIMScheduler) else ddim_copy(scheduler.config)
     check_linear(scheduler.config)
     n_train = scheduler.config.num_train_timesteps
-    check_num_steps(num_steps, n_train, name)
+    num_steps = check_num_steps(num_steps, n_train, name)
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.flip(0).long()                  # [T] ascending: step s uses timesteps[s]
     if int(timesteps.max()) >= n_train:  # "leading" spacing with steps_offset, e.g. T = n_train: 1 .. n_train
@@ -170,7 +173,7 @@ def dit_schedule(num_steps, eta=0.0, num_train=1000):
     check_eta(eta)
     if not is_integer(num_train) or num_train < 2:
         raise ValueError(f"num_train (the diffusion's training steps) must be an integer >= 2, got {num_train!r}")
-    check_num_steps(num_steps, num_train)
+    num_steps = check_num_steps(num_steps, num_train)
     base = dit_alphas_cumprod(num_train)
     kept = dit_respacing(num_steps, num_train)
     last, new_betas = 1.0, []
@@ -204,7 +207,7 @@ def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS, sigmas=None, mu=Non
     if eta != 0:
         raise ValueError(f"eta must be 0 for a flow-matching scheduler (its Euler steps add no noise), got {eta!r}")
     n_train = scheduler.config.num_train_timesteps
-    check_num_steps(num_steps, n_train, name)
+    num_steps = check_num_steps(num_steps, n_train, name)
     if getattr(scheduler.config, "use_dynamic_shifting", False) and mu is None:
         raise ValueError("mu must be given for a scheduler with use_dynamic_shifting: its shift depends on the image "
                          "size, which the pipeline turns into mu (Flux: from the number of image tokens)")

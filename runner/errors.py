@@ -118,7 +118,7 @@ def rank():
     return r if 0 <= r and (world == 0 or r < world) else 0
 
 
-def _one_line(text):
+def one_line(text):
     """text with its line breaks written as \\n and \\r: a path may hold one (--model_path $'a\\nb.pt'), and the
     one line naming it became two."""
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
@@ -127,7 +127,7 @@ def _one_line(text):
 def _fail(message, code, every_rank=False):
     """One line and exit. Flags and files are checked alike by every process of a launch: the first one says it.
     An error of one process (out of memory on its GPU) is said by that process, naming itself."""
-    message = _one_line(message)
+    message = one_line(message)
     if rank() == 0:
         print(f"{_prog()}: error: {message}", file=sys.stderr, flush=True)
     elif every_rank:
@@ -241,7 +241,7 @@ def _run(main, args):
         _fail(f"{e}" + (f"; {_kept(e)}" if _kept(e) else ""), EXIT_FAILED)
     except KeyboardInterrupt as e:
         if rank() == 0:  # the other processes of a launch write nothing and say nothing
-            print(f"{_prog()}: interrupted ({_one_line(_kept(e) or 'nothing written')})", file=sys.stderr,
+            print(f"{_prog()}: interrupted ({one_line(_kept(e) or 'nothing written')})", file=sys.stderr,
                   flush=True)
         _leave(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # not one of ours: still one line, the traceback only on request

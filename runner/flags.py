@@ -215,5 +215,6 @@ def check_common_flags(args, num_train_timesteps, distilled_guidance=False):
             "memory_size" not in getattr(args, "_preset_filled", ()):
         note(f"--memory_size {config.memory_size} is more than {args.timesteps} iterations can fill; using "
              f"{resolved.memory_size}")
+    args._order_given = config.order  # the planner's note names it, not the cap at T (args.json: what ran)
     args.window_size, args.order, args.memory_size = resolved.window_size, resolved.order, resolved.memory_size
     return resolved

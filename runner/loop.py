@@ -20,7 +20,7 @@ from paratAA import NonFiniteModelOutput, Schedule, sample_sequential, solve
 from paratAA.planner import sync
 from paratAA.solver import state_bytes
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .metrics import speed_summary
 from .planning import batch_call_seconds, plan_run
 from .rundir import create_run_dir, missing_folders, save_args
@@ -107,7 +107,7 @@ def sample_run(args, config, session, bundle, prefix, script):
     with open_run(args, session, prefix) as run_dir:
         result = sample_into(run_dir, bundle, args, config, session, script)
     if session.is_main:
-        print(f"wrote {run_dir}")
+        print(f"wrote {one_line(run_dir)}")  # a path may hold a line break: still one line
         print("\n".join(result["summary"]), flush=True)
     session.wait()
     return run_dir

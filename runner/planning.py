@@ -154,8 +154,8 @@ def _plan(bundle, args, config, session, noise, cond, steps):
         # an explicit --window_size (presets.apply_preset)
         if config.order is not None and config.order > plan.window and \
                 "order" not in getattr(args, "_preset_filled", ()):
-            note(f"--order {config.order} is above the window the planner chose ({plan.window}); an order above "
-                 f"the window acts as the window: using {plan.window}")
+            note(f"--order {getattr(args, '_order_given', None) or config.order} is above the window the planner "
+                 f"chose ({plan.window}); an order above the window acts as the window: using {plan.window}")
         config = replace(config, window_size=plan.window, order=config.order or plan.window).resolve(T)
         # the per-call time of the run's sequential estimate, as the plan's predictions take it: the fresh check of
         # a cached curve; where the check found the cache stale and the curves were measured again, their c(B) (the

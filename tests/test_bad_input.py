@@ -422,6 +422,12 @@ def bad_folders(tmp_path_factory):
             p / "tokenizer" / "tokenizer_config.json", lambda c: c.pop("model_max_length"))),
         "tokenizer_length_0": variant("tokenizer_length_0", lambda p: rewrite(
             p / "tokenizer" / "tokenizer_config.json", lambda c: c.update(model_max_length=0))),
+        # longer than the text encoder's 32 positions: every prompt failed in a ValueError said as unexpected
+        "tokenizer_longer_than_encoder": variant("tokenizer_longer_than_encoder", lambda p: rewrite(
+            p / "tokenizer" / "tokenizer_config.json", lambda c: c.update(model_max_length=33))),
+        # "false" is a string, true to the scheduler: sampled with set_alpha_to_one on, exit 0
+        "alpha_to_one_text": variant("alpha_to_one_text", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: c.update(set_alpha_to_one="false"))),
         "garbage_text_encoder": variant("garbage_text_encoder", lambda p: (
             p / "text_encoder" / "model.safetensors").write_bytes(bytes(range(100)))),
         # these three ended in an internal error naming no file, or in black images reported as a success
@@ -491,6 +497,9 @@ def _nan_weights(folder):
     ("tokenizer_no_length", ["--model_path", "tokenizer/tokenizer_config.json", "model_max_length none"]),
     ("tokenizer_length_0", ["--model_path", "tokenizer/tokenizer_config.json", "model_max_length 0"]),
     ("garbage_text_encoder", ["--model_path", "cannot load", "SafetensorError"]),
+    ("tokenizer_longer_than_encoder", ["--model_path", "tokenizer/tokenizer_config.json", "model_max_length 33",
+                                       "max_position_embeddings 32"]),
+    ("alpha_to_one_text", ["--model_path", "scheduler_config.json", "set_alpha_to_one 'false'", "true or false"]),
     ("empty_tokenizer", ["--model_path", "tokenizer/", "tokenizer.json", "vocab.json"]),
     ("unet_other_tensors", ["--model_path", "unet", "do not hold the tensors", "conv_in.weight"]),
     ("vae_nan", ["non-finite pixels", "--vae_path", "--model_path"]),
@@ -874,3 +883,40 @@ def test_noise_arguments_are_named():
     noise = torch.randn(1, 11, 4, 4, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="noise must be a dense tensor"):  # before: "reshape is not implemented"
         solve(lambda x, t, c: torch.zeros_like(x), dit_schedule(10), noise.to_sparse())
+
+
+def test_numpy_step_counts_are_taken_as_integers():
+    """np.uint8(5) passed the step-count check and overflowed inside diffusers' set_timesteps (its 1000 training
+    steps divided by a uint8)."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+    from paratAA import from_ddim_scheduler
+    for steps in (np.uint8(5), np.int8(5)):
+        out = from_ddim_scheduler(DDIMScheduler(clip_sample=False), steps)
+        ref = from_ddim_scheduler(DDIMScheduler(clip_sample=False), 5)
+        assert out.num_steps == 5 and torch.equal(out.timesteps, ref.timesteps)
+
+
+def test_a_stop_ratio_above_1_is_refused(tmp_path, capsys):
+    """With stop_ratio above 1 a growing error passes the rule's contraction test: --stop_ratio 1e308 with
+    --stop_tol 0.99 ended a run 3.5 gray levels off, "converged"."""
+    check(parallel_dit, ["--stop_ratio", "1.5"], 2, ["--stop_ratio", "at most 1"], tmp_path, capsys)
+
+
+def test_the_order_note_names_the_order_given(tmp_path, capsys, monkeypatch):
+    """--order 1000 with window auto at T = 5: the note named order 5 (its cap at T), a value never given."""
+    from dataclasses import replace
+    from paratAA import planner
+    choose = planner.choose
+    monkeypatch.setattr(planner, "choose", lambda *a, **k: replace(choose(*a, **k), window=1))  # as a busy CPU
+    parallel_dit.main(parallel_dit.parse_args(["--timesteps", "5", "--num_samples", "1", "--order", "1000",
+                                               "--output_path", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert "--order 1000 is above the window the planner chose (1)" in err and "--order 5 " not in err, err
+
+
+def test_the_wrote_line_is_one_line(tmp_path, capsys):
+    parallel_dit.main(parallel_dit.parse_args(["--timesteps", "5", "--num_samples", "1",
+                                               "--output_path", str(tmp_path / "a\nb")]))
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and "a\\nb" in wrote[0], wrote

@@ -426,10 +426,13 @@ def test_stop_sweep_refuses_what_the_solver_refuses(files, argv):
 
 
 def test_stop_sweep_takes_what_the_solver_takes():
-    """Each value goes through SolverConfig's own check: a stop_ratio above 1 is one the solver takes (the rule's
-    contraction test loosened), so the sweep replays it too."""
+    """Each value goes through SolverConfig's own check: a stop_ratio up to 1 is one the solver takes, above 1 not
+    (a growing error would pass the rule's contraction test)."""
     from benchmarks.stop_sweep import number_list
-    assert number_list("0.35,2", "--stop_ratios", "stop_ratio") == [0.35, 2.0]
+    from runner.errors import UsageError
+    assert number_list("0.35,1", "--stop_ratios", "stop_ratio") == [0.35, 1.0]
+    with pytest.raises(UsageError, match="--stop_ratios: stop_ratio must be at most 1"):
+        number_list("0.35,2", "--stop_ratios", "stop_ratio")
 
 
 def test_dit_bench_more_class_labels_than_samples(files):

@@ -230,6 +230,15 @@ def check_weights_loaded(module, path, flag):
         if tensor.is_meta:
             raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
                                  f"(e.g. {name})")
+    # transformers (the text encoders) fills such a weight at random instead, and marks every parameter it did load
+    # (_is_hf_initialized): a text encoder without its position embeddings sampled other images, exit 0. Read only
+    # where the marks are there at all (a model transformers did not load has none)
+    params = list(module.named_parameters())
+    if any(getattr(p, "_is_hf_initialized", False) for _, p in params):
+        unloaded = [name for name, p in params if not getattr(p, "_is_hf_initialized", False)]
+        if unloaded:
+            raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
+                                 f"(e.g. {unloaded[0]}; {len(unloaded)} missing, which would be filled at random)")
     from safetensors import safe_open
     floating = {k for k, v in module.state_dict().items() if v.is_floating_point()}
     for file in sorted(os.listdir(path)) if os.path.isdir(path) else []:

@@ -434,6 +434,9 @@ def bad_folders(tmp_path_factory):
         "empty_tokenizer": variant("empty_tokenizer", lambda p: [f.unlink() for f in (p / "tokenizer").iterdir()]),
         "unet_other_tensors": variant("unet_other_tensors", lambda p: _other_tensors(p / "unet")),
         "vae_nan": variant("vae_nan", lambda p: _nan_weights(p / "vae")),
+        # transformers filled the missing tensor at random: other images, exit 0
+        "text_encoder_missing_tensor": variant("text_encoder_missing_tensor", lambda p: _drop_weight(
+            p / "text_encoder", "position_embedding")),
         # these three were loaded (the integers cast into the UNet, sampled as a success) or ended in diffusers'
         # "too many values to unpack", or named the folder "a 5 folder"
         "unet_integer_weights": variant("unet_integer_weights", lambda p: _change_weights(
@@ -459,6 +462,13 @@ def _other_tensors(folder):
     """Weights whose tensor names are none of the model's."""
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(3)}, str(_weights_file(folder)))
+
+
+def _drop_weight(folder, part):
+    """The folder's weight file without the tensors whose names hold part."""
+    from safetensors.torch import load_file, save_file
+    path = str(_weights_file(folder))
+    save_file({k: v for k, v in load_file(path).items() if part not in k}, path)
 
 
 def _change_weights(folder, change):
@@ -503,6 +513,8 @@ def _nan_weights(folder):
     ("empty_tokenizer", ["--model_path", "tokenizer/", "tokenizer.json", "vocab.json"]),
     ("unet_other_tensors", ["--model_path", "unet", "do not hold the tensors", "conv_in.weight"]),
     ("vae_nan", ["non-finite pixels", "--vae_path", "--model_path"]),
+    ("text_encoder_missing_tensor", ["--model_path", "text_encoder", "do not hold the tensors",
+                                     "position_embedding.weight", "at random"]),
     ("lcm_unet", ["--model_path", "unet/config.json", "time_cond_proj_dim", "LCM"]),
     ("edm_scheduler", ["--model_path", "scheduler_config.json", "EDM scheduler"]),
     ("unet_integer_weights", ["--model_path", "unet/diffusion_pytorch_model.safetensors", "I64", "not floating point"]),

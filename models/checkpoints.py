@@ -76,7 +76,7 @@ def load_state_dict(path, flag="--model_path"):
                              f"{detail[0].strip() if detail else 'truncated or corrupt'})") from None
     if isinstance(state, dict):
         for key in ("ema", "model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
+            if key in state and isinstance(state[key], dict) and state[key]:  # an empty "ema" hid "model"'s weights
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -156,6 +156,12 @@ def check_folder(path, flag="--model_path"):
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
     in_channels = config_value(net, "in_channels", net_path, flag, "count")
     latent_channels = config_value(vae, "latent_channels", vae_path, flag, "count")
+    for config, config_path in ((net, net_path), (vae, vae_path)):  # a UNet's -1 failed in torch, "unexpected";
+        blocks = config.get("layers_per_block")                      # a VAE's 0 dropped its weights, exit 0
+        if blocks is not None and not (is_integer(blocks) and blocks >= 1 or isinstance(blocks, list) and blocks
+                                       and all(is_integer(b) and b >= 1 for b in blocks)):
+            raise InputFileError(f"{flag}: {config_path} has \"layers_per_block\": {blocks!r}, a positive integer (or "
+                                 f"a list of them) expected")
     if kind == flux.FLUX:
         problem = flux.channels_problem(in_channels, latent_channels)
         if problem:
@@ -478,10 +484,12 @@ def check_size(args, path):
         raise InputFileError(f"--model_path: {net_path} has patch_size {patch!r} and pos_embed_max_size {reach!r}: "
                              f"positive integers expected")
     kind = family(path)
+    args._sizes_from_model = []  # the memory check names the flags given, and the model's config for the others
     for name, default in zip(("height", "width"), default_size(path)):
         v = getattr(args, name)
         if v is None:
             setattr(args, name, default)
+            args._sizes_from_model.append(name)
         elif kind not in pixart.FAMILIES:  # PixArt's sizes: below, once both are known
             size_problem = wrong_size(v, factor, patch, reach)
             if size_problem:

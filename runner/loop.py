@@ -66,7 +66,9 @@ def check_fits(bundle, args, config, session, keep_trajectories=False):
     gb = 2 ** 30
     if free_device is not None and batch > 0.9 * free_device:
         # the image size given sets the latent's: often the cause (SD at --height 8192), so named when given
-        sizes = [f"--{name} {getattr(args, name)}" for name in ("height", "width", "image_size")
+        default = getattr(args, "_sizes_from_model", ())  # a size the model's config set (a huge sample_size)
+        sizes = [f"--{name} {getattr(args, name)}" if name not in default else
+                 f"{name} {getattr(args, name)} by the model's config" for name in ("height", "width", "image_size")
                  if getattr(args, name, None)]
         latent = "x".join(map(str, bundle.latent))
         raise UsageError(f"--batch_size {B} needs about {batch / gb:.1f} GB for the solver's state at --timesteps {T} "

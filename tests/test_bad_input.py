@@ -240,6 +240,8 @@ def test_a_dit_training_checkpoint_with_its_args_still_loads(tmp_path):
     torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)},
                tmp_path / "train.pt")
     assert torch.equal(load_state_dict(str(tmp_path / "train.pt"))["pos_embed"], state["pos_embed"])
+    torch.save({"model": state, "ema": {}}, tmp_path / "no_ema.pt")  # an empty "ema" hid the model's weights
+    assert torch.equal(load_state_dict(str(tmp_path / "no_ema.pt"))["pos_embed"], state["pos_embed"])
 
 
 def test_wrapped_and_misnamed_checkpoints_load_as_the_plain_one(tmp_path):
@@ -388,6 +390,12 @@ def bad_folders(tmp_path_factory):
             p / "scheduler" / "scheduler_config.json", lambda c: c.update(prediction_type="flow"))),
         "inpainting_unet": variant("inpainting_unet", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(in_channels=9))),
+        "unet_blocks_negative": variant("unet_blocks_negative", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(layers_per_block=-1))),
+        "vae_blocks_0": variant("vae_blocks_0", lambda p: rewrite(
+            p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
+        "huge_sample_size": variant("huge_sample_size", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(sample_size=1000000))),
         "text_sample_size": variant("text_sample_size", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(sample_size="abc"))),
         "int_block_channels": variant("int_block_channels", lambda p: rewrite(
@@ -493,6 +501,8 @@ def _nan_weights(folder):
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
     ("inpainting_unet", ["9 channels"]),
     ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
+    ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
+    ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
     ("no_training_steps", ["scheduler_config.json", "num_train_timesteps", "positive integer"]),
     ("betas_above_1", ["scheduler_config.json", "alphas_cumprod outside (0, 1]"]),
@@ -932,3 +942,12 @@ def test_the_wrote_line_is_one_line(tmp_path, capsys):
                                                "--output_path", str(tmp_path / "a\nb")]))
     wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
     assert len(wrote) == 1 and "a\\nb" in wrote[0], wrote
+
+
+def test_a_size_set_by_the_models_config_is_named_as_such(bad_folders, tmp_path, capsys):
+    """A UNet config's sample_size of 1000000: the memory check named --height and --width, flags never given."""
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", bad_folders["huge_sample_size"],
+                                                                "--timesteps", "5", "--output_path", str(tmp_path)]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "by the model's config" in err[0] and "--height" not in err[0], err

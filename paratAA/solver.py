@@ -148,6 +148,8 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
                         "pass the SolverConfig as config=...")
     check_problem(eps_fn, schedule, noise, cond, model_dtype, sharding, callback)
+    if not isinstance(record_x0, bool):  # "yes" (or "no", which a truth test reads as yes) was taken for True
+        raise TypeError(f"record_x0 must be True or False, got {record_x0!r}")
     if image_fn is not None and not callable(image_fn):
         raise TypeError(f"image_fn must be callable (x_0 latents -> image) or None, got {type(image_fn).__name__}")
     T = schedule.num_steps

@@ -76,8 +76,13 @@ def _save(key, entry):
         with open(tmp, "w") as f:
             json.dump({**_load(), key: entry}, f, indent=1)
         os.replace(tmp, path)
-    except OSError:  # a read-only home is no reason to fail a run: the next one measures again
+    except OSError as e:  # a read-only home is no reason to fail a run: the next one measures again, said
         _remove(tmp)
+        root = os.path.dirname(path)
+        why = f"{root} is not a folder" if os.path.exists(root) and not os.path.isdir(root) else \
+            f"{e.strerror or type(e).__name__}: {e.filename or path}"
+        note(f"window auto: the measured cost curve is not cached ({why}; PARATAA_CACHE names the folder): the next "
+             f"run measures it again")
 
 
 def _remove(path):

@@ -612,3 +612,18 @@ def test_a_cache_file_that_is_a_fifo_is_not_waited_on(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = os.listdir(tmp_path / "out")
     assert read_metrics(str(tmp_path / "out" / run_dir))["plan"]["measured"]
+
+
+def test_a_cache_that_cannot_be_written_is_said(tmp_path, monkeypatch, capsys):
+    """PARATAA_CACHE naming a file (not a folder): nothing was cached, and nothing said, run after run."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "a_file"))
+    run(tmp_path / "a", "--timesteps", "8", "--num_samples", "1", "--window_size", "auto")
+    err = capsys.readouterr().err
+    assert "not cached" in err and "a_file" in err and "PARATAA_CACHE" in err, err
+
+
+def test_record_x0_must_be_a_bool():
+    eps, schedule, noise = gmm_problem(6)
+    with pytest.raises(TypeError, match="record_x0 must be True or False"):
+        solve(eps, schedule, noise, record_x0="no")  # a truth test read "no" as yes

@@ -141,6 +141,11 @@ def check_folder(path, flag="--model_path"):
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
+        for file in sorted(os.listdir(sub)):  # diffusers passes over a weight "file" it cannot read to the next kind,
+            weights = os.path.join(sub, file)   # and the error named a missing diffusion_pytorch_model.bin
+            if file.endswith((".safetensors", ".bin")) and not os.path.isfile(weights):
+                raise InputFileError(f"{flag}: {weights} is not a readable file (a folder, or a broken link or a "
+                                     f"loop of links)")
         # PixArt's hub folders ship T5's sentencepiece model (spiece.model) without a tokenizer.json
         if part.startswith("tokenizer") and not (any(os.path.isfile(os.path.join(sub, f)) for f in (
                 "tokenizer.json", "spiece.model")) or all(

@@ -394,6 +394,8 @@ def bad_folders(tmp_path_factory):
             p / "unet" / "config.json", lambda c: c.update(layers_per_block=-1))),
         "vae_blocks_0": variant("vae_blocks_0", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
+        "unet_weights_folder": variant("unet_weights_folder", lambda p: _weights_file(p / "unet").unlink() or
+                                       (p / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
         "huge_sample_size": variant("huge_sample_size", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(sample_size=1000000))),
         "text_sample_size": variant("text_sample_size", lambda p: rewrite(
@@ -501,6 +503,7 @@ def _nan_weights(folder):
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
     ("inpainting_unet", ["9 channels"]),
     ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
+    ("unet_weights_folder", ["--model_path", "unet/diffusion_pytorch_model.safetensors", "not a readable file"]),
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),

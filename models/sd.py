@@ -20,6 +20,7 @@ Anything else is refused with one line naming what is supported.
 import argparse
 import inspect
 import json
+import math
 import numbers
 import os
 import unicodedata
@@ -95,7 +96,22 @@ def read_json(path, flag="--model_path"):
                              f"{(str(e).splitlines() or [''])[0]})") from None
     if not isinstance(value, dict):
         raise InputFileError(f"{flag}: {path} holds no JSON object")
+    where = _non_finite(value)
+    if where:  # json reads NaN and Infinity: a norm_eps of NaN sampled NaN, blamed on the model's output
+        raise InputFileError(f"{flag}: {path} has {where[0]} {where[1]!r}: a finite number is needed")
     return value
+
+
+def _non_finite(value, key=None):
+    """(key, value) of the first NaN or infinite number in a JSON value (dicts and lists walked), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{key}[{k}]" if isinstance(k, int) else k if key is None else f"{key}.{k}")
+        if found:
+            return found
+    return None
 
 
 def config_value(config, key, path, flag="--model_path", kind=None):
@@ -141,6 +157,8 @@ def check_folder(path, flag="--model_path"):
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
+        if os.path.isfile(os.path.join(sub, "config.json")):  # the text encoders' too (read_json: no NaN)
+            read_json(os.path.join(sub, "config.json"), flag)
         for file in sorted(os.listdir(sub)):  # diffusers passes over a weight "file" it cannot read to the next kind,
             weights = os.path.join(sub, file)   # and the error named a missing diffusion_pytorch_model.bin
             if file.endswith((".safetensors", ".bin")) and not os.path.isfile(weights):

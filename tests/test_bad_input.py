@@ -396,6 +396,11 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
         "unet_weights_folder": variant("unet_weights_folder", lambda p: _weights_file(p / "unet").unlink() or
                                        (p / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
+        # json reads NaN: sampled NaN, blamed on the model's output
+        "unet_eps_nan": variant("unet_eps_nan", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(norm_eps=float("nan")))),
+        "text_encoder_eps_nan": variant("text_encoder_eps_nan", lambda p: rewrite(
+            p / "text_encoder" / "config.json", lambda c: c.update(layer_norm_eps=float("nan")))),
         "huge_sample_size": variant("huge_sample_size", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(sample_size=1000000))),
         "text_sample_size": variant("text_sample_size", lambda p: rewrite(
@@ -503,6 +508,8 @@ def _nan_weights(folder):
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
     ("inpainting_unet", ["9 channels"]),
     ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
+    ("unet_eps_nan", ["--model_path", "unet/config.json", "norm_eps nan", "finite"]),
+    ("text_encoder_eps_nan", ["--model_path", "text_encoder/config.json", "layer_norm_eps nan", "finite"]),
     ("unet_weights_folder", ["--model_path", "unet/diffusion_pytorch_model.safetensors", "not a readable file"]),
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),

@@ -96,19 +96,20 @@ def read_json(path, flag="--model_path"):
                              f"{(str(e).splitlines() or [''])[0]})") from None
     if not isinstance(value, dict):
         raise InputFileError(f"{flag}: {path} holds no JSON object")
-    where = _non_finite(value)
-    if where:  # json reads NaN and Infinity: a norm_eps of NaN sampled NaN, blamed on the model's output
-        raise InputFileError(f"{flag}: {path} has {where[0]} {where[1]!r}: a finite number is needed")
+    where = _nan_key(value)
+    if where:  # json reads NaN: a norm_eps of NaN sampled NaN, blamed on the model's output
+        raise InputFileError(f"{flag}: {path} has {where} NaN: a number is needed")
     return value
 
 
-def _non_finite(value, key=None):
-    """(key, value) of the first NaN or infinite number in a JSON value (dicts and lists walked), or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return key, value
+def _nan_key(value, key=None):
+    """The key of the first NaN in a JSON value (dicts and lists walked), or None. Not infinities: diffusers writes
+    some on purpose (DPM-Solver's lambda_min_clipped -Infinity, in PixArt's folders)."""
+    if isinstance(value, float) and math.isnan(value):
+        return key
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        found = _non_finite(v, f"{key}[{k}]" if isinstance(k, int) else k if key is None else f"{key}.{k}")
+        found = _nan_key(v, f"{key}[{k}]" if isinstance(k, int) else k if key is None else f"{key}.{k}")
         if found:
             return found
     return None
@@ -179,12 +180,15 @@ def check_folder(path, flag="--model_path"):
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
     in_channels = config_value(net, "in_channels", net_path, flag, "count")
     latent_channels = config_value(vae, "latent_channels", vae_path, flag, "count")
-    for config, config_path in ((net, net_path), (vae, vae_path)):  # a UNet's -1 failed in torch, "unexpected";
-        blocks = config.get("layers_per_block")                      # a VAE's 0 dropped its weights, exit 0
-        if blocks is not None and not (is_integer(blocks) and blocks >= 1 or isinstance(blocks, list) and blocks
-                                       and all(is_integer(b) and b >= 1 for b in blocks)):
-            raise InputFileError(f"{flag}: {config_path} has \"layers_per_block\": {blocks!r}, a positive integer (or "
-                                 f"a list of them) expected")
+    # sizes of the networks' blocks: a UNet's layers_per_block -1 failed in torch and its attention_head_dim 0 in a
+    # ZeroDivisionError, both "unexpected"; a VAE's layers_per_block 0 dropped its weights, exit 0
+    for config, config_path in ((net, net_path), (vae, vae_path)):
+        for key in ("layers_per_block", "attention_head_dim", "num_attention_heads"):
+            sizes = config.get(key)
+            if sizes is not None and not (is_integer(sizes) and sizes >= 1 or isinstance(sizes, list) and sizes
+                                          and all(is_integer(b) and b >= 1 for b in sizes)):
+                raise InputFileError(f"{flag}: {config_path} has \"{key}\": {sizes!r}, a positive integer (or a "
+                                     f"list of them) expected")
     if kind == flux.FLUX:
         problem = flux.channels_problem(in_channels, latent_channels)
         if problem:

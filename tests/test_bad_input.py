@@ -392,6 +392,8 @@ def bad_folders(tmp_path_factory):
             p / "unet" / "config.json", lambda c: c.update(in_channels=9))),
         "unet_blocks_negative": variant("unet_blocks_negative", lambda p: rewrite(
             p / "unet" / "config.json", lambda c: c.update(layers_per_block=-1))),
+        "unet_head_dim_0": variant("unet_head_dim_0", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(attention_head_dim=0))),
         "vae_blocks_0": variant("vae_blocks_0", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
         "unet_weights_folder": variant("unet_weights_folder", lambda p: _weights_file(p / "unet").unlink() or
@@ -508,10 +510,11 @@ def _nan_weights(folder):
     ("flow_prediction", ["prediction_type", "flow", "v_prediction"]),
     ("inpainting_unet", ["9 channels"]),
     ("text_sample_size", ["unet/config.json", "sample_size", "positive integer"]),
-    ("unet_eps_nan", ["--model_path", "unet/config.json", "norm_eps nan", "finite"]),
-    ("text_encoder_eps_nan", ["--model_path", "text_encoder/config.json", "layer_norm_eps nan", "finite"]),
+    ("unet_eps_nan", ["--model_path", "unet/config.json", "norm_eps NaN"]),
+    ("text_encoder_eps_nan", ["--model_path", "text_encoder/config.json", "layer_norm_eps NaN"]),
     ("unet_weights_folder", ["--model_path", "unet/diffusion_pytorch_model.safetensors", "not a readable file"]),
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
+    ("unet_head_dim_0", ["--model_path", "unet/config.json", "attention_head_dim", "0"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
     ("no_training_steps", ["scheduler_config.json", "num_train_timesteps", "positive integer"]),

@@ -240,7 +240,9 @@ def check_weights_loaded(module, path, flag):
             raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
                                  f"(e.g. {unloaded[0]}; {len(unloaded)} missing, which would be filled at random)")
     from safetensors import safe_open
-    floating = {k for k, v in module.state_dict().items() if v.is_floating_point()}
+    ours = module.state_dict()
+    floating = {k for k, v in ours.items() if v.is_floating_point()}
+    held = set()  # every tensor name the folder's safetensors files hold
     for file in sorted(os.listdir(path)) if os.path.isdir(path) else []:
         if file.endswith(".safetensors"):
             with safe_open(os.path.join(path, file), "pt") as f:
@@ -249,6 +251,28 @@ def check_weights_loaded(module, path, flag):
                     if k in floating and not dtype.startswith(("F", "BF")):
                         raise InputFileError(f"{flag}: {os.path.join(path, file)} holds {k} as {dtype}, not floating "
                                              f"point: not the weights of this model")
+                    held.add(k)
+    # A config asking for fewer blocks than the files hold (num_hidden_layers 1 of a 2-layer text encoder, one
+    # down block of a VAE trained with two): both libraries drop the extra tensors without a word, and the run
+    # sampled other images, exit 0. Compared as numbered names (encoder.layers.1.) only where the module has that
+    # numbered name at all, since the libraries rename some keys of older checkpoints on loading.
+    theirs, mine = _block_counts(held), _block_counts(ours)
+    for prefix in sorted(set(theirs) & set(mine)):
+        if theirs[prefix] > mine[prefix]:
+            raise InputFileError(f"{flag}: {path}: its weight files hold {theirs[prefix]} blocks {prefix}.N but its "
+                                 f"config.json makes {mine[prefix]}: the config is not the one these weights were "
+                                 f"saved with")
+
+
+def _block_counts(names):
+    """{"encoder.layers": 12, "encoder.layers.0.mlp.fc": ...}: for each numbered part of the tensor names, how many
+    there are (the highest number + 1)."""
+    counts = {}
+    for name in names:
+        for m in re.finditer(r"\.(\d+)(?=\.)", name):
+            prefix = name[:m.start()]
+            counts[prefix] = max(counts.get(prefix, 0), int(m.group(1)) + 1)
+    return counts
 
 
 def check_parts_loaded(pipe, path, flag):

@@ -339,7 +339,7 @@ def check_arguments(pipe, prompt, negative_prompt, guidance_scale, num_inference
         raise ValueError(f"seed must be an integer in 0..{2 ** 64 - 1}, got {seed!r}")
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1 or None (all images together), got {batch_size!r}")
-    if output_type not in ("pil", "np"):
+    if not isinstance(output_type, str) or output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     return conditions
 

@@ -115,19 +115,25 @@ def _nan_key(value, key=None):
     return None
 
 
-def config_value(config, key, path, flag="--model_path", kind=None):
+def config_value(config, key, path, flag="--model_path", kind=None, default=None):
     """config[key], or one line naming the file. kind: "count" (an integer >= 1; sample_size may be a pair of
-    them), "list" (a non-empty list)."""
+    them), "list" (a non-empty list), "sizes" (a block size: a count, or a non-empty list of counts; optional, absent
+    gives default)."""
     if key not in config:
+        if kind == "sizes":
+            return default
         raise InputFileError(f"{flag}: {path} has no \"{key}\"")
     value = config[key]
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    def counts(v, n=None):
+        return isinstance(v, list) and len(v) > 0 and (n is None or len(v) == n) and all(count(b) for b in v)
     ok = (kind is None or kind == "list" and isinstance(value, list) and len(value) > 0 or
-          kind == "count" and (count(value) or key == "sample_size" and isinstance(value, list) and len(value) == 2
-                               and all(count(v) for v in value)))
+          kind == "count" and (count(value) or key == "sample_size" and counts(value, 2)) or
+          kind == "sizes" and (value is None or count(value) or counts(value)))
     if not ok:
-        what = "a non-empty list" if kind == "list" else "a positive integer"
+        what = {"list": "a non-empty list", "sizes": "a positive integer (or a list of them)"}.get(
+            kind, "a positive integer")
         raise InputFileError(f"{flag}: {path} has \"{key}\": {value!r}, {what} expected")
     return value
 
@@ -153,13 +159,15 @@ def check_folder(path, flag="--model_path"):
         if not name.startswith("_") and isinstance(entry, list) and entry and not own_library(entry[0]):
             raise InputFileError(f"{flag}: {index_path} loads {name} from {entry[0]!r}, code outside diffusers and "
                                  f"transformers, which is never run")
+    configs = {}  # config.json of each part, by path
     for part, marker in PARTS[kind].items():
         sub = os.path.join(path, part)
         if not os.path.isdir(sub) or (marker and not os.path.isfile(os.path.join(sub, marker))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder"
                                  + (f" (missing {part}/{marker})" if marker else ""))
-        if os.path.isfile(os.path.join(sub, "config.json")):  # the text encoders' too (read_json: no NaN)
-            read_json(os.path.join(sub, "config.json"), flag)
+        config_path = os.path.join(sub, "config.json")
+        if os.path.isfile(config_path):  # the text encoders' too (read_json: no NaN)
+            configs[config_path] = read_json(config_path, flag)
         for file in sorted(os.listdir(sub)):  # diffusers passes over a weight "file" it cannot read to the next kind,
             weights = os.path.join(sub, file)   # and the error named a missing diffusion_pytorch_model.bin
             if file.endswith((".safetensors", ".bin")) and not os.path.isfile(weights):
@@ -177,18 +185,14 @@ def check_folder(path, flag="--model_path"):
                                  f"is needed")
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
-    net, vae = read_json(net_path, flag), read_json(vae_path, flag)
+    net, vae = (configs[p] if p in configs else read_json(p, flag) for p in (net_path, vae_path))
     in_channels = config_value(net, "in_channels", net_path, flag, "count")
     latent_channels = config_value(vae, "latent_channels", vae_path, flag, "count")
     # sizes of the networks' blocks: a UNet's layers_per_block -1 failed in torch and its attention_head_dim 0 in a
     # ZeroDivisionError, both "unexpected"; a VAE's layers_per_block 0 dropped its weights, exit 0
     for config, config_path in ((net, net_path), (vae, vae_path)):
         for key in ("layers_per_block", "attention_head_dim", "num_attention_heads"):
-            sizes = config.get(key)
-            if sizes is not None and not (is_integer(sizes) and sizes >= 1 or isinstance(sizes, list) and sizes
-                                          and all(is_integer(b) and b >= 1 for b in sizes)):
-                raise InputFileError(f"{flag}: {config_path} has \"{key}\": {sizes!r}, a positive integer (or a "
-                                     f"list of them) expected")
+            config_value(config, key, config_path, flag, "sizes")
     if kind == flux.FLUX:
         problem = flux.channels_problem(in_channels, latent_channels)
         if problem:
@@ -246,7 +250,11 @@ def _network_config(path):
 def check_scheduler(path, flag="--model_path"):
     """The scheduler settings the linear DDIM system (equation 1) can represent."""
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    sched = as_loaded(read_json(sched_path, flag), family(path))
+    raw = read_json(sched_path, flag)
+    if isinstance(raw, dict) and all(k.startswith("_") for k in raw):  # {} sampled with diffusers' own defaults
+        raise InputFileError(f"{flag}: {sched_path} sets none of the scheduler's values (num_train_timesteps, "
+                             f"beta_schedule, ...): diffusers' defaults are not this model's noise schedule")
+    sched = as_loaded(raw, family(path))
     sched = {**sched, "_class_name": _scheduler_class(path) or sched.get("_class_name")}  # the class that loads
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")

@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 
+from runner.environment import process_rank
+
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
@@ -108,14 +110,9 @@ _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote p
 
 
 def rank():
-    """This process's rank in a launch (0 on its own; RANK set but empty counts as 0): the one test of which process
-    speaks, for errors here and notes (flags.note). A launch environment that is not one (RANK=abc, or not below
-    WORLD_SIZE: runner.launch.launch_env_problem refuses it) counts as 0, so that the refusal is said."""
-    try:
-        r, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "0") or 0)
-    except ValueError:
-        return 0
-    return r if 0 <= r and (world == 0 or r < world) else 0
+    """This process's rank in a launch (runner.environment): the one test of which process speaks, for errors here and
+    notes (flags.note)."""
+    return process_rank()
 
 
 def one_line(text):

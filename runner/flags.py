@@ -9,6 +9,8 @@ import os
 import sys
 from dataclasses import fields
 
+from tqdm.auto import tqdm
+
 from paratAA import SolverConfig
 from paratAA.schedule import check_eta, check_num_steps
 
@@ -76,8 +78,8 @@ def _say(line):
     """A note's line: kept while held_notes holds them, else printed."""
     if _held is not None:
         _held.append(line)
-    else:
-        print(line, file=sys.stderr, flush=True)
+    else:  # above a progress bar, if one is drawn (a note while sampling shared the bar's line)
+        tqdm.write(line, file=sys.stderr)
 
 
 @contextlib.contextmanager

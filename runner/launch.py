@@ -1,12 +1,12 @@
 """The processes of a run: accelerate's process group, this process's device, and the sharding of model calls."""
 import ctypes
 import os
-import re
 from datetime import timedelta
 
 import torch
 
 from paratAA import Sharding
+from runner.environment import launch_env_problem
 from runner.errors import UsageError
 
 
@@ -68,28 +68,6 @@ def host_memory_available():
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
-
-
-# what accelerate launch and torchrun set for each process; set by hand, or left from another job, a bad one ended the
-# run in a ValueError from int() or from accelerate ("MASTER_ADDR env was not set"), said as unexpected
-_INTEGER_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-
-
-def launch_env_problem(env):
-    """What is wrong with the process-group variables in env (os.environ), or None."""
-    for name in _INTEGER_ENV:
-        value = env.get(name)
-        if value is not None and not re.fullmatch(r"[0-9]+", value.strip()):
-            return f"the environment's {name}={value!r} is not a non-negative integer"
-    world = int(env.get("WORLD_SIZE", "1").strip())
-    if world == 0:
-        return "the environment's WORLD_SIZE is 0: a run needs at least one process"
-    rank = env.get("RANK")
-    if rank is not None and int(rank.strip()) >= world:
-        return f"the environment's RANK={rank.strip()} is not below its WORLD_SIZE={world}"
-    if world > 1 and not env.get("MASTER_ADDR", "").strip():
-        return f"the environment's WORLD_SIZE={world} asks for a process group, but MASTER_ADDR is not set"
-    return None
 
 
 def start_session(args):

@@ -229,8 +229,7 @@ def _say_unconverged(start, res, config):
     T = res.trajectory.shape[1] - 1
     for j, h in enumerate(res.history):
         if not res.converged[j]:
-            print(f"sample {start + j}: --max_steps {config.max_steps} stopped it before it converged "
-                  f"({h.boundary[-1]} of {T} states not final): it is not the sequential sample", file=sys.stderr,
-                  flush=True)
+            tqdm.write(f"sample {start + j}: --max_steps {config.max_steps} stopped it before it converged "
+                       f"({h.boundary[-1]} of {T} states not final): it is not the sequential sample", file=sys.stderr)
 
 

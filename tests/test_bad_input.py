@@ -299,6 +299,7 @@ def test_a_tilde_in_the_cache_variable_is_the_home_folder(monkeypatch, tmp_path)
 def test_a_note_is_said_where_an_error_would_be(monkeypatch, capsys):
     """RANK set but empty is rank 0 for errors (errors.rank); notes tested RANK == "0" and were never said."""
     from runner.flags import note
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for value, said in (("", True), ("0", True), ("1", False)):
         monkeypatch.setenv("RANK", value)
         note("a note")
@@ -396,6 +397,12 @@ def bad_folders(tmp_path_factory):
             p / "unet" / "config.json", lambda c: c.update(attention_head_dim=0))),
         "vae_blocks_0": variant("vae_blocks_0", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
+        # a config of fewer blocks than the files hold: the extra tensors were dropped without a word, exit 0
+        "text_encoder_fewer_layers": variant("text_encoder_fewer_layers", lambda p: rewrite(
+            p / "text_encoder" / "config.json", lambda c: c.update(num_hidden_layers=1))),
+        "vae_fewer_layers": variant("vae_fewer_layers", _shallower_vae_config),
+        "empty_scheduler_config": variant("empty_scheduler_config", lambda p: rewrite(
+            p / "scheduler" / "scheduler_config.json", lambda c: [c.pop(k) for k in list(c) if k != "_class_name"])),
         "unet_weights_folder": variant("unet_weights_folder", lambda p: _weights_file(p / "unet").unlink() or
                                        (p / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
         # json reads NaN: sampled NaN, blamed on the model's output
@@ -471,6 +478,16 @@ def bad_folders(tmp_path_factory):
     }
 
 
+def _shallower_vae_config(folder):
+    """The VAE saved with two layers per block, its config then saying one."""
+    import json
+    from diffusers import AutoencoderKL
+    path = folder / "vae" / "config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    AutoencoderKL.from_config({**config, "layers_per_block": 2}).save_pretrained(folder / "vae")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layers_per_block": 1}))
+
+
 def _weights_file(folder):
     return next(f for f in folder.iterdir() if f.suffix == ".safetensors")
 
@@ -516,6 +533,9 @@ def _nan_weights(folder):
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
     ("unet_head_dim_0", ["--model_path", "unet/config.json", "attention_head_dim", "0"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
+    ("text_encoder_fewer_layers", ["--model_path", "text_encoder", "2 blocks encoder.layers.N", "makes 1"]),
+    ("vae_fewer_layers", ["--model_path", "vae", "3 blocks decoder.up_blocks.0.resnets.N", "makes 2"]),
+    ("empty_scheduler_config", ["--model_path", "scheduler_config.json", "sets none", "defaults"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
     ("no_training_steps", ["scheduler_config.json", "num_train_timesteps", "positive integer"]),
     ("betas_above_1", ["scheduler_config.json", "alphas_cumprod outside (0, 1]"]),
@@ -901,11 +921,36 @@ def test_a_bad_process_group_environment_is_one_line(env, words, tmp_path):
 
 
 def test_a_launchers_environment_passes():
-    from runner.launch import launch_env_problem
+    from runner.environment import launch_env_problem
     torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert launch_env_problem(torchrun) is None and launch_env_problem({}) is None
     assert launch_env_problem({"WORLD_SIZE": "1"}) is None
+
+
+def test_a_note_while_sampling_is_a_line_of_its_own(monkeypatch):
+    """A note said while a progress bar is drawn (the planner's, inside the samples bar) was printed after the bar's
+    text, on its line."""
+    import io
+    from tqdm.auto import tqdm
+    from runner.flags import note
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with tqdm(total=3, desc="samples", file=sys.stderr) as bar:
+        bar.update(1)
+        note("a note")
+    text = sys.stderr.getvalue()
+    line = text[:text.index("note: a note")].split("\n")[-1].split("\r")[-1]  # what the terminal shows before it
+    assert line == f"{os.path.basename(sys.argv[0])}: ", repr(text)
+
+
+def test_one_process_says_a_refused_launch():
+    """Which process speaks (errors.rank): its RANK where that is a rank, so that a group refused for a missing
+    MASTER_ADDR says it once; 0 where RANK is no rank, so that its refusal is said at all."""
+    from runner.environment import process_rank
+    assert process_rank({}) == 0 and process_rank({"WORLD_SIZE": "2", "RANK": "1"}) == 1
+    for env in ({"RANK": ""}, {"RANK": "abc"}, {"RANK": "1"}, {"RANK": "2", "WORLD_SIZE": "2"},
+                {"RANK": "1", "WORLD_SIZE": "x"}):
+        assert process_rank(env) == 0, env
 
 
 def test_noise_arguments_are_named():

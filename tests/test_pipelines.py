@@ -183,6 +183,7 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
     """Each refused before anything is encoded or drawn, with the argument's name: before, an empty prompt list, a
     zero or negative num_images or batch_size, a seed as text and a config as a dict ended in tracebacks from
     inside, batch_size 0 meant all images, height 0 the model's size, and output_type "latent" gave arrays."""
+    import numpy as np  # numpy integers are integers (the seed's failed inside before)
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     calls = []
@@ -197,6 +198,7 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
              (dict(height=7), ValueError, r"height must be a multiple of the VAE factor \d+ in"),
              (dict(height=0), ValueError, "height"), (dict(width=True), ValueError, "width"),
              (dict(output_type="latent"), ValueError, "output_type"),
+             (dict(output_type=np.array(["np"])), ValueError, "output_type"),  # passed: the array == "np" is true
              (dict(config={"window_size": 4}), TypeError, "config must be a SolverConfig"),
              (dict(windowsize=4), TypeError, r"unknown solver parameters \['windowsize'\]"),
              # named as the argument is called here (before: "timesteps (number of sampling steps T)")
@@ -227,7 +229,6 @@ def test_bad_arguments_are_refused_naming_them(tiny_sd):
     same = parallel_sample(pipe, "a handwritten digit four", negative_prompt="", num_inference_steps=8,
                            output_type="np")
     assert calls and torch.equal(out.latents, same.latents)  # None: no negative prompt, as in diffusers
-    import numpy as np  # numpy integers are integers (the seed's failed inside before)
     seeded = [parallel_sample(pipe, "a handwritten digit four", seed=s, num_images=n, num_inference_steps=8,
                               output_type="np").latents for s, n in ((5, 1), (np.uint64(5), np.int64(1)))]
     assert torch.equal(*seeded)

@@ -252,16 +252,23 @@ def check_weights_loaded(module, path, flag):
                         raise InputFileError(f"{flag}: {os.path.join(path, file)} holds {k} as {dtype}, not floating "
                                              f"point: not the weights of this model")
                     held.add(k)
-    # A config asking for fewer blocks than the files hold (num_hidden_layers 1 of a 2-layer text encoder, one
-    # down block of a VAE trained with two): both libraries drop the extra tensors without a word, and the run
-    # sampled other images, exit 0. Compared as numbered names (encoder.layers.1.) only where the module has that
-    # numbered name at all, since the libraries rename some keys of older checkpoints on loading.
+    # A config asking for fewer blocks than the files hold (a VAE's layers_per_block 1 of a VAE trained with 2): the
+    # libraries drop the extra tensors without a word, and the run sampled other images, exit 0. Compared as
+    # numbered names (decoder.up_blocks.0.resnets.2.) only where the module has that numbered name at all, since the
+    # libraries rename some keys of older checkpoints on loading. A text encoder's config asking for fewer layers
+    # is how "clip skip" is set (SD 2.x's and some SD 1.x folders use the penultimate layer on purpose): said, not
+    # refused.
     theirs, mine = _block_counts(held), _block_counts(ours)
     for prefix in sorted(set(theirs) & set(mine)):
         if theirs[prefix] > mine[prefix]:
-            raise InputFileError(f"{flag}: {path}: its weight files hold {theirs[prefix]} blocks {prefix}.N but its "
-                                 f"config.json makes {mine[prefix]}: the config is not the one these weights were "
-                                 f"saved with")
+            said = (f"{path}: its weight files hold {theirs[prefix]} blocks {prefix}.N but its config.json makes "
+                    f"{mine[prefix]}")
+            if type(module).__module__.startswith("transformers."):
+                from runner.flags import note
+                note(f"{said}: the last {theirs[prefix] - mine[prefix]} are not used (as a \"clip skip\" setting "
+                     f"does)")
+                return
+            raise InputFileError(f"{flag}: {said}: the config is not the one these weights were saved with")
 
 
 def _block_counts(names):

@@ -398,9 +398,9 @@ def bad_folders(tmp_path_factory):
         "vae_blocks_0": variant("vae_blocks_0", lambda p: rewrite(
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
         # a config of fewer blocks than the files hold: the extra tensors were dropped without a word, exit 0
-        "text_encoder_fewer_layers": variant("text_encoder_fewer_layers", lambda p: rewrite(
-            p / "text_encoder" / "config.json", lambda c: c.update(num_hidden_layers=1))),
         "vae_fewer_layers": variant("vae_fewer_layers", _shallower_vae_config),
+        "text_encoder_clip_skip": variant("text_encoder_clip_skip", lambda p: rewrite(
+            p / "text_encoder" / "config.json", lambda c: c.update(num_hidden_layers=1))),
         "empty_scheduler_config": variant("empty_scheduler_config", lambda p: rewrite(
             p / "scheduler" / "scheduler_config.json", lambda c: [c.pop(k) for k in list(c) if k != "_class_name"])),
         "unet_weights_folder": variant("unet_weights_folder", lambda p: _weights_file(p / "unet").unlink() or
@@ -533,7 +533,6 @@ def _nan_weights(folder):
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
     ("unet_head_dim_0", ["--model_path", "unet/config.json", "attention_head_dim", "0"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
-    ("text_encoder_fewer_layers", ["--model_path", "text_encoder", "2 blocks encoder.layers.N", "makes 1"]),
     ("vae_fewer_layers", ["--model_path", "vae", "3 blocks decoder.up_blocks.0.resnets.N", "makes 2"]),
     ("empty_scheduler_config", ["--model_path", "scheduler_config.json", "sets none", "defaults"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),
@@ -566,6 +565,16 @@ def _nan_weights(folder):
 ])
 def test_sd_unusable_folder(bad_folders, name, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", bad_folders[name], "--timesteps", "5"], 1, words, tmp_path, capsys)
+
+
+def test_a_text_encoder_set_to_skip_its_last_layers_samples_saying_so(bad_folders, tmp_path, capsys):
+    """A text encoder config of fewer layers than its files hold is how "clip skip" is set: sampled, with a note
+    (the same check on a VAE refuses it, `vae_fewer_layers`)."""
+    parallel_sd.main(parallel_sd.parse_args(["--model_path", bad_folders["text_encoder_clip_skip"], "--timesteps", "5",
+                                             "--num_samples", "1", "--output_path", str(tmp_path / "runs")]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line and "clip skip" in line]
+    assert len(notes) == 1 and "2 blocks" in notes[0] and "makes 1" in notes[0], notes
+    assert len(os.listdir(tmp_path / "runs")) == 1
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -258,6 +258,10 @@ def check_weights_loaded(module, path, flag):
     # libraries rename some keys of older checkpoints on loading. A text encoder's config asking for fewer layers
     # is how "clip skip" is set (SD 2.x's and some SD 1.x folders use the penultimate layer on purpose): said, not
     # refused.
+    for part, switch in SWITCHED_PARTS.items():  # a part the config switches off, whose weights the files hold
+        if any(f".{part}." in k for k in held) and not any(f".{part}." in k for k in ours):
+            raise InputFileError(f"{flag}: {path}: its weight files hold {part} tensors that its config.json leaves "
+                                 f"out ({switch}): the config is not the one these weights were saved with")
     theirs, mine = _block_counts(held), _block_counts(ours)
     for prefix in sorted(set(theirs) & set(mine)):
         if theirs[prefix] > mine[prefix]:
@@ -269,6 +273,12 @@ def check_weights_loaded(module, path, flag):
                      f"does)")
                 return
             raise InputFileError(f"{flag}: {said}: the config is not the one these weights were saved with")
+
+
+# parts of a network that a config switch leaves out, which the libraries then drop from the files without a word:
+# FLUX.1-dev's weights with "guidance_embeds": false sampled ignoring --cfg_scale, exit 0
+SWITCHED_PARTS = {"guidance_embedder": "Flux's guidance_embeds",
+                  "resolution_embedder": "PixArt's use_additional_conditions"}
 
 
 def _block_counts(names):

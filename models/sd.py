@@ -183,6 +183,13 @@ def check_folder(path, flag="--model_path"):
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise InputFileError(f"{flag}: {index_path} gives {part} as {json.dumps(entry)}; a [library, class] pair "
                                  f"is needed")
+    # a switch written as text ("false") is true to the libraries: SDXL's force_zeros_for_empty_prompt "false" and
+    # Flux's guidance_embeds "false" sampled as true, exit 0 (the scheduler's are named by scheduler_problem)
+    for config_path, config in ((index_path, index), *configs.items()):
+        for key, value in config.items() if isinstance(config, dict) else ():
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                raise InputFileError(f"{flag}: {config_path} has \"{key}\": {json.dumps(value)}, text; true or false "
+                                     f"(without quotes) is needed")
     check_scheduler(path, flag)
     net_path, vae_path = _network_config(path), os.path.join(path, "vae", "config.json")
     net, vae = (configs[p] if p in configs else read_json(p, flag) for p in (net_path, vae_path))
@@ -306,12 +313,13 @@ def scheduler_problem(sched, kind=None):
     if "FlowMatch" in name and kind not in (None, *FLOW_PIPELINES):  # diffusers' own loop fails on it
         return (f"is a flow-matching {name}, for a {kind} whose UNet predicts noise: supported are schedulers with "
                 f"betas (read as DDIM)")
-    # FluxPipeline hands its scheduler sigmas and the shift mu, which only flow-matching ones take (its own call fails
-    # on others); read as DDIM, this failed after loading in a line calling itself unexpected, or blamed clip_sample
-    # (a config naming no class loads as model_index.json names it, FlowMatchEulerDiscreteScheduler in FLUX.1's)
-    if kind == flux.FLUX and sched.get("_class_name") is not None and "FlowMatch" not in name:
-        return (f"is a {name}: FluxPipeline samples with a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
-                f"as FLUX.1-dev and FLUX.1-schnell come)")
+    # A network that predicts a flow's velocity needs a flow-matching scheduler. FluxPipeline hands its scheduler
+    # sigmas and the shift mu, which only flow-matching ones take (its own call fails on others; read as DDIM, this
+    # failed after loading in a line calling itself unexpected); SD3's with betas read the velocity as noise, a
+    # meaningless image with exit 0 (a config naming no class loads as model_index.json names it)
+    if kind in FLOW_PIPELINES and sched.get("_class_name") is not None and "FlowMatch" not in name:
+        return (f"is a {name}, with betas, for a {kind} whose network predicts a flow's velocity: it samples with a "
+                f"flow-matching scheduler (FlowMatchEulerDiscreteScheduler, as SD3 and FLUX.1 come)")
     if "FlowMatch" in name:  # Euler steps of a flow: the model predicts the velocity
         if not is_flow_euler(name):  # Heun's two calls per step, LCM's re-noised consistency steps
             return (f"is a {name}: of the flow-matching schedulers, FlowMatchEulerDiscreteScheduler's deterministic "

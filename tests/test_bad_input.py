@@ -399,6 +399,11 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
         # a config of fewer blocks than the files hold: the extra tensors were dropped without a word, exit 0
         "vae_fewer_layers": variant("vae_fewer_layers", _shallower_vae_config),
+        # a switch written as text is true to diffusers (SDXL's force_zeros_for_empty_prompt "false" sampled as true)
+        "index_switch_text": variant("index_switch_text", lambda p: rewrite(
+            p / "model_index.json", lambda c: c.update(requires_safety_checker="false"))),
+        "unet_switch_text": variant("unet_switch_text", lambda p: rewrite(
+            p / "unet" / "config.json", lambda c: c.update(upcast_attention="False"))),
         "text_encoder_clip_skip": variant("text_encoder_clip_skip", lambda p: rewrite(
             p / "text_encoder" / "config.json", lambda c: c.update(num_hidden_layers=1))),
         "empty_scheduler_config": variant("empty_scheduler_config", lambda p: rewrite(
@@ -533,6 +538,8 @@ def _nan_weights(folder):
     ("unet_blocks_negative", ["--model_path", "unet/config.json", "layers_per_block", "-1"]),
     ("unet_head_dim_0", ["--model_path", "unet/config.json", "attention_head_dim", "0"]),
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
+    ("index_switch_text", ["--model_path", "model_index.json", "requires_safety_checker", "true or false"]),
+    ("unet_switch_text", ["--model_path", "unet/config.json", "upcast_attention", "true or false"]),
     ("vae_fewer_layers", ["--model_path", "vae", "3 blocks decoder.up_blocks.0.resnets.N", "makes 2"]),
     ("empty_scheduler_config", ["--model_path", "scheduler_config.json", "sets none", "defaults"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),

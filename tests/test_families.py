@@ -350,3 +350,31 @@ def test_the_scheduler_model_index_names_is_the_one_said(tmp_path, capsys):
     run_dir, m = run_sd(str(folder), tmp_path / "out", "--timesteps", "5", "--num_samples", "1")
     assert m["scheduler"]["class"] == "EulerDiscreteScheduler"
     assert capsys.readouterr().err.count("EulerDiscreteScheduler: sampled as DDIM") == 1
+
+
+def test_sd3_with_a_scheduler_of_betas_is_refused(folders, tmp_path, capsys):
+    """SD3's transformer predicts a flow's velocity: a scheduler with betas (DDIM, Euler) read it as noise, and the
+    run wrote a meaningless image with exit 0 (Flux's own call fails on one; both are refused alike)."""
+    import json
+    import shutil
+    from diffusers import DDIMScheduler, StableDiffusion3Pipeline
+    from models.pipelines import parallel_sample
+    from runner.errors import exit_on_error
+    folder = tmp_path / "sd3_ddim"
+    shutil.copytree(folders["sd3"], folder)
+    json.dump({"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule":
+               "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1},
+              open(folder / "scheduler" / "scheduler_config.json", "w"))
+    index = json.load(open(folder / "model_index.json"))
+    json.dump({**index, "scheduler": ["diffusers", "DDIMScheduler"]}, open(folder / "model_index.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert all(w in err[0] for w in ("scheduler_config.json", "DDIMScheduler", "velocity")), err[0]
+    assert not (tmp_path / "runs").exists()
+    pipe = StableDiffusion3Pipeline.from_pretrained(folders["sd3"], text_encoder_3=None, tokenizer_3=None)
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(ValueError, match="DDIMScheduler, with betas, .* velocity"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=5)

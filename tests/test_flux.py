@@ -317,8 +317,8 @@ def test_a_scheduler_that_is_not_flow_matching_is_refused_in_one_line(folders, t
         pipe.scheduler = cls()
         with pytest.raises(Exception):
             pipe(PROMPT, num_inference_steps=2, height=16, width=16, output_type="latent")
-        with pytest.raises(ValueError, match=f"pipe has a scheduler that is a {cls.__name__}: FluxPipeline samples "
-                                             f"with a flow-matching scheduler"):
+        with pytest.raises(ValueError, match=f"pipe has a scheduler that is a {cls.__name__}, with betas, for a "
+                                             f"FluxPipeline .* it samples with a flow-matching scheduler"):
             parallel_sample(pipe, PROMPT, num_inference_steps=2, height=16, width=16)
     # a scheduler config naming no class loads as model_index.json names it (FLUX.1's: flow matching): sampled
     nameless = folder_variant(folders["dev"], str(tmp_path / "variants"), "nameless", lambda f: _drop_key(
@@ -407,3 +407,16 @@ def test_max_sequence_length_is_the_pipelines_for_flux_and_sd3(folders, tmp_path
              ["--true_cfg_scale is FluxPipeline's", "--cfg_scale"]),
             (sd3, ["--max_sequence_length", "600"], ["--max_sequence_length must be in 1..512"])):
         check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *flags], 2, words, tmp_path, capsys)
+
+
+def test_a_config_that_drops_the_guidance_embedder_of_its_weights_is_refused(folders, tmp_path, capsys):
+    """FLUX.1-dev's weights with "guidance_embeds": false: diffusers dropped the guidance embedder's tensors and the
+    run ignored --cfg_scale, exit 0. Written as text ("false"), it was read as true."""
+    dropped = folder_variant(folders["dev"], str(tmp_path / "variants"), "no_guidance", lambda f: edit_json(
+        os.path.join(f, "transformer", "config.json"), guidance_embeds=False))
+    check(parallel_sd, ["--model_path", dropped, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "transformer", "guidance_embedder", "guidance_embeds"], tmp_path, capsys)
+    text = folder_variant(folders["dev"], str(tmp_path / "variants"), "guidance_text", lambda f: edit_json(
+        os.path.join(f, "transformer", "config.json"), guidance_embeds="false"))
+    check(parallel_sd, ["--model_path", text, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "transformer/config.json", "guidance_embeds", "true or false"], tmp_path, capsys)

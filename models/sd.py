@@ -261,13 +261,26 @@ def check_scheduler(path, flag="--model_path"):
     if isinstance(raw, dict) and all(k.startswith("_") for k in raw):  # {} sampled with diffusers' own defaults
         raise InputFileError(f"{flag}: {sched_path} sets none of the scheduler's values (num_train_timesteps, "
                              f"beta_schedule, ...): diffusers' defaults are not this model's noise schedule")
-    sched = as_loaded(raw, family(path))
-    sched = {**sched, "_class_name": _scheduler_class(path) or sched.get("_class_name")}  # the class that loads
+    kind = _scheduler_class(path) or (raw.get("_class_name") if isinstance(raw, dict) else None)  # what loads
+    sched = as_loaded({**switch_defaults(kind), **raw} if isinstance(raw, dict) else raw, family(path))
+    sched = {**sched, "_class_name": kind}
     if "num_train_timesteps" in sched:
         config_value(sched, "num_train_timesteps", sched_path, flag, "count")
     problem = scheduler_problem(sched, family(path))
     if problem:
         raise InputFileError(f"{flag}: {sched_path} {problem}")
+
+
+def switch_defaults(kind):
+    """The switches (SWITCHES, NONLINEAR) scheduler class `kind` sets where its config leaves them out: they differ
+    by class (DDPMScheduler clips by default, DDIMScheduler too, Euler does not), and a config without clip_sample
+    was read as not clipping, then refused after loading in a line calling itself unexpected."""
+    import diffusers
+    cls = getattr(diffusers, kind, None) if isinstance(kind, str) else None
+    if not isinstance(cls, type):
+        return {}
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k in (*SWITCHES, *NONLINEAR) and isinstance(p.default, bool)}
 
 
 def as_loaded(config, kind):

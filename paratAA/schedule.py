@@ -230,6 +230,15 @@ def flow_schedule(scheduler, num_steps, eta=0.0, name=STEPS, sigmas=None, mu=Non
         # (shift_terminal stretches the levels to end at it, dividing 0 by 0 when there is one level)
         raise ValueError(f"the scheduler gives non-finite noise levels for {name} {num_steps} (shift_terminal "
                          f"{scheduler.config.get('shift_terminal')!r}): choose more steps or another config")
+    levels = scheduler.sigmas.double()
+    if not bool((levels[:-1] > levels[1:]).all() and (levels >= 0).all()):
+        # a flow is sampled from noise down to data: invert_sigmas, a shift_terminal outside (0, 1) or a shift so
+        # large that the levels tie went the other way or stood still (a negative "noise" step, said after
+        # loading as schedule.sigma, or one effective step, where the pipeline's own call fails)
+        said = ", ".join(f"{k} {scheduler.config.get(k)!r}" for k in ("shift", "shift_terminal", "invert_sigmas")
+                         if k in scheduler.config)
+        raise ValueError(f"the scheduler's noise levels for {name} {num_steps} do not fall from noise to data, "
+                         f"each below the one before ({said})")
     sig = scheduler.sigmas.to(torch.float32)                       # [T+1] descending, as the scheduler keeps them
     timesteps = scheduler.timesteps.flip(0).to(torch.float32)      # [T] ascending: step s uses timesteps[s]
     drop = (sig[:-1] - sig[1:]).flip(0).double()                   # [T] sigma_s - sigma'_s, float32 as its step

@@ -6,7 +6,8 @@
     FloatingPointError      the solver's states became NaN or inf       exit 1
     OutputError             an output file could not be written (a full disk)   exit 1
     anything else           one line naming it (PARATAA_DEBUG=1: the traceback too)   exit 1
-    SIGINT / SIGTERM        the run stops, finished samples kept        exit 130 / 143 (128 + the signal)
+    SIGINT / SIGTERM / SIGHUP / SIGQUIT   the run stops, finished samples kept   exit 128 + the signal (130, 143,
+                            129, 131)
 
 A run writer (writer.py) that an exception passes through marks its folder and appends (folder, finished samples)
 to the exception's `kept` list, so that the one line can say where the finished samples are.
@@ -22,6 +23,10 @@ import threading
 from runner.environment import process_rank
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+# the signals that stop a run, keeping its finished samples: Ctrl-C, kill, the terminal closed (an ssh session
+# dropped), Ctrl-\. The last two killed the run by default, leaving its folder "running" with no grid
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                     if hasattr(signal, name))
 
 
 class UsageError(Exception):
@@ -52,12 +57,12 @@ def add_kept(exc, folder, finished):
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM ignored while a run writes its last files: a second Ctrl-C there ended the run with
+    """The STOP_SIGNALS ignored while a run writes its last files: a second Ctrl-C there ended the run with
     metrics.json still "running" and a line saying nothing was written. Main thread only (where handlers live)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in previous:
         signal.signal(s, signal.SIG_IGN)
     try:
@@ -69,7 +74,7 @@ def signals_held():
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; exit code 128 + the signal number."""
+    """One of the STOP_SIGNALS arrived; exit code 128 + the signal number."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -86,8 +91,8 @@ def exit_quietly_on_signals():
     def leave(signum, frame):
         print(f"{_prog()}: interrupted (nothing written)", file=sys.stderr, flush=True)
         os._exit(128 + signum)
-    signal.signal(signal.SIGINT, leave)
-    signal.signal(signal.SIGTERM, leave)
+    for s in STOP_SIGNALS:
+        signal.signal(s, leave)
 
 
 def _raise_interrupted(signum, frame):
@@ -175,7 +180,8 @@ class _Terminal:
     of ending the run. The samples and metrics.json are written to the run folder all the same."""
 
     def __init__(self, stream):
-        self._stream = stream
+        # None where the script was started with the descriptor closed (`>&-`): print() then failed on None's flush
+        self._stream = open(os.devnull, "w") if stream is None else stream
 
     def _dead(self):
         try:  # later writes and the interpreter's own flush at exit then go nowhere, without another error
@@ -205,8 +211,8 @@ class _Terminal:
 def exit_on_error(main, args):
     """Run main(args); turn every error into one line on stderr and an exit code (no traceback).
 
-    SIGINT and SIGTERM stop the run: run folders keep every finished sample and metrics.json says which
-    (status "interrupted"), and the process exits with 128 + the signal number (130, 143). A process of a launch
+    The STOP_SIGNALS stop the run: run folders keep every finished sample and metrics.json says which
+    (status "interrupted"), and the process exits with 128 + the signal number (130, 143, 129, 131). A process of a launch
     of several (a process group is up) that succeeded ends here with exit 0 (_close_process_group); one on its own
     returns main's result."""
     streams = sys.stdout, sys.stderr
@@ -218,14 +224,14 @@ def exit_on_error(main, args):
 
 
 def _run(main, args):
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, _raise_interrupted)  # also when a non-interactive shell started us with SIGINT ignored
+    for s in STOP_SIGNALS:  # SIGINT also when a non-interactive shell started us with it ignored
+        signal.signal(s, _raise_interrupted)
     try:
         result = main(args)
         # the run is complete: a signal from here on ends the process by its default action, without a line that
         # would call the run interrupted, a traceback, or "Exception ignored" while the interpreter exits
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
         _close_process_group()
         return result
     except UsageError as e:

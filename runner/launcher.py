@@ -2,7 +2,7 @@
 
     python -m runner.launcher --num_processes 8 parallel_dit.py --model DiT-XL/2 ...   # accelerate launch's flags
 
-Ctrl-C (SIGINT) or SIGTERM stops every process; the main process keeps its finished samples and says where, and
+Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGQUIT stops every process; the main process keeps its finished samples and says where, and
 the launch ends with exit code 130 (143) instead of the launcher's traceback. A process that fails has already
 printed its one line; the launch exits with that process's code, again without the launcher's report. Both hold
 for a launch of one process (accelerate's simple launcher) as for several (torchelastic's).
@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+
+from runner.errors import STOP_SIGNALS
 
 
 def quiet_elastic_logs():
@@ -71,8 +73,8 @@ def launch_one_process(args, prog):
             process[0].send_signal(signum)
         else:  # it is being started: passed on once it is
             early.append(signum)
-    signal.signal(signal.SIGINT, pass_on)
-    signal.signal(signal.SIGTERM, pass_on)
+    for s in STOP_SIGNALS:  # SIGHUP too: the terminal closed reaches only this process, the leader of the session
+        signal.signal(s, pass_on)
     process.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     for signum in early:
         process[0].send_signal(signum)

@@ -66,6 +66,24 @@ def test_sample_sets_repeated_values(files, flag, values):
     refused(files, "sample_sets.py", SETS + [flag, *values, "--out_dir", files / "sets"], 2, [flag, "repeat"])
 
 
+# --summary naming a file the run writes in --out_dir: the summary JSON was written over that set, exit 0 (or, naming
+# --out_dir itself, the run failed after all its sampling); now refused before any sampling
+@pytest.mark.parametrize("summary, out_dir, words", [
+    ("{sets}/sequential.npz", "{sets}", ["sequential.npz"]),
+    ("{files}/./sets/../sets/parataa_m_3.npz", "{sets}", ["parataa_m_3.npz"]),
+    ("{files}/link/parataa_m_3_iter1.npz", "{sets}", ["parataa_m_3_iter1.npz"]),  # --out_dir through a symlink
+    ("{sets}/.parataa_m_3.npy.part", "{sets}", [".parataa_m_3.npy.part"]),
+    ("{files}/new", "{files}/new/sets", ["a folder above it"]),  # folders the run creates
+])
+def test_sample_sets_summary_over_a_set(files, summary, out_dir, words):
+    (files / "sets").mkdir()
+    os.symlink(files / "sets", files / "link")
+    paths = {"files": files, "sets": files / "sets"}
+    argv = SETS + ["--iterations", "1", "--out_dir", out_dir.format(**paths), "--summary", summary.format(**paths)]
+    refused(files, "sample_sets.py", argv, 2, ["--summary", "--out_dir", *words])
+    assert not os.listdir(files / "sets")
+
+
 # every output path before any work
 @pytest.mark.parametrize("script, argv, flag", [
     ("dit_bench.py", DIT + ["--out", "{a_folder}"], "--out"),
@@ -197,6 +215,26 @@ def reports(tmp_path):
 def test_figures_bad_report(reports, name, words):
     out = reports / "figs"
     refused(reports, "figures.py", ["--dit", reports / name, "--out_dir", out], 1, ["--dit", name, *words])
+
+
+@pytest.mark.parametrize("bad, words", [(float("nan"), ["NaN"]), (float("inf"), ["infinity"]),
+                                        (float("-inf"), ["infinity"])])
+def test_figures_non_finite_evolution_images(files, bad, words):
+    """An .evolution.npz of float arrays holding a NaN or an infinity was drawn as figure (b) without a word, exit 0,
+    while a NaN in the JSON is refused naming its key: now refused alike (exit 1), naming the .npz and the array."""
+    import numpy as np
+    with open(os.path.join(RESULTS, "dit.json")) as f:
+        (files / "dit.json").write_text(f.read())
+    with np.load(os.path.join(RESULTS, "dit.evolution.npz")) as z:
+        arrays = {key: z[key] / 255.0 for key in z.files}  # floats in 0..1, as imshow takes them
+    arrays["m4"][1, 2, 3, 0] = bad  # ParaTAA m=3, one of figure (b)'s rows
+    np.savez(files / "dit.evolution.npz", **arrays)
+    refused(files, "figures.py", ["--dit", files / "dit.json", "--out_dir", files / "figs", "--quick"], 1,
+            ["--dit", "dit.evolution.npz", "array m4", *words])
+    arrays["m4"][1, 2, 3, 0] = 0.5  # finite floats are drawn
+    np.savez(files / "dit.evolution.npz", **arrays)
+    proc = run("figures.py", "--dit", files / "dit.json", "--out_dir", files / "figs", "--quick")
+    assert proc.returncode == 0 and "fig_b_evolution.png" in os.listdir(files / "figs"), proc.stderr[-2000:]
 
 
 def test_figures_without_any_report_creates_no_folder(tmp_path):

@@ -378,3 +378,47 @@ def test_sd3_with_a_scheduler_of_betas_is_refused(folders, tmp_path, capsys):
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler, with betas, .* velocity"):
         parallel_sample(pipe, PROMPT, num_inference_steps=5)
+
+
+def test_a_scheduler_switch_left_at_its_class_default_is_read_as_it(folders, tmp_path, capsys):
+    """DDPMScheduler clips by default: an SDXL folder naming it without clip_sample was read as not clipping, then
+    refused after loading in a line calling itself unexpected. Now named before loading, as the key set to true is."""
+    import json
+    import shutil
+    from runner.errors import exit_on_error
+    folder = tmp_path / "sdxl_ddpm"
+    shutil.copytree(folders["sdxl"], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = {k: v for k, v in json.load(open(path)).items() if k != "clip_sample"}
+    json.dump({**config, "_class_name": "DDPMScheduler"}, open(path, "w"))
+    index = json.load(open(folder / "model_index.json"))
+    json.dump({**index, "scheduler": ["diffusers", "DDPMScheduler"]}, open(folder / "model_index.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "note:" not in line]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "scheduler_config.json" in err[0] and "clip_sample" in err[0] and "unexpected" not in err[0], err[0]
+
+
+@pytest.mark.parametrize("change, word", [({"invert_sigmas": True}, "invert_sigmas True"),
+                                          ({"shift_terminal": 1.5}, "shift_terminal 1.5"),
+                                          ({"shift": 1e9}, "shift 1000000000.0")])
+def test_flow_levels_that_do_not_fall_are_named_before_loading(folders, tmp_path, capsys, change, word):
+    """A flow scheduler whose levels rise (invert_sigmas, shift_terminal above 1) gave a negative step, refused after
+    loading as "schedule.sigma ... (unexpected)"; a shift so large that the levels tie sampled one effective step,
+    exit 0, where StableDiffusion3Pipeline's own call fails."""
+    import json
+    import shutil
+    from runner.errors import exit_on_error
+    folder = tmp_path / "sd3_levels"
+    shutil.copytree(folders["sd3"], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    json.dump({**json.load(open(path)), **change}, open(path, "w"))
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "6",
+                                                                "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert all(w in err[0] for w in ("scheduler_config.json", "do not fall", word)), err[0]
+    assert "unexpected" not in err[0] and not (tmp_path / "runs").exists()

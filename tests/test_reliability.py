@@ -455,8 +455,9 @@ def run_in_process(script, argv, out, monkeypatch, save=None, grid=None):
     except SystemExit as e:
         return e.code
     finally:  # the handlers exit_on_error installs for the run
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from runner.errors import STOP_SIGNALS
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
     return 0
 
 
@@ -589,3 +590,33 @@ def test_the_debug_variable_is_read_as_a_switch(value, traceback, monkeypatch, c
         with pytest.raises(SystemExit) as e:
             exit_on_error(lambda args: 1 / 0, None)
         assert e.value.code == 1 and "ZeroDivisionError: division by zero (unexpected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGQUIT"])
+def test_a_closed_terminal_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys, name):
+    """SIGHUP (the terminal closed, an ssh session dropped) and SIGQUIT (Ctrl-\\) killed the run by their default
+    action: no line, the run folder left "running" with no grid. Now as SIGINT: finished samples kept, 128 + the
+    signal."""
+    import parallel_dit
+    sig = getattr(signal, name)
+
+    def hang_up(img, path, original):
+        if os.path.basename(os.path.dirname(path)) == "sample_2" and os.path.basename(path) == "step_0.png":
+            os.kill(os.getpid(), sig)
+        original(img, path)
+    assert run_in_process(parallel_dit, DIT_BATCH, tmp_path, monkeypatch, save=hang_up) == 128 + sig
+    err = said(capsys)
+    assert len(err) == 1 and "interrupted" in err[0] and "2 finished samples kept" in err[0], err
+    m = read_metrics(only_run(tmp_path))
+    assert m["status"] == "interrupted" and m["finished_samples"] == [0, 1]
+
+
+def test_a_run_with_its_output_closed_samples(tmp_path):
+    """Started with stdout closed (`>&-`), Python's sys.stdout is None: the first print failed, "AttributeError:
+    'NoneType' object has no attribute 'flush' (unexpected)". What the terminal is told goes nowhere; the run writes
+    its folder."""
+    proc = subprocess.run(f"{sys.executable} parallel_dit.py --timesteps 5 --num_samples 1 --window_size 5 "
+                          f"--output_path {tmp_path / 'runs'} >&-", shell=True, cwd=ROOT, capture_output=False,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_metrics(only_run(tmp_path / "runs"))["status"] == "complete"

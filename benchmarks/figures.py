@@ -144,11 +144,23 @@ def fig_warm(results, path):
     plt.close(fig)
 
 
+class NonFiniteArray(InputFileError):
+    """A NaN or an infinity in an array of an .evolution.npz (exit 1, as a NaN in the JSON); main names the flag."""
+
+
 def evolution_images(res, json_path):
-    """{method: uint8 [K+1, H, W, 3]} from the JSON's side file."""
+    """{method: uint8 [K+1, H, W, 3]} from the JSON's side file. A NaN or an infinity in a float array is refused
+    naming the file and the array, as read_json refuses a NaN in the JSON: drawn, it was a figure with no word."""
     evo = res["evolution"]
-    with np.load(os.path.join(os.path.dirname(json_path), evo["file"])) as z:
-        return {name: z[key] for name, key in evo["arrays"].items()}
+    path = os.path.join(os.path.dirname(json_path), evo["file"])
+    with np.load(path) as z:
+        images = {name: z[key] for name, key in evo["arrays"].items()}
+    for name, key in evo["arrays"].items():
+        a = images[name]
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            what = "NaN" if np.isnan(a).any() else "an infinity"
+            raise NonFiniteArray(f"{path} has {what} in array {key} ({name}): finite pixel values are needed")
+    return images
 
 
 def evolution_cells(lengths, columns=None):
@@ -285,6 +297,8 @@ def main(args):
         title = found[0] if found[0] not in results else f"{found[0]} ({role})"
         try:  # its panels alone, before anything is written: a report they cannot be drawn from is named
             draw({title: found[1]}, {title: path}, args.quick, say=lambda text: None)
+        except NonFiniteArray as e:
+            raise InputFileError(f"{flag}: {e}") from None
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError, zipfile.BadZipFile) as e:
             first = (str(e).splitlines() or [""])[0]
             what = f"has no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {first}"

@@ -123,6 +123,30 @@ def check_flags(args, names):
             raise UsageError(f"--iterations must be in 1..{args.timesteps}, got {k}")
     check_distinct(args.methods, "--methods")
     check_distinct(args.iterations, "--iterations")
+    if args.summary is not None:
+        check_summary_apart(args)
+
+
+def set_names(args):
+    """The sets this run writes, each as <out_dir>/<name>.npz: the sequential one, then per method its final set and
+    one per --iterations value."""
+    return ["sequential"] + [slug(n) + suffix for n in args.methods
+                             for suffix in [""] + [f"_iter{k}" for k in args.iterations]]
+
+
+def check_summary_apart(args):
+    """--summary naming a file this run writes in --out_dir (a set's .npz, or the temporary files it is filled in)
+    wrote the summary JSON over that set, exit 0; naming --out_dir itself, or a folder above it, failed at the end,
+    after all the sampling. Real paths compared: ./s/../s/sequential.npz or a symlink to it is the same file."""
+    summary, out_dir = os.path.realpath(args.summary), os.path.realpath(args.out_dir)
+    if summary == out_dir or out_dir.startswith(summary.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--summary {args.summary} is --out_dir {args.out_dir} or a folder above it: name a file "
+                         f"apart from the sets")
+    for name in set_names(args):
+        for written in (f"{name}.npz", f"{name}.npz.part", f".{name}.npy.part"):  # ImageSet's files
+            if summary == os.path.join(out_dir, written):
+                raise UsageError(f"--summary {args.summary} is {written}, a file this run writes in --out_dir "
+                                 f"{args.out_dir}: name a file apart from the sets")
 
 
 def method_names():
@@ -160,9 +184,7 @@ def sample(args, build, sets):
     runs = {name: {"iterations": [], "evaluations": []} for name in args.methods}
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
-        names = ["sequential"] + [slug(n) + suffix for n in args.methods
-                                  for suffix in [""] + [f"_iter{k}" for k in args.iterations]]
-        sets.update({name: ImageSet(args.out_dir, name, N) for name in names})
+        sets.update({name: ImageSet(args.out_dir, name, N) for name in set_names(args)})
         if bench.classify is None:
             print(NO_CLASSIFIER, flush=True)
     for start in range(0, N, B):

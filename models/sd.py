@@ -215,7 +215,11 @@ def check_folder(path, flag="--model_path"):
         problem = pixart.transformer_problem(kind, net, latent_channels)
         if problem:
             raise InputFileError(f"{flag}: {net_path} has {problem}")
-    problem = network_problem(net)
+    encoder_2 = None
+    if kind == SDXL:  # both checked above: a [library, class] pair, a config.json
+        encoder_2 = index["text_encoder_2"][1], configs[os.path.join(path, "text_encoder_2", "config.json")]
+    problem = network_problem({**net, "_requires_aesthetics_score": index.get("requires_aesthetics_score")}, kind,
+                              encoder_2)
     if problem:
         raise InputFileError(f"{flag}: {net_path} {problem}")
 
@@ -231,13 +235,43 @@ def own_library(name):
     return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
 
 
-def network_problem(config):
-    """What keeps a denoising network (its config dict) from being sampled here, or None. A UNet with
-    time_cond_proj_dim is guidance-distilled (LCM): diffusers' pipelines then skip classifier-free guidance and feed
-    the scale as timestep_cond, for a consistency sampler, not the DDIM steps the solver parallelises."""
+SDXL = "StableDiffusionXLPipeline"
+
+
+def network_problem(config, kind=None, encoder_2=None):
+    """What keeps a denoising network (its config dict) from being sampled here by pipeline class `kind`, or None.
+    encoder_2: SDXL's second text encoder, as (class name, config dict). A UNet with time_cond_proj_dim is
+    guidance-distilled (LCM): diffusers' pipelines then skip classifier-free guidance and feed the scale as
+    timestep_cond, for a consistency sampler, not the DDIM steps the solver parallelises."""
     if config.get("time_cond_proj_dim") is not None:
         return ("has a UNet with time_cond_proj_dim (a guidance-distilled LCM model, sampled by its own consistency "
                 "steps); supported are UNets without it")
+    # SDXL's UNet takes the pooled text embedding and the image's sizes (addition_embed_type text_time), which only
+    # its own pipeline gives: either way round this failed inside (a TypeError on None, an AttributeError)
+    added = config.get("addition_embed_type")
+    if kind == SDXL and added != "text_time":
+        return (f"has addition_embed_type {added!r}: SDXL's UNet takes text_time added conditions (the pooled text "
+                f"embedding and the image sizes)")
+    if kind in ("StableDiffusionPipeline",) and added is not None:
+        return (f"has addition_embed_type {added!r}, an SDXL UNet, in a {kind} folder (model_index.json's "
+                f"_class_name would be {SDXL})")
+    if kind == SDXL and encoder_2 is not None:
+        name, encoder = encoder_2
+        if name != "CLIPTextModelWithProjection":  # its pooled text_embeds: None from a CLIPTextModel
+            return (f"goes with a text_encoder_2 that is a {name}: SDXL reads the pooled embedding of a "
+                    f"CLIPTextModelWithProjection")
+        # what diffusers' _get_add_time_ids checks only when sampling ("Model expects an added time embedding
+        # vector of length ..."): six sizes (five with an aesthetic score) embedded each, and the pooled embedding
+        width, sizes = config.get("addition_time_embed_dim"), 5 if config.get("_requires_aesthetics_score") else 6
+        pooled, expected = encoder.get("projection_dim"), config.get("projection_class_embeddings_input_dim")
+        if all(is_integer(v) for v in (width, pooled, expected)) and width * sizes + pooled != expected:
+            return (f"has projection_class_embeddings_input_dim {expected}, but its addition_time_embed_dim {width} "
+                    f"x {sizes} sizes + text_encoder_2's projection_dim {pooled} make {width * sizes + pooled}")
+    if kind == flux.FLUX:  # the rotary embedding splits each head's features among the axes (a size error inside)
+        axes, head = config.get("axes_dims_rope"), config.get("attention_head_dim")
+        if isinstance(axes, list) and all(is_integer(a) for a in axes) and is_integer(head) and sum(axes) != head:
+            return (f"has axes_dims_rope {axes}, which sum to {sum(axes)}, not its attention_head_dim {head}: the "
+                    f"rotary embedding covers each head's features")
     return None
 
 
@@ -449,7 +483,10 @@ def pipeline_problem(pipe):
     problem = tokenizer_problem(pipe)
     if problem:
         return f"has a {problem[0]} that {problem[1]}"
-    problem = network_problem(dict(network(pipe).config))
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    problem = network_problem({**network(pipe).config, "_requires_aesthetics_score": pipe.config.get(
+        "requires_aesthetics_score")}, kind, (type(encoder_2).__name__, encoder_2.config.to_dict())
+                              if kind == SDXL and encoder_2 is not None else None)
     if problem:
         return problem
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels
@@ -603,27 +640,70 @@ MAX_PROMPT_TOKENS = 100_000  # a CLIP tokenizer reads 77; transformers reads 1e3
 
 
 def tokenizer_problem(pipe):
-    """(part, what) for a CLIP tokenizer whose model_max_length the prompt encoding cannot use, or None: where its
-    tokenizer_config.json has none, transformers reads 1e30 and encode_prompt fails (an OverflowError naming no
-    file); at 0 the prompt was dropped with two notes. PixArt's one tokenizer (T5) is read to max_sequence_length."""
-    if pipeline_kind(pipe) in pixart.FAMILIES:
-        return None
-    parts = ["tokenizer", "tokenizer_2"] if pipeline_kind(pipe) == "StableDiffusionXLPipeline" else ["tokenizer"]
-    for part in parts:
-        if getattr(pipe, part, None) is None:  # a DiT pipeline's; a missing one is said where the parts are checked
+    """(part, what) for a tokenizer the prompt encoding cannot use, or None. A CLIP tokenizer's model_max_length:
+    where its tokenizer_config.json has none, transformers reads 1e30 and encode_prompt fails (an OverflowError naming
+    no file); at 0 the prompt was dropped with two notes; SDXL's two must agree (their embeddings are joined token by
+    token). PixArt's one tokenizer (T5) is read to max_sequence_length. Every tokenizer's ids must be rows of its
+    text encoder's embedding (a CLIP tokenizer where T5's belongs: an IndexError naming nothing)."""
+    kind = pipeline_kind(pipe)
+    clip = [] if kind in pixart.FAMILIES else \
+        ["tokenizer", "tokenizer_2"] if kind == "StableDiffusionXLPipeline" else ["tokenizer"]
+    for part in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, part, None)
+        if tokenizer is None:  # a DiT pipeline's; a missing one is said where the parts are checked
             continue
-        length = getattr(getattr(pipe, part), "model_max_length", None)
+        encoder = part.replace("tokenizer", "text_encoder")
+        config = getattr(getattr(pipe, encoder, None), "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        if is_integer(vocab) and len(tokenizer) > vocab:
+            return part, (f"gives token ids up to {len(tokenizer) - 1}, but {encoder}/config.json's vocab_size is "
+                          f"{vocab}: not the tokenizer of this text encoder")
+        if part not in clip:
+            continue
+        length = getattr(tokenizer, "model_max_length", None)
         if not is_integer(length) or not 1 <= length <= MAX_PROMPT_TOKENS:
             shown = "none (transformers then reads 1e30)" if is_integer(length) and length > 1e29 else repr(length)
             return part, (f"has model_max_length {shown}; the prompt length its text encoder reads (77 for CLIP) "
                           f"is needed")
         # a prompt is padded to model_max_length: longer than the encoder's positions, every prompt failed in a
         # ValueError said as unexpected
-        encoder = part.replace("tokenizer", "text_encoder")
-        positions = getattr(getattr(getattr(pipe, encoder, None), "config", None), "max_position_embeddings", None)
+        positions = getattr(config, "max_position_embeddings", None)
         if is_integer(positions) and length > positions:
             return part, (f"has model_max_length {length}, more than {encoder}/config.json's max_position_embeddings "
                           f"{positions}: its text encoder cannot read prompts that long")
+        first = getattr(pipe, "tokenizer", None)
+        if part == "tokenizer_2" and first is not None and length != first.model_max_length:
+            return part, (f"has model_max_length {length} and tokenizer/ {first.model_max_length}: SDXL joins the "
+                          f"two text encoders' outputs token by token, so the lengths must agree")
+    return None
+
+
+def shape_mismatch(path, index):
+    """The first tensor of a transformers part (the text encoders) whose shape in its safetensors files differs from
+    the one its config.json makes, said as "<part>/: <name> is (..) in its weight files, (..) by its config.json", or
+    None. The model is built on the meta device: nothing is allocated."""
+    import transformers
+    from safetensors import safe_open
+    for part, entry in index.items():
+        sub = os.path.join(path, part)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers") or not os.path.isdir(sub):
+            continue
+        cls = getattr(transformers, str(entry[1]), None)
+        if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+            continue
+        try:
+            with torch.device("meta"):
+                model = cls(cls.config_class.from_pretrained(sub))
+        except Exception:  # a config that does not build: the loading error says it
+            continue
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for file in sorted(f for f in os.listdir(sub) if f.endswith(".safetensors")):
+            with safe_open(os.path.join(sub, file), "pt") as f:
+                for k in f.keys():
+                    theirs = tuple(f.get_slice(k).get_shape())
+                    if k in ours and ours[k] != theirs:
+                        return (f"{part}/: {k} is {theirs} in its weight files but {ours[k]} by its config.json: the "
+                                f"config is not the one these weights were saved with")
     return None
 
 
@@ -647,8 +727,11 @@ def load_pipeline(path, device, dtype):
         try:
             pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, variant=variant, **extra)
         except Exception as e:  # whatever diffusers, transformers or safetensors make of a bad part
-            raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline "
-                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+            # transformers' size mismatch points at a report that quiet loading does not print: named here
+            mismatch = shape_mismatch(path, index) if "mismatch" in str(e) else None
+            raise InputFileError(f"--model_path: cannot load {path} as a Stable Diffusion pipeline ("
+                                 + (mismatch or f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") + ")") \
+                from None
         check_parts_loaded(pipe, path, "--model_path")
         problem = tokenizer_problem(pipe)
         if problem:

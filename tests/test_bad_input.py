@@ -399,6 +399,9 @@ def bad_folders(tmp_path_factory):
             p / "vae" / "config.json", lambda c: c.update(layers_per_block=0))),
         # a config of fewer blocks than the files hold: the extra tensors were dropped without a word, exit 0
         "vae_fewer_layers": variant("vae_fewer_layers", _shallower_vae_config),
+        # ids beyond the text encoder's embedding (a token added without resizing it; a CLIP tokenizer where a T5
+        # one belongs): an IndexError naming nothing
+        "tokenizer_beyond_vocab": variant("tokenizer_beyond_vocab", _added_token),
         # a switch written as text is true to diffusers (SDXL's force_zeros_for_empty_prompt "false" sampled as true)
         "index_switch_text": variant("index_switch_text", lambda p: rewrite(
             p / "model_index.json", lambda c: c.update(requires_safety_checker="false"))),
@@ -483,6 +486,13 @@ def bad_folders(tmp_path_factory):
     }
 
 
+def _added_token(folder):
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer.add_tokens(["<my-style>"])
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+
 def _shallower_vae_config(folder):
     """The VAE saved with two layers per block, its config then saying one."""
     import json
@@ -540,6 +550,8 @@ def _nan_weights(folder):
     ("vae_blocks_0", ["--model_path", "vae/config.json", "layers_per_block", "0"]),
     ("index_switch_text", ["--model_path", "model_index.json", "requires_safety_checker", "true or false"]),
     ("unet_switch_text", ["--model_path", "unet/config.json", "upcast_attention", "true or false"]),
+    ("tokenizer_beyond_vocab", ["--model_path", "tokenizer/tokenizer_config.json", "vocab_size",
+                                "not the tokenizer of this text encoder"]),
     ("vae_fewer_layers", ["--model_path", "vae", "3 blocks decoder.up_blocks.0.resnets.N", "makes 2"]),
     ("empty_scheduler_config", ["--model_path", "scheduler_config.json", "sets none", "defaults"]),
     ("int_block_channels", ["vae/config.json", "block_out_channels", "list"]),

@@ -422,3 +422,71 @@ def test_flow_levels_that_do_not_fall_are_named_before_loading(folders, tmp_path
     assert e.value.code == 1 and len(err) == 1, err
     assert all(w in err[0] for w in ("scheduler_config.json", "do not fall", word)), err[0]
     assert "unexpected" not in err[0] and not (tmp_path / "runs").exists()
+
+
+def test_sdxl_tokenizers_of_other_lengths_are_named(folders, tmp_path, capsys):
+    """SDXL joins its two text encoders' outputs token by token: a tokenizer_2 of another model_max_length failed
+    in "RuntimeError: Sizes of tensors must match" (unexpected)."""
+    import json
+    import shutil
+    from runner.errors import exit_on_error
+    folder = tmp_path / "sdxl_short"
+    shutil.copytree(folders["sdxl"], folder)
+    path = folder / "tokenizer_2" / "tokenizer_config.json"
+    json.dump({**json.load(open(path)), "model_max_length": 16}, open(path, "w"))
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert all(w in err[0] for w in ("tokenizer_2/tokenizer_config.json", "model_max_length 16", "must agree")), err
+
+
+def _edit(path, **changes):
+    import json
+    json.dump({**json.load(open(path)), **changes}, open(path, "w"))
+
+
+@pytest.mark.parametrize("name, edit, words", [
+    ("time_embed_width", lambda f: _edit(f / "unet" / "config.json", addition_time_embed_dim=16),
+     ["unet/config.json", "projection_class_embeddings_input_dim 80", "16 x 6 sizes + text_encoder_2's "
+      "projection_dim 32 make 128"]),
+    ("no_added_conditions", lambda f: _edit(f / "unet" / "config.json", addition_embed_type=None),
+     ["unet/config.json", "addition_embed_type None", "text_time"]),
+    ("labelled_sd", lambda f: _edit(f / "model_index.json", _class_name="StableDiffusionPipeline"),
+     ["unet/config.json", "an SDXL UNet, in a StableDiffusionPipeline folder", "_class_name"]),
+    ("encoder_2_without_projection", lambda f: _edit(f / "model_index.json",
+                                                     text_encoder_2=["transformers", "CLIPTextModel"]),
+     ["text_encoder_2 that is a CLIPTextModel", "CLIPTextModelWithProjection"]),
+])
+def test_sdxl_folders_whose_parts_do_not_fit_are_named(folders, tmp_path, capsys, name, edit, words):
+    """Each failed inside when sampling, in a line calling itself unexpected: diffusers' "Model expects an added
+    time embedding vector of length ...", a TypeError or AttributeError on None."""
+    import shutil
+    from runner.errors import exit_on_error
+    folder = tmp_path / name
+    shutil.copytree(folders["sdxl"], folder)
+    edit(folder)
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1 and "unexpected" not in err[0], err
+    assert all(w in err[0] for w in words), err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_loaded_sdxl_pipeline_whose_parts_do_not_fit_is_refused(folders):
+    """The same checks on a loaded pipeline (parallel_sample): a second text encoder without projection failed in
+    a TypeError on None, a tokenizer_2 of another length in a size error."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel
+    from models.pipelines import parallel_sample
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    pipe.tokenizer_2.model_max_length = 16
+    with pytest.raises(ValueError, match="tokenizer_2 that has model_max_length 16 .* must agree"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=5)
+    pipe.tokenizer_2.model_max_length = pipe.tokenizer.model_max_length
+    pipe.text_encoder_2 = CLIPTextModel(pipe.text_encoder_2.config)
+    with pytest.raises(ValueError, match="text_encoder_2 that is a CLIPTextModel"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=5)

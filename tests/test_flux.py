@@ -420,3 +420,21 @@ def test_a_config_that_drops_the_guidance_embedder_of_its_weights_is_refused(fol
         os.path.join(f, "transformer", "config.json"), guidance_embeds="false"))
     check(parallel_sd, ["--model_path", text, "--timesteps", "2", *SIZE], 1,
           ["--model_path", "transformer/config.json", "guidance_embeds", "true or false"], tmp_path, capsys)
+
+
+def test_rotary_axes_that_do_not_cover_a_head_are_named(folders, tmp_path, capsys):
+    """axes_dims_rope must sum to attention_head_dim: otherwise a tensor-size RuntimeError at the first call."""
+    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), "axes", lambda f: edit_json(
+        os.path.join(f, "transformer", "config.json"), axes_dims_rope=[2, 2, 2]))
+    check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "transformer/config.json", "axes_dims_rope [2, 2, 2]", "attention_head_dim"], tmp_path,
+          capsys)
+
+
+def test_a_text_encoder_config_of_other_sizes_names_the_tensor(folders, tmp_path, capsys):
+    """A T5 config whose d_model differs from its weights': transformers' error points at a report that quiet
+    loading does not print ("For details look at the above report!"). The tensor and both shapes are named."""
+    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), "t5_width", lambda f: edit_json(
+        os.path.join(f, "text_encoder_2", "config.json"), d_model=64))
+    check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "text_encoder_2/", "in its weight files but", "by its config.json"], tmp_path, capsys)

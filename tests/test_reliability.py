@@ -240,6 +240,7 @@ def test_a_peer_gone_is_said_as_such(rank, prefix, monkeypatch, capsys):
         raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
                            "by peer [127.0.0.1]:5346. This is typically caused by a remote worker crashing.")
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launch's: RANK 1 alone is no rank (runner.environment)
     with pytest.raises(SystemExit) as e:
         exit_on_error(main, None)
     lines = capsys.readouterr().err.splitlines()

@@ -8,6 +8,7 @@ is loaded) and the loading, for three sources:
                                   scheduler's (read as DDIM), its null class the pipeline's (num_embeds_ada_norm,
                                   1000 for the public models), guidance on every latent channel as DiTPipeline does
 """
+import json
 import math
 import os
 
@@ -175,7 +176,18 @@ def folder_sizes(path, flag="--model_path"):
     height, width = sample_pixels(cells, factor)
     if height != width:  # DiTPipeline draws square latents of sample_size cells
         raise InputFileError(f"{flag}: {net_path} has sample_size {cells}; DiTPipeline samples square latents")
-    return height, config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
+    classes = config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
+    # DiTPipeline reads id2label {"<class id>": "name, other name"} when it is built: anything else failed there,
+    # in a line naming the folder but not the key
+    index_path = os.path.join(path, "model_index.json")
+    labels = read_json(index_path, flag).get("id2label")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and k.strip().isdigit() and int(k) < classes and isinstance(v, str)
+            for k, v in labels.items())):
+        shown = json.dumps(labels)
+        raise InputFileError(f"{flag}: {index_path} has \"id2label\": {shown[:80] + ('...' if len(shown) > 80 else '')}"
+                             f"; class ids 0..{classes - 1} (as text) naming their labels (text) are needed")
+    return height, classes
 
 
 def load_dit_pipeline(path, device, dtype, flag="--model_path"):

@@ -79,6 +79,9 @@ def transformer_problem(kind, config, latent_channels):
     if out not in (latent_channels, 2 * latent_channels):  # the pipeline's scheduler step fails on another width
         return (f"a transformer with out_channels {out!r} for {latent_channels}-channel latents: the noise (and with "
                 f"learned sigma its variance, {2 * latent_channels}) expected")
+    scale = config.get("interpolation_scale")  # the positional embedding's grid divides by it (a TypeError inside)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        return f"interpolation_scale {scale!r}: a positive number (or null, the model's default) is needed"
     needs = config.get("use_additional_conditions")
     if needs is None:  # PixArtTransformer2DModel's own default
         needs = config.get("sample_size") == SIZE_CONDITIONED

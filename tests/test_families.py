@@ -490,3 +490,23 @@ def test_a_loaded_sdxl_pipeline_whose_parts_do_not_fit_is_refused(folders):
     pipe.text_encoder_2 = CLIPTextModel(pipe.text_encoder_2.config)
     with pytest.raises(ValueError, match="text_encoder_2 that is a CLIPTextModel"):
         parallel_sample(pipe, PROMPT, num_inference_steps=5)
+
+
+@pytest.mark.parametrize("labels", ["oops", {"x": "cat"}, {"0": 5}, {"1000": "cat"}])
+def test_a_dit_folders_bad_id2label_is_named(dit_folder, tmp_path, capsys, labels):
+    """DiTPipeline reads model_index.json's id2label when it is built: a text, a key that is no class id or a label
+    that is not text failed there, in a line naming the folder but not the key."""
+    import json
+    import shutil
+    import parallel_dit
+    from runner.errors import exit_on_error
+    folder = tmp_path / "dit"
+    shutil.copytree(dit_folder, folder)
+    _edit(folder / "model_index.json", id2label=labels)
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                  "--class_labels", "1",
+                                                                  "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert all(w in err[0] for w in ("model_index.json", "id2label", json.dumps(labels)[:20])), err[0]

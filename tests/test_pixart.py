@@ -123,6 +123,9 @@ def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys, tiny_sd):
         # Sigma gives no micro-conditions: a transformer that needs them fails inside the pipeline
         (folder_variant(sigma, root, "conditions", transformer(use_additional_conditions=True)), [], 1,
          ["use_additional_conditions"]),
+        # the positional embedding's grid divides by it: a TypeError inside naming no file
+        (folder_variant(sigma, root, "interpolation_text", transformer(interpolation_scale="x")), [], 1,
+         ["transformer/config.json", "interpolation_scale 'x'", "positive number"]),
         (folder_variant(sigma, root, "no_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer"))), [], 1,
          ["--model_path", "tokenizer/"]),
         (sigma, ["--max_sequence_length", "0"], 2, ["--max_sequence_length must be in 1..512", "got 0"]),

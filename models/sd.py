@@ -19,6 +19,7 @@ Anything else is refused with one line naming what is supported.
 """
 import argparse
 import inspect
+import itertools
 import json
 import math
 import numbers
@@ -471,6 +472,14 @@ def pipeline_problem(pipe):
     missing = [part for part in parts if getattr(pipe, part, None) is None]
     if missing:
         return f"has {', '.join(missing)} set to None; sampling needs its {', '.join(parts)}"
+    # weights without data (loaded with a device_map of "meta", or moved there): a device error inside naming no part
+    empty = [part for part in parts if isinstance(getattr(pipe, part), torch.nn.Module) and any(
+        t.is_meta for t in itertools.chain(getattr(pipe, part).parameters(), getattr(pipe, part).buffers()))]
+    if empty:
+        if any(hasattr(m, "_hf_hook") for m in getattr(pipe, empty[0]).modules()):  # accelerate's offload hooks
+            return ("has its weights offloaded layer by layer (enable_sequential_cpu_offload), which the solver's "
+                    "batched calls do not support (a TypeError inside): use enable_model_cpu_offload")
+        return f"has {', '.join(empty)} on the meta device (weights without data): load or move it to a real device"
     from diffusers import FlowMatchEulerDiscreteScheduler
     own = "FlowMatchEulerDiscreteScheduler" if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) \
         else type(pipe.scheduler).__name__  # the class that steps, whatever its config says

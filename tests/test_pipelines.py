@@ -391,6 +391,9 @@ def test_a_part_set_to_none_is_refused_naming_it(tiny_sd, tmp_path):
             with pytest.raises(ValueError, match=f"pipe has {part} set to None; sampling needs its"):
                 parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, output_type="np")
             setattr(pipe, part, own)
+    sd.vae.to("meta")  # weights without data: a device error inside ("Tensor on device meta ...") named no part
+    with pytest.raises(ValueError, match="pipe has vae on the meta device"):
+        parallel_sample(sd, "a handwritten digit four", num_inference_steps=2, output_type="np")
 
 
 @pytest.mark.filterwarnings("ignore:.*sampled as DDIM")
@@ -447,6 +450,15 @@ def test_a_unet_without_sample_size_takes_the_given_size(tiny_sd):
     with pytest.raises(ValueError, match="height and width must be given: pipe's UNet2DConditionModel config has no "
                                          "sample_size"):
         parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, height=12, output_type="np")
+
+
+def test_sequential_cpu_offload_is_refused_naming_it(tiny_sd):
+    """enable_sequential_cpu_offload leaves the weights on the meta device between calls: a TypeError inside."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="enable_sequential_cpu_offload.* use enable_model_cpu_offload"):
+        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=2, output_type="np")
 
 
 def test_a_pipeline_with_model_cpu_offload_samples_as_without(tiny_sd):

@@ -93,7 +93,7 @@ def main(args):
         ckpt = build_checkpoint(tmp, args.smoke)
         fp16 = [] if args.smoke else ["--fp16"]
         out = os.path.join(tmp, "runs")
-        common = ["--num_samples", "2", "--compare_sequential"]
+        common = ["--num_samples", "2", "--compare_sequential"] + (["--timesteps", "20"] if args.smoke else [])
         commands = {
             "DiT-XL/2 checkpoint, default flags": [py, "parallel_dit.py"] + ckpt + fp16 + common,
             "DiT-XL/2 checkpoint, second run (cached cost curve)": [py, "parallel_dit.py"] + ckpt + fp16 + common,

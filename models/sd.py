@@ -955,8 +955,35 @@ def check_sd_flags(args, prompts):
     check_folder(args.model_path)
     check_size(args, args.model_path)
     check_timesteps(args.timesteps, args.eta, args.model_path, (args.height, args.width))
+    check_prompts_known(args.model_path, prompts + [("--negative_prompt", args.negative_prompt or "")])
     note_scheduler(args.model_path)
     return config
+
+
+def check_prompts_known(path, prompts):
+    """prompts: [(flag, prompt)], read by the folder's (first) tokenizer. A prompt none of whose characters it has a
+    token for reads as the empty prompt, which the flags refuse: "🙂🙂" gave the ids of "" with the embedded model
+    (one id for unknown, end and padding), exit 0. Partly unknown: said in a note. Only prompts beyond ASCII are
+    read here (a byte-level or character vocabulary knows ASCII), so the tokenizer is loaded only for them."""
+    prompts = [(flag, p) for flag, p in prompts if p.strip() and not p.isascii()]
+    if not prompts:
+        return
+    from transformers import AutoTokenizer
+    with quiet_loading():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
+        except Exception:  # said when the pipeline loads
+            return
+    unknown = tokenizer.unk_token_id
+    for flag, p in prompts:
+        ids = tokenizer(p, add_special_tokens=False).input_ids
+        lost = sum(i == unknown for i in ids) if unknown is not None else 0
+        if not ids or lost == len(ids):
+            raise UsageError(f"{flag} {p!r}: the model's tokenizer has a token for none of its characters, so it "
+                             f"would be sampled as the empty prompt")
+        if lost:
+            note(f"{flag} {p[:40]!r}: {lost} of its {len(ids)} tokens are unknown to the model's tokenizer "
+                 f"(characters it has no token for), read as its unknown token")
 
 
 def check_timesteps(T, eta, path, size):

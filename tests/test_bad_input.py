@@ -130,6 +130,7 @@ def test_sd_bad_folder(files, name, words, tmp_path, capsys):
     (["--timesteps", "20", "--variation_steps", "21"], ["--variation_steps", "21"]),
     (["--prompt2", " "], ["--prompt2"]),
     (["--prompt1", ""], ["--prompt1"]),
+    (["--prompt1", "\U0001f642"], ["--prompt1", "none of its characters"]),
     (["--model_path", "  "], ["--model_path", "must not be empty"]),
     (["--timesteps", "10", "--cfg_scale", "0.5", "--variation_steps", "11"], ["--variation_steps", "11"]),
 ])
@@ -609,6 +610,9 @@ def test_a_text_encoder_set_to_skip_its_last_layers_samples_saying_so(bad_folder
     # bytes that are not UTF-8 (a terminal in another encoding): Python keeps them as lone surrogates
     (["--prompt", "\udcff seven"], ["--prompt", "not valid UTF-8"]),
     (["--negative_prompt", "\udcff"], ["--negative_prompt", "not valid UTF-8"]),
+    # characters the tokenizer has no token for: read as the empty prompt (the ids of ""), exit 0
+    (["--prompt", "\U0001f642\U0001f642"], ["--prompt", "none of its characters", "empty prompt"]),
+    (["--negative_prompt", "\u6570\u5b57"], ["--negative_prompt", "none of its characters"]),
 ])
 def test_sd_more_bad_flags(files, argv, words, tmp_path, capsys):
     check(parallel_sd, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)

@@ -30,17 +30,29 @@ def quiet_elastic_logs():
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+LAUNCHER = "runner.launcher"
+
+
+def refuse(message):
+    """A launcher flag that cannot be used: one line naming it, exit 2 (as the scripts' flags)."""
+    print(f"{LAUNCHER}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv=None):
     from accelerate.commands import launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    args = launch.launch_command_parser().parse_args(argv)
+    parser = launch.launch_command_parser()
+    parser.error = refuse  # one line, not accelerate's 113 lines of usage before it
+    args = parser.parse_args(argv)
     prog = os.path.basename(args.training_script)
     for flag in ("num_processes", "num_machines"):  # accelerate runs one process for 0 or -1: refused, not guessed
         value = getattr(args, flag)
         if value is not None and value < 1:
-            print(f"{prog}: error: --{flag} must be an integer >= 1, got {value}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            refuse(f"--{flag} must be an integer >= 1, got {value}")
+    if not (args.module or args.no_python) and not os.path.isfile(args.training_script):  # said by each process
+        refuse(f"the script to launch is not a file: {args.training_script}")
     quiet_elastic_logs()
     # accelerate's one-process launcher ends a failed process with a CalledProcessError traceback and exit 1, and a
     # Ctrl-C with a KeyboardInterrupt traceback: ours ends both as a launch of several processes does

@@ -378,8 +378,22 @@ def test_a_launch_of_no_processes_is_refused(tmp_path, flag, value):
     proc = subprocess.run([sys.executable, *argv, SCRIPT, "--output_path", str(tmp_path / "o")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and _lines(proc.stderr) == [
-        f"parallel_dit.py: error: {flag} must be an integer >= 1, got {value}"], proc.stderr
+        f"runner.launcher: error: {flag} must be an integer >= 1, got {value}"], proc.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("change, line", [
+    (lambda argv: argv[:argv.index("--num_processes") + 1] + ["abc"] + argv[argv.index("--num_processes") + 2:],
+     "runner.launcher: error: argument --num_processes/--num-processes: invalid int value: 'abc'"),
+    (lambda argv: argv[:-1] + ["nonexistent.py"], "runner.launcher: error: the script to launch is not a file: "
+                                                  "nonexistent.py")])
+def test_a_launcher_flag_that_cannot_be_used_is_one_line(change, line):
+    """A flag value accelerate's parser refuses printed its whole usage (113 lines) before the error; a script that
+    is not there was said by every process, in Python's words."""
+    argv = change(launcher_of_one() + [SCRIPT])
+    proc = subprocess.run([sys.executable, *argv, "--timesteps", "5"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and _lines(proc.stderr) == [line], proc.stderr
 
 
 def test_a_bad_flag_in_a_launch_of_one_process_is_one_line(tmp_path):

@@ -149,3 +149,12 @@ def test_parallel_sample_refusals_name_the_argument(folders):
     pipe.transformer.register_to_config(sample_size=48)
     with pytest.raises(ValueError, match="pipe has sample_size 48"):
         parallel_sample(pipe, PROMPT, num_inference_steps=2, height=256, width=256)
+
+
+def test_a_config_that_drops_the_resolution_embedder_of_its_weights_is_refused(folders, tmp_path, capsys):
+    """PixArt-Alpha 1024 weights with "use_additional_conditions": false: diffusers dropped the resolution and
+    aspect-ratio embedders' tensors and sampled without the micro-conditions, exit 0."""
+    folder = folder_variant(folders["alpha"], str(tmp_path / "variants"), "no_conditions", lambda f: edit_json(
+        os.path.join(f, "transformer", "config.json"), use_additional_conditions=False))
+    check(parallel_sd, ["--model_path", folder, "--timesteps", "2"], 1,
+          ["--model_path", "transformer", "resolution_embedder", "use_additional_conditions"], tmp_path, capsys)

@@ -220,6 +220,18 @@ def quiet_loading():
             transformers_logging.enable_progress_bar()
 
 
+def safetensors_headers(folder):
+    """(file, tensor name, its header: get_shape(), get_dtype()) for every tensor of the folder's safetensors files,
+    in file order. Only the headers are read, not the data."""
+    from safetensors import safe_open
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".safetensors"):
+            file = os.path.join(folder, name)
+            with safe_open(file, "pt") as f:
+                for k in f.keys():
+                    yield file, k, f.get_slice(k)
+
+
 def check_weights_loaded(module, path, flag):
     """diffusers leaves a weight its files do not hold (other tensor names than the config's model has) on the meta
     device, without data, and only a later .to(device) fails, naming no file: said here, naming the folder. A weight
@@ -239,19 +251,15 @@ def check_weights_loaded(module, path, flag):
         if unloaded:
             raise InputFileError(f"{flag}: {path}: its weight files do not hold the tensors its config.json asks for "
                                  f"(e.g. {unloaded[0]}; {len(unloaded)} missing, which would be filled at random)")
-    from safetensors import safe_open
     ours = module.state_dict()
     floating = {k for k, v in ours.items() if v.is_floating_point()}
     held = set()  # every tensor name the folder's safetensors files hold
-    for file in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                for k in f.keys():
-                    dtype = f.get_slice(k).get_dtype()  # "F32", "BF16", "F8_E4M3"; "I64", "BOOL", "C64"
-                    if k in floating and not dtype.startswith(("F", "BF")):
-                        raise InputFileError(f"{flag}: {os.path.join(path, file)} holds {k} as {dtype}, not floating "
-                                             f"point: not the weights of this model")
-                    held.add(k)
+    for file, k, header in safetensors_headers(path):
+        dtype = header.get_dtype()  # "F32", "BF16", "F8_E4M3"; "I64", "BOOL", "C64"
+        if k in floating and not dtype.startswith(("F", "BF")):
+            raise InputFileError(f"{flag}: {file} holds {k} as {dtype}, not floating point: not the weights of this "
+                                 f"model")
+        held.add(k)
     # A config asking for fewer blocks than the files hold (a VAE's layers_per_block 1 of a VAE trained with 2): the
     # libraries drop the extra tensors without a word, and the run sampled other images, exit 0. Compared as
     # numbered names (decoder.up_blocks.0.resnets.2.) only where the module has that numbered name at all, since the

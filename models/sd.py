@@ -36,7 +36,7 @@ from runner.flags import check_common_flags, note, path_value
 
 from . import flux, pixart
 from .adapters import decodes_in_float32, guides
-from .checkpoints import check_parts_loaded, quiet_loading, vae_problem, weights_variant
+from .checkpoints import check_parts_loaded, quiet_loading, safetensors_headers, vae_problem, weights_variant
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
@@ -219,8 +219,7 @@ def check_folder(path, flag="--model_path"):
     encoder_2 = None
     if kind == SDXL:  # both checked above: a [library, class] pair, a config.json
         encoder_2 = index["text_encoder_2"][1], configs[os.path.join(path, "text_encoder_2", "config.json")]
-    problem = network_problem({**net, "_requires_aesthetics_score": index.get("requires_aesthetics_score")}, kind,
-                              encoder_2)
+    problem = network_problem(net, kind, encoder_2)
     if problem:
         raise InputFileError(f"{flag}: {net_path} {problem}")
 
@@ -262,8 +261,10 @@ def network_problem(config, kind=None, encoder_2=None):
             return (f"goes with a text_encoder_2 that is a {name}: SDXL reads the pooled embedding of a "
                     f"CLIPTextModelWithProjection")
         # what diffusers' _get_add_time_ids checks only when sampling ("Model expects an added time embedding
-        # vector of length ..."): six sizes (five with an aesthetic score) embedded each, and the pooled embedding
-        width, sizes = config.get("addition_time_embed_dim"), 5 if config.get("_requires_aesthetics_score") else 6
+        # vector of length ..."): six sizes embedded each, and the pooled embedding. Always six in the text-to-image
+        # pipeline: the refiner's five (an aesthetic score in place of the target size, requires_aesthetics_score)
+        # are its img2img pipeline's, so a refiner UNet under a text-to-image model_index.json is refused here
+        width, sizes = config.get("addition_time_embed_dim"), 6
         pooled, expected = encoder.get("projection_dim"), config.get("projection_class_embeddings_input_dim")
         if all(is_integer(v) for v in (width, pooled, expected)) and width * sizes + pooled != expected:
             return (f"has projection_class_embeddings_input_dim {expected}, but its addition_time_embed_dim {width} "
@@ -493,8 +494,7 @@ def pipeline_problem(pipe):
     if problem:
         return f"has a {problem[0]} that {problem[1]}"
     encoder_2 = getattr(pipe, "text_encoder_2", None)
-    problem = network_problem({**network(pipe).config, "_requires_aesthetics_score": pipe.config.get(
-        "requires_aesthetics_score")}, kind, (type(encoder_2).__name__, encoder_2.config.to_dict())
+    problem = network_problem(network(pipe).config, kind, (type(encoder_2).__name__, encoder_2.config.to_dict())
                               if kind == SDXL and encoder_2 is not None else None)
     if problem:
         return problem
@@ -692,7 +692,6 @@ def shape_mismatch(path, index):
     the one its config.json makes, said as "<part>/: <name> is (..) in its weight files, (..) by its config.json", or
     None. The model is built on the meta device: nothing is allocated."""
     import transformers
-    from safetensors import safe_open
     for part, entry in index.items():
         sub = os.path.join(path, part)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers") or not os.path.isdir(sub):
@@ -706,13 +705,11 @@ def shape_mismatch(path, index):
         except Exception:  # a config that does not build: the loading error says it
             continue
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for file in sorted(f for f in os.listdir(sub) if f.endswith(".safetensors")):
-            with safe_open(os.path.join(sub, file), "pt") as f:
-                for k in f.keys():
-                    theirs = tuple(f.get_slice(k).get_shape())
-                    if k in ours and ours[k] != theirs:
-                        return (f"{part}/: {k} is {theirs} in its weight files but {ours[k]} by its config.json: the "
-                                f"config is not the one these weights were saved with")
+        for _, k, header in safetensors_headers(sub):
+            theirs = tuple(header.get_shape())
+            if k in ours and ours[k] != theirs:
+                return (f"{part}/: {k} is {theirs} in its weight files but {ours[k]} by its config.json: the config "
+                        f"is not the one these weights were saved with")
     return None
 
 

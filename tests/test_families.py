@@ -451,6 +451,11 @@ def _edit(path, **changes):
     ("time_embed_width", lambda f: _edit(f / "unet" / "config.json", addition_time_embed_dim=16),
      ["unet/config.json", "projection_class_embeddings_input_dim 80", "16 x 6 sizes + text_encoder_2's "
       "projection_dim 32 make 128"]),
+    # a refiner's UNet (five sizes: the aesthetic score in place of the target size) under a text-to-image
+    # model_index.json that says requires_aesthetics_score, which StableDiffusionXLPipeline does not read
+    ("refiner_widths", lambda f: (_edit(f / "unet" / "config.json", projection_class_embeddings_input_dim=72),
+                                  _edit(f / "model_index.json", requires_aesthetics_score=True)),
+     ["unet/config.json", "projection_class_embeddings_input_dim 72", "8 x 6 sizes", "make 80"]),
     ("no_added_conditions", lambda f: _edit(f / "unet" / "config.json", addition_embed_type=None),
      ["unet/config.json", "addition_embed_type None", "text_time"]),
     ("labelled_sd", lambda f: _edit(f / "model_index.json", _class_name="StableDiffusionPipeline"),

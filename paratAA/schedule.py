@@ -17,7 +17,7 @@ xi[T] = x_T. Three sources of the noise levels, each computed the way its refere
 """
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,14 +35,23 @@ class Schedule:
     sigma: torch.Tensor      # [T] float64, the step's noise scale for tol2 (DDIM: the DDPM posterior std, eta 1)
     eta: float
     num_train_timesteps: int
+    # the same steps in the reference implementation's arithmetic, where its coefficients differ (a diffusers
+    # scheduler's: 1 - A taken in float32), for the paper mode to solve its system; None where they are the same
+    reference: "Schedule | None" = None
 
     @property
     def num_steps(self):
         return len(self.timesteps)
 
+    def solved(self, reference_quirks):
+        """The steps a solver solves: the reference's arithmetic with reference_quirks (the paper mode), so that its
+        iterates are the reference's to round-off; these otherwise."""
+        return self.reference if reference_quirks and self.reference is not None else self
+
     def to(self, device):
         move = {k: getattr(self, k).to(device) for k in ("timesteps", "a", "b", "c", "sigma")}
-        return Schedule(eta=self.eta, num_train_timesteps=self.num_train_timesteps, **move)
+        return Schedule(eta=self.eta, num_train_timesteps=self.num_train_timesteps,
+                        reference=None if self.reference is None else self.reference.to(device), **move)
 
 
 def check_eta(eta):
@@ -67,7 +76,7 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
     """Equation (1) from 1 - A and 1 - A' of each step (float64 [T]; A' of the last step is the final alpha).
 
     Written as the reference writes it (the alphas recovered as 1 - (1 - A)), so that its coefficients are met
-    to round-off:  sigma = sqrt((1-A')/(1-A)) sqrt(1 - A/A'),  c = eta sigma (0 at the last step),
+    to round-off from the same 1 - A (in float64 that recovers A to 1e-16 absolute):  sigma = sqrt((1-A')/(1-A)) sqrt(1 - A/A'),  c = eta sigma (0 at the last step),
     a = sqrt(A'/A),  b = sqrt(1 - A' - c^2) - a sqrt(1 - A)."""
     now, nxt = one_minus.clamp(min=0), one_minus_next.clamp(min=0)
     A, A_next = (1 - now).clamp(min=0), (1 - nxt).clamp(min=0)
@@ -96,8 +105,8 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     alpha, as the reference's SD script has it; for "trailing" spacing with num_train % T != 0 and for "linspace",
     diffusers' own loop steps to a noise level the next model call is not told (e.g. trailing, T = 7: from 999 to
     857, then called at 856), and the solver follows it, so that the result is that loop's. The alphas are the
-    scheduler's own, in the dtype it keeps them (float32), and 1 - A is taken in that dtype before float64, as the
-    reference's SD script does.
+    scheduler's own, in the dtype it keeps them (float32), and 1 - A is taken in float64 (the reference's SD script
+    takes it in float32: docs/ALGORITHM.md, section 9).
     """
     check_eta(eta)
     if not hasattr(scheduler, "config"):
@@ -122,7 +131,18 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     alpha = alphas[timesteps]                                       # [T]  A  of step s
     prev = timesteps - n_train // num_steps                         # [T]  where DDIMScheduler.step goes from t
     alpha_next = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)  # [T]  A' of step s (state x_s)
-    return coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
+    # 1 - A in float64 from the scheduler's float32 A, which diffusers' step uses as it is. The reference's SD script
+    # takes 1 - A in float32 and recovers A from it, which loses A's digits where A is small: 1e-5 of A at SD's
+    # noisiest level (0.0058), but a level of 2e-7 (linear betas to 0.03) came back 12% low and one of 2.4e-9
+    # (squaredcos_cap_v2 at t = 999) as 0: 7% off diffusers' own loop at tolerance 0, and refused. The paper mode
+    # solves the reference's arithmetic (Schedule.reference), where it has a usable step
+    exact = coefficients(timesteps, 1 - alpha.double(), 1 - alpha_next.double(), eta, n_train)
+    try:
+        theirs = coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
+    except ValueError:  # no usable step there (a level recovered as 0): the reference's own steps are inf or NaN
+        return exact
+    same = all(torch.equal(getattr(exact, k), getattr(theirs, k)) for k in ("a", "b", "c", "sigma"))
+    return exact if same else replace(exact, reference=theirs)
 
 
 def check_linear(config):

@@ -154,6 +154,10 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         raise TypeError(f"image_fn must be callable (x_0 latents -> image) or None, got {type(image_fn).__name__}")
     T = schedule.num_steps
     config = SolverConfig.with_overrides(config, overrides, "solve").resolve(T)
+    solved = schedule.solved(config.reference_quirks)  # the paper mode: the reference's arithmetic of the steps
+    if solved is not schedule:  # from_ddim_scheduler's, or a hand-built one: checked as the schedule given
+        check_problem(eps_fn, solved, noise, cond, model_dtype, sharding, callback)
+        schedule = solved
     if variation_steps is not None:
         check_variation_steps(variation_steps, T)
     if (init is None) != (variation_steps is None):

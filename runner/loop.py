@@ -193,8 +193,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             if args.compare_sequential:
                 sync(device)
                 t0 = time.perf_counter()
-                seq = sample_sequential(bundle.eps_fn, bundle.schedule, noise, cond, init=first,
-                                        start=variation_steps, model_dtype=session.model_dtype,
+                seq = sample_sequential(bundle.eps_fn, bundle.schedule.solved(config.reference_quirks), noise, cond,
+                                        init=first, start=variation_steps, model_dtype=session.model_dtype,
                                         sharding=session.sharding)[:, 0]
                 sync(device)
                 seq_seconds = time.perf_counter() - t0

@@ -14,7 +14,7 @@ demo: $(VENV)/.installed
 	$(PY) parallel_dit.py --num_samples 10 --class_labels 0 1 2 3 4 5 6 7 8 9 --compare_sequential
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=25
 
 # the solver's properties only (configuration, exactness, the T bound, sharding, schedules): under 90 s here
 test-fast: $(VENV)/.installed

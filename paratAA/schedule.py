@@ -76,7 +76,8 @@ def coefficients(timesteps, one_minus, one_minus_next, eta, num_train_timesteps)
     """Equation (1) from 1 - A and 1 - A' of each step (float64 [T]; A' of the last step is the final alpha).
 
     Written as the reference writes it (the alphas recovered as 1 - (1 - A)), so that its coefficients are met
-    to round-off from the same 1 - A (in float64 that recovers A to 1e-16 absolute):  sigma = sqrt((1-A')/(1-A)) sqrt(1 - A/A'),  c = eta sigma (0 at the last step),
+    to round-off from the same 1 - A (a float64 one recovers A to 1e-16 absolute):
+    sigma = sqrt((1-A')/(1-A)) sqrt(1 - A/A'),  c = eta sigma (0 at the last step),
     a = sqrt(A'/A),  b = sqrt(1 - A' - c^2) - a sqrt(1 - A)."""
     now, nxt = one_minus.clamp(min=0), one_minus_next.clamp(min=0)
     A, A_next = (1 - now).clamp(min=0), (1 - nxt).clamp(min=0)

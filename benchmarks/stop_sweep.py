@@ -12,7 +12,8 @@ The rule only ends a sample and changes no iterate but, rarely, the x_0 of the u
 plain step where TAA's would go beyond STOP_STEP_RATIO plain ones: `paratAA.solver.stop_rule`), so where each
 (stop_tol, stop_ratio, stop_image_tol) would have stopped every run, and but for that case on what image, follows
 from that record: a grid of rules costs one solve per run instead of one per rule. stop_image_tol 0 is E alone
-(equation 6) on every model; above 0 the image models also have their one image test (equation 7). Per rule: the
+(equation 6) on every model; above 0 the image models also have the image test (equation 7), which also judges
+every stop by E. Per rule: the
 settings (10 samples each) whose median stop - same image is above 1, the same pooled over the seed bases, the runs
 ending more than one gray level off (the mixture: 0.01 of the sequential x_0's std), the largest final difference
 and the mean iterations. The JSON keeps every record, to replay other rules.
@@ -73,16 +74,18 @@ def record(bases, steps, etas, n):
 
 def replay(run, stop_tol, stop_ratio, stop_image_tol=0.0):
     """The iteration the solver would have stopped this recorded run at under this rule (the run's last one if it
-    never fires): E <= stop_tol, or where stop_image_tol > 0 and the run has an image, its one image test."""
-    tested = not (stop_image_tol > 0 and "image_change" in run)
+    never fires): E <= stop_tol; where stop_image_tol > 0 and the run has an image, the image test instead at every
+    such iteration, and once before (equation 7)."""
+    by_image = stop_image_tol > 0 and "image_change" in run
+    tested = not by_image
     previous = math.inf
     for k, e in enumerate(run["estimate"], 1):
-        if stop_rule(e, previous, stop_tol, stop_ratio):
-            return k
-        if not tested and image_test_due(e, previous, stop_ratio):
+        stop = stop_rule(e, previous, stop_tol, stop_ratio)
+        if by_image and (stop or not tested and image_test_due(e, previous, stop_ratio)):
             tested = True
-            if image_estimate(run["image_change"][k - 1], run["moved"][k - 1], e) <= stop_image_tol:
-                return k
+            stop = image_estimate(run["image_change"][k - 1], run["moved"][k - 1], e) <= stop_image_tol
+        if stop:
+            return k
         previous = math.inf if math.isnan(e) else e  # nan: the window was short of x_0
     return len(run["estimate"])
 

@@ -58,11 +58,11 @@ class SolverConfig:
                                     "off also when tol1 = tol2 = 0, so that tolerance 0 solves exactly", "float")
     stop_ratio: float = _param(0.35, "stop rule: E must also be <= stop_ratio * the previous iteration's E", "float")
     stop_image_tol: float = _param(1.2, "stop rule's image test, where solve is shown the decoded image (image_fn: "
-                                        "the scripts and parallel_sample pass it): once per sample, at the first "
-                                        "iteration whose E is contracting and above stop_tol but at most 0.07, stop if "
-                                        "the image before the update is predicted within stop_image_tol gray levels "
-                                        "(RMS) of the final one (the update's image change times E over the update's "
-                                        "size); else E decides; 0: off", "float")
+                                        "the scripts and parallel_sample pass it): at the first iteration whose E is "
+                                        "contracting and above stop_tol but at most 0.07, and at every stop by E, stop "
+                                        "only if the image before the update is predicted within stop_image_tol gray "
+                                        "levels (RMS) of the final one (the update's image change times E over the "
+                                        "update's size); 0: off (E alone decides)", "float")
     taa_guard: float = _param(1.5, "a state whose order-k residual grew by more than this factor since the previous "
                                    "iteration takes the plain step instead of the TAA step (0: off)", "float")
     init_states: str = _param("ddim", "how a state the window reaches first starts: ddim (DDIM steps down from the "

@@ -7,7 +7,8 @@ float64; the model runs in its own dtype.
 The test (docs/ALGORITHM.md, section 4): a state converges at RMS(residual) <= its tolerance; while the window is
 short of x_0 the states that would freeze together must also pass as a block (block_tol), and once it reaches x_0
 a state must settle first (settle), and the stop rule may end the sample: by x_0's estimated error (stop_tol) or,
-where the caller shows the solver the sample's image, by one test of the image (stop_image_tol).
+where the caller shows the solver the sample's image, by a test of the image (stop_image_tol), which also
+judges every stop by E.
 
 Boundary rule. After the test, with p the highest (noisiest) unconverged state of the window:
   - states above p passed the test and are frozen at the values that passed it;
@@ -67,8 +68,8 @@ class SolveResult:
 
 
 STOP_STEP_RATIO = 1.25  # the largest TAA step on x_0, in plain steps, that the stop's final update takes
-# The image test (equation 7) is made once per sample, at the first iteration whose E is contracting and at most
-# this (and above stop_tol, where E alone stops): it costs two decodes, and on the design samples a test at
+# The image test (equation 7) is made first at the first iteration whose E is contracting and at most this (and
+# above stop_tol, where E alone stops), then at each stop by E: two decodes a test. On the design samples a test at
 # E <= 0.05-0.07 stopped more of them one iteration after the image was final than one at 0.1, where the image was
 # more often not yet final and the test, failing, left the stop to E (BENCHMARKS.md, section 1)
 IMAGE_TEST_BELOW = 0.07
@@ -140,9 +141,9 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     record_x0: keep the x_0 estimate (the lowest state reached) before and after every iteration.
     callback(iteration, boundaries): called after every iteration, e.g. for a progress bar.
     image_fn(x0 [1, *latent] float64) -> the sample's image as a float tensor in gray levels (e.g. a VAE decode,
-        not rounded): the stop rule may then also stop a sample by its image (stop_image_tol, equation 7), one test
-        per sample near its end, which calls image_fn twice; every process calls it, and the main one's result
-        decides.
+        not rounded): the stop rule may then also stop a sample by its image (stop_image_tol, equation 7), and a
+        stop by E waits for the image to pass it; each test calls image_fn twice; every process calls it, and the
+        main one's result decides.
     """
     if isinstance(cond, SolverConfig):
         raise TypeError("solve(eps_fn, schedule, noise, cond, config): the fourth argument is the conditioning; "
@@ -334,8 +335,11 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
             if lo == 0:  # the window reaches x_0: estimate its remaining error (stop rule)
                 estimate = read[2] / max(read[3], 1e-12)
                 stop = stop_rule(estimate, last_estimate[b], stop_tol, stop_ratio, carried)
-                # where E alone does not stop yet: once, judge the image the update leaves (equation 7)
-                looking = not (stop or tested[b]) and image_test_due(estimate, last_estimate[b], stop_ratio)
+                # where the image is given, judge the image the update leaves (equation 7): once before E would
+                # stop, and at every stop by E, which then waits for it (E cannot see how steeply the decoder
+                # turns latent error into gray levels). Not where every state passed (p < 0): x_0 is final then
+                looking = by_image and p >= 0 and (stop or not tested[b] and image_test_due(
+                    estimate, last_estimate[b], stop_ratio))
             last_estimate[b] = estimate if lo == 0 else math.inf
             if looking:  # x_0 and its image before the update
                 tested[b] = True
@@ -361,9 +365,10 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
                         step, bad = memory[b].step(R, lo, F, p, lam, oldest=quirks, plain=grew)
                         fallbacks = bad.sum()  # read at the end, not now: no sync
                         # the stop's update is the last, and no residual checks it: where TAA moves x_0 much
-                        # farther than the plain update (which carries the residuals E measured), the plain one
-                        if stop and bool(torch.linalg.vector_norm(step[0])  # stop: the window is at x_0
-                                         > STOP_STEP_RATIO * torch.linalg.vector_norm(R[0])):
+                        # farther than the plain update (which carries the residuals E measured), the plain one.
+                        # Where the image is given, the image test judges that update instead (equation 7)
+                        if stop and not looking and bool(torch.linalg.vector_norm(step[0])  # the window is at x_0
+                                                         > STOP_STEP_RATIO * torch.linalg.vector_norm(R[0])):
                             step = R
                 xw[:p].add_(step[:p] if step.shape[0] > p else step)
                 xw[p].copy_(eq.boundary_update(x, e, r1, lo, F, lo + p))  # final: not from x_p (round-off)

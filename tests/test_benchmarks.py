@@ -207,8 +207,9 @@ def test_stop_sweep_replays_what_the_solver_does(tmp_path):
     assert len(sweep["runs"]) == 9 and len(sweep["rules"]) == 8
     assert [r["stop_image_tol"] for r in sweep["rules"]] == [0.0] * 4 + [1.2] * 4
     # (stop_tol, stop_ratio, stop_image_tol); the third stops later than the second: its ratio binds
+    # (0.2, 1.0, 1e-9): an image test no update passes, which holds back every stop by E as well
     rules = ((0.01, 0.2, 0.0), (0.2, 1.0, 0.0), (0.2, 0.2, 0.0), (0.025, 0.35, 0.0), (0.025, 0.35, 1.2),
-             (0.025, 0.35, 1e3))
+             (0.025, 0.35, 1e3), (0.2, 1.0, 1e-9))
     stops = {rule: [] for rule in rules}
     for name, (eps, schedule, noise_of, cond, distance, dtype, image) in problems(3, 200).items():
         runs = [r for r in sweep["runs"] if r["model"] == name]
@@ -228,6 +229,8 @@ def test_stop_sweep_replays_what_the_solver_does(tmp_path):
     # (one that passes whatever the image stops earlier than E alone)
     assert len({tuple(stops[rule]) for rule in rules[:3]}) == 3, stops
     assert stops[0.025, 0.35, 1e3] != stops[0.025, 0.35, 0.0], stops
+    held = [(a, b) for a, b in zip(stops[0.2, 1.0, 0.0], stops[0.2, 1.0, 1e-9]) if a != b]
+    assert held and all(b > a for a, b in held), stops  # on the image models only: the mixture has no image
 
 
 def test_tail_benchmark_quick(tmp_path):

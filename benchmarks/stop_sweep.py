@@ -77,7 +77,7 @@ def replay(run, stop_tol, stop_ratio, stop_image_tol=0.0):
     never fires): E <= stop_tol; where stop_image_tol > 0 and the run has an image, the image test instead at every
     such iteration, and once before (equation 7)."""
     by_image = stop_image_tol > 0 and "image_change" in run
-    tested = not by_image
+    tested = False  # the first image test was made
     previous = math.inf
     for k, e in enumerate(run["estimate"], 1):
         stop = stop_rule(e, previous, stop_tol, stop_ratio)

@@ -203,7 +203,7 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
     positions = torch.arange(T, dtype=torch.float64, device=device)         # window positions, for the test
     one = torch.ones((), dtype=torch.float64, device=device)
     last_estimate = [math.inf] * B
-    tested = [not by_image] * B  # the sample had its image test (equation 7)
+    tested = [False] * B  # the sample had its first image test (equation 7)
     threshold = torch.clamp(tol2 * sched.sigma, min=tol1)                    # [T] per-state tolerance
     # slide_tol (opt-in): while the window is short of x_0 its slide is what costs iterations, so the test is
     # loosened there, scaled so that the states one iteration freezes (at most a window of them, whose defects point

@@ -37,7 +37,8 @@ def main(args):
     check_fits(first, args, config, session, keep_trajectories=True)
     with open_run(args, session, "SD-winit") as run_dir:
         prompt1 = subfolder(run_dir, "prompt1")
-        r1 = sample_into(prompt1, first, args, config, session, "parallel_sd_winit", keep_trajectories=True)
+        r1 = sample_into(prompt1, first, args, config, session, "parallel_sd_winit", keep_trajectories=True,
+                         must_finish="prompt2's warm start needs prompt1's finished trajectory")
         check_finished(r1, args, run_dir)
         try:
             r2 = sample_into(subfolder(run_dir, "prompt2"), second, args, config, session, "parallel_sd_winit",

@@ -320,7 +320,7 @@ def save_report(report, bench, out_path):
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     evo = report.get("evolution")
     if evo and evo.get("images"):
-        side = os.path.splitext(out_path)[0] + ".evolution.npz"
+        side = evolution_path(out_path)
         keys = {name: f"m{i}" for i, name in enumerate(evo["images"])}
         write_atomic(side, lambda p: np.savez_compressed(p, **{keys[n]: imgs for n, imgs in evo["images"].items()}))
         report["evolution"] = {**{k: v for k, v in evo.items() if k != "images"},
@@ -370,7 +370,10 @@ def check_bench_flags(args):
             raise UsageError(f"--timesteps must be in 2..1000, got {T}")
     check_distinct(args.timesteps or [], "--timesteps")
     check_run_flags(args)
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
+    # the images beside it are written first: a folder of that name failed the run at its end, the report unwritten
+    check_out_file(evolution_path(args.out), f"--out's {os.path.basename(evolution_path(args.out))} beside it",
+                   args)
     if args.num_samples is None:
         args.num_samples = 2 if args.quick else 10
     if args.num_samples < 1 or args.evolution_sample < 0:
@@ -417,13 +420,27 @@ def check_out_dir(path, flag):
         raise UsageError(str(e).replace("--output_path", flag)) from None
 
 
-def check_out_file(path, flag="--out"):
+# the files a benchmark reads, by flag: --out naming one of them wrote the report over it (gpu_estimate.py --out
+# naming its --dit report: exit 0, and the next run refused the file)
+READ_FLAGS = ("gpu", "dit", "sd", "prompt_file", "model_path", "vae_path")
+
+
+def check_out_file(path, flag="--out", args=None):
     """A file this run writes at its end (the folders above it created), checked before any work: a long run
-    is never lost to an unusable path."""
+    is never lost to an unusable path, nor writes over a file it reads (args: the flags naming those)."""
     if not path or not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UsageError(f"{flag} must name a file, not a folder: {path}")
     if os.path.lexists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} is not writable: {path}")
+    for name in READ_FLAGS:
+        read = getattr(args, name, None)
+        if isinstance(read, str) and read.strip() and os.path.realpath(read) == os.path.realpath(path):
+            raise UsageError(f"{flag} {path} is the file --{name} names, which this run reads: name another file")
     check_out_dir(os.path.dirname(path) or ".", f"the folder of {flag}")
+
+
+def evolution_path(out):
+    """The file of figure (b)'s images that a report at out names beside it."""
+    return os.path.splitext(out)[0] + ".evolution.npz"

@@ -37,7 +37,12 @@ def add_model_flags(parser):
     add_dit_flags(parser, labels_help="labels of the samples, cycled (default: sample i gets class i)")
 
 
-check_model_flags = check_dit_flags  # the interface sample_sets.py expects of a family's bench module
+def check_model_flags(args):
+    """The model flags and the labels' count (--num_samples filled in): the interface sample_sets.py expects of a
+    family's bench module, which checked the model flags alone and sampled the first --num_samples labels without
+    a word."""
+    check_dit_flags(args)
+    check_labels(args)
 
 
 def dit_bench(args, session):
@@ -72,7 +77,6 @@ def check_labels(args):
 def main(args):
     check_bench_flags(args)
     check_model_flags(args)
-    check_labels(args)
     session = Session(args.dist_timeout, args.fp16)
     bench = dit_bench(args, session)
     save_report(run_benchmark(bench, args), bench, args.out)

@@ -259,7 +259,7 @@ def check_flags(args):
     args.window_runs = window_pairs(args.window_runs, "--window_runs")
     args.sd_window_runs = window_pairs(args.sd_window_runs, "--sd_window_runs")
     if args.out is not None:
-        check_out_file(args.out)
+        check_out_file(args.out, args=args)
 
 
 @torch.no_grad()
@@ -336,7 +336,7 @@ def main(args):
         save(report, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     # None: not given (GPU_RUN_FLAGS has the defaults), so that check_flags can refuse one given with --smoke
@@ -356,4 +356,8 @@ if __name__ == "__main__":
                              "speed-up for whichever count a trained model needs; default 4:41 6:28 8:18 8:20 8:22 "
                              "8:24 12:16; not with --smoke)")
     parser.add_argument("--out", type=home_path, default=None)
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

@@ -61,7 +61,7 @@ GPUS_MAX = 4096
 def main(args):
     if not 1 <= args.gpus <= GPUS_MAX:
         raise UsageError(f"--gpus must be an integer in 1..{GPUS_MAX}, got {args.gpus}")
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
     gpu, solver, curves = read_gpu(args.gpu)
     inputs = {"DiT-XL/2 256": ("--dit", args.dit, "dit_bench.py"), "SD1.5 UNet 512": ("--sd", args.sd, "sd_bench.py")}
     sweeps = {name: read_iterations(path, flag, script) for name, (flag, path, script) in inputs.items()}
@@ -87,7 +87,7 @@ def main(args):
     write_json(report, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--gpu", type=path_value, default="benchmarks/results/gpu_h200_windows.json")
     parser.add_argument("--dit", type=path_value, default="benchmarks/results/dit.json",
@@ -96,4 +96,8 @@ if __name__ == "__main__":
                         help="iteration counts for the SD UNet")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs sharing each call in the last column")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/gpu_estimate.json")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

@@ -84,7 +84,7 @@ def main(args):
     if args.timeout < 1:
         raise UsageError(f"--timeout must be >= 1 second, got {args.timeout}")
     if args.out is not None:
-        check_out_file(args.out)
+        check_out_file(args.out, args=args)
     py = sys.executable
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "runs": {}}
@@ -112,9 +112,13 @@ def main(args):
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny random checkpoint, on whatever device there is")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--out", type=home_path, default=None)
-    sys.exit(exit_on_error(main, parser.parse_args()))
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_error(main, parse_args()))

@@ -113,7 +113,7 @@ def check_flags(args, names):
     check_run_flags(args)
     check_out_dir(args.out_dir, "--out_dir")
     if args.summary is not None:
-        check_out_file(args.summary, "--summary")
+        check_out_file(args.summary, "--summary", args)
     args.methods = args.methods or [n for n in names if n != "FP"]  # FP takes T iterations: only on request
     for name in args.methods:
         if name not in names:

@@ -29,7 +29,7 @@ VARIANTS = {"settle 0.1 (default)": {}, "settle 1 (plain)": {"settle": 1.0}}
 
 def main(args):
     if args.out is not None:
-        check_out_file(args.out)
+        check_out_file(args.out, args=args)
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, bases, windows = (2, [1300], [100]) if args.quick else (10, [1300, 1900, 1910], [100, 32, 8])
@@ -57,8 +57,12 @@ def main(args):
     return report
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="2 samples, one seed set, window 100")
     parser.add_argument("--out", type=home_path, default=None)
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

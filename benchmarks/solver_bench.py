@@ -139,7 +139,7 @@ def memory(T, m, latent):
 
 
 def main(args):
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     quick = args.quick
     result = {"machine": args.machine, "command": "python benchmarks/solver_bench.py" + (" --quick" if quick else "")}
@@ -150,9 +150,13 @@ def main(args):
     write_json(result, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/solver.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

@@ -168,7 +168,7 @@ def gpu_table(gpu_json, gpu, solver, curves):
 def main(args):
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
     gpu = read_gpu(args.gpu)  # before the CPU table: a bad file must not cost its minutes
     torch.set_grad_enabled(False)
     # as the scripts' CPU processes do (runner.launch.Session): the times are those a run of the scripts gets
@@ -181,7 +181,7 @@ def main(args):
     write_json(report, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, one repeat, for the smoke test")
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,4 +191,8 @@ if __name__ == "__main__":
     parser.add_argument("--gpu", type=path_value, default="benchmarks/results/gpu_h100.json")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/speed.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

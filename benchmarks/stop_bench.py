@@ -209,7 +209,7 @@ def check_flags(args, n):
         check_distinct(args.windows, "--windows")
     if not 0 < args.slide_tol < 1:
         raise UsageError(f"--slide_tol must be a number in (0, 1), got {args.slide_tol:g}")
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
 
 
 def main(args):
@@ -232,7 +232,7 @@ def main(args):
     write_json(report, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples: the smoke test")
     parser.add_argument("--looser_tolerances", action="store_true",
@@ -245,4 +245,8 @@ if __name__ == "__main__":
     parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/stop.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

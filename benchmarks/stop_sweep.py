@@ -141,7 +141,7 @@ def main(args):
     tols = number_list(args.stop_tols, "--stop_tols", "stop_tol")
     ratios = number_list(args.stop_ratios, "--stop_ratios", "stop_ratio")
     image_tols = [0.0] + number_list(args.stop_image_tols, "--stop_image_tols", "stop_image_tol")  # 0: the latent rule
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
     torch.set_grad_enabled(False)
     runs = record(bases, steps, etas, n)
     rules = [judge(runs, t, q, i) for i in image_tols for t in tols for q in ratios]
@@ -163,7 +163,7 @@ def main(args):
                 "rules": rules, "runs": runs}, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, eta 0, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700,1100,1300,1500",
@@ -174,4 +174,8 @@ if __name__ == "__main__":
                         help="stop_image_tol values to replay (besides 0, the latent rule), comma-separated")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/stop_sweep.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

@@ -49,7 +49,7 @@ def tail(bases, T, n):
 def main(args):
     T, n = (25, 3) if args.quick else (100, 10)
     bases = seed_bases(args.seed_bases, n)
-    check_out_file(args.out)
+    check_out_file(args.out, args=args)
     torch.set_grad_enabled(False)
     result = tail(bases, T, n)
     print(f"T = {T}, eta 0, window = T, seed bases {args.seed_bases}: same image (median / max / mean), the samples "
@@ -68,11 +68,15 @@ def main(args):
                 "variants": result}, args.out)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="T = 25, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700",
                         help="held-out seed bases, as stop_bench.py --seed_base (comma-separated)")
     parser.add_argument("--out", type=home_path, default="benchmarks/results/tail.json")
     parser.add_argument("--machine", default="2-core CPU (development container)")
-    exit_on_error(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_error(main, parse_args())

@@ -75,23 +75,51 @@ def check_dit_flags(args):
     else:
         if args.model not in DiT_models:
             raise UsageError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
-        args.image_size = 256 if args.image_size is None else args.image_size
-        args.num_classes = 1000 if args.num_classes is None else args.num_classes
-        if args.image_size % 8 or not 8 <= args.image_size <= MAX_SIDE:  # the VAE's factor; the weights' shapes
-            raise UsageError(f"--image_size must be a multiple of 8 in 8..{MAX_SIDE} (the public DiT-XL/2 "
-                             f"checkpoints: 256 or 512), got {args.image_size}")
-        patch = int(args.model.rsplit("/", 1)[1]) if "/" in args.model else 1  # DiT-XL/2: patch size 2
-        if (args.image_size // 8) % patch:  # a latent side the patches do not tile would lose its last row
-            raise UsageError(f"--image_size {args.image_size} gives a {args.image_size // 8}x{args.image_size // 8} "
-                             f"latent, which {args.model}'s {patch}x{patch} patches do not tile: use a multiple of "
-                             f"{8 * patch}")
         if not args.model_path or not args.vae_path:
             raise UsageError(f"--model {args.model} needs --model_path (a DiT checkpoint) and --vae_path ({VAE_SOURCE})")
+        args.image_size = 256 if args.image_size is None else args.image_size
+        args.num_classes = 1000 if args.num_classes is None else args.num_classes
+        factor = latent_factor(args)
+        if args.image_size % factor or not factor <= args.image_size <= MAX_SIDE:  # the weights' shapes
+            raise UsageError(f"--image_size must be a multiple of {factor} (the factor of --vae_path's VAE) in "
+                             f"{factor}..{MAX_SIDE} (the public DiT-XL/2 checkpoints: 256 or 512), got "
+                             f"{args.image_size}")
+        patch = int(args.model.rsplit("/", 1)[1]) if "/" in args.model else 1  # DiT-XL/2: patch size 2
+        side = args.image_size // factor
+        if side % patch:  # a latent side the patches do not tile would lose its last row
+            raise UsageError(f"--image_size {args.image_size} gives a {side}x{side} latent, which {args.model}'s "
+                             f"{patch}x{patch} patches do not tile: use a multiple of {factor * patch}")
         if not 1 <= args.num_classes <= MAX_CLASSES:
             raise UsageError(f"--num_classes must be in 1..{MAX_CLASSES}, got {args.num_classes}")
+    if args.model in (EMBEDDED_DIT, DIFFUSERS_DIT):  # its latent side is fixed: another VAE factor, another size
+        own = digits.VAE_DIR if args.model == EMBEDDED_DIT else os.path.join(args.model_path, "vae")
+        given, needed = vae_factor(args.vae_path), vae_factor(own)
+        if None not in (given, needed) and given != needed:
+            side = args.image_size // needed
+            raise UsageError(f"--vae_path: {args.vae_path} decodes {given}x{given} pixels per latent cell; "
+                             f"{args.model}'s {side}x{side} latents need a VAE of factor {needed} (its "
+                             f"{args.image_size}x{args.image_size} images)")
     for c in args.class_labels or []:
         if not 0 <= c < args.num_classes:
             raise UsageError(f"--class_labels must be in 0..{args.num_classes - 1}, got {c}")
+
+
+def vae_factor(vae_path):
+    """Pixels per latent cell of an AutoencoderKL folder, 2 ** (len(block_out_channels) - 1) (SD's VAE, which DiT
+    uses: 8); None where its config.json cannot be read as one (load_vae says what is wrong with the folder)."""
+    if not vae_path:
+        return None
+    try:
+        blocks = read_json(os.path.join(vae_path, "config.json"), "--vae_path").get("block_out_channels")
+    except InputFileError:
+        return None
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+
+
+def latent_factor(args):
+    """What a registry DiT's --image_size is divided by for its latent side: --vae_path's factor. A VAE of another
+    factor than SD's 8 was read as 8, and its images came out at another size than --image_size said, with exit 0."""
+    return vae_factor(args.vae_path) or 8
 
 
 def load_dit(args, device, dtype):
@@ -101,7 +129,7 @@ def load_dit(args, device, dtype):
         hint = ("the embedded weights ship with the repository in models/embedded"
                 if os.path.abspath(args.model_path) == os.path.abspath(digits.DIT_WEIGHTS) else "")
     else:
-        kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+        kwargs = dict(input_size=args.image_size // latent_factor(args), num_classes=args.num_classes)
         hint = "public DiT-XL/2 weights: " + DIT_WEIGHTS_URL.format(
             name=f"DiT-XL-2-{args.image_size}x{args.image_size}.pt")
     if os.path.isdir(args.model_path):  # a folder, but not a DiTPipeline one (is_dit_folder): say what it is
@@ -139,7 +167,7 @@ def implied_flags(state, model, args):
     pos = state.get("pos_embed")
     patch = model.patch_size
     if pos is not None and pos.dim() == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-        size = math.isqrt(pos.shape[1]) * patch * 8  # patches per side x patch x the VAE's factor 8
+        size = math.isqrt(pos.shape[1]) * patch * latent_factor(args)  # patches per side x patch x the VAE's
         if size != args.image_size:
             said.append(f"--image_size {size}")
     table = state.get("y_embedder.embedding_table.weight")

@@ -180,6 +180,9 @@ def check_folder(path, flag="--model_path"):
                 os.path.isfile(os.path.join(sub, f)) for f in ("vocab.json", "merges.txt"))):
             raise InputFileError(f"{flag}: {path} has no usable {part}/ folder (it needs tokenizer.json, spiece.model, "
                                  f"or vocab.json and merges.txt)")
+        for name in ("tokenizer_config.json", "special_tokens_map.json") if part.startswith("tokenizer") else ():
+            if os.path.isfile(os.path.join(sub, name)):  # a JSON object each (transformers failed in a pop() on a list)
+                read_json(os.path.join(sub, name), flag)
         entry = index.get(part)  # diffusers unpacks it as (library, class): "too many values to unpack" otherwise
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise InputFileError(f"{flag}: {index_path} gives {part} as {json.dumps(entry)}; a [library, class] pair "

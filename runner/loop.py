@@ -116,27 +116,40 @@ def sample_run(args, config, session, bundle, prefix, script):
 
 
 def sample_into(folder, bundle, args, config, session, script, init=None, variation_steps=None,
-                keep_trajectories=False):
+                keep_trajectories=False, must_finish=None):
     """Solve every sample of the bundle; the main process writes folder (args.json, metrics.json, images, ...).
 
     Returns {"iterations": [...], "converged": [...], "seconds": sampling wall-clock, "trajectory": [S, T+1,
     *latent] when keep_trajectories (a warm start's first pass), "summary": lines saying what the run gained (main
-    process)}."""
+    process)}. must_finish: why every sample must converge (check_can_finish), or None."""
     if not session.is_main:
-        return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories)
+        return sample_batches(bundle, args, config, session, init, variation_steps, None, keep_trajectories,
+                              must_finish)
     save_args(args, folder)
     writer = None
     try:
         info = {**bundle.info, **({"variation_steps": variation_steps} if variation_steps else {})}  # a warm start
         with RunWriter(folder, bundle.decode, args, config, script, bundle.label, bundle.num_samples, info,
                        session.world_size) as writer:
-            out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories)
+            out = sample_batches(bundle, args, config, session, init, variation_steps, writer, keep_trajectories,
+                                 must_finish)
     except BaseException:
         if writer is None or not writer.samples:  # nothing finished: args.json and a failed metrics.json would be
             shutil.rmtree(folder, ignore_errors=True)  # half-written output
         raise
     out["summary"] = speed_summary({**writer.metrics, "speed": writer.speed()}, writer.samples)
     return out
+
+
+def check_can_finish(config, steps, why):
+    """UsageError where --max_steps allows fewer iterations than the window needs to reach x_0: an iteration
+    freezes at most a window of states, so `steps` of them take ceil(steps / window) at least. A warm start's first
+    pass found this only after sampling prompt1 (its folder then kept)."""
+    need = -(-steps // config.window_size)
+    if config.max_iterations is not None and config.max_iterations < need:
+        raise UsageError(f"--max_steps {config.max_steps} allows {config.max_iterations} iterations, fewer than the "
+                         f"{need} that window {config.window_size} needs for {steps} steps: {why}; raise --max_steps "
+                         f"or the window")
 
 
 def subfolder(run_dir, name):
@@ -149,7 +162,7 @@ def subfolder(run_dir, name):
 
 
 def sample_batches(bundle, args, config, session, init=None, variation_steps=None, writer=None,
-                   keep_trajectories=False):
+                   keep_trajectories=False, must_finish=None):
     """Solve all samples in batches of args.batch_size; with args.compare_sequential the sequential reference too.
 
     init, variation_steps: warm start from existing trajectories [S, T+1, *latent] (paratAA.solve).
@@ -167,6 +180,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             first = init[start:stop] if init is not None else None
             if start == 0:  # the window (auto: measured here) and the per-call time of sequential sampling
                 config, plan, call_seconds = plan_run(bundle, args, config, session, noise, cond, variation_steps)
+                if must_finish:  # the window is known from here (auto: just chosen), no sample solved yet
+                    check_can_finish(config, steps, must_finish)
                 if writer is not None:
                     writer.set_plan(config, plan, call_seconds)
                 batch_call = call_seconds

@@ -1,4 +1,5 @@
 """Every bad flag or file: one line on stderr naming it, exit 2 (flags) or 1 (files), no traceback, no run folder."""
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,10 @@ def test_sd_bad_folder(files, name, words, tmp_path, capsys):
     (["--prompt1", "\U0001f642"], ["--prompt1", "none of its characters"]),
     (["--model_path", "  "], ["--model_path", "must not be empty"]),
     (["--timesteps", "10", "--cfg_scale", "0.5", "--variation_steps", "11"], ["--variation_steps", "11"]),
+    # fewer iterations than the window needs to reach x_0: refused before prompt1 is sampled (it was refused after,
+    # its folder kept)
+    (["--timesteps", "10", "--variation_steps", "5", "--max_steps", "3", "--window_size", "2"],
+     ["--max_steps 3", "the 5 that window 2 needs", "warm start"]),
 ])
 def test_winit_bad_flag(files, argv, words, tmp_path, capsys):
     check(parallel_sd_winit, ["--model_path", str(files / "sd")] + argv, 2, words, tmp_path, capsys)
@@ -270,11 +275,15 @@ def test_a_checkpoint_of_another_size_or_class_count_names_the_flags():
     model = argparse.Namespace(patch_size=2, in_channels=4)
     state = {"pos_embed": torch.zeros(1, 256, 8), "y_embedder.embedding_table.weight": torch.zeros(1001, 8),
              "final_layer.linear.weight": torch.zeros(32, 8)}  # 2 x 2 patches x 8: noise and variance
-    assert implied_flags(state, model, argparse.Namespace(image_size=512, num_classes=10)) == \
-        "--image_size 256 --num_classes 1000"
-    assert implied_flags(state, model, argparse.Namespace(image_size=256, num_classes=1000)) == ""
+    def flags(image_size, num_classes, vae_path=None):  # no VAE folder: SD's factor 8
+        return argparse.Namespace(image_size=image_size, num_classes=num_classes, vae_path=vae_path)
+    assert implied_flags(state, model, flags(512, 10)) == "--image_size 256 --num_classes 1000"
+    assert implied_flags(state, model, flags(256, 1000)) == ""
+    # the size is the patches' pixels through --vae_path's VAE: the embedded one has factor 2
+    assert implied_flags(state, model, flags(256, 1000, os.path.join(ROOT, "models", "embedded", "vae"))) == \
+        "--image_size 64"
     state["final_layer.linear.weight"] = torch.zeros(16, 8)
-    assert "learn_sigma=False" in implied_flags(state, model, argparse.Namespace(image_size=256, num_classes=1000))
+    assert "learn_sigma=False" in implied_flags(state, model, flags(256, 1000))
 
 
 def test_a_tilde_in_a_path_flag_is_the_home_folder(monkeypatch, tmp_path):
@@ -465,6 +474,9 @@ def bad_folders(tmp_path_factory):
             p / "text_encoder" / "model.safetensors").write_bytes(bytes(range(100)))),
         # these three ended in an internal error naming no file, or in black images reported as a success
         "empty_tokenizer": variant("empty_tokenizer", lambda p: [f.unlink() for f in (p / "tokenizer").iterdir()]),
+        # transformers' "pop expected at most 1 argument, got 2", naming neither the file nor what is wrong with it
+        "tokenizer_config_list": variant("tokenizer_config_list", lambda p: (
+            p / "tokenizer" / "tokenizer_config.json").write_text("[]")),
         "unet_other_tensors": variant("unet_other_tensors", lambda p: _other_tensors(p / "unet")),
         "vae_nan": variant("vae_nan", lambda p: _nan_weights(p / "vae")),
         # transformers filled the missing tensor at random: other images, exit 0
@@ -534,6 +546,7 @@ def _nan_weights(folder):
 
 @pytest.mark.parametrize("name, words", [
     ("unet_not_json", ["--model_path", "unet/config.json", "JSON"]),
+    ("tokenizer_config_list", ["--model_path", "tokenizer/tokenizer_config.json", "no JSON object"]),
     ("vae_without_key", ["--model_path", "vae/config.json", "block_out_channels"]),
     ("flux_fill", ["FluxFillPipeline", "FluxPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"]),
     ("flux_labelled", ["--model_path", "transformer/"]),
@@ -1041,3 +1054,54 @@ def test_a_size_set_by_the_models_config_is_named_as_such(bad_folders, tmp_path,
                                                                 "--timesteps", "5", "--output_path", str(tmp_path)]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert e.value.code == 2 and len(err) == 1 and "by the model's config" in err[0] and "--height" not in err[0], err
+
+
+def vae_of_factor(folder, factor):
+    """An AutoencoderKL folder whose config alone says its factor (what the flag checks read before loading)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "AutoencoderKL", "block_out_channels": [8] * (factor.bit_length()),
+                   "latent_channels": 4}, f)
+    return str(folder)
+
+
+def test_a_vae_of_another_factor_is_refused_where_the_latent_is_fixed(tmp_path, capsys):
+    """The embedded DiT's 4x4 latents through a VAE of factor 4 would be 16x16 images, not the 8x8 that args.json
+    records: refused, naming --vae_path, before anything is loaded."""
+    check(parallel_dit, ["--vae_path", vae_of_factor(tmp_path / "vae4", 4)], 2,
+          ["--vae_path", "vae4", "factor 2"], tmp_path, capsys)
+
+
+def test_a_checkpoint_is_read_at_its_vaes_factor(tmp_path, capsys):
+    """A registry DiT's latent side is --image_size over --vae_path's factor, not over 8: a DiT-S/8 of input 8 with
+    the embedded VAE (factor 2) at --image_size 64 ran with exit 0 and wrote 16x16 images where args.json said 64.
+    Now its weights are checked against 32x32 latents, and the line names the size they fit."""
+    from models.dit import DiT_models
+    torch.save(DiT_models["DiT-S/8"](input_size=8, num_classes=10).state_dict(), tmp_path / "s8.pt")
+    vae = os.path.join(ROOT, "models", "embedded", "vae")
+    check(parallel_dit, ["--model", "DiT-S/8", "--model_path", str(tmp_path / "s8.pt"), "--num_classes", "10",
+                         "--image_size", "64", "--vae_path", vae, "--timesteps", "2"], 1,
+          ["--model_path", "--image_size 16"], tmp_path, capsys)
+
+
+def test_winit_max_steps_checked_against_the_window_the_planner_chose(files, tmp_path, capsys, monkeypatch):
+    """With window auto the window is known only once the planner has chosen it: checked there, still before
+    prompt1 is sampled."""
+    from dataclasses import replace
+    from paratAA import planner
+    choose = planner.choose
+    monkeypatch.setattr(planner, "choose", lambda *a, **k: replace(choose(*a, **k), window=4))
+    check(parallel_sd_winit, ["--model_path", str(files / "sd"), "--timesteps", "10", "--variation_steps", "5",
+                              "--max_steps", "2"], 2, ["--max_steps 2", "the 3 that window 4 needs"], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("flags, said", [(["--tol1", "0.5"], "--tol1 0.5 above 0.01"),
+                                         (["--tol1", "0.02", "--tol2", "0.3"], "--tol1 0.02 and --tol2 0.3 above"),
+                                         (["--tol1", "1e-3", "--tol2", "0.01"], None)])
+def test_a_loose_tolerance_is_said(flags, said, tmp_path, capsys):
+    """--tol1 and --tol2 0.99 passed the check (below 1) and ended samples 17-48 gray levels off, "converged",
+    without a word: above 0.01 a note says what such a tolerance allows."""
+    parallel_dit.main(parallel_dit.parse_args(["--timesteps", "3", "--num_samples", "1", *flags,
+                                               "--output_path", str(tmp_path)]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
+    assert [said in line for line in notes] == ([True] if said else []), notes

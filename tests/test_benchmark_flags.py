@@ -37,7 +37,35 @@ def one_line(script, stderr):
 
 
 def refused(tmp_path, script, argv, code, words):
-    """script argv exits with code and one error line holding words; nothing new appears in tmp_path."""
+    """script argv exits with code and one error line holding words; nothing new appears in tmp_path. Run in this
+    process, as the script's `exit_on_error(main, parse_args())` runs it (a process each cost 3 s of CI, and the
+    refusals come before anything heavy); test_unusable_output_path runs each script once as a process."""
+    import contextlib
+    import importlib
+    import io
+    from runner.errors import STOP_SIGNALS, exit_on_error
+    module = importlib.import_module("benchmarks." + script[:-3])
+    before = sorted(os.listdir(tmp_path))
+    err, cwd, handlers = io.StringIO(), os.getcwd(), [signal.getsignal(s) for s in STOP_SIGNALS]
+    try:
+        os.chdir(ROOT)  # default paths are relative to the repository, as from `python benchmarks/...` there
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                pytest.raises(SystemExit) as e:
+            exit_on_error(module.main, module.parse_args([str(a) for a in argv]))
+    finally:
+        os.chdir(cwd)
+        for s, h in zip(STOP_SIGNALS, handlers):
+            signal.signal(s, h)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0] and ": error: " in lines[0], lines
+    assert e.value.code == code, (e.value.code, lines[0])
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    assert sorted(os.listdir(tmp_path)) == before, "nothing may be written"
+
+
+def refused_by_process(tmp_path, script, argv, code, words):
+    """As refused, through `python benchmarks/<script>`: the script's own entry, its line's prefix included."""
     before = sorted(os.listdir(tmp_path))
     proc = run(script, *argv)
     line = one_line(script, proc.stderr)
@@ -92,8 +120,44 @@ def test_sample_sets_summary_over_a_set(files, summary, out_dir, words):
     assert not os.listdir(files / "sets")
 
 
-# every output path before any work
-@pytest.mark.parametrize("script, argv, flag", [
+def test_sample_sets_refuses_labels_it_would_drop(files):
+    """More --class_labels than --num_samples: the DiT sets sampled the first --num_samples labels without a word
+    (parallel_dit.py and dit_bench.py refuse them); refused before the out_dir is made."""
+    from benchmarks.sample_sets import main, parse_args
+    from runner.errors import UsageError
+    argv = SETS + ["--num_samples", "2", "--class_labels", "0", "1", "2", "--out_dir", str(files / "sets")]
+    with pytest.raises(UsageError) as e:
+        main(parse_args(argv))
+    assert "--class_labels gives 3 labels for --num_samples 2" in str(e.value) and not (files / "sets").exists()
+
+
+# --out naming a file the run reads: the report was written over it, exit 0 (gpu_estimate.py over its --dit report;
+# the next run refused that file); a folder where dit_bench.py writes its images beside --out: refused after the whole
+# run, the report lost. Now both before any work (in this process: the check is each script's first)
+@pytest.mark.parametrize("script, argv, words", [
+    ("gpu_estimate", ["--dit", "{r}", "--out", "{r}"], ["--out", "--dit", "reads"]),
+    ("gpu_estimate", ["--sd", "{r}", "--out", "{files}/./{name}"], ["--out", "--sd", "reads"]),
+    ("speed_bench", ["--quick", "--gpu", "{r}", "--out", "{link}"], ["--out", "--gpu", "reads"]),
+    ("sd_bench", ["--quick", "--prompt_file", "{r}", "--out", "{r}"], ["--out", "--prompt_file", "reads"]),
+    ("dit_bench", DIT + ["--out", "{files}/r.json"], ["--out", "r.evolution.npz", "not a folder"]),
+])
+def test_a_report_never_goes_over_what_the_run_reads(files, script, argv, words):
+    import importlib
+    from runner.errors import UsageError
+    module = importlib.import_module(f"benchmarks.{script}")
+    (files / "r.evolution.npz").mkdir()
+    (files / "read.json").write_text("{}")
+    os.symlink(files / "read.json", files / "link")
+    paths = {"r": files / "read.json", "files": files, "name": "read.json", "link": files / "link"}
+    before = sorted(os.listdir(files))
+    with pytest.raises(UsageError) as e:
+        module.main(module.parse_args([a.format(**paths) for a in argv]))
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert sorted(os.listdir(files)) == before and (files / "read.json").read_text() == "{}"
+
+
+# every output path before any work; each script's first case as a process, its own entry point and line
+OUTPUT_PATHS = [
     ("dit_bench.py", DIT + ["--out", "{a_folder}"], "--out"),
     ("dit_bench.py", DIT + ["--out", "{a_file}/x.json"], "--out"),
     ("solver_bench.py", ["--quick", "--out", "{a_folder}"], "--out"),
@@ -111,10 +175,15 @@ def test_sample_sets_summary_over_a_set(files, summary, out_dir, words):
     ("gpu_bench.py", ["--smoke", "--out", "{a_folder}"], "--out"),
     ("gpu_scripts.py", ["--smoke", "--out", "{a_file}/x.json"], "--out"),
     ("settle_gpu.py", ["--quick", "--out", "{a_folder}"], "--out"),
-])
+]
+
+
+@pytest.mark.parametrize("script, argv, flag", OUTPUT_PATHS)
 def test_unusable_output_path(files, script, argv, flag):
     paths = {"a_file": files / "a_file", "a_folder": files / "a_folder", "new": files / "new"}
-    refused(files, script, [a.format(**paths) for a in argv], 2, [flag])
+    first = next(case for case in OUTPUT_PATHS if case[0] == script)
+    check = refused_by_process if first[1] is argv else refused
+    check(files, script, [a.format(**paths) for a in argv], 2, [flag])
     assert not os.listdir(files / "a_folder")
 
 

@@ -126,9 +126,10 @@ def check_sets(folder, shape):
 
 @pytest.fixture(scope="module")
 def tiny_dit(tmp_path_factory):
-    """A random DiT-S/2 raw state dict (.pt) with 1000 classes, as the public checkpoints, and a tiny VAE folder.
-    Its input_size is 8 (--image_size 64), not the public 32: a window call of the quick benchmark then takes
-    milliseconds instead of seconds on 2 CPU cores; the layout and the loading path are the same."""
+    """A random DiT-S/2 raw state dict (.pt) with 1000 classes, as the public checkpoints, and a tiny VAE folder
+    (one block: factor 1, so --image_size 8). Its input_size is 8, not the public 32: a window call of the quick
+    benchmark then takes milliseconds instead of seconds on 2 CPU cores; the layout and the loading path are the
+    same."""
     from diffusers import AutoencoderKL
     d = tmp_path_factory.mktemp("dit")
     torch.manual_seed(0)
@@ -144,7 +145,7 @@ def tiny_dit(tmp_path_factory):
 
 def test_dit_bench_checkpoint_two_processes(tmp_path, tiny_dit):
     d, model, vae = tiny_dit
-    flags = ["--quick", "--timesteps", "6", "--model", "DiT-S/2", "--image_size", "64", "--model_path",
+    flags = ["--quick", "--timesteps", "6", "--model", "DiT-S/2", "--image_size", "8", "--model_path",
              str(d / "dit.pt"), "--vae_path", str(d / "vae"), "--class_labels", "207", "360"]
     bench("dit_bench.py", *flags, "--out", str(tmp_path / "one.json"), quick=False)
     out = launch("dit_bench.py", *flags, "--out", str(tmp_path / "two.json"))

@@ -94,7 +94,8 @@ def test_one_and_two_processes_give_the_same_latents(tmp_path):
 
 @pytest.fixture(scope="module")
 def dit_s2_files(tmp_path_factory):
-    """A random DiT-S/2 (256x256 images) in the three checkpoint formats, and a tiny VAE folder."""
+    """A random DiT-S/2 (32x32 latents, as the public 256x256 checkpoint) in the three checkpoint formats, and a
+    tiny VAE folder of one block (factor 1: --image_size 32)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     d = tmp_path_factory.mktemp("ckpt")
@@ -116,7 +117,7 @@ def dit_s2_files(tmp_path_factory):
 def test_checkpoint_formats_load_through_model_path(tmp_path, dit_s2_files, name):
     d, model = dit_s2_files
     T = 3
-    run_dir, m = run(tmp_path, "--model", "DiT-S/2", "--image_size", "256", "--model_path", str(d / name),
+    run_dir, m = run(tmp_path, "--model", "DiT-S/2", "--image_size", "32", "--model_path", str(d / name),
                      "--vae_path", str(d / "vae"), "--timesteps", str(T), "--num_samples", "1", "--class_labels",
                      "207", "--tol1", "0", "--tol2", "0")
     noise = script_noise(0, 1, T, (4, 32, 32))
@@ -124,6 +125,27 @@ def test_checkpoint_formats_load_through_model_path(tmp_path, dit_s2_files, name
     # a random DiT drives the latents to hundreds: compare relative to that scale
     np.testing.assert_allclose(latents(run_dir), ref.float().numpy(), rtol=1e-5, atol=1e-4)
     assert m["model"] == "DiT-S/2"
+
+
+def test_a_checkpoint_with_a_vae_of_another_factor(tmp_path):
+    """A registry DiT under a VAE of factor 2 (the embedded one): --image_size 16 is an 8x8 latent, sampled as
+    sequential DDIM does and decoded at 16x16 (it was divided by 8: a 2x2 latent, refused by the weights)."""
+    from models.checkpoints import load_vae
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=8, num_classes=10)
+    for p in model.final_layer.parameters():
+        p.data.normal_(0, 0.02)
+    torch.save(model.state_dict(), tmp_path / "s8.pt")
+    T = 3
+    run_dir, m = run(tmp_path / "o", "--model", "DiT-S/8", "--image_size", "16", "--num_classes", "10",
+                     "--model_path", str(tmp_path / "s8.pt"), "--vae_path", digits.VAE_DIR, "--timesteps", str(T),
+                     "--num_samples", "1", "--class_labels", "7", "--tol1", "0", "--tol2", "0")
+    ref = sample_sequential(DiTDenoiser(model.eval(), 4.0), dit_schedule(T), script_noise(0, 1, T, (4, 8, 8)),
+                            torch.tensor([7]))[:, 0]
+    np.testing.assert_allclose(latents(run_dir), ref.float().numpy(), rtol=1e-5, atol=1e-4)
+    image = VAEDecoder(load_vae(digits.VAE_DIR, torch.device("cpu"), torch.float32), torch.device("cpu"))(ref.float())
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert image.shape[1:3] == (16, 16) and json.load(f)["image_size"] == 16
 
 
 def test_fp16_runs(tmp_path):

@@ -185,8 +185,9 @@ def test_a_warm_start_from_a_prompt1_cut_short_is_refused(tiny_sd, tmp_path, cap
     converged and 'same image as sequential' (its reference started from them too): 3.5 off the real warm start."""
     flags = ["--model_path", tiny_sd, "--output_path", str(tmp_path), "--timesteps", "20", "--window_size", "2",
              "--variation_steps", "3", "--num_samples", "1"]
-    with pytest.raises(UsageError, match=r"--max_steps 5 stopped prompt1 before it converged \(sample 0\)"):
-        parallel_sd_winit.main(parallel_sd_winit.parse_args(flags + ["--max_steps", "5"]))
+    # 12 iterations at window 2: enough to reach x_0 (10 at least), not to converge there
+    with pytest.raises(UsageError, match=r"--max_steps 12 stopped prompt1 before it converged \(sample 0\)"):
+        parallel_sd_winit.main(parallel_sd_winit.parse_args(flags + ["--max_steps", "12"]))
     (run,) = os.listdir(tmp_path)
     assert os.listdir(tmp_path / run) == ["prompt1"]  # what finished is kept, prompt2 never started
     # a cap that prompt1 meets converged is no reason to refuse

@@ -9,7 +9,9 @@ need, per window size, to the default stop. Then for a window W needing K iterat
 
     ParaTAA seconds = K * (call(W) + solver),     sequential seconds = T * call(1),
 
-with call(W) interpolated linearly between the measured window sizes. Sequential sampling is charged only its
+with call(W) interpolated linearly between the measured window sizes and extended along the last segment past
+the largest, no size charged more than a larger one (paratAA.planner.never_above_a_larger), and each model's
+solver time from its own runs where the report has them. Sequential sampling is charged only its
 model calls, so the one-GPU speed-ups are, if anything, understated. The G-GPU column splits each call into
 shards of ceil(W / G) steps and charges K * (call(ceil(W / G)) + solver): the all-gather of the model outputs is
 NOT counted here, so that column is an upper bound (benchmarks/speed_bench.py's estimate counts it). The iteration
@@ -20,20 +22,21 @@ import math
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.convergence import check_out_file, write_json  # noqa: E402
 from benchmarks.speed_bench import read_gpu  # noqa: E402
 from models.sd import read_json  # noqa: E402
+from paratAA.planner import interpolate  # noqa: E402
 from runner.errors import InputFileError, UsageError, exit_on_error  # noqa: E402
 from runner.flags import home_path, make_parser, path_value  # noqa: E402
 
 
 def call_seconds(per_call, W):
-    """per_call {inputs: seconds} (one sample: inputs = window) at W, linear between the measured sizes."""
-    ws = sorted(per_call)
-    return float(np.interp(W, ws, [per_call[w] for w in ws]))
+    """per_call {inputs: seconds} (one sample: inputs = window) at W: linear between the measured sizes, and past
+    the largest along its last segment, as the planner reads a curve (np.interp held the value at 32 for every
+    larger window: DiT-XL/2's call of 100 was charged 0.057 s where the same report measured 0.169 s)."""
+    return interpolate(per_call, W)
 
 
 def read_iterations(path, flag, script):
@@ -66,18 +69,19 @@ def main(args):
     inputs = {"DiT-XL/2 256": ("--dit", args.dit, "dit_bench.py"), "SD1.5 UNet 512": ("--sd", args.sd, "sd_bench.py")}
     sweeps = {name: read_iterations(path, flag, script) for name, (flag, path, script) in inputs.items()}
     report = {"gpu": args.gpu, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "models": {}}
-    print(f"{gpu['device']}, {gpu['dtype']}: solver {solver * 1e3:.1f} ms per iteration (median of the GPU runs)\n")
+    print(f"{gpu['device']}, {gpu['dtype']}: solver {', '.join(f'{v * 1e3:.1f}' for v in solver.values())} ms per "
+          f"iteration (DiT, SD; medians of the GPU runs)\n")
     G = args.gpus
     print("| GPU model (iteration counts from) | T | window | iterations to the stop (median) | ParaTAA s | "
           f"sequential s | speed-up, 1 GPU | speed-up, {G} GPUs (no communication counted) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (T, sweep) in sweeps.items():
-        path, per_call = inputs[name][1], curves[name]
+        path, per_call, solve_seconds = inputs[name][1], curves[name], solver[name]
         seq = T * call_seconds(per_call, 1)
         rows = {}
         for W, K in sorted(sweep.items()):
-            para = K * (call_seconds(per_call, W) + solver)
-            sharded = K * (call_seconds(per_call, math.ceil(W / G)) + solver)
+            para = K * (call_seconds(per_call, W) + solve_seconds)
+            sharded = K * (call_seconds(per_call, math.ceil(W / G)) + solve_seconds)
             rows[W] = {"iterations": K, "paratAA_seconds": para, "sequential_seconds": seq, "speedup": seq / para,
                        f"speedup_{G}_gpus_upper_bound": seq / sharded}
             print(f"| {name} ({os.path.basename(path)}) | {T} | {W} | {K:g} | {para:.3f} | {seq:.3f} | "

@@ -35,7 +35,7 @@ from models.dit_source import DIT_CFG_SCALE  # noqa: E402
 from models.sd import EMBEDDED_SD, SD_CFG_SCALE, encode, latent_shape, load_pipeline, read_json  # noqa: E402
 from paratAA import SolverConfig, Sharding, dit_schedule, noise_from_seeds, pipeline_schedule  # noqa: E402
 from paratAA import sample_sequential, solve  # noqa: E402
-from paratAA.planner import candidate_windows, choose, interpolate, plan_window  # noqa: E402
+from paratAA.planner import candidate_windows, choose, interpolate, never_above_a_larger, plan_window  # noqa: E402
 from runner.flags import home_path, make_parser, path_value  # noqa: E402
 from runner.launch import HOST_PAD, keep_freed_memory  # noqa: E402
 
@@ -114,11 +114,13 @@ def allgather_seconds(n_inputs, D, G, bandwidth):
 
 
 def read_gpu(path):
-    """benchmarks/gpu_bench.py's JSON, read before any work: (the report, the solver's seconds per iteration, the
-    per-call curves {model: {inputs: seconds}}), or InputFileError naming the file and what is wrong."""
+    """benchmarks/gpu_bench.py's JSON, read before any work: (the report, the solver's seconds per iteration per
+    model, the per-call curves {model: {inputs: seconds}}), or InputFileError naming the file and what is wrong."""
     gpu = read_json(path, "--gpu")
     try:
-        solver = float(statistics.median(r["solver_per_iteration"] for r in gpu["paratAA"].values()))
+        # each model's solver time from its own runs where the report has them (SD's: sd_paratAA), else the DiT's
+        solver = {name: float(statistics.median(r["solver_per_iteration"] for r in gpu[runs].values()))
+                  for name, runs in zip(GPU_MODELS, ("paratAA", "sd_paratAA" if "sd_paratAA" in gpu else "paratAA"))}
         # the planner's own curve where the GPU run has one (measured warm, right before its runs), else the table
         curves = {name: {int(k): float(v) for k, v in (gpu.get("default_flags", {}).get(name, {}).get("plan", {})
                                                        .get("call_seconds") or gpu["per_call"][name]).items()}
@@ -129,22 +131,25 @@ def read_gpu(path):
     except (AttributeError, TypeError, ValueError, statistics.StatisticsError) as e:
         raise InputFileError(f"--gpu: {path} is not a report of benchmarks/gpu_bench.py ({type(e).__name__}: "
                              f"{e})") from None
-    times = [solver] + [v for c in curves.values() for v in c.values()]
+    times = list(solver.values()) + [v for c in curves.values() for v in c.values()]
     if not all(c and min(c) >= 1 for c in curves.values()) or not all(0 <= t < math.inf for t in times) \
             or not all(v > 0 for c in curves.values() for v in c.values()):
         raise InputFileError(f"--gpu: {path}: the per-call curves need window sizes >= 1 and finite seconds > 0 (the "
                              f"solver's >= 0)")
-    return gpu, solver, curves
+    # no size dearer than a larger one, as the planner reads its own: an H200 run's planner timed SD's call of 1 at
+    # 0.0496 s and of 2 at 0.0294 s (its table: 0.0279 s), and the estimates charged sequential sampling 1.5x too much
+    return gpu, solver, {name: never_above_a_larger(c) for name, c in curves.items()}
 
 
-def gpu_table(gpu_json, gpu, solver, curves):
-    """The planner's choice and predicted speed-up on 1 and 8 GPUs for the committed per-call curves."""
+def gpu_table(gpu_json, gpu, solvers, curves):
+    """The planner's choice and predicted speed-up on 1 and 8 GPUs for the committed per-call curves (solvers: each
+    model's solver seconds per iteration)."""
     T = 100
-    out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "T": T,
+    out = {"source": gpu_json, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solvers, "T": T,
            "interconnect": {"nvlink_bytes_per_s": NVLINK, "pcie_bytes_per_s": PCIE, "seconds_per_ring_step": HOP},
            "models": {}}
     print(f"\nGPU, estimated from {os.path.basename(gpu_json)} ({gpu['device']}, {gpu['dtype']}), T = {T}, one sample; "
-          f"the solver {solver * 1e3:.1f} ms per iteration\n")
+          f"the solver {', '.join(f'{v * 1e3:.1f}' for v in solvers.values())} ms per iteration\n")
     print("| model | GPUs | interconnect | window chosen | iterations (equation 5) | seconds | sequential seconds | "
           "speed-up |")
     print("|---|---|---|---|---|---|---|---|")
@@ -154,7 +159,7 @@ def gpu_table(gpu_json, gpu, solver, curves):
         for G, link, bw in ((1, "-", NVLINK), (8, "NVLink", NVLINK), (8, "PCIe 4.0", PCIE)):
             # a call of n inputs split over G GPUs costs a call of ceil(n / G), plus the gather of all n outputs
             curve = {n: interpolate(calls, math.ceil(n / G)) + allgather_seconds(n, D, G, bw) for n in range(1, T + 1)}
-            plan = choose(T, 1, curve, {1: solver, T: solver})
+            plan = choose(T, 1, curve, {1: solvers[name], T: solvers[name]})
             seq = T * interpolate(calls, 1)
             key = f"{G} GPUs" + (f" {link}" if G > 1 else "")
             out["models"][name][key] = {"window": plan.window, "iterations": plan.predicted_iterations,

@@ -180,10 +180,10 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
             out.update({m: math.inf for m in out if m >= n})
         else:
             out[n] = min(out[n], again)
-    return _never_above_a_larger(out)
+    return never_above_a_larger(out)
 
 
-def _never_above_a_larger(curve):
+def never_above_a_larger(curve):
     """curve with each time lowered to the least of the larger sizes': a call can always be padded up to a larger
     size, so a smaller one never costs more, and a time above a larger size's is noise (an H200 timed one SD UNet
     state at 49.6 ms and two at 29.4 ms: the sequential time the run reports is T c(B))."""
@@ -270,7 +270,7 @@ def cached_curves(hit, B, steps):
         len(solver) > 0 and all(k >= 1 and math.isfinite(v) and v >= 0 for k, v in solver.items()) and \
         (limit is None or type(limit) is int and limit >= B) and type(measured_for) is int and measured_for >= steps
     failed = failed if limit is not None and type(failed) is int and failed > limit else None
-    return (_never_above_a_larger(calls), solver, limit, failed) if good else None
+    return (never_above_a_larger(calls), solver, limit, failed) if good else None
 
 
 def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *, solve, cache=None, key=None,

@@ -13,7 +13,7 @@ from paratAA import SolverConfig, sample_sequential, solve
 from paratAA.planner import ALPHA, BETA, choose, measure_call_seconds, predicted_iterations
 from paratAA.sharding import Sharding
 from runner.writer import CUT, EMPTY, FINAL, STOP, draw_grid
-from tests.conftest import gmm_problem, read_metrics
+from tests.conftest import ROOT, gmm_problem, read_metrics
 
 
 def test_iteration_model_is_exact_at_window_one():
@@ -627,3 +627,26 @@ def test_record_x0_must_be_a_bool():
     eps, schedule, noise = gmm_problem(6)
     with pytest.raises(TypeError, match="record_x0 must be True or False"):
         solve(eps, schedule, noise, record_x0="no")  # a truth test read "no" as yes
+
+
+def test_the_gpu_estimates_read_a_curve_as_the_planner_does(tmp_path):
+    """gpu_estimate.py on the H200's report, whose planner timed one SD state at 49.6 ms and two at 29.4 ms and
+    measured to 32 inputs only: sequential sampling was charged 100 calls at 49.6 ms (speed-ups above T / K, 2.81x
+    at window 4 where K = 41), and every window above 32 the call of 32 (DiT-XL/2 at window 100 3.6x, where the
+    report's own table gives about 1.2x). Now no speed-up beats T / K, and a call grows past the largest size."""
+    from benchmarks import gpu_estimate
+    results = os.path.join(ROOT, "benchmarks", "results")
+    gpu_estimate.main(gpu_estimate.parse_args([
+        "--gpu", os.path.join(results, "gpu_h200_s19.json"), "--dit", os.path.join(results, "dit.json"),
+        "--sd", os.path.join(results, "sd.json"), "--out", str(tmp_path / "estimate.json")]))
+    with open(tmp_path / "estimate.json") as f:
+        report = json.load(f)
+    for name, model in report["models"].items():
+        for W, r in model["windows"].items():
+            bound = model["T"] / r["iterations"]
+            assert r["speedup"] <= bound and r["speedup_8_gpus_upper_bound"] <= bound, (name, W, r)
+    for name, model in report["models"].items():
+        rows = {int(w): r for w, r in model["windows"].items()}
+        solver = report["solver_seconds"][name]
+        call = {W: r["paratAA_seconds"] / r["iterations"] - solver for W, r in rows.items()}
+        assert call[100] > call[50] > call[32], (name, call)

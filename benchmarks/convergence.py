@@ -111,6 +111,14 @@ def repo_relative(path):
     return os.path.relpath(full, REPO_ROOT) if full.startswith(REPO_ROOT + os.sep) else path
 
 
+def command_of(script, args, flags, default_out):
+    """The command a reader repeats to get this report: the script, --out where it is not the default, and flags
+    (the settings as run). The commands named every setting but --out, so that repeating the one of
+    stop_seed300.json wrote over stop.json."""
+    out = "" if args.out in (None, default_out) else f" --out {shlex.quote(repo_relative(args.out))}"
+    return f"python benchmarks/{script}{out}{flags}"
+
+
 def timed(session, fn):
     """(fn(), seconds) between barriers: in a launch of several processes it spans the slowest one."""
     session.wait()

@@ -24,7 +24,7 @@ import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, command_line, write_json  # noqa: E402
 from benchmarks.speed_bench import read_gpu  # noqa: E402
 from models.sd import read_json  # noqa: E402
 from paratAA.planner import interpolate  # noqa: E402
@@ -68,7 +68,8 @@ def main(args):
     gpu, solver, curves = read_gpu(args.gpu)
     inputs = {"DiT-XL/2 256": ("--dit", args.dit, "dit_bench.py"), "SD1.5 UNet 512": ("--sd", args.sd, "sd_bench.py")}
     sweeps = {name: read_iterations(path, flag, script) for name, (flag, path, script) in inputs.items()}
-    report = {"gpu": args.gpu, "device": gpu["device"], "dtype": gpu["dtype"], "solver_seconds": solver, "models": {}}
+    report = {"command": command_line(), "gpu": args.gpu, "device": gpu["device"], "dtype": gpu["dtype"],
+              "solver_seconds": solver, "models": {}}
     print(f"{gpu['device']}, {gpu['dtype']}: solver {', '.join(f'{v * 1e3:.1f}' for v in solver.values())} ms per "
           f"iteration (DiT, SD; medians of the GPU runs)\n")
     G = args.gpus

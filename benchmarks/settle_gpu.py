@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, command_of, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
 from runner.errors import exit_on_error  # noqa: E402
@@ -33,7 +33,7 @@ def main(args):
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, bases, windows = (2, [1300], [100]) if args.quick else (10, [1300, 1900, 1910], [100, 32, 8])
-    report = {"command": "python benchmarks/settle_gpu.py" + (" --quick" if args.quick else ""),
+    report = {"command": command_of("settle_gpu.py", args, " --quick" if args.quick else "", None),
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "T": 100, "eta": 0.0,
               "rows": []}
     for name in ["text-to-image", "embedded DiT"]:

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, command_of, write_json  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
 from paratAA import dit_alphas_cumprod, dit_schedule, draw_noise, noise_from_seeds, solve  # noqa: E402
 from runner.errors import exit_on_error  # noqa: E402
@@ -32,6 +32,8 @@ TOL = 1e-3  # tol1 = tol2: the reference's default, for comparison with its coun
 METHODS = {"FP": (1, 1, "picard"), "FP+ (ddim)": (None, 1, "ddim"), "FP+ (picard)": (None, 1, "picard"),
            "ParaTAA m=2 (ddim)": (None, 2, "ddim"), "ParaTAA m=3 (ddim)": (None, 3, "ddim"),
            "ParaTAA m=2": (None, 2, "picard"), "ParaTAA m=3": (None, 3, "picard")}
+
+OUT = "benchmarks/results/solver.json"  # --out's default
 
 
 def iteration_table(steps, seeds, latent):
@@ -142,7 +144,7 @@ def main(args):
     check_out_file(args.out, args=args)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     quick = args.quick
-    result = {"machine": args.machine, "command": "python benchmarks/solver_bench.py" + (" --quick" if quick else "")}
+    result = {"machine": args.machine, "command": command_of("solver_bench.py", args, " --quick" if quick else "", OUT)}
     result["iterations"] = iteration_table([25] if quick else [25, 50, 100], [0] if quick else [0, 1, 2],
                                            (4, 8, 8) if quick else (4, 32, 32))
     result["overhead"] = overhead(25 if quick else 100, 1 if quick else 5)
@@ -153,7 +155,7 @@ def main(args):
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
-    parser.add_argument("--out", type=home_path, default="benchmarks/results/solver.json")
+    parser.add_argument("--out", type=home_path, default=OUT)
     parser.add_argument("--machine", default="2-core CPU (development container)")
     return parser.parse_args(argv)
 

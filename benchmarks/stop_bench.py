@@ -37,7 +37,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_distinct, check_out_file, check_seed_base, write_json  # noqa: E402
+from benchmarks.convergence import check_distinct, check_out_file, check_seed_base, command_of, write_json  # noqa: E402
 from models import digits  # noqa: E402
 from models.adapters import DiTDenoiser, SDDenoiser, VAEDecoder  # noqa: E402
 from models.gmm import GaussianMixtureEps  # noqa: E402
@@ -58,6 +58,8 @@ LOOSER = {"stop rule, tol1 1e-3, tol2 1e-3": dict(tol1=1e-3, tol2=1e-3),
           "stop rule, tol1 1e-4, tol2 3e-3": dict(tol1=1e-4, tol2=3e-3),
           "stop rule, tol1 1e-4, tol2 1e-3": dict(tol1=1e-4, tol2=1e-3)}
 GMM_SAME = 0.01  # of the sequential x_0's std
+
+OUT = "benchmarks/results/stop.json"  # --out's default
 
 
 def problems(n, seed_base=100, device=torch.device("cpu")):
@@ -221,11 +223,11 @@ def main(args):
              + (f" --seed_base {args.seed_base}" if args.seed_base != 100 else ""))
     if args.windows:
         flags += " --windows " + " ".join(str(w) for w in args.windows) + f" --slide_tol {args.slide_tol:g}"
-        write_json({"command": "python benchmarks/stop_bench.py" + flags, "machine": args.machine,
+        write_json({"command": command_of("stop_bench.py", args, flags, OUT), "machine": args.machine,
                     "seed_base": args.seed_base, "T": 100, "eta": 0.0,
                     "windows": window_table(args.windows, n, args.slide_tol, args.seed_base)}, args.out)
         return
-    report = {"command": "python benchmarks/stop_bench.py" + flags,
+    report = {"command": command_of("stop_bench.py", args, flags, OUT),
               "machine": args.machine, "seed_base": args.seed_base,
               "stop": stop_table(steps, etas, n, rules, args.seed_base),
               "forms": forms_table(steps, [0, 1] if args.quick else [0, 1, 2, 3, 4])}
@@ -243,7 +245,7 @@ def parse_args(argv=None):
                         help="T = 100 at these windows: the default against --block_tol 0, --settle 1 and --slide_tol "
                              "(no stop/forms tables)")
     parser.add_argument("--slide_tol", type=float, default=8e-3, help="with --windows: the slide tolerance tried")
-    parser.add_argument("--out", type=home_path, default="benchmarks/results/stop.json")
+    parser.add_argument("--out", type=home_path, default=OUT)
     parser.add_argument("--machine", default="2-core CPU (development container)")
     return parser.parse_args(argv)
 

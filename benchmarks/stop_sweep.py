@@ -31,11 +31,13 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_distinct, check_out_file, seed_bases, write_json  # noqa: E402
+from benchmarks.convergence import check_distinct, check_out_file, command_of, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import problems  # noqa: E402
 from paratAA import SolverConfig, sample_sequential, solve  # noqa: E402
 from paratAA.solver import image_estimate, image_test_due, stop_rule  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
+
+OUT = "benchmarks/results/stop_sweep.json"  # --out's default
 
 
 def update_changes(image, x0s):
@@ -159,7 +161,7 @@ def main(args):
     print("\n(the settings, and every run's record, are in the JSON)")
     flags = (" --quick" if args.quick else "") + f" --seed_bases {args.seed_bases} --stop_tols {args.stop_tols}" \
         f" --stop_ratios {args.stop_ratios} --stop_image_tols {args.stop_image_tols}"
-    write_json({"command": "python benchmarks/stop_sweep.py" + flags, "machine": args.machine,
+    write_json({"command": command_of("stop_sweep.py", args, flags, OUT), "machine": args.machine,
                 "rules": rules, "runs": runs}, args.out)
 
 
@@ -172,7 +174,7 @@ def parse_args(argv=None):
     parser.add_argument("--stop_ratios", default="0.35", help="stop_ratio values to replay, comma-separated")
     parser.add_argument("--stop_image_tols", default="1.2",
                         help="stop_image_tol values to replay (besides 0, the latent rule), comma-separated")
-    parser.add_argument("--out", type=home_path, default="benchmarks/results/stop_sweep.json")
+    parser.add_argument("--out", type=home_path, default=OUT)
     parser.add_argument("--machine", default="2-core CPU (development container)")
     return parser.parse_args(argv)
 

@@ -18,7 +18,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 
 import torch  # noqa: E402
 
-from benchmarks.convergence import check_out_file, seed_bases, write_json  # noqa: E402
+from benchmarks.convergence import check_out_file, command_of, seed_bases, write_json  # noqa: E402
 from benchmarks.stop_bench import measure, problems  # noqa: E402
 from paratAA import sample_sequential  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
@@ -27,6 +27,8 @@ from runner.flags import home_path, make_parser  # noqa: E402
 VARIANTS = {"default (picard, m = 3)": {}, "m = 2": dict(memory_size=2), "m = 1 (no TAA)": dict(memory_size=1),
             "ddim form (the paper's)": dict(equations="ddim")}
 MODELS = ("embedded DiT", "text-to-image")
+
+OUT = "benchmarks/results/tail.json"  # --out's default
 
 
 def tail(bases, T, n):
@@ -64,7 +66,7 @@ def main(args):
         print(f"| {v} | {r['median']:g} / {worst:g} / {r['mean']:.2f} | {slowest} | "
               f"{statistics.mean(r['stop']):.2f} / {max(r['stop'])} | {r['off']} |", flush=True)
     flags = (" --quick" if args.quick else "") + f" --seed_bases {args.seed_bases}"
-    write_json({"command": "python benchmarks/tail_bench.py" + flags, "machine": args.machine, "T": T,
+    write_json({"command": command_of("tail_bench.py", args, flags, OUT), "machine": args.machine, "T": T,
                 "variants": result}, args.out)
 
 
@@ -73,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="T = 25, 3 samples per seed base: the smoke test")
     parser.add_argument("--seed_bases", default="100,300,500,700",
                         help="held-out seed bases, as stop_bench.py --seed_base (comma-separated)")
-    parser.add_argument("--out", type=home_path, default="benchmarks/results/tail.json")
+    parser.add_argument("--out", type=home_path, default=OUT)
     parser.add_argument("--machine", default="2-core CPU (development container)")
     return parser.parse_args(argv)
 

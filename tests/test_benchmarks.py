@@ -67,7 +67,9 @@ def test_benchmarks_quick(tmp_path):
                            str(tmp_path / "dit.json"), "--sd", str(tmp_path / "sd.json"), "--out",
                            str(tmp_path / "gpu.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    est = read(tmp_path / "gpu.json")["models"]
+    estimate = read(tmp_path / "gpu.json")
+    assert estimate["command"].startswith("python benchmarks/gpu_estimate.py --dit ")  # it had none
+    est = estimate["models"]
     row = est["DiT-XL/2 256"]["windows"]["25"]
     # it uses the iteration counts it names, and no estimate beats T / iterations: a batched call of W inputs
     # never costs less than a call of one, and the solver's time comes on top
@@ -239,7 +241,8 @@ def test_tail_benchmark_quick(tmp_path):
     of them off it."""
     bench("tail_bench.py", "--seed_bases", "200", "--out", str(tmp_path / "tail.json"))
     tail = read(tmp_path / "tail.json")
-    assert tail["command"].endswith("--quick --seed_bases 200")
+    # the command repeats the run, --out included (it was left out: a rerun wrote over the default tail.json)
+    assert tail["command"] == f"python benchmarks/tail_bench.py --out {tmp_path / 'tail.json'} --quick --seed_bases 200"
     for name, v in tail["variants"].items():
         assert len(v["same"]) == 6 and None not in v["same"], name  # 3 DiT and 3 text-to-image samples
     default = tail["variants"]["default (picard, m = 3)"]

@@ -260,6 +260,15 @@ def check_flags(args):
     args.sd_window_runs = window_pairs(args.sd_window_runs, "--sd_window_runs")
     if args.out is not None:
         check_out_file(args.out, args=args)
+    check_gpu(args.smoke, "times DiT-XL/2 and the SD v1.5 UNet at full size")
+
+
+def check_gpu(smoke, what):
+    """UsageError where no GPU is visible and --smoke is not given: on a CPU the full-size run took minutes per call
+    and its report said "cpu (smoke)" for a run that was not one."""
+    if not smoke and not torch.cuda.is_available():
+        raise UsageError(f"no GPU is visible (torch.cuda.is_available() is false), and this script {what} on one; "
+                         f"--smoke runs tiny models on this machine")
 
 
 @torch.no_grad()

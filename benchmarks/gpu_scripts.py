@@ -28,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.convergence import check_out_file, write_json  # noqa: E402
+from benchmarks.gpu_bench import check_gpu  # noqa: E402
 from models.dit import DiT_models  # noqa: E402
 from runner.errors import UsageError, exit_on_error  # noqa: E402
 from runner.flags import home_path, make_parser  # noqa: E402
@@ -85,6 +86,7 @@ def main(args):
         raise UsageError(f"--timeout must be >= 1 second, got {args.timeout}")
     if args.out is not None:
         check_out_file(args.out, args=args)
+    check_gpu(args.smoke, "runs the scripts on DiT-XL/2-sized checkpoints")
     py = sys.executable
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "runs": {}}

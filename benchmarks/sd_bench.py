@@ -2,7 +2,7 @@
 
     python benchmarks/sd_bench.py [--quick] [--out benchmarks/results/sd.json]            # the embedded model
     accelerate launch --num_processes 8 benchmarks/sd_bench.py --model_path stable-diffusion-v1-5 --fp16 \\
-        --cfg_scale 7.5 --prompt "a photo of a cat" "a photo of a dog" ... --out results/sd15.json
+        --cfg_scale 7.5 --prompt "a photo of a cat" "a photo of a dog" --out results/sd15.json
 
 Model flags as parallel_sd.py's. Ten samples (sample i: prompt i of the list, cycled, with noise seed i; the
 embedded model's default prompts are "a handwritten digit <i>"), the pipeline's own scheduler read as DDIM,

@@ -40,7 +40,9 @@ from .checkpoints import check_parts_loaded, quiet_loading, safetensors_headers,
 
 EMBEDDED_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "text2img")
 EMBEDDED_FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded", "flow")  # SD3 layout
-SD_SOURCE = "a local diffusers Stable Diffusion v1.5 folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub"
+# said where --model_path is not found: any family the scripts drive (it named SD v1.5 for a FLUX.1-dev path)
+SD_SOURCE = ("a local diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, PixArt), e.g. "
+             "stable-diffusion-v1-5/stable-diffusion-v1-5 from the hub")
 SD_CFG_SCALE = 5.0  # the default guidance of the SD scripts (the embedded model's best)
 SD_CFG_HELP = ("classifier-free guidance scale; <= 1: none (the conditional model alone). For a FluxPipeline folder "
                "the guidance FLUX.1-dev was distilled with, fed to its network (the pipeline's guidance_scale; no "

@@ -584,3 +584,11 @@ def test_gpu_bench_smoke_refuses_the_sizes_of_a_gpu_run(files, argv, flag):
 def test_empty_input_path(files, script, flag):
     refused(files, script, ["--quick", flag, "", "--out", files / "out.json"] if script == "speed_bench.py"
             else [flag, "", "--out", files / "out.json"], 2, [flag, "must not be empty"])
+
+
+@pytest.mark.parametrize("script", ["gpu_bench.py", "gpu_scripts.py"])
+def test_the_gpu_scripts_need_a_gpu_or_smoke(files, script, monkeypatch):
+    """Without a GPU and without --smoke, gpu_bench.py timed the full-size models in float32 on the CPU (minutes a
+    call) and labelled the run "cpu (smoke)"; refused in one line, after the flags (as if on a machine without one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused(files, script, ["--out", files / "g.json"], 2, ["no GPU is visible", "--smoke"])

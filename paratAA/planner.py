@@ -28,6 +28,10 @@ REPEATS = 2              # timed calls of the solver's own work per window, afte
 # measured under another load (a busy machine, other jobs on the GPU) and is measured again. c(B) is also what
 # the run's speed-up rests on (sequential sampling is T calls of it): a stale one reported 9x for window 1.
 STALE = 3.0
+# Untimed calls of one state per sample before the curve is timed, for at most BURST_SECONDS: the first timings of a
+# fresh process were high (the embedded DiT on one CPU thread: c(1) 2.01-2.09 ms, then 1.69-1.88 ms timed again and
+# 1.77-1.92 ms per step of sequential sampling), which the run's sequential estimate and the choice of window took
+BURST_CALLS, BURST_SECONDS = 20, 0.1
 
 
 @dataclass
@@ -164,6 +168,11 @@ def measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, w
     faster: BENCHMARKS.md, section 2)."""
     B, device = noise.shape[0], noise.device
     calls, out = {}, {}
+    burst, t0 = window_call(eps_fn, schedule, noise, cond, sharding, model_dtype, 1), time.perf_counter()
+    for _ in range(BURST_CALLS):  # the same count on every process: each call is a collective
+        burst()
+        if sharding.max(time.perf_counter() - t0) > BURST_SECONDS:
+            break
     for w in windows:
         # a NaN in the gathered output of any call, the warm-up's or a timed one's (the allocator fragments): some
         # process ran out of memory (window_call's spare), and every process sees it; its answer took no model time

@@ -6,8 +6,6 @@
 
 Each iteration evaluates the DiT at the window of every sample in one batch, split across the processes.
 """
-import sys
-
 from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
@@ -18,7 +16,7 @@ from models.dit_source import DIT_CFG_SCALE, add_dit_flags, check_dit_flags  # n
 from runner.flags import add_common_flags, check_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
-from runner.presets import add_preset_flag, apply_preset  # noqa: E402
+from runner.presets import parse_with_preset  # noqa: E402
 
 
 def check_arguments(args):
@@ -43,9 +41,7 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     add_common_flags(parser, cfg_scale=DIT_CFG_SCALE)
     add_dit_flags(parser)
-    add_preset_flag(parser)
-    args = parser.parse_args(argv)
-    apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_dit")
+    args = parse_with_preset(parser, argv, "parallel_dit")
     return args
 
 

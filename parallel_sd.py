@@ -7,8 +7,6 @@
 The scheduler is the pipeline's own, read as DDIM (SD v1.5 keeps alphas_cumprod[0] after the last step); SD3's and
 Flux's flow-matching schedulers as their Euler steps (Flux's through the levels FluxPipeline sets for the image size).
 """
-import sys
-
 from runner.errors import UsageError, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
@@ -19,7 +17,7 @@ from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags, fil
 from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
-from runner.presets import add_preset_flag, apply_preset  # noqa: E402
+from runner.presets import parse_with_preset  # noqa: E402
 
 DEFAULT_PROMPT = "a handwritten digit seven"
 
@@ -43,9 +41,7 @@ def parse_args(argv=None):
                         help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
                              f"(default: {DEFAULT_PROMPT!r})")
     add_sd_flags(parser)
-    add_preset_flag(parser)
-    args = parser.parse_args(argv)
-    apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_sd")
+    args = parse_with_preset(parser, argv, "parallel_sd")
     fill_guidance_default(args)
     return args
 

@@ -7,8 +7,6 @@ prompt2 reuses prompt1's per-step noise and trajectory: its noisiest T - variati
 prompt1's values and only the last variation_steps steps are re-solved, which takes fewer iterations than a
 cold start. Output: one run folder with prompt1/ and prompt2/, each in the parallel_dit.py layout.
 """
-import sys
-
 from runner.errors import UsageError, add_kept, exit_on_error, exit_quietly_on_signals
 
 if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is one line, not a traceback
@@ -20,7 +18,7 @@ from paratAA.solver import check_variation_steps  # noqa: E402
 from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import check_fits, open_run, sample_into, subfolder  # noqa: E402
-from runner.presets import add_preset_flag, apply_preset  # noqa: E402
+from runner.presets import parse_with_preset  # noqa: E402
 
 
 def main(args):
@@ -77,9 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--variation_steps", type=int, default=40,
                         help="the last steps re-solved for prompt2 (1..T; T re-solves every step)")
     add_sd_flags(parser)
-    add_preset_flag(parser)
-    args = parser.parse_args(argv)
-    apply_preset(args, sys.argv[1:] if argv is None else argv, "parallel_sd_winit")
+    args = parse_with_preset(parser, argv, "parallel_sd_winit")
     fill_guidance_default(args)
     return args
 

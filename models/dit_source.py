@@ -21,7 +21,8 @@ from . import digits
 from .checkpoints import (DIT_WEIGHTS_URL, VAE_SOURCE, check_parts_loaded, load_into, load_state_dict, quiet_loading,
                           require_file, weights_variant)
 from .dit import DiT_models
-from .sd import DIT_PARTS, DIT_PIPELINE, check_scheduler, config_value, note_scheduler, read_json, sample_pixels
+from .sd import (DIT_PARTS, DIT_PIPELINE, check_scheduler, config_value, factor_of, note_scheduler, read_json,
+                 sample_pixels)
 
 EMBEDDED_DIT = "DiT-Digits"
 DIFFUSERS_DIT = "diffusers DiTPipeline"  # --model recorded for a DiTPipeline folder
@@ -105,7 +106,7 @@ def check_dit_flags(args):
 
 
 def vae_factor(vae_path):
-    """Pixels per latent cell of an AutoencoderKL folder, 2 ** (len(block_out_channels) - 1) (SD's VAE, which DiT
+    """Pixels per latent cell of an AutoencoderKL folder (sd.factor_of its block_out_channels; SD's VAE, which DiT
     uses: 8); None where its config.json cannot be read as one (load_vae says what is wrong with the folder)."""
     if not vae_path:
         return None
@@ -113,7 +114,7 @@ def vae_factor(vae_path):
         blocks = read_json(os.path.join(vae_path, "config.json"), "--vae_path").get("block_out_channels")
     except InputFileError:
         return None
-    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+    return factor_of(blocks) if isinstance(blocks, list) and blocks else None
 
 
 def latent_factor(args):
@@ -195,7 +196,7 @@ def folder_sizes(path, flag="--model_path"):
     check_scheduler(path, flag)
     net_path, vae_path = os.path.join(path, "transformer", "config.json"), os.path.join(path, "vae", "config.json")
     net, vae = read_json(net_path, flag), read_json(vae_path, flag)
-    factor = 2 ** (len(config_value(vae, "block_out_channels", vae_path, flag, "list")) - 1)
+    factor = factor_of(config_value(vae, "block_out_channels", vae_path, flag, "list"))
     if config_value(net, "in_channels", net_path, flag, "count") != \
             config_value(vae, "latent_channels", vae_path, flag, "count"):
         raise InputFileError(f"{flag}: {path}: the transformer takes {net['in_channels']} channels but the VAE makes "

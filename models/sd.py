@@ -558,10 +558,16 @@ def _scheduler_class(path):
         return None  # check_folder says what is wrong with the folder
 
 
+def factor_of(block_out_channels):
+    """Pixels per latent cell of an AutoencoderKL with these blocks: each block after the first halves the side (SD's
+    VAE, four blocks: 8). The one place the pipelines' formula is written here."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_scale_factor(path):
     """Pixels per latent cell, read from vae/config.json (SD v1.5: 8)."""
     vae_path = os.path.join(path, "vae", "config.json")
-    return 2 ** (len(config_value(read_json(vae_path), "block_out_channels", vae_path, kind="list")) - 1)
+    return factor_of(config_value(read_json(vae_path), "block_out_channels", vae_path, kind="list"))
 
 
 def default_size(path):
@@ -845,7 +851,7 @@ def network(pipe):
 def pixels_per_cell(pipe):
     """The VAE factor of a loaded pipeline (SD v1.5: 8): its vae_scale_factor, which DiTPipeline does not set, else
     read from its VAE's config as the other pipelines compute it."""
-    return getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return getattr(pipe, "vae_scale_factor", None) or factor_of(pipe.vae.config.block_out_channels)
 
 
 def latent_shape(pipe, height, width):

@@ -5,6 +5,8 @@ flags still win: `--preset paper --memory_size 3` keeps memory size 3. The stop 
 rule (stop_tol 0), new states start as copies, no TAA guard, and the equations are its DDIM form
 (paratAA.config.PAPER). args.json records the preset and the values used.
 """
+import sys
+
 from paratAA.config import PAPER
 
 from .errors import UsageError
@@ -27,6 +29,15 @@ def add_preset_flag(parser):
                              "per-state stop, copies for new states, no guard, no block test or settling, "
                              "reference_quirks; the warm start: one sample per prompt); flags given explicitly still "
                              "win")
+
+
+def parse_with_preset(parser, argv, script):
+    """The script's flags with --preset added, parsed (argv None: the command line's), the preset's values filled in
+    for the flags argv does not give."""
+    add_preset_flag(parser)
+    args = parser.parse_args(argv)
+    apply_preset(args, sys.argv[1:] if argv is None else argv, script)
+    return args
 
 
 def given_flags(argv):

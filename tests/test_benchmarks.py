@@ -51,6 +51,9 @@ def test_benchmarks_quick(tmp_path):
     bench("solver_bench.py", "--out", str(tmp_path / "solver.json"))
     solver = read(tmp_path / "solver.json")
     row = solver["iterations"][0]
+    # what the table was measured on is recorded (--quick's sizes and seeds are not the full run's)
+    assert solver["iterations_setup"]["latent"] == [4, 8, 8] and solver["iterations_setup"]["seeds"] == [0]
+    assert solver["torch_threads"] >= 1
     assert row["ParaTAA m=3"]["median"] < row["FP"]["median"]
     assert solver["overhead"]["overhead_fraction"] > 0 and solver["memory"]["persistent_state_mb"] > 0
     out = bench("dit_bench.py", "--out", str(tmp_path / "dit.json"))

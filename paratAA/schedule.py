@@ -103,11 +103,13 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     The model is called at the scheduler's timesteps t, and each step goes where diffusers' DDIMScheduler.step
     takes it: to the alpha of t - num_train // T, or the scheduler's final_alpha_cumprod below 0. For "leading"
     spacing (Stable Diffusion v1.x, 2.x, XL) that is the next timestep of the list and, after the last, the final
-    alpha, as the reference's SD script has it; for "trailing" spacing with num_train % T != 0 and for "linspace",
-    diffusers' own loop steps to a noise level the next model call is not told (e.g. trailing, T = 7: from 999 to
-    857, then called at 856), and the solver follows it, so that the result is that loop's. The alphas are the
-    scheduler's own, in the dtype it keeps them (float32), and 1 - A is taken in float64 (the reference's SD script
-    takes it in float32: docs/ALGORITHM.md, section 9).
+    alpha, as the reference's SD script has it (with set_alpha_to_one false); for "trailing" spacing with
+    num_train % T != 0 and for "linspace", diffusers' own loop steps to a noise level the next model call is not
+    told (e.g. trailing, T = 7: from 999 to 857, then called at 856), and the solver follows it, so that the result
+    is that loop's. The alphas are the scheduler's own, in the dtype it keeps them (float32), and 1 - A is taken in
+    float64. The reference's SD script takes 1 - A in float32 and steps to the next listed timestep whatever the
+    spacing: its system is kept as Schedule.reference where it differs, for the paper mode (docs/ALGORITHM.md,
+    section 9).
     """
     check_eta(eta)
     if not hasattr(scheduler, "config"):
@@ -136,10 +138,12 @@ def from_ddim_scheduler(scheduler, num_steps, eta=0.0, name=STEPS):
     # takes 1 - A in float32 and recovers A from it, which loses A's digits where A is small: 1e-5 of A at SD's
     # noisiest level (0.0058), but a level of 2e-7 (linear betas to 0.03) came back 12% low and one of 2.4e-9
     # (squaredcos_cap_v2 at t = 999) as 0: 7% off diffusers' own loop at tolerance 0, and refused. The paper mode
-    # solves the reference's arithmetic (Schedule.reference), where it has a usable step
+    # solves the reference's system (Schedule.reference), where it has a usable step: that arithmetic, and its
+    # steps, each to the next listed timestep and after the last to alphas_cumprod[0]
     exact = coefficients(timesteps, 1 - alpha.double(), 1 - alpha_next.double(), eta, n_train)
+    listed_next = alphas[torch.cat([timesteps.new_zeros(1), timesteps[:-1]])]     # [T]  the reference's A' of step s
     try:
-        theirs = coefficients(timesteps, (1 - alpha).double(), (1 - alpha_next).double(), eta, n_train)
+        theirs = coefficients(timesteps, (1 - alpha).double(), (1 - listed_next).double(), eta, n_train)
     except ValueError:  # no usable step there (a level recovered as 0): the reference's own steps are inf or NaN
         return exact
     same = all(torch.equal(getattr(exact, k), getattr(theirs, k)) for k in ("a", "b", "c", "sigma"))

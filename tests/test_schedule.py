@@ -156,8 +156,39 @@ def test_the_paper_mode_solves_the_references_arithmetic():
         gap = float((runs["paper"] - runs["default"]).abs().max() / runs["default"].abs().max())
         assert 1e-9 < gap < (1e-4 if scheduler.config.beta_schedule == "scaled_linear" else 1), gap
     # where the two are the same, nothing is kept
-    assert from_ddim_scheduler(DDIMScheduler(trained_betas=[0.5] * 10, num_train_timesteps=10, clip_sample=False),
-                               5).reference is None
+    assert from_ddim_scheduler(DDIMScheduler(trained_betas=[0.5] * 10, num_train_timesteps=10, clip_sample=False,
+                                             set_alpha_to_one=False), 5).reference is None
+
+
+@pytest.mark.parametrize("spacing, T, to_one", [("linspace", 10, False), ("trailing", 7, False),
+                                                ("leading", 20, True), ("leading", 50, False)])
+def test_the_paper_mode_steps_to_the_next_listed_timestep(spacing, T, to_one):
+    """The reference's SD script steps from each listed timestep to the next one listed, and after the last to
+    alphas_cumprod[0], whatever the spacing; diffusers' DDIMScheduler.step goes to t - 1000 // T, which is another
+    noise level for "linspace" and for "trailing" with 1000 % T != 0, and after the last step to alpha 1 with
+    set_alpha_to_one. The paper mode solves the reference's steps (before: diffusers' there, its iterates off the
+    reference's by 1-17% of the latents, its iteration counts and boundaries other at linspace); the default keeps
+    diffusers' loop. Both read here from the scheduler's own alphas by those two rules."""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+                              set_alpha_to_one=to_one)
+    schedule = from_ddim_scheduler(scheduler, T)
+    copy = DDIMScheduler.from_config(scheduler.config)
+    copy.set_timesteps(T)
+    listed = [int(t) for t in copy.timesteps]                          # descending, as the reference reads them
+    ac = copy.alphas_cumprod                                           # float32, as the scheduler keeps them
+    final = 1.0 if to_one else float(ac[0])
+    for s, t in enumerate(reversed(listed)):                           # step s from timestep t (ascending order)
+        nxt = listed[len(listed) - s] if s > 0 else 0                   # the next listed one (0 after the last)
+        one_minus, one_minus_next = float(1 - ac[t]), float(1 - ac[nxt])  # the reference's float32 1 - A
+        A, A_next = 1 - one_minus, 1 - one_minus_next
+        assert float(schedule.reference.a[s]) == pytest.approx((A_next / A) ** 0.5, rel=1e-12)
+        assert float(schedule.reference.b[s]) == pytest.approx(
+            one_minus_next ** 0.5 - (A_next / A) ** 0.5 * one_minus ** 0.5, rel=1e-9, abs=1e-12)
+        # the default: diffusers' step, from the scheduler's A as it is
+        prev = t - 1000 // T
+        A, A_next = float(ac[t]), float(ac[prev]) if prev >= 0 else final
+        assert float(schedule.a[s]) == pytest.approx((A_next / A) ** 0.5, rel=1e-12)
 
 
 def test_final_alpha_is_read_from_the_scheduler():

@@ -78,10 +78,19 @@ class GuidedDenoiser:
         return self.convert(out, x, timesteps) if self.convert is not None else out
 
 
-def _prediction_converter(prediction_type, alphas_cumprod):
-    if prediction_type == "epsilon":
-        return None
-    return lambda out, x, t: to_noise_prediction(out, x, alphas_cumprod, t, prediction_type)
+def _prediction_converter(prediction_type, alphas_cumprod, network=None):
+    """The network's (guided) output as the solver's noise prediction, or None where it is one already. network: a
+    UNet or transformer whose output may carry a learned variance after the prediction (out_channels twice
+    in_channels: DiT, PixArt, some UNets), which is dropped, as DDPMScheduler.step splits it off (DDIM's steps take
+    the noise only; guidance mixes both halves per channel, so keeping one half before or after is the same)."""
+    config = getattr(network, "config", None) or {}
+    C = config.get("in_channels")
+    learned = C is not None and (config.get("out_channels") or C) == 2 * C
+    convert = None if prediction_type == "epsilon" else \
+        (lambda out, x, t: to_noise_prediction(out, x, alphas_cumprod, t, prediction_type))
+    if not learned:
+        return convert
+    return lambda out, x, t: out[:, :C] if convert is None else convert(out[:, :C], x, t)
 
 
 def SDDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
@@ -92,7 +101,7 @@ def SDDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=No
         # in the text encoder's, which failed inside torch (a dtype mismatch naming neither)
         return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond")}, cfg_scale,
-                          _prediction_converter(prediction_type, alphas_cumprod))
+                          _prediction_converter(prediction_type, alphas_cumprod, unet))
 
 
 def SDXLDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=None):
@@ -104,7 +113,7 @@ def SDXLDenoiser(unet, cfg_scale=1.0, prediction_type="epsilon", alphas_cumprod=
         return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype), added_cond_kwargs=added).sample
     return GuidedDenoiser(forward, {"emb": ("cond", "uncond"), "pooled": ("pooled", "uncond_pooled"),
                                     "time_ids": ("time_ids", "uncond_time_ids")}, cfg_scale,
-                          _prediction_converter(prediction_type, alphas_cumprod))
+                          _prediction_converter(prediction_type, alphas_cumprod, unet))
 
 
 def SD3Denoiser(transformer, cfg_scale=1.0):
@@ -124,8 +133,6 @@ def PixArtDenoiser(transformer, cfg_scale=1.0, prediction_type="epsilon", alphas
     "uncond_mask": [N, L]}, and with size_conditioned (PixArt-Alpha at 1024 px) "resolution" [N, 2], "aspect_ratio"
     [N, 1], the same in both branches, as the pipeline doubles them. Guidance mixes the whole output, then the noise
     half of a learned-sigma output is kept, as the pipeline does (the same as keeping it first: per channel)."""
-    C = transformer.config.in_channels
-
     def forward(x, t, emb, mask, resolution=None, aspect_ratio=None):
         dtype = transformer.dtype
         added = {"resolution": None if resolution is None else resolution.to(dtype),
@@ -135,12 +142,8 @@ def PixArtDenoiser(transformer, cfg_scale=1.0, prediction_type="epsilon", alphas
     inputs = {"emb": ("cond", "uncond"), "mask": ("mask", "uncond_mask")}
     if size_conditioned:
         inputs.update(resolution=("resolution", "resolution"), aspect_ratio=("aspect_ratio", "aspect_ratio"))
-    predicted = _prediction_converter(prediction_type, alphas_cumprod)
-
-    def convert(out, x, t):
-        out = out[:, :C]  # learned sigma: the variance half is unused (DDIM's steps take the noise only)
-        return out if predicted is None else predicted(out, x, t)
-    return GuidedDenoiser(forward, inputs, cfg_scale, convert)
+    return GuidedDenoiser(forward, inputs, cfg_scale, _prediction_converter(prediction_type, alphas_cumprod,
+                                                                            transformer))
 
 
 def pack_latents(x):

@@ -322,4 +322,13 @@ def vae_problem(config):
     shift = config.get("shift_factor")
     if shift is not None and (not (is_real(shift) and math.isfinite(shift)) or abs(shift) > hi):
         return f"has shift_factor {shift!r}; a number in -{hi:g}..{hi:g} (or none) is needed"
+    # SDXL's __call__ unscales the latents per channel with these where the config has both (models.adapters
+    # .unscale_latents): a wrong count or a string failed at the decode, after the whole run was sampled
+    channels = config.get("latent_channels", 4)
+    for key in ("latents_mean", "latents_std"):
+        values = config.get(key)
+        if values is not None and not (isinstance(values, (list, tuple)) and len(values) == channels and all(
+                is_real(v) and math.isfinite(v) and (key == "latents_mean" or v > 0) for v in values)):
+            what = "finite numbers" if key == "latents_mean" else "positive finite numbers"
+            return f"has {key} {values!r}; {channels} {what} (one per latent channel) or none are needed"
     return None

@@ -205,6 +205,11 @@ def folder_sizes(path, flag="--model_path"):
     height, width = sample_pixels(cells, factor)
     if height != width:  # DiTPipeline draws square latents of sample_size cells
         raise InputFileError(f"{flag}: {net_path} has sample_size {cells}; DiTPipeline samples square latents")
+    if net.get("patch_size") is not None:  # a side the patches do not tile came back smaller from the transformer
+        patch = config_value(net, "patch_size", net_path, flag, "count")
+        if height // factor % patch:
+            raise InputFileError(f"{flag}: {net_path} has sample_size {cells} and patch_size {patch}: the latent "
+                                 f"side must be a multiple of the patch size")
     classes = config_value(net, "num_embeds_ada_norm", net_path, flag, "count")
     # DiTPipeline reads id2label {"<class id>": "name, other name"} when it is built: anything else failed there,
     # in a line naming the folder but not the key

@@ -54,7 +54,8 @@ class ParallelOutput:
     results: list             # per batch: paratAA.SolveResult (history: per-iteration residuals, boundary, x_0)
     config: SolverConfig      # the values used (the window chosen when window_size="auto")
     # sampling_seconds, sequential_seconds (measured with compare_sequential, else estimated: T x the time of one
-    # call of one state per sample, per batch), sequential_measured, speedup
+    # call of one state per sample, per batch), sequential_measured, speedup, unfinished (samples max_steps stopped
+    # before they converged: their speed-up is not one to the sequential sampler's image)
     speed: dict = field(default_factory=dict)
     plan: object = None       # window_size="auto": the planner's paratAA.planner.Plan (curve, choice, prediction)
     # per image, as the pipeline's own output names it: whether its safety checker flagged the image (then black, as
@@ -220,7 +221,8 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
         images = [Image.fromarray(img) for img in images]
     # what the run gained, as the scripts say it: sequential sampling measured (compare_sequential) or estimated
     speed = {"sampling_seconds": seconds, "sequential_seconds": seq_seconds,
-             "sequential_measured": bool(compare_sequential), "speedup": seq_seconds / seconds}
+             "sequential_measured": bool(compare_sequential), "speedup": seq_seconds / seconds,
+             "unfinished": len(stopped)}
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
                           results=results, config=config, speed=speed, plan=plan, nsfw_content_detected=flagged)
 

@@ -224,7 +224,13 @@ def check_folder(path, flag="--model_path"):
     encoder_2 = None
     if kind == SDXL:  # both checked above: a [library, class] pair, a config.json
         encoder_2 = index["text_encoder_2"][1], configs[os.path.join(path, "text_encoder_2", "config.json")]
-    problem = network_problem(net, kind, encoder_2)
+    encoders = {}  # the text encoders' configs (SD3's optional T5 read here: it is not among PARTS)
+    for part in TEXT_ENCODERS:
+        config_path = os.path.join(path, part, "config.json")
+        if config_path in configs or isinstance(index.get(part), list) and None not in index[part] and \
+                os.path.isfile(config_path):
+            encoders[part] = configs.get(config_path) or read_json(config_path, flag)
+    problem = network_problem(net, kind, encoder_2, encoders)
     if problem:
         raise InputFileError(f"{flag}: {net_path} {problem}")
 
@@ -241,13 +247,68 @@ def own_library(name):
 
 
 SDXL = "StableDiffusionXLPipeline"
+UNET_FAMILIES = ("StableDiffusionPipeline", SDXL)  # the rest have a transformer
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def network_problem(config, kind=None, encoder_2=None):
+# The widths of the prompt embeddings a family's network reads, each from its text encoders' configs: (the network's
+# key, the encoders' parts and keys whose widths add up to it, and whether the network's may be wider: SD3 pads its
+# CLIP embeddings with zeros to T5's width). A mismatch failed at the first model call ("mat1 and mat2 shapes cannot
+# be multiplied"), naming no part; a part or key not there is not checked (SD3's optional T5)
+TEXT_WIDTHS = {
+    "StableDiffusionPipeline": [("cross_attention_dim", [("text_encoder", "hidden_size")], False)],
+    SDXL: [("cross_attention_dim", [("text_encoder", "hidden_size"), ("text_encoder_2", "hidden_size")], False)],
+    "StableDiffusion3Pipeline": [
+        ("pooled_projection_dim", [("text_encoder", "projection_dim"), ("text_encoder_2", "projection_dim")], False),
+        ("joint_attention_dim", [("text_encoder", "hidden_size"), ("text_encoder_2", "hidden_size")], True),
+        ("joint_attention_dim", [("text_encoder_3", "d_model")], False)],
+    flux.FLUX: [("pooled_projection_dim", [("text_encoder", "hidden_size")], False),
+                ("joint_attention_dim", [("text_encoder_2", "d_model")], False)],
+    **{k: [("caption_channels", [("text_encoder", "d_model")], False)] for k in pixart.FAMILIES},
+}
+
+
+def text_width_problem(kind, config, encoders):
+    """Why the prompt embeddings of the text encoders (encoders: {part: config dict}) do not fit a network of this
+    config in pipeline class `kind` (to follow "has"), or None."""
+    for key, parts, padded in TEXT_WIDTHS.get(kind, []):
+        width = config.get(key)
+        if isinstance(width, (list, tuple)) and len(set(width)) == 1:  # a UNet's per-block cross_attention_dim
+            width = width[0]
+        given = [(part, name, encoders[part].get(name)) for part, name in parts
+                 if isinstance(encoders.get(part), dict)]
+        if not is_integer(width) or len(given) != len(parts) or not all(is_integer(v) for _, _, v in given):
+            continue
+        total = sum(v for _, _, v in given)
+        if total > width if padded else total != width:
+            said = " + ".join(f"{part}'s {name} {v}" for part, name, v in given)
+            return (f"a {'unet' if kind in UNET_FAMILIES else 'transformer'} with {key} {width} and prompt "
+                    f"embeddings {total} wide ({said}): the text encoders do not fit the network")
+    return None
+
+
+def output_problem(config, kind):
+    """Why a UNet's or SD3's / Flux's transformer output cannot be the prediction (to follow "has"), or None: the
+    latent's channels, or for a UNet twice them (a learned variance after the noise, as DDPMScheduler.step splits it:
+    the noise half is sampled). PixArt's are checked by pixart.transformer_problem. Another width failed at the first
+    model call, naming the solver's eps_fn."""
+    channels, out = config.get("in_channels"), config.get("out_channels")
+    if kind not in (*UNET_FAMILIES, *FLOW_PIPELINES) or out is None or not is_integer(channels):
+        return None
+    if kind in UNET_FAMILIES and out not in (channels, 2 * channels):
+        return (f"a unet with out_channels {out!r} for in_channels {channels}: {channels} expected (the prediction), "
+                f"or {2 * channels} (and a learned variance)")
+    if kind not in UNET_FAMILIES and out != channels:
+        return f"a transformer with out_channels {out!r} for in_channels {channels}: {channels} expected"
+    return None
+
+
+def network_problem(config, kind=None, encoder_2=None, encoders=None):
     """What keeps a denoising network (its config dict) from being sampled here by pipeline class `kind`, or None.
-    encoder_2: SDXL's second text encoder, as (class name, config dict). A UNet with time_cond_proj_dim is
-    guidance-distilled (LCM): diffusers' pipelines then skip classifier-free guidance and feed the scale as
-    timestep_cond, for a consistency sampler, not the DDIM steps the solver parallelises."""
+    encoder_2: SDXL's second text encoder, as (class name, config dict). encoders: {part: config dict} of the text
+    encoders present, for text_width_problem. A UNet with time_cond_proj_dim is guidance-distilled (LCM): diffusers'
+    pipelines then skip classifier-free guidance and feed the scale as timestep_cond, for a consistency sampler, not
+    the DDIM steps the solver parallelises."""
     if config.get("time_cond_proj_dim") is not None:
         return ("has a UNet with time_cond_proj_dim (a guidance-distilled LCM model, sampled by its own consistency "
                 "steps); supported are UNets without it")
@@ -279,6 +340,10 @@ def network_problem(config, kind=None, encoder_2=None):
         if isinstance(axes, list) and all(is_integer(a) for a in axes) and is_integer(head) and sum(axes) != head:
             return (f"has axes_dims_rope {axes}, which sum to {sum(axes)}, not its attention_head_dim {head}: the "
                     f"rotary embedding covers each head's features")
+    # last: a network of another family (an SDXL UNet under StableDiffusionPipeline) is said as that above
+    for problem in (output_problem(config, kind), text_width_problem(kind, config, encoders or {})):
+        if problem:
+            return f"has {problem}"
     return None
 
 
@@ -499,8 +564,10 @@ def pipeline_problem(pipe):
     if problem:
         return f"has a {problem[0]} that {problem[1]}"
     encoder_2 = getattr(pipe, "text_encoder_2", None)
+    encoders = {part: getattr(pipe, part).config.to_dict() for part in TEXT_ENCODERS
+                if getattr(pipe, part, None) is not None and hasattr(getattr(pipe, part), "config")}
     problem = network_problem(network(pipe).config, kind, (type(encoder_2).__name__, encoder_2.config.to_dict())
-                              if kind == SDXL and encoder_2 is not None else None)
+                              if kind == SDXL and encoder_2 is not None else None, encoders)
     if problem:
         return problem
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels

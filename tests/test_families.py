@@ -32,9 +32,10 @@ def run_sd(folder, out, *flags):
     return run_dir, read_metrics(run_dir)
 
 
-def diffusers_loop(folder, T, cfg, num_samples, seed=0):
+def diffusers_loop(folder, T, cfg, num_samples, seed=0, noise_half=False):
     """The pipeline's own __call__ with its own loop, from our x_T; SD 1.x/2.x/XL with DDIMScheduler (how the
-    scripts read their schedulers), SD3 with its own flow-matching scheduler."""
+    scripts read their schedulers), SD3 with its own flow-matching scheduler. noise_half: the UNet's output cut to
+    its first 4 channels (a learned variance after the noise, which DDIMScheduler.step does not split off)."""
     import diffusers
     from diffusers import DDIMScheduler
     from models.sd import family
@@ -45,6 +46,9 @@ def diffusers_loop(folder, T, cfg, num_samples, seed=0):
     if kind != "StableDiffusion3Pipeline":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # read as linear DDIM
     pipe.set_progress_bar_config(disable=True)
+    if noise_half:  # the pipeline calls unet(..., return_dict=False)[0]
+        forward = pipe.unet.forward
+        pipe.unet.forward = lambda *a, **k: (forward(*a, **{**k, "return_dict": False})[0][:, :4],)
     latent = (4, 8, 8)
     x_T = draw_noise(num_samples, T, latent, torch.Generator().manual_seed(seed))[:, T].float()
     with torch.no_grad():
@@ -73,6 +77,37 @@ def test_tolerance_zero_equals_the_pipelines_own_loop(folders, tmp_path, name, T
     # a scheduler other than DDIM (or a flow's Euler) is read as DDIM: the run says so once, the others say nothing
     said = capsys.readouterr().err
     assert said.count("sampled as DDIM") == (name == "sdxl")
+
+
+def test_a_unet_with_a_learned_variance_samples_its_noise_half(tmp_path):
+    """A UNet whose output carries a learned variance after the noise (out_channels 8 for 4-channel latents, as
+    DDPMScheduler.step splits it) failed at the first model call ("eps_fn returned shape (1, 8, 8, 8)"), though the
+    pipeline's own call samples it with DDPMScheduler. Now its noise half is sampled, as for DiT and PixArt: at
+    tolerance 0 the pipeline's own DDIM loop on that half, guided."""
+    folder = build_tiny_sd(str(tmp_path / "learned"), seed=5, unet_out_channels=8)
+    run_dir, _ = run_sd(folder, tmp_path / "runs", "--timesteps", "10", "--tol1", "0", "--tol2", "0",
+                        "--num_samples", "2", "--batch_size", "2", "--prompt", PROMPT, "--cfg_scale", "3")
+    ref = diffusers_loop(folder, 10, 3.0, 2, noise_half=True)
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    np.testing.assert_allclose(read_latents(run_dir), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_dit_folder_whose_patches_do_not_tile_its_latent_is_named(dit_folder, tmp_path, capsys):
+    """sample_size 6 with patch_size 2 is fine, 6 with 4 is not: the transformer's output came back 4x4 for a 6x6
+    latent, an "unexpected" error at the first model call."""
+    import shutil
+    import parallel_dit
+    from runner.errors import exit_on_error
+    folder = tmp_path / "dit"
+    shutil.copytree(dit_folder, folder)
+    _edit(folder / "transformer" / "config.json", sample_size=6, patch_size=4)
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--model_path", str(folder), "--timesteps", "5",
+                                                                  "--output_path", str(tmp_path / "runs")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert all(w in err[0] for w in ("transformer/config.json", "sample_size 6", "patch_size 4")), err[0]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("preset", ["default", "paper"])
@@ -469,7 +504,8 @@ def _edit(path, **changes):
     json.dump({**json.load(open(path)), **changes}, open(path, "w"))
 
 
-@pytest.mark.parametrize("name, edit, words", [
+@pytest.mark.parametrize("family, name, edit, words", [case if len(case) == 4 else ("sdxl", *case)
+                                                    for case in [
     ("time_embed_width", lambda f: _edit(f / "unet" / "config.json", addition_time_embed_dim=16),
      ["unet/config.json", "projection_class_embeddings_input_dim 80", "16 x 6 sizes + text_encoder_2's "
       "projection_dim 32 make 128"]),
@@ -485,14 +521,29 @@ def _edit(path, **changes):
     ("encoder_2_without_projection", lambda f: _edit(f / "model_index.json",
                                                      text_encoder_2=["transformers", "CLIPTextModel"]),
      ["text_encoder_2 that is a CLIPTextModel", "CLIPTextModelWithProjection"]),
-])
-def test_sdxl_folders_whose_parts_do_not_fit_are_named(folders, tmp_path, capsys, name, edit, words):
+    # the prompt embeddings' widths against the network's (both encoders' hidden sizes add up to SDXL's): a size
+    # error at the first model call ("mat1 and mat2 shapes cannot be multiplied"), said as unexpected
+    ("encoder_width", lambda f: _edit(f / "text_encoder" / "config.json", hidden_size=48),
+     ["unet/config.json", "cross_attention_dim 64", "text_encoder's hidden_size 48 + text_encoder_2's hidden_size 32"]),
+    ("sd3", "pooled_width", lambda f: _edit(f / "text_encoder" / "config.json", projection_dim=48),
+     ["transformer/config.json", "pooled_projection_dim 64", "text_encoder's projection_dim 48"]),
+    ("sd3", "output_width", lambda f: _edit(f / "transformer" / "config.json", out_channels=8),
+     ["transformer/config.json", "out_channels 8", "4 expected"]),
+    ("sd2_768", "unet_output_width", lambda f: _edit(f / "unet" / "config.json", out_channels=5),
+     ["unet/config.json", "out_channels 5", "learned variance"]),
+    # SDXL's __call__ unscales its latents per channel with these: a size error or a TypeError after sampling
+    ("vae_mean_count", lambda f: _edit(f / "vae" / "config.json", latents_mean=[0.1, 0.2, 0.3]),
+     ["vae/config.json", "latents_mean [0.1, 0.2, 0.3]", "4 finite numbers"]),
+    ("vae_std_text", lambda f: _edit(f / "vae" / "config.json", latents_std=["1", "1", "1", "1"]),
+     ["vae/config.json", "latents_std", "4 positive finite numbers"]),
+]])
+def test_folders_whose_parts_do_not_fit_are_named(folders, tmp_path, capsys, family, name, edit, words):
     """Each failed inside when sampling, in a line calling itself unexpected: diffusers' "Model expects an added
-    time embedding vector of length ...", a TypeError or AttributeError on None."""
+    time embedding vector of length ...", a TypeError or AttributeError on None, a size error."""
     import shutil
     from runner.errors import exit_on_error
     folder = tmp_path / name
-    shutil.copytree(folders["sdxl"], folder)
+    shutil.copytree(folders[family], folder)
     edit(folder)
     with pytest.raises(SystemExit) as e:
         exit_on_error(parallel_sd.main, parallel_sd.parse_args(["--model_path", str(folder), "--timesteps", "5",
@@ -514,8 +565,16 @@ def test_a_loaded_sdxl_pipeline_whose_parts_do_not_fit_is_refused(folders):
     with pytest.raises(ValueError, match="tokenizer_2 that has model_max_length 16 .* must agree"):
         parallel_sample(pipe, PROMPT, num_inference_steps=5)
     pipe.tokenizer_2.model_max_length = pipe.tokenizer.model_max_length
+    encoder_2 = pipe.text_encoder_2
     pipe.text_encoder_2 = CLIPTextModel(pipe.text_encoder_2.config)
     with pytest.raises(ValueError, match="text_encoder_2 that is a CLIPTextModel"):
+        parallel_sample(pipe, PROMPT, num_inference_steps=5)
+    # a text encoder of another width (a size error at the first model call, naming no part)
+    pipe.text_encoder_2 = encoder_2
+    pipe.text_encoder = CLIPTextModel(type(pipe.text_encoder.config)(**{**pipe.text_encoder.config.to_dict(),
+                                                                        "hidden_size": 48}))
+    with pytest.raises(ValueError, match="cross_attention_dim 64 and prompt embeddings 80 wide .text_encoder's "
+                                         "hidden_size 48"):
         parallel_sample(pipe, PROMPT, num_inference_steps=5)
 
 

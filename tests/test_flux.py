@@ -432,9 +432,23 @@ def test_rotary_axes_that_do_not_cover_a_head_are_named(folders, tmp_path, capsy
 
 
 def test_a_text_encoder_config_of_other_sizes_names_the_tensor(folders, tmp_path, capsys):
-    """A T5 config whose d_model differs from its weights': transformers' error points at a report that quiet
+    """A T5 config whose d_ff differs from its weights': transformers' error points at a report that quiet
     loading does not print ("For details look at the above report!"). The tensor and both shapes are named."""
-    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), "t5_width", lambda f: edit_json(
-        os.path.join(f, "text_encoder_2", "config.json"), d_model=64))
+    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), "t5_ff", lambda f: edit_json(
+        os.path.join(f, "text_encoder_2", "config.json"), d_ff=64))
     check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
           ["--model_path", "text_encoder_2/", "in its weight files but", "by its config.json"], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("part, key, words", [
+    ("text_encoder_2", "d_model", ["joint_attention_dim 32", "text_encoder_2's d_model 48"]),  # T5's tokens
+    ("text_encoder", "hidden_size", ["pooled_projection_dim 32", "text_encoder's hidden_size 48"]),  # CLIP's pooled
+])
+def test_text_encoders_whose_embeddings_do_not_fit_the_transformer_are_named(folders, tmp_path, capsys, part, key,
+                                                                            words):
+    """Their widths failed at the first model call ("mat1 and mat2 shapes cannot be multiplied"), said as
+    unexpected; now before anything loads, naming the transformer's config and each encoder's key."""
+    folder = folder_variant(folders["dev"], str(tmp_path / "variants"), part, lambda f: edit_json(
+        os.path.join(f, part, "config.json"), **{key: 48}))
+    check(parallel_sd, ["--model_path", folder, "--timesteps", "2", *SIZE], 1,
+          ["--model_path", "transformer/config.json", *words, "do not fit"], tmp_path, capsys)

@@ -543,9 +543,11 @@ def test_max_steps_stopping_a_sample_early_is_said(tiny_sd):
         out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=8, num_images=2, batch_size=1,
                               window_size=2, max_steps=2, output_type="np")
     assert [c for r in out.results for c in r.converged] == [False, False]
+    assert out.speed["unfinished"] == 2  # its speed-up is not one to the sequential image (the scripts say it too)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged: nothing to say
-        parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, max_steps=4, output_type="np")
+        out = parallel_sample(pipe, "a handwritten digit four", num_inference_steps=4, max_steps=4, output_type="np")
+    assert out.speed["unfinished"] == 0
 
 
 def test_a_safety_checker_blacks_out_flagged_images_as_the_pipelines_own_call(tiny_sd):

@@ -127,6 +127,10 @@ def test_what_is_not_supported_is_one_line(folders, tmp_path, capsys, tiny_sd):
          ["transformer/config.json", "interpolation_scale 'x'", "positive number"]),
         (folder_variant(sigma, root, "no_tokenizer", lambda f: shutil.rmtree(os.path.join(f, "tokenizer"))), [], 1,
          ["--model_path", "tokenizer/"]),
+        # T5's width against the transformer's caption projection: a size error at the first model call
+        (folder_variant(sigma, root, "t5_width", lambda f: edit_json(os.path.join(f, "text_encoder", "config.json"),
+                                                                d_model=48)), [], 1,
+         ["transformer/config.json", "caption_channels 32", "text_encoder's d_model 48", "do not fit"]),
         (sigma, ["--max_sequence_length", "0"], 2, ["--max_sequence_length must be in 1..512", "got 0"]),
         (sigma, ["--negative_prompt", "x", "--cfg_scale", "1"], 2, ["--negative_prompt has no effect"]),
         (sigma, ["--height", "0"], 2, ["--height must be an integer in 1..8192"]),

@@ -54,13 +54,14 @@ def _randomise(module, seed):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def build_tiny_sd(folder, seed=0, **scheduler_config):
+def build_tiny_sd(folder, seed=0, unet_out_channels=4, **scheduler_config):
     """SD 1.x/2.x layout; scheduler_config: DDIMScheduler settings over SD v1.5's (e.g. prediction_type=
-    "v_prediction", timestep_spacing="trailing" for an SD 2.x 768 configuration)."""
+    "v_prediction", timestep_spacing="trailing" for an SD 2.x 768 configuration). unet_out_channels 8: a UNet with a
+    learned variance after the noise."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=unet_out_channels, layers_per_block=1,
                                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=16)

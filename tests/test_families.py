@@ -97,17 +97,12 @@ def test_a_dit_folder_whose_patches_do_not_tile_its_latent_is_named(dit_folder, 
     latent, an "unexpected" error at the first model call."""
     import shutil
     import parallel_dit
-    from runner.errors import exit_on_error
+    from tests.test_bad_input import check
     folder = tmp_path / "dit"
     shutil.copytree(dit_folder, folder)
     _edit(folder / "transformer" / "config.json", sample_size=6, patch_size=4)
-    with pytest.raises(SystemExit) as e:
-        exit_on_error(parallel_dit.main, parallel_dit.parse_args(["--model_path", str(folder), "--timesteps", "5",
-                                                                  "--output_path", str(tmp_path / "runs")]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert e.value.code == 1 and len(err) == 1, err
-    assert all(w in err[0] for w in ("transformer/config.json", "sample_size 6", "patch_size 4")), err[0]
-    assert not (tmp_path / "runs").exists()
+    check(parallel_dit, ["--model_path", str(folder), "--timesteps", "5"], 1,
+          ["transformer/config.json", "sample_size 6", "patch_size 4"], tmp_path, capsys)
 
 
 @pytest.mark.parametrize("preset", ["default", "paper"])

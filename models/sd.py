@@ -272,6 +272,8 @@ def text_width_problem(kind, config, encoders):
     """Why the prompt embeddings of the text encoders (encoders: {part: config dict}) do not fit a network of this
     config in pipeline class `kind` (to follow "has"), or None."""
     for key, parts, padded in TEXT_WIDTHS.get(kind, []):
+        if key == "cross_attention_dim" and config.get("encoder_hid_dim") is not None:
+            key = "encoder_hid_dim"  # the UNet projects the prompt embeddings from this width to its own
         width = config.get(key)
         if isinstance(width, (list, tuple)) and len(set(width)) == 1:  # a UNet's per-block cross_attention_dim
             width = width[0]

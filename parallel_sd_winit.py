@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
 from models.bundles import sd_bundles  # noqa: E402
 from models.sd import SD_CFG_HELP, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
 from paratAA.solver import check_variation_steps  # noqa: E402
-from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
+from runner.flags import add_common_flags, held_notes, make_parser, note  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import check_fits, open_run, sample_into, subfolder  # noqa: E402
 from runner.presets import parse_with_preset  # noqa: E402
@@ -57,13 +57,21 @@ def main(args):
 def check_finished(r1, args, run_dir):
     """prompt2 freezes prompt1's noisiest states and starts from the rest: a trajectory --max_steps cut short has
     unconverged states there, and states the window never reached hold nothing (zeros), so prompt2 would solve
-    from them and call the result converged and equal to sequential sampling (which starts from them too)."""
+    from them and call the result converged and equal to sequential sampling (which starts from them too). The
+    paper mode goes on from it, said in a note, as the reference's script does (its example run capped prompt1 at
+    --max_steps 20): a researcher repeating the reference's command gets its two passes."""
     unfinished = [i for i, done in enumerate(r1["converged"]) if not done]
-    if unfinished:
-        kept = f" (prompt1's samples are kept in {run_dir})" if run_dir else ""
-        raise UsageError(f"--max_steps {args.max_steps} stopped prompt1 before it converged (sample "
-                         f"{', '.join(map(str, unfinished))}): prompt2's warm start needs its finished trajectory; "
-                         f"raise --max_steps or leave it out{kept}")
+    if not unfinished:
+        return
+    which = f"--max_steps {args.max_steps} stopped prompt1 before it converged (sample {', '.join(map(str, unfinished))})"
+    if args.reference_quirks:
+        note(f"{which}: prompt2 starts from its unfinished trajectory, as the reference's script does, and is "
+             f"compared with sequential sampling from that trajectory; leave --max_steps out for a warm start from "
+             f"prompt1's sequential trajectory")
+        return
+    kept = f" (prompt1's samples are kept in {run_dir})" if run_dir else ""
+    raise UsageError(f"{which}: prompt2's warm start needs its finished trajectory; raise --max_steps or leave it "
+                     f"out{kept}")
 
 
 def parse_args(argv=None):

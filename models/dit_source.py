@@ -97,9 +97,15 @@ def check_dit_flags(args):
         given, needed = vae_factor(args.vae_path), vae_factor(own)
         if None not in (given, needed) and given != needed:
             side = args.image_size // needed
+            # the reference's command (--model_path a DiT-XL/2 checkpoint, --vae_path SD's VAE) has no --model: it
+            # always builds DiT-XL/2, where the default here is the embedded model
+            other = args.model == EMBEDDED_DIT and os.path.abspath(args.model_path) != os.path.abspath(
+                digits.DIT_WEIGHTS) and not is_dit_folder(args.model_path)
+            hint = (f"; --model is {EMBEDDED_DIT} by default: for a DiT-XL/2 checkpoint, as the reference's command "
+                    f"loads, add --model DiT-XL/2 --image_size 256" if other else "")
             raise UsageError(f"--vae_path: {args.vae_path} decodes {given}x{given} pixels per latent cell; "
                              f"{args.model}'s {side}x{side} latents need a VAE of factor {needed} (its "
-                             f"{args.image_size}x{args.image_size} images)")
+                             f"{args.image_size}x{args.image_size} images){hint}")
     for c in args.class_labels or []:
         if not 0 <= c < args.num_classes:
             raise UsageError(f"--class_labels must be in 0..{args.num_classes - 1}, got {c}")

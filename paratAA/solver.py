@@ -241,9 +241,10 @@ def solve(eps_fn, schedule, noise, cond=None, config=None, *, init=None, variati
         memory = [AndersonMemory(m, T, X.shape[2], device) for _ in range(B)]
     history = [SampleHistory() for _ in range(B)]
     iterations = [0] * B
-    if record_x0:
+    if record_x0:  # before iteration 1: what the run starts from, x_T or the x_0 of a warm start's trajectory
+        start = top if init is None else 0  # (its sample: prompt1's image, as the reference's step_0 shows it)
         for b in range(B):
-            history[b].x0.append(X[b, lowest[b]].reshape(latent).to("cpu", copy=True))
+            history[b].x0.append(X[b, start].reshape(latent).to("cpu", copy=True))
 
     it = 0
     while any(f > 0 for f in boundary) and (max_steps is None or it < max_steps):
@@ -435,8 +436,8 @@ def _one_state_per_iteration(eps_fn, schedule, noise, cond, config, init, variat
     steps = top if config.max_iterations is None else min(top, config.max_iterations)
     B = noise.shape[0]
     history = [SampleHistory() for _ in range(B)]
-    start = (noise[:, T] if init is None else init[:, top]).to(torch.float64)            # [B, *latent]
-    if record_x0:
+    if record_x0:  # what the run starts from, as the windowed iteration records it
+        start = (noise[:, T] if init is None else init[:, 0]).to(torch.float64)           # [B, *latent]
         for b in range(B):
             history[b].x0.append(start[b].to("cpu", copy=True))
 

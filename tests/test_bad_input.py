@@ -1070,6 +1070,12 @@ def test_a_vae_of_another_factor_is_refused_where_the_latent_is_fixed(tmp_path, 
     records: refused, naming --vae_path, before anything is loaded."""
     check(parallel_dit, ["--vae_path", vae_of_factor(tmp_path / "vae4", 4)], 2,
           ["--vae_path", "vae4", "factor 2"], tmp_path, capsys)
+    # the reference's command: a checkpoint and SD's VAE, no --model (the reference always builds DiT-XL/2); the
+    # line blamed --vae_path alone
+    torch.save({"x": torch.zeros(1)}, tmp_path / "DiT-XL-2-256x256.pt")
+    check(parallel_dit, ["--model_path", str(tmp_path / "DiT-XL-2-256x256.pt"),
+                         "--vae_path", vae_of_factor(tmp_path / "vae8", 8)], 2,
+          ["--vae_path", "factor 2", "add --model DiT-XL/2 --image_size 256"], tmp_path, capsys)
 
 
 def test_a_checkpoint_is_read_at_its_vaes_factor(tmp_path, capsys):

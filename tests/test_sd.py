@@ -195,6 +195,20 @@ def test_a_warm_start_from_a_prompt1_cut_short_is_refused(tiny_sd, tmp_path, cap
     assert sorted(os.listdir(run_dir)) == ["prompt1", "prompt2"]
 
 
+def test_the_paper_mode_warm_starts_from_a_prompt1_cut_short_as_the_reference(tiny_sd, tmp_path, capsys):
+    """The reference's script solves prompt2 from whatever trajectory --max_steps left (its example run capped
+    prompt1 at 20): its command with --preset paper was refused after prompt1. It now goes on, with a note."""
+    capsys.readouterr()
+    run_dir = parallel_sd_winit.main(parallel_sd_winit.parse_args([
+        "--model_path", tiny_sd, "--output_path", str(tmp_path), "--preset", "paper", "--timesteps", "20",
+        "--variation_steps", "5", "--max_steps", "3"]))
+    assert sorted(os.listdir(run_dir)) == ["prompt1", "prompt2"]
+    m = [json.load(open(os.path.join(run_dir, p, "metrics.json"))) for p in ("prompt1", "prompt2")]
+    assert m[0]["samples"][0]["converged"] is False and m[0]["samples"][0]["iterations"] == 2  # the reference's count
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line and "prompt1" in line]
+    assert len(notes) == 1 and "--max_steps 3 stopped prompt1" in notes[0] and "reference" in notes[0], notes
+
+
 def test_a_warm_starts_window_is_chosen_for_the_steps_it_solves(tiny_sd, tmp_path):
     """prompt2 re-solves variation_steps of the T steps: the planner chose its window, and predicted its time, for a
     full T-step solve (a prediction 5x the time it took, for 10 of 100 steps)."""

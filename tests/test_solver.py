@@ -599,7 +599,9 @@ def test_a_schedule_with_non_finite_coefficients_is_named_before_any_model_call(
 def test_a_warm_starts_x0_record_is_the_lowest_state_its_window_reached_at_every_window():
     """step_<k>.png of a warm start (parallel_sd_winit.py's prompt2): window 1 recorded x_{variation_steps} as the
     initial state and then the state just computed, a wider window recorded x_0 of the trajectory it started from
-    (prompt1's image) until the window reached it, so its first iterations showed prompt1's image unchanged."""
+    (prompt1's image) until the window reached it, so its first iterations showed prompt1's image unchanged. Before
+    iteration 1 both record what the run starts from, that trajectory's x_0 (the reference's step_0 of prompt2:
+    prompt1's image; it was x_{variation_steps}, 47 gray levels from it on the embedded model)."""
     model, schedule, noise = gmm_problem(12)
     init = solve(model, schedule, noise, window_size=12, tol1=0.0, tol2=0.0, model_dtype=torch.float64).trajectory
     V = 8
@@ -607,7 +609,8 @@ def test_a_warm_starts_x0_record_is_the_lowest_state_its_window_reached_at_every
                 model_dtype=torch.float64)
     wide = solve(model, schedule, noise, window_size=3, init=init, variation_steps=V, record_x0=True,
                  model_dtype=torch.float64)
-    assert torch.equal(one.history[0].x0[0], init[0, V]) and torch.equal(wide.history[0].x0[0], init[0, V])
+    assert torch.equal(one.history[0].x0[0], init[0, 0]) and torch.equal(wide.history[0].x0[0], init[0, 0])
+    assert torch.equal(one.history[0].x0[1], one.trajectory[0, V - 1])  # then the state just computed
     assert not torch.equal(wide.history[0].x0[1], init[0, 0])  # iteration 1 updated states V-3 .. V-1
     capped = solve(model, schedule, noise, window_size=3, init=init, variation_steps=V, max_steps=1,
                    model_dtype=torch.float64)

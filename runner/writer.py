@@ -150,8 +150,9 @@ class RunWriter:
                 m["iterations_to_same_image"] = same_image_at(m["image_rms_history"])
                 m["final_image_rms"] = m["image_rms_history"][-1]
                 final = m["iterations_to_same_image"]
-            else:  # without the sequential sample: the first image within 1 gray level of the sample's own last
-                final = same_image_at([image_rms(img, imgs[-1]) for img in imgs])
+            else:  # without the sequential sample: the first image within 1 gray level of the sample's own last,
+                # where that last is final (one --max_steps cut short would be marked at its last column, as if done)
+                final = same_image_at([image_rms(img, imgs[-1]) for img in imgs]) if res.converged[j] else None
             self._write_folder(i, imgs, seq_imgs[j] if seq is not None else None)
             self.finished.append(Finished(  # one append: a signal never splits a sample's entry
                 m, res.samples[j:j + 1].to(torch.float32).cpu().numpy(),

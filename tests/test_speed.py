@@ -176,6 +176,21 @@ def test_the_grid_marks_the_final_and_the_stop_columns_and_pads_nothing():
     assert empty.sum() >= 2 * 64 * 64 * 0.9
 
 
+def test_a_sample_cut_short_has_no_final_column_without_the_sequential_one(tmp_path, monkeypatch):
+    """Without --compare_sequential the grid marks the first image within 1 gray level of the sample's own last:
+    for a sample --max_steps cut short that was its last column, green beside orange, as if it had converged."""
+    from runner import writer
+    drawn = []
+    monkeypatch.setattr(writer, "draw_grid", lambda rows, reference: drawn.append(rows) or np.zeros((2, 2, 3),
+                                                                                                   np.uint8))
+    run(tmp_path / "cut", "--timesteps", "20", "--num_samples", "1", "--window_size", "20", "--max_steps", "2")
+    run(tmp_path / "done", "--timesteps", "20", "--num_samples", "1", "--window_size", "20")
+    (_, _, final, cut), = drawn[0]
+    assert cut and final is None
+    (_, _, final, cut), = drawn[1]
+    assert not cut and final is not None
+
+
 def test_timed_runs_are_warmed_up_at_the_sizes_they_time(tmp_path, monkeypatch):
     """Before the sampling and the sequential sampling are timed, one untimed call at each of their sizes (a GPU's
     first call at a size loads kernels; a run whose curve came from the cache has made no call yet)."""

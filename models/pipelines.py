@@ -55,7 +55,8 @@ class ParallelOutput:
     config: SolverConfig      # the values used (the window chosen when window_size="auto")
     # sampling_seconds, sequential_seconds (measured with compare_sequential, else estimated: T x the time of one
     # call of one state per sample, per batch), sequential_measured, speedup, unfinished (samples max_steps stopped
-    # before they converged: their speed-up is not one to the sequential sampler's image)
+    # before they converged: their speed-up is not one to the sequential sampler's image), and with window_size
+    # "auto" predicted_sampling_seconds (the plan's prediction for every batch; plan.predicted_seconds: the first's)
     speed: dict = field(default_factory=dict)
     plan: object = None       # window_size="auto": the planner's paratAA.planner.Plan (curve, choice, prediction)
     # per image, as the pipeline's own output names it: whether its safety checker flagged the image (then black, as
@@ -173,6 +174,7 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
                          f"{batch_bytes / 2 ** 30:.1f} GiB of noise per batch alone ({host / 2 ** 30:.1f} GiB "
                          f"available); lower batch_size")
     latents, x_T, iterations, results, seconds, seq_seconds, plan = [], [], [], [], 0.0, 0.0, None
+    predicted = 0.0  # window auto: the plan's prediction of every batch, as the scripts' predicted_sampling_seconds
     for start in range(0, num_images, B):
         stop = min(start + B, num_images)
         noise, cond = stream.take(stop - start).to(device), bundle.cond(start, stop)
@@ -188,6 +190,9 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
             if not compare_sequential:  # the estimate's unit, as the scripts': one state per sample, timed warm
                 per_call = measure_call_seconds(bundle.eps_fn, bundle.schedule, noise, cond, sharding or Sharding(),
                                                 dtype, [1])[stop - start]
+        if plan is not None:  # a smaller last batch at its own timed call of one state per sample, as the scripts
+            predicted += plan.predict(stop - start, (stop - start, per_call) if start and not compare_sequential
+                                      and stop - start != B else None)
         sync(device)
         t0 = time.perf_counter()
         res = solve(bundle.eps_fn, bundle.schedule, noise, cond, config, model_dtype=dtype, sharding=sharding,
@@ -223,6 +228,8 @@ def sample_bundle(bundle, config, batch_size, output_type, compare_sequential, s
     speed = {"sampling_seconds": seconds, "sequential_seconds": seq_seconds,
              "sequential_measured": bool(compare_sequential), "speedup": seq_seconds / seconds,
              "unfinished": len(stopped)}
+    if plan is not None:  # plan.predicted_seconds is the first batch's
+        speed["predicted_sampling_seconds"] = predicted
     return ParallelOutput(images=list(images), latents=latents, x_T=torch.cat(x_T), iterations=iterations,
                           results=results, config=config, speed=speed, plan=plan, nsfw_content_detected=flagged)
 

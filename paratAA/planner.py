@@ -61,11 +61,17 @@ class Plan:
                 "solver_seconds": {str(k): v for k, v in sorted(self.solver_seconds.items())},
                 "iteration_model": {"alpha": ALPHA, "beta": BETA}}
 
-    def predict(self, samples):
+    def predict(self, samples, measured=None):
         """Predicted seconds of a batch of `samples` at the chosen window: predicted_seconds is the first batch's,
         and a smaller last batch calls the model at its own size (on a CPU a call of 1 costs far less than one of
-        16: the run's prediction was the first batch's times the batches, 1.9x the time of 16 + 1 samples)."""
-        return self.curve_scale * batch_seconds(self.predicted_iterations, samples, self.window, self.call_seconds,
+        16: the run's prediction was the first batch's times the batches, 1.9x the time of 16 + 1 samples).
+        measured: (states, seconds), a call this run timed, in its own time (a smaller last batch's call of one state
+        per sample): below the curve's smallest size the curve is only a line to zero, which put a last batch's
+        call of 1 at 1.5 ms where it took 1.8-2.3 ms."""
+        curve = self.call_seconds
+        if measured is not None:
+            curve = {**curve, measured[0]: measured[1] / self.curve_scale}
+        return self.curve_scale * batch_seconds(self.predicted_iterations, samples, self.window, curve,
                                                 self.solver_seconds)
 
 

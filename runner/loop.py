@@ -221,7 +221,8 @@ def sample_batches(bundle, args, config, session, init=None, variation_steps=Non
             if writer is not None:
                 writer.add_batch(start, res, seq, seconds, seq_seconds,
                                  steps * batch_call if batch_call is not None else None, x_T=noise[:, -1],
-                                 predicted=plan.predict(stop - start) if plan is not None else None)
+                                 predicted=plan.predict(stop - start, None if start == 0 or batch_call is None
+                                                        else (stop - start, batch_call)) if plan is not None else None)
                 _say_unconverged(start, res, config)
             bar.update(stop - start)
     if keep_trajectories:

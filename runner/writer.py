@@ -215,6 +215,9 @@ class RunWriter:
                                   "smaller last batch: last_batch_per_call_seconds)")
         if out.get("sequential_seconds") and wall > 0:
             out["speedup"] = out["sequential_seconds"] / wall
+        # samples --max_steps stopped before they converged: the speed-up is not one to the sequential image (the
+        # terminal line says so; metrics.json said it only per sample)
+        out["unfinished"] = sum(1 for m in (self.samples if samples is None else samples) if not m["converged"])
         plan = self.metrics.get("plan")
         if plan:
             out["predicted_sampling_seconds"] = self.predicted  # the plan's predicted_seconds is its first batch's

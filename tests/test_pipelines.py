@@ -75,10 +75,14 @@ def test_defaults_batches_and_auto_window(tiny_sd):
         s = out.speed
         assert s["sequential_seconds"] > 0 and s["speedup"] == s["sequential_seconds"] / s["sampling_seconds"]
     auto = parallel_sample(pipe, "a handwritten digit one", num_inference_steps=16, window_size="auto",
-                           output_type="np")
+                           output_type="np", num_images=3, batch_size=2)
     assert isinstance(auto.config.window_size, int) and 1 <= auto.config.window_size <= 16
     # the planner's record, as the scripts keep it in metrics.json: its choice is the window sampled with
     assert auto.plan.window == auto.config.window_size and auto.plan.call_seconds and together.plan is None
+    # the prediction of the whole run, as the scripts' predicted_sampling_seconds (the plan's is the first batch's)
+    predicted = auto.speed["predicted_sampling_seconds"]
+    assert predicted > auto.plan.predicted_seconds and auto.speed["sampling_seconds"] > 0
+    assert "predicted_sampling_seconds" not in together.speed
 
 
 # SDXL comes with Euler, read as DDIM: the warning is the subject of its own test below

@@ -183,10 +183,13 @@ def test_a_sample_cut_short_has_no_final_column_without_the_sequential_one(tmp_p
     drawn = []
     monkeypatch.setattr(writer, "draw_grid", lambda rows, reference: drawn.append(rows) or np.zeros((2, 2, 3),
                                                                                                    np.uint8))
-    run(tmp_path / "cut", "--timesteps", "20", "--num_samples", "1", "--window_size", "20", "--max_steps", "2")
-    run(tmp_path / "done", "--timesteps", "20", "--num_samples", "1", "--window_size", "20")
+    _, cut_metrics = run(tmp_path / "cut", "--timesteps", "20", "--num_samples", "1", "--window_size", "20",
+                         "--max_steps", "2")
+    _, done_metrics = run(tmp_path / "done", "--timesteps", "20", "--num_samples", "1", "--window_size", "20")
     (_, _, final, cut), = drawn[0]
     assert cut and final is None
+    # said in metrics.json's speed too (the terminal line said it; the JSON only per sample)
+    assert cut_metrics["speed"]["unfinished"] == 1 and done_metrics["speed"]["unfinished"] == 0
     (_, _, final, cut), = drawn[1]
     assert not cut and final is not None
 
@@ -364,9 +367,30 @@ def test_the_prediction_of_a_smaller_last_batch_is_at_its_own_size(tmp_path, mon
     monkeypatch.setattr(planner, "measure_call_seconds", lambda eps_fn, schedule, noise, cond, sharding, dtype,
                         windows: {noise.shape[0] * w: 0.01 * noise.shape[0] * w for w in windows})
     monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
+    from runner import planning  # the last batch's call of one sample, timed for the sequential estimate: the same
+    monkeypatch.setattr(planning, "measure_call_seconds",
+                        lambda eps_fn, schedule, noise, *rest: {noise.shape[0]: 0.01 * noise.shape[0]})
     _, m = run(tmp_path / "a", "--timesteps", "10", "--num_samples", "3", "--batch_size", "2", "--window_size", "auto")
     assert m["plan"]["window"] == 1 and m["plan"]["predicted_seconds"] == pytest.approx(10 * 0.02)
     assert m["speed"]["predicted_sampling_seconds"] == pytest.approx(10 * 0.02 + 10 * 0.01)
+
+
+def test_a_smaller_last_batch_is_predicted_at_its_timed_call(tmp_path, monkeypatch):
+    """Below the curve's smallest call (B states) the curve is a line to zero: a model whose calls cost 0.01 s plus
+    0.005 s a state had the last batch's call of 1 predicted at 0.01 s, where the run had timed it at 0.015 s for
+    its sequential estimate. That timing is used (on this CPU: 1.5 ms predicted, 1.8-2.3 ms timed)."""
+    from paratAA import planner
+    from runner import planning
+    monkeypatch.setenv("PARATAA_CACHE", str(tmp_path / "cache"))
+    cost = lambda n: 0.01 + 0.005 * n  # noqa: E731
+    monkeypatch.setattr(planner, "measure_call_seconds", lambda eps_fn, schedule, noise, cond, sharding, dtype,
+                        windows: {noise.shape[0] * w: cost(noise.shape[0] * w) for w in windows})
+    monkeypatch.setattr(planner, "measure_solver_seconds", lambda *a: {w: 0.0 for w in a[-2]})
+    monkeypatch.setattr(planning, "measure_call_seconds",
+                        lambda eps_fn, schedule, noise, *rest: {noise.shape[0]: cost(noise.shape[0])})
+    _, m = run(tmp_path / "a", "--timesteps", "10", "--num_samples", "3", "--batch_size", "2", "--window_size", "auto")
+    assert m["plan"]["window"] == 1 and m["last_batch_per_call_seconds"]["seconds"] == pytest.approx(0.015)
+    assert m["speed"]["predicted_sampling_seconds"] == pytest.approx(10 * cost(2) + 10 * cost(1))
 
 
 def test_grid_row_labels_are_one_readable_line():

@@ -13,11 +13,10 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
     exit_quietly_on_signals()
 
 from models.bundles import sd_bundles  # noqa: E402
-from models.sd import SD_CFG_HELP, PromptList, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
+from models.sd import SD_CFG_HELP, PromptList, check_sd_flags, parse_sd_args  # noqa: E402
 from runner.flags import add_common_flags, held_notes, make_parser  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import sample_run  # noqa: E402
-from runner.presets import parse_with_preset  # noqa: E402
 
 DEFAULT_PROMPT = "a handwritten digit seven"
 
@@ -36,14 +35,11 @@ def main(args):
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # fill_guidance_default
+    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # its default: parse_sd_args
     parser.add_argument("--prompt", type=str, nargs="+", action=PromptList, default=None,
                         help=f"prompt(s), each quoted, or --prompt repeated; cycled over the samples "
                              f"(default: {DEFAULT_PROMPT!r})")
-    add_sd_flags(parser)
-    args = parse_with_preset(parser, argv, "parallel_sd")
-    fill_guidance_default(args)
-    return args
+    return parse_sd_args(parser, argv, "parallel_sd")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ if __name__ == "__main__":  # first: Ctrl-C while torch and the models import is
     exit_quietly_on_signals()
 
 from models.bundles import sd_bundles  # noqa: E402
-from models.sd import SD_CFG_HELP, add_sd_flags, check_sd_flags, fill_guidance_default  # noqa: E402
+from models.sd import SD_CFG_HELP, check_sd_flags, parse_sd_args  # noqa: E402
 from paratAA.solver import check_variation_steps  # noqa: E402
 from runner.flags import add_common_flags, held_notes, make_parser, note  # noqa: E402
 from runner.launch import start_session  # noqa: E402
 from runner.loop import check_fits, open_run, sample_into, subfolder  # noqa: E402
-from runner.presets import parse_with_preset  # noqa: E402
 
 
 def main(args):
@@ -76,16 +75,13 @@ def check_finished(r1, args, run_dir):
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # fill_guidance_default
+    add_common_flags(parser, cfg_scale=None, cfg_help=SD_CFG_HELP)  # its default: parse_sd_args
     parser.add_argument("--prompt1", type=str, default="a handwritten digit one", help="prompt solved from scratch")
     parser.add_argument("--prompt2", type=str, default="a handwritten digit seven",
                         help="prompt solved from prompt1's trajectory")
     parser.add_argument("--variation_steps", type=int, default=40,
                         help="the last steps re-solved for prompt2 (1..T; T re-solves every step)")
-    add_sd_flags(parser)
-    args = parse_with_preset(parser, argv, "parallel_sd_winit")
-    fill_guidance_default(args)
-    return args
+    return parse_sd_args(parser, argv, "parallel_sd_winit")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from paratAA.schedule import (NONLINEAR, STEPS, ddim_copy, flow_schedule, from_d
                               pipeline_schedule)
 from runner.errors import InputFileError, UsageError
 from runner.flags import check_common_flags, note, path_value
+from runner.presets import parse_with_preset
 
 from . import flux, pixart
 from .adapters import decodes_in_float32, guides
@@ -591,6 +592,15 @@ def pipeline_kind(pipe):
     """The supported pipeline class pipe is (or derives from), or None: one of PIPELINES, or DIT_PIPELINE (whose
     folders the DiT script samples, not these)."""
     return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in (*PIPELINES, DIT_PIPELINE)), None)
+
+
+def parse_sd_args(parser, argv, script):
+    """The SD scripts' command line: the model's flags added to the script's own, parsed with --preset
+    (presets.parse_with_preset), and the guidance default filled in, which depends on the folder."""
+    add_sd_flags(parser)
+    args = parse_with_preset(parser, argv, script)
+    fill_guidance_default(args)
+    return args
 
 
 def fill_guidance_default(args):

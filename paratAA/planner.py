@@ -299,7 +299,11 @@ def plan_window(eps_fn, schedule, noise, cond, config, sharding, model_dtype, *,
     T, B = steps or schedule.num_steps, noise.shape[0]
     hit = cached_curves(cache.get(key), B, T) if cache is not None and key is not None else None
     fresh = None
-    if sharding.min(hit is not None) == 1:  # measuring is collective: all processes read, or all measure
+    # measuring is collective: all processes read, or all measure (a process without the entry, e.g. on another
+    # node whose cache folder is its own, made the others measure while its own read failed with a TypeError)
+    if sharding.min(hit is not None) == 0:
+        hit = None
+    else:
         fresh = measure_call_seconds(eps_fn, schedule, noise, cond, sharding, model_dtype, [1])[B]
         if sharding.min(hit[0][B] / STALE <= fresh <= hit[0][B] * STALE) == 0:  # each process read its own file
             hit = None

@@ -301,6 +301,33 @@ def test_a_cached_curve_is_checked_with_one_size_and_kept_when_it_holds():
     assert plan.measured and max(sizes) > 1 and cache["k"]["call_seconds"]["1"] < 0.1
 
 
+def test_a_process_without_the_cached_curve_makes_every_process_measure():
+    """Only the main process writes the cache: on two nodes, each with its own cache folder, the second run found
+    the curve on one process and not on the other. The one without it measured; the one with it read its curve with
+    no fresh timing and failed ("unsupported operand type(s) for /: 'NoneType' and 'float'"). Here the other
+    process is played by the first collective's answer: some process has no entry."""
+    from paratAA import SolverConfig, dit_schedule, noise_from_seeds
+    from paratAA.planner import plan_window
+    schedule, noise = dit_schedule(16), noise_from_seeds([0], 16, (4, 4, 4))
+    sizes = []
+
+    def model(x, t, c):
+        sizes.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    class AnotherHasNoEntry(Sharding):
+        asked = 0
+
+        def min(self, value):  # the first question is whether every process has the entry
+            self.asked += 1
+            return 0.0 if self.asked == 1 else super().min(value)
+    cache = {"k": {"call_seconds": {"1": 0.01, "4": 0.012, "16": 0.02}, "solver_seconds": {"1": 0.0, "16": 0.001},
+                   "steps": 16}}
+    plan = plan_window(model, schedule, noise, None, SolverConfig(), AnotherHasNoEntry(), torch.float32,
+                       solve=solve, cache=cache, key="k")
+    assert plan.measured and max(sizes) > 1
+
+
 def test_a_cached_curve_is_read_never_above_a_larger_size():
     """A cache written before measure_call_seconds lowered a call's time to a larger size's (an H200 timed one SD
     state at 49.6 ms and two at 29.4 ms) is read as that function now leaves a curve."""

@@ -99,12 +99,14 @@ def leave_failed(prog, codes):
     """Exit after a launch whose processes ended with these (non-zero) codes. A process that failed has printed its
     one line: the launch exits with its code. One killed by a signal (negative: e.g. SIGKILL, out of memory)
     printed nothing: say so here, and exit with 128 + the signal."""
-    code = next((c for c in codes if c > 0), 1)
-    if any(c < 0 for c in codes) and code == 1:
+    failed = [c for c in codes if c > 0]
+    if failed:  # the others were stopped because of it (SIGTERM from the launcher): its code, its line said
+        sys.exit(failed[0])
+    if any(c < 0 for c in codes):
         sig = -next(c for c in codes if c < 0)
         print(f"{prog}: a process was killed by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
-        code = 128 + sig
-    sys.exit(code)
+        sys.exit(128 + sig)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

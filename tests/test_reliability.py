@@ -181,6 +181,18 @@ def test_the_launcher_silences_every_torchelastic_logger():
     assert not any(logging.getLogger(n).isEnabledFor(logging.ERROR) for n in names)
 
 
+@pytest.mark.parametrize("codes, code, said", [([1, -15], 1, False), ([2, -15], 2, False), ([-9], 137, True),
+                                               ([-15, 1], 1, False)])
+def test_the_launch_exits_with_the_failed_process_code(codes, code, said, capsys):
+    """A process that failed (its line said) with exit 1, the other stopped by the launcher's SIGTERM: the launch
+    exited 143 and said "a process was killed by SIGTERM", blaming the signal for the failure."""
+    from runner.launcher import leave_failed
+    with pytest.raises(SystemExit) as e:
+        leave_failed("parallel_dit.py", codes)
+    assert e.value.code == code
+    assert ("killed by SIGKILL" in capsys.readouterr().err) == said
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_to_a_launch_of_two_processes(tmp_path, sig):
     """The terminal sends Ctrl-C to the whole process group: the launcher and every process."""

@@ -1,5 +1,7 @@
 """The processes of a run: accelerate's process group, this process's device, and the sharding of model calls."""
 import ctypes
+import hashlib
+import json
 import os
 from datetime import timedelta
 
@@ -74,4 +76,18 @@ def start_session(args):
     problem = launch_env_problem(os.environ)
     if problem:
         raise UsageError(f"{problem} (accelerate launch and torchrun set these; unset them to run one process)")
-    return Session(args.dist_timeout, args.fp16)
+    session = Session(args.dist_timeout, args.fp16)
+    digest = flags_digest(args)
+    if session.sharding.min(digest) != session.sharding.max(digest):
+        raise UsageError(f"the {session.world_size} processes of this run were given different flags (paths aside): "
+                         f"each node must run the same command")
+    return session
+
+
+def flags_digest(args):
+    """A number that differs where two processes' flags do (paths aside, which may differ between nodes with
+    their own mounts). Each process samples with its own flags: a node given another --cfg_scale shared the model
+    calls and wrote a sample 0.70 off either command's, with exit 0, and another --seed or --timesteps ended in the
+    collective library's abort or a timeout. 48 bits: exact in the float64 the collectives carry."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and not k.endswith("_path")}
+    return int(hashlib.sha256(json.dumps(flags, default=repr).encode()).hexdigest()[:12], 16)

@@ -339,6 +339,30 @@ def test_a_bad_flag_in_a_launch_of_two_processes_is_one_line(tmp_path):
         "parallel_dit.py: error: --window_size must be an integer >= 1 or auto, got 0"], proc.stderr
 
 
+def test_processes_given_different_flags_are_one_line(tmp_path):
+    """Each process samples with its own flags: process 1 given another --cfg_scale shared the model calls and the
+    run wrote a sample 0.70 off either command's, with exit 0 (another --seed ended in gloo's abort, exit 134). A
+    path may differ between nodes (their own mounts); nothing else may."""
+    wrapper = tmp_path / "parallel_dit.py"  # the script, with a flag added on process 1
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    sys.argv += os.environ['EXTRA_FLAGS'].split()\n"
+        f"runpy.run_path({os.path.join(ROOT, 'parallel_dit.py')!r}, run_name='__main__')\n")
+    flags = ["--timesteps", "5", "--num_samples", "2", "--window_size", "5"]
+    for extra, code in (("--cfg_scale 2", 2), (f"--output_path {tmp_path / 'elsewhere'}", 0)):
+        proc = subprocess.run([sys.executable, *launcher(free_port()), str(wrapper), *flags, "--output_path",
+                               str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "EXTRA_FLAGS": extra})
+        assert proc.returncode == code, proc.stderr
+        if code:
+            assert _lines(proc.stderr) == ["parallel_dit.py: error: the 2 processes of this run were given different "
+                                           "flags (paths aside): each node must run the same command"], proc.stderr
+            assert not (tmp_path / "o").exists()
+    assert len(os.listdir(tmp_path / "o")) == 1  # the main process's path: it writes the run
+
+
 def test_a_killed_run_can_be_told_from_a_live_one(tmp_path):
     """metrics.json names the writing process (pid, host) from the start, and its heartbeat stops with it."""
     import socket

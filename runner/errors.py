@@ -112,6 +112,10 @@ def _kept(e):
 # What a collective raises when a peer process has gone (gloo's TCP transport; NCCL's): the process that failed
 # says why in its own line, and the transport's text (a C++ source path, "GLHF!") would only hide it.
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote process exited")
+# ... and when a peer is alive but did not answer within the process group's timeout (the scripts' --dist_timeout):
+# gloo's "[.../unbound_buffer.cc:129] Timed out waiting 5000ms for recv operation to complete", the store's "wait
+# timeout after 2000ms"
+_PEER_SLOW = ("timed out waiting", "wait timeout after")
 
 
 def rank():
@@ -254,6 +258,9 @@ def _run(main, args):
         if any(p in text.lower() for p in _PEER_GONE):
             text = ("lost the connection to another process of the run, which ended first (its own line, if any, "
                     f"says why; {type(e).__name__})")
+        elif any(p in text.lower() for p in _PEER_SLOW):
+            text = ("another process of the run did not answer within the process group's timeout (--dist_timeout, "
+                    f"seconds): it is still working, or stopped without a word; {type(e).__name__}")
         elif isinstance(e, MemoryError) or "out of memory" in text.lower():
             text = (f"out of memory ({text or type(e).__name__}); lower --batch_size, --window_size or "
                     f"--memory_size, or use more processes")

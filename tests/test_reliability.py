@@ -240,6 +240,25 @@ exit_on_error(main, None)
         assert ("teardown ran" in lines) == teardown and len(lines) == 1 + teardown, lines
 
 
+@pytest.mark.parametrize("text", [
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/unbound_buffer.cc:129] Timed out waiting 5000ms for recv "
+    "operation to complete", "wait timeout after 2000ms, keys: /none"])
+def test_a_peer_that_does_not_answer_in_time_is_said_as_such(text, monkeypatch, capsys):
+    """A process slower than --dist_timeout (a sleep in its model, in a helper's probe): the others' line was gloo's
+    or the store's text, called unexpected, naming neither the flag nor another process."""
+    from runner.errors import exit_on_error
+
+    def main(args):
+        raise RuntimeError(text)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(main, None)
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and len(lines) == 1, lines
+    assert "did not answer" in lines[0] and "--dist_timeout" in lines[0] and "unexpected" not in lines[0], lines
+
+
 @pytest.mark.parametrize("rank, prefix", [("0", "error: "), ("1", "error (process 1): ")])
 def test_a_peer_gone_is_said_as_such(rank, prefix, monkeypatch, capsys):
     """A process whose peer failed first (rank 0 out of disk, rank 1 killed) fails in its next collective; its line

@@ -222,16 +222,13 @@ def check_folder(path, flag="--model_path"):
         problem = pixart.transformer_problem(kind, net, latent_channels)
         if problem:
             raise InputFileError(f"{flag}: {net_path} has {problem}")
-    encoder_2 = None
-    if kind == SDXL:  # both checked above: a [library, class] pair, a config.json
-        encoder_2 = index["text_encoder_2"][1], configs[os.path.join(path, "text_encoder_2", "config.json")]
-    encoders = {}  # the text encoders' configs (SD3's optional T5 read here: it is not among PARTS)
+    encoders = {}  # the text encoders as (class, config), those of PARTS checked above (SD3's optional T5 read here)
     for part in TEXT_ENCODERS:
         config_path = os.path.join(path, part, "config.json")
         if config_path in configs or isinstance(index.get(part), list) and None not in index[part] and \
                 os.path.isfile(config_path):
-            encoders[part] = configs.get(config_path) or read_json(config_path, flag)
-    problem = network_problem(net, kind, encoder_2, encoders)
+            encoders[part] = index[part][1], configs.get(config_path) or read_json(config_path, flag)
+    problem = network_problem(net, kind, encoders)
     if problem:
         raise InputFileError(f"{flag}: {net_path} {problem}")
 
@@ -270,8 +267,9 @@ TEXT_WIDTHS = {
 
 
 def text_width_problem(kind, config, encoders):
-    """Why the prompt embeddings of the text encoders (encoders: {part: config dict}) do not fit a network of this
-    config in pipeline class `kind` (to follow "has"), or None."""
+    """Why the prompt embeddings of the text encoders (encoders: {part: (class name, config dict)}) do not fit a
+    network of this config in pipeline class `kind` (to follow "has"), or None."""
+    encoders = {part: encoder for part, (_, encoder) in encoders.items()}
     for key, parts, padded in TEXT_WIDTHS.get(kind, []):
         if key == "cross_attention_dim" and config.get("encoder_hid_dim") is not None:
             key = "encoder_hid_dim"  # the UNet projects the prompt embeddings from this width to its own
@@ -306,10 +304,9 @@ def output_problem(config, kind):
     return None
 
 
-def network_problem(config, kind=None, encoder_2=None, encoders=None):
+def network_problem(config, kind=None, encoders=None):
     """What keeps a denoising network (its config dict) from being sampled here by pipeline class `kind`, or None.
-    encoder_2: SDXL's second text encoder, as (class name, config dict). encoders: {part: config dict} of the text
-    encoders present, for text_width_problem. A UNet with time_cond_proj_dim is guidance-distilled (LCM): diffusers'
+    encoders: the text encoders present, {part: (class name, config dict)}. A UNet with time_cond_proj_dim is guidance-distilled (LCM): diffusers'
     pipelines then skip classifier-free guidance and feed the scale as timestep_cond, for a consistency sampler, not
     the DDIM steps the solver parallelises."""
     if config.get("time_cond_proj_dim") is not None:
@@ -324,8 +321,9 @@ def network_problem(config, kind=None, encoder_2=None, encoders=None):
     if kind in ("StableDiffusionPipeline",) and added is not None:
         return (f"has addition_embed_type {added!r}, an SDXL UNet, in a {kind} folder (model_index.json's "
                 f"_class_name would be {SDXL})")
-    if kind == SDXL and encoder_2 is not None:
-        name, encoder = encoder_2
+    encoders = encoders or {}
+    if kind == SDXL and "text_encoder_2" in encoders:
+        name, encoder = encoders["text_encoder_2"]
         if name != "CLIPTextModelWithProjection":  # its pooled text_embeds: None from a CLIPTextModel
             return (f"goes with a text_encoder_2 that is a {name}: SDXL reads the pooled embedding of a "
                     f"CLIPTextModelWithProjection")
@@ -344,7 +342,7 @@ def network_problem(config, kind=None, encoder_2=None, encoders=None):
             return (f"has axes_dims_rope {axes}, which sum to {sum(axes)}, not its attention_head_dim {head}: the "
                     f"rotary embedding covers each head's features")
     # last: a network of another family (an SDXL UNet under StableDiffusionPipeline) is said as that above
-    for problem in (output_problem(config, kind), text_width_problem(kind, config, encoders or {})):
+    for problem in (output_problem(config, kind), text_width_problem(kind, config, encoders)):
         if problem:
             return f"has {problem}"
     return None
@@ -566,11 +564,9 @@ def pipeline_problem(pipe):
     problem = tokenizer_problem(pipe)
     if problem:
         return f"has a {problem[0]} that {problem[1]}"
-    encoder_2 = getattr(pipe, "text_encoder_2", None)
-    encoders = {part: getattr(pipe, part).config.to_dict() for part in TEXT_ENCODERS
-                if getattr(pipe, part, None) is not None and hasattr(getattr(pipe, part), "config")}
-    problem = network_problem(network(pipe).config, kind, (type(encoder_2).__name__, encoder_2.config.to_dict())
-                              if kind == SDXL and encoder_2 is not None else None, encoders)
+    encoders = {part: (type(module).__name__, module.config.to_dict()) for part in TEXT_ENCODERS
+                if (module := getattr(pipe, part, None)) is not None and hasattr(module, "config")}
+    problem = network_problem(network(pipe).config, kind, encoders)
     if problem:
         return problem
     channels, latent = network(pipe).config.in_channels, pipe.vae.config.latent_channels

@@ -49,7 +49,7 @@ def speed_summary(metrics, samples):
     if seq:
         kind = "measured" if speed["sequential_measured"] else "estimated from the measured time per call"
         text += f"; sequential sampling {seq:.2f} s ({kind}); speed-up {speed['speedup']:.2f}x"
-    unfinished = sum(1 for m in samples if m.get("converged") is False)
+    unfinished = speed.get("unfinished")  # RunWriter.speed counts them
     if unfinished:  # a speed-up of samples that are not the sequential ones would mislead
         text += f" (for an unfinished run: --max_steps stopped {unfinished} of {len(its)} samples early)"
     lines.append(text)
